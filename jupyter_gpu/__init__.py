@@ -1,0 +1,6 @@
+"""jupyter-gpu: run notebook cells on warm GPU kernels drawn from a shared pool.
+
+Kept import-light: the gateway imports :mod:`jupyter_gpu.protocol` and must not pull in IPython.
+"""
+
+__version__ = "0.1.0"

@@ -1,0 +1,1 @@
+"""The jupyter-gpu kernel gateway: auth, REST and websocket API, message relay, metering."""

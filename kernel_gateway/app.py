@@ -1,0 +1,190 @@
+"""``jupyter-gpu gateway``: the traitlets application that serves the pool over HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import logging
+import os
+import secrets
+import signal
+from pathlib import Path
+from typing import Any
+
+from jupyter_core.application import JupyterApp
+from jupyter_core.paths import jupyter_config_dir, jupyter_data_dir
+from tornado import httpserver, netutil, web
+from traitlets import Bool, Float, Int, Unicode, default
+
+from jupyter_gpu import __version__
+from jupyter_gpu.protocol import REASON_GATEWAY_RESTART, TOKEN_ENV
+from pool_manager.manager import PoolManager
+
+from . import handlers as h
+from .auth import TokenAuthenticator
+from .channels import ChannelsHandler
+from .gateway import Gateway
+from .metering import MeteringStore
+
+log = logging.getLogger("jupyter_gpu.gateway")
+
+_ID = r"(?P<{}>[0-9a-zA-Z_.-]+)"
+
+
+def default_users_file() -> str:
+    return str(Path(jupyter_config_dir()) / "jupyter_gpu_users.json")
+
+
+def make_app(gateway: Gateway, authenticator: TokenAuthenticator, **settings: Any) -> web.Application:
+    kernel, lease = _ID.format("kernel_id"), _ID.format("lease_id")
+    routes: list[Any] = [
+        (r"/api/?", h.ApiRootHandler),
+        (r"/api/kernelspecs/?", h.KernelSpecsHandler),
+        (rf"/api/kernelspecs/{_ID.format('name')}/?", h.KernelSpecsHandler),
+        (r"/api/kernels/?", h.KernelsHandler),
+        (rf"/api/kernels/{kernel}/?", h.KernelHandler),
+        (rf"/api/kernels/{kernel}/(?P<action>interrupt|restart)/?", h.KernelActionHandler),
+        (rf"/api/kernels/{kernel}/channels", ChannelsHandler),
+        (r"/api/gpu/types/?", h.TypesHandler),
+        (r"/api/gpu/leases/?", h.LeasesHandler),
+        (rf"/api/gpu/leases/{lease}/?", h.LeaseHandler),
+        (r"/api/gpu/usage/?", h.UsageHandler),
+        (r"/metrics", h.MetricsHandler),
+    ]
+    return web.Application(
+        routes,
+        gateway=gateway,
+        authenticator=authenticator,
+        default_handler_class=NotFoundHandler,
+        websocket_ping_interval=30,
+        **settings,
+    )
+
+
+class NotFoundHandler(h.ApiHandler):
+    def prepare(self) -> None:
+        raise h.ApiError(404, f"no such resource: {self.request.path}", "not_found")
+
+
+def is_loopback(ip: str) -> bool:
+    if ip == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(ip).is_loopback
+    except ValueError:
+        return False
+
+
+class GatewayApp(JupyterApp):
+    name = "jupyter-gpu-gateway"
+    version = __version__
+    description = "Serve a pool of warm GPU kernels over the Jupyter kernel API."
+    config_file_name = Unicode("jupyter_gpu_config")
+    classes = [PoolManager]
+
+    ip = Unicode("127.0.0.1", help="Address to listen on. Anything but loopback requires tokens.").tag(config=True)
+    port = Int(8765, help="Port to listen on (0 picks a free one and logs it).").tag(config=True)
+    db = Unicode(help="SQLite file where every lease is metered; survives restarts.").tag(config=True)
+    users = Unicode(
+        help="Users file with token hashes (jupyter-gpu token add NAME). Without one, the token in "
+        f"{TOKEN_ENV} belongs to the single user 'default'."
+    ).tag(config=True)
+    no_auth = Bool(False, help="Accept requests without a token (loopback only; every caller is 'default').").tag(
+        config=True
+    )
+    max_message_size = Int(256 * 2**20, help="Largest websocket message a client may send, in bytes.").tag(config=True)
+    replay_buffer_bytes = Int(
+        64 * 2**20, help="Output kept per disconnected client session for replay when it reconnects, in bytes."
+    ).tag(config=True)
+    kernel_request_timeout = Float(
+        60.0, help="How long POST /api/kernels waits for a free GPU before answering 503."
+    ).tag(config=True)
+
+    aliases = {
+        "ip": "GatewayApp.ip",
+        "port": "GatewayApp.port",
+        "db": "GatewayApp.db",
+        "users": "GatewayApp.users",
+        "max-message-size": "GatewayApp.max_message_size",
+        "inventory": "PoolManager.inventory",
+        "cpu-slots": "PoolManager.cpu_slots",
+        "min-warm": "PoolManager.min_warm",
+        "idle-timeout": "PoolManager.idle_timeout",
+        "max-idle-timeout": "PoolManager.max_idle_timeout",
+        "max-lease-duration": "PoolManager.max_lease_duration",
+        "max-gpus-per-user": "PoolManager.max_gpus_per_user",
+        "warmup-code": "PoolManager.warmup_code",
+        "log-level": "Application.log_level",
+        "config": "JupyterApp.config_file",
+    }
+    flags = {
+        "no-auth": ({"GatewayApp": {"no_auth": True}}, "Accept requests without a token (loopback only)."),
+        "debug": ({"Application": {"log_level": "DEBUG"}}, "Log everything."),
+    }
+
+    @default("db")
+    def _default_db(self) -> str:
+        return str(Path(jupyter_data_dir()) / "jupyter_gpu" / "usage.sqlite")
+
+    def start(self) -> None:
+        logging.basicConfig(
+            level=self.log_level, format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s", force=True
+        )
+        try:
+            asyncio.run(self.serve())
+        except ValueError as exc:  # configuration errors: one clear line, no traceback
+            self.log.critical("%s", exc)
+            self.exit(2)
+
+    def authenticator(self) -> TokenAuthenticator:
+        users = self.users or (default_users_file() if os.path.exists(default_users_file()) else "")
+        if self.no_auth:
+            if not is_loopback(self.ip):
+                raise ValueError(
+                    f"refusing to serve {self.ip} without tokens: anyone on the network could use the GPUs. "
+                    "Drop --no-auth, or listen on 127.0.0.1"
+                )
+            log.warning("no authentication: every request is user 'default' (loopback only)")
+            return TokenAuthenticator.open_access()
+        if users:
+            return TokenAuthenticator.from_users_file(users)
+        token = os.environ.get(TOKEN_ENV, "")
+        if not token:
+            token = secrets.token_urlsafe(32)
+            log.warning(
+                "no users file and no %s: generated a token for user 'default':\n    %s=%s", TOKEN_ENV, TOKEN_ENV, token
+            )
+        return TokenAuthenticator.single_user(token)
+
+    async def serve(self) -> None:
+        authenticator = self.authenticator()
+        Path(self.db).parent.mkdir(parents=True, exist_ok=True)
+        pool = PoolManager(parent=self)
+        gateway = Gateway(pool, pool.build_service(), MeteringStore(self.db), self.replay_buffer_bytes)
+        app = make_app(
+            gateway,
+            authenticator,
+            websocket_max_message_size=self.max_message_size,
+            kernel_request_timeout=self.kernel_request_timeout,
+        )
+        sockets = netutil.bind_sockets(self.port, address=self.ip)
+        server = httpserver.HTTPServer(app, max_body_size=h.MAX_BODY_BYTES * 16)
+        server.add_sockets(sockets)
+        port = sockets[0].getsockname()[1]
+        await gateway.start()
+        types = ", ".join(
+            f"{s.gpu_type}={s.total}{' (emulated)' if s.emulated else ''}" for s in gateway.service.core.summaries()
+        )
+        log.info("jupyter-gpu gateway %s listening at http://%s:%d with %s", __version__, self.ip, port, types)
+        stopping = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, stopping.set)
+        await stopping.wait()
+        log.info("stopping: ending leases and killing kernels")
+        server.stop()
+        await gateway.stop(REASON_GATEWAY_RESTART)
+        log.info("stopped")
+
+
+main = GatewayApp.launch_instance

@@ -1,0 +1,240 @@
+"""The gateway's state: the pool service, metering, and one relay per leased kernel.
+
+Handlers stay thin: they authenticate, call one method here and write its JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import zmq.asyncio
+
+from jupyter_gpu.protocol import GRANTED, KERNELSPEC_PREFIX, QUEUED, RELEASED, GpuChoice
+from pool_manager.manager import PoolManager
+from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted
+from pool_manager.service import PoolService
+
+from .metering import MeteringStore
+from .relay import KernelRelay
+
+log = logging.getLogger(__name__)
+
+CLOSE_REASONS = {
+    "idle": "lease ended: no execution for its idle timeout",
+    "deleted": "lease ended: released by its owner",
+    "kernel_died": "lease ended: the kernel died",
+    "gateway_restart": "lease ended: the gateway is stopping",
+    "max_duration": "lease ended: it reached the operator's maximum duration",
+}
+
+
+class NotFound(LookupError):
+    """A lease or kernel that does not exist for this user (others' look the same)."""
+
+
+def iso(ts: float | None) -> str | None:
+    return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+class Gateway:
+    def __init__(
+        self,
+        pool: PoolManager,
+        service: PoolService,
+        metering: MeteringStore,
+        replay_limit_bytes: int,
+        heartbeat_interval: float = 5.0,
+    ) -> None:
+        self.pool = pool
+        self.service = service
+        self.metering = metering
+        self.replay_limit_bytes = replay_limit_bytes
+        self.heartbeat_interval = heartbeat_interval
+        self.relays: dict[str, KernelRelay] = {}
+        self._relay_ready: dict[str, asyncio.Task[KernelRelay]] = {}
+        self.zmq_context = zmq.asyncio.Context()
+        self._heartbeat: asyncio.Task[None] | None = None
+        self.started_at = time.time()
+        service.listeners.append(self._on_pool_action)
+
+    async def start(self) -> None:
+        closed = self.metering.close_abandoned(time.time())
+        if closed:
+            log.info("closed %d lease(s) left open by an earlier gateway (reason gateway_restart)", closed)
+        await self.service.start()
+        self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
+
+    async def stop(self, reason: str) -> None:
+        if self._heartbeat is not None:
+            self._heartbeat.cancel()
+        await self.service.stop(reason)
+        for relay in list(self.relays.values()):
+            await relay.close(1001, CLOSE_REASONS.get(reason, reason))
+        self.zmq_context.destroy(linger=0)
+        self.metering.close()
+
+    # --- leases ---------------------------------------------------------------------------
+
+    def request_lease(
+        self, user: str, choices: tuple[GpuChoice, ...], idle_timeout: float | None, notebook: str
+    ) -> Lease:
+        lease = self.service.request_lease(user, choices, idle_timeout, notebook)
+        self.metering.record(lease, self.pool.price(lease.gpu_type))
+        return lease
+
+    def active_lease(self, user: str, lease_id: str) -> Lease:
+        lease = self.service.core.leases.get(lease_id)
+        if lease is None or lease.user != user:
+            raise NotFound(lease_id)
+        return lease
+
+    def lease_json(self, user: str, lease_id: str) -> dict[str, Any]:
+        lease = self.service.core.leases.get(lease_id)
+        if lease is not None and lease.user == user:
+            return self.describe(lease)
+        row = self.metering.get(lease_id)
+        if row is None or row["user"] != user:
+            raise NotFound(lease_id)
+        return row
+
+    def leases_json(self, user: str, include_released: bool = False) -> list[dict[str, Any]]:
+        active = [self.describe(lease) for lease in self.service.core.leases.values() if lease.user == user]
+        active.sort(key=lambda item: item["queued_at"])
+        if include_released:
+            active_ids = {item["id"] for item in active}
+            active += [row for row in self.metering.list_for_user(user) if row["id"] not in active_ids]
+        return active
+
+    def end_lease(self, user: str, lease_id: str, reason: str) -> dict[str, Any]:
+        lease = self.active_lease(user, lease_id)
+        self.service.end_lease(lease.id, reason)
+        return self.describe(lease)
+
+    def describe(self, lease: Lease) -> dict[str, Any]:
+        now = time.time()
+        core = self.service.core
+        price = self.pool.price(lease.gpu_type)
+        gpu_seconds = lease.gpu_seconds(now)
+        emulated = any(
+            core.devices[key].emulated
+            for slot in [core.slots.get(lease.slot_id or "")]
+            if slot is not None
+            for key in slot.devices
+        )
+        info: dict[str, Any] = {
+            "id": lease.id,
+            "state": lease.state,
+            "reason": lease.reason,
+            "gpu": lease.spec,
+            "gpu_type": lease.gpu_type,
+            "count": lease.count,
+            "gpu_indices": list(lease.gpu_indices),
+            "kernel_id": lease.slot_id if lease.state == GRANTED else None,
+            "queue_position": core.queue_position(lease),
+            "expected_wait": round(core.expected_wait(lease), 1) if lease.state == QUEUED else 0.0,
+            "idle_timeout": lease.idle_timeout,
+            "idle_remaining": None,
+            "busy": lease.busy,
+            "notebook": lease.notebook,
+            "queued_at": lease.queued_at,
+            "granted_at": lease.granted_at,
+            "released_at": lease.released_at,
+            "gpu_seconds": round(gpu_seconds, 3),
+            "price_per_gpu_hour": price,
+            "cost": round(gpu_seconds / 3600 * price, 6),
+            "emulated": emulated,
+        }
+        if lease.state == GRANTED:
+            info["idle_remaining"] = (
+                lease.idle_timeout if lease.busy else max(0.0, lease.last_activity + lease.idle_timeout - now)
+            )
+        return info
+
+    # --- kernels --------------------------------------------------------------------------
+
+    def owned_kernel(self, user: str, kernel_id: str) -> Lease:
+        lease = self.service.lease_for_kernel(kernel_id)
+        if lease is None or lease.user != user or lease.state != GRANTED:
+            raise NotFound(kernel_id)
+        return lease
+
+    def kernel_json(self, lease: Lease) -> dict[str, Any]:
+        kernel_id = lease.slot_id or ""
+        relay = self.relays.get(kernel_id)
+        connections = sum(len(s.connections) for s in relay.sessions.values()) if relay else 0
+        return {
+            "id": kernel_id,
+            "name": KERNELSPEC_PREFIX + (lease.gpu_type or ""),
+            "last_activity": iso(lease.last_activity),
+            "execution_state": relay.execution_state if relay else "idle",
+            "connections": connections,
+            "lease_id": lease.id,
+            "gpu_type": lease.gpu_type,
+            "gpu_indices": list(lease.gpu_indices),
+        }
+
+    def kernels_json(self, user: str) -> list[dict[str, Any]]:
+        return [
+            self.kernel_json(lease)
+            for lease in self.service.core.leases.values()
+            if lease.user == user and lease.state == GRANTED
+        ]
+
+    async def relay_for(self, kernel_id: str) -> KernelRelay:
+        """The kernel's relay, connected on first use (IOPub subscribed before it returns)."""
+        relay = self.relays.get(kernel_id)
+        if relay is not None:
+            return relay
+        task = self._relay_ready.get(kernel_id)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._connect_relay(kernel_id))
+            self._relay_ready[kernel_id] = task
+        try:
+            return await asyncio.shield(task)
+        finally:
+            if task.done():
+                self._relay_ready.pop(kernel_id, None)
+
+    async def _connect_relay(self, kernel_id: str) -> KernelRelay:
+        info = self.service.kernels[kernel_id]
+        relay = KernelRelay(
+            kernel_id,
+            info.connection_info,
+            self.zmq_context,
+            self.replay_limit_bytes,
+            on_activity=lambda busy: self.service.kernel_activity(kernel_id, busy),
+        )
+        await relay.connect()
+        self.relays[kernel_id] = relay
+        return relay
+
+    # --- pool events ----------------------------------------------------------------------
+
+    def _on_pool_action(self, action: Action) -> None:
+        if isinstance(action, LeaseGranted):
+            self.metering.record(action.lease, self.pool.price(action.lease.gpu_type))
+        elif isinstance(action, LeaseEnded):
+            lease = action.lease
+            self.metering.record(lease, self.pool.price(lease.gpu_type))
+            relay = self.relays.pop(lease.slot_id or "", None) if lease.granted_at is not None else None
+            if relay is not None:
+                if lease.reason == "kernel_died":
+                    relay.kernel_died(
+                        f"the kernel of lease {lease.id} ({lease.gpu_type}) died; the lease has ended. "
+                        "Run the cell again for a fresh kernel."
+                    )
+                code = 1011 if lease.reason == "kernel_died" else 1000
+                asyncio.get_running_loop().create_task(relay.close(code, CLOSE_REASONS.get(lease.reason or "", "")))
+
+    async def _beat(self) -> None:
+        while True:
+            await asyncio.sleep(self.heartbeat_interval)
+            held = [lease.id for lease in self.service.core.leases.values() if lease.state != RELEASED]
+            try:
+                self.metering.heartbeat(held, time.time())
+            except Exception:  # a full disk must not take the gateway down
+                log.exception("metering heartbeat failed")

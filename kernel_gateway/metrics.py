@@ -1,0 +1,68 @@
+"""``/metrics`` in the Prometheus text format, written by hand (no client library needed)."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from jupyter_gpu.protocol import GRANTED, QUEUED
+
+if TYPE_CHECKING:
+    from .gateway import Gateway
+
+
+def render_metrics(gateway: Gateway) -> str:
+    core = gateway.service.core
+    lines: list[str] = []
+
+    def family(name: str, kind: str, help_text: str, samples: list[tuple[str, float]]) -> None:
+        lines.append(f"# HELP {name} {help_text}")
+        lines.append(f"# TYPE {name} {kind}")
+        lines.extend(f"{name}{labels} {value:g}" for labels, value in samples)
+
+    states = {QUEUED: 0, GRANTED: 0}
+    for lease in core.leases.values():
+        states[lease.state] = states.get(lease.state, 0) + 1
+    family("jupyter_gpu_leases", "gauge", "Leases by state.", [(f'{{state="{s}"}}', n) for s, n in states.items()])
+    summaries = core.summaries()
+    family(
+        "jupyter_gpu_queue_length",
+        "gauge",
+        "Queued lease requests that could take this type.",
+        [(f'{{gpu_type="{s.gpu_type}"}}', s.queued) for s in summaries],
+    )
+    family(
+        "jupyter_gpu_warm_kernels",
+        "gauge",
+        "Warm kernels ready to lease.",
+        [(f'{{gpu_type="{s.gpu_type}"}}', s.warm) for s in summaries],
+    )
+    family(
+        "jupyter_gpu_gpus",
+        "gauge",
+        "GPUs by type and whether they are leased.",
+        [
+            (f'{{gpu_type="{s.gpu_type}",state="{state}"}}', n)
+            for s in summaries
+            for state, n in (("leased", s.leased), ("free", s.free))
+        ],
+    )
+    totals = gateway.metering.totals()
+    family(
+        "jupyter_gpu_gpu_seconds_total",
+        "counter",
+        "GPU-seconds held by leases, metered.",
+        [(f'{{gpu_type="{t}"}}', v) for t, v in sorted(totals.items())],
+    )
+    family(
+        "jupyter_gpu_kernel_starts_total",
+        "counter",
+        "Kernels started by the pool.",
+        [("", gateway.service.kernel_starts)],
+    )
+    family(
+        "jupyter_gpu_messages_relayed_total",
+        "counter",
+        "Kernel messages relayed to clients (open kernels).",
+        [("", sum(relay.messages_relayed for relay in gateway.relays.values()))],
+    )
+    return "\n".join(lines) + "\n"

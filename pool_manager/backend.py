@@ -1,0 +1,168 @@
+"""Where kernels run: one small interface, and the local backend (this machine).
+
+A backend starts a warm kernel pinned to some GPUs, kills it, interrupts it, and reports
+kernels that died on their own. The pool core never sees a process; a Ray backend that
+runs each slot as an actor on a remote node implements the same four methods.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import logging
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from jupyter_client.manager import AsyncKernelManager
+
+from .model import StartKernel
+
+log = logging.getLogger(__name__)
+
+
+class KernelStartError(RuntimeError):
+    """A kernel did not start or its warm-up code failed."""
+
+
+@dataclass
+class KernelInfo:
+    """What the gateway needs to talk to a started kernel."""
+
+    slot_id: str
+    connection_info: dict[str, Any]
+    gpu_type: str
+    gpu_indices: tuple[int, ...]
+    pid: int | None
+    started_at: float = field(default_factory=time.time)
+
+
+class KernelBackend(abc.ABC):
+    """The seam between pool policy and kernel placement."""
+
+    def __init__(self) -> None:
+        self._on_death: Callable[[str], None] = lambda slot_id: None
+
+    def watch(self, on_death: Callable[[str], None]) -> None:
+        """Register who hears about kernels that died without being killed."""
+        self._on_death = on_death
+
+    @abc.abstractmethod
+    async def start_kernel(self, request: StartKernel) -> KernelInfo:
+        """Start a kernel pinned to ``request.gpu_indices``, run the warm-up code, return it."""
+
+    @abc.abstractmethod
+    async def kill_kernel(self, slot_id: str) -> None:
+        """Kill the kernel and wait until its process is gone (unknown ids are ignored)."""
+
+    @abc.abstractmethod
+    async def interrupt_kernel(self, slot_id: str) -> None:
+        """Interrupt whatever the kernel is executing (SIGINT for ipykernel)."""
+
+    @abc.abstractmethod
+    async def close(self) -> None:
+        """Kill every kernel this backend started."""
+
+
+class LocalKernelBackend(KernelBackend):
+    """Kernels as ipykernel processes on this machine, started with jupyter_client."""
+
+    def __init__(
+        self,
+        kernel_name: str = "python3",
+        warmup_code: str = "",
+        startup_timeout: float = 60.0,
+        extra_env: dict[str, str] | None = None,
+        poll_interval: float = 0.2,
+    ) -> None:
+        super().__init__()
+        self.kernel_name = kernel_name
+        self.warmup_code = warmup_code
+        self.startup_timeout = startup_timeout
+        self.extra_env = dict(extra_env or {})
+        self.poll_interval = poll_interval
+        self._managers: dict[str, AsyncKernelManager] = {}
+        self._watcher: asyncio.Task[None] | None = None
+
+    async def start_kernel(self, request: StartKernel) -> KernelInfo:
+        env = {**os.environ, **self.extra_env}
+        # Pin the kernel to its own GPUs before anything in it can initialise CUDA; a CPU
+        # kernel sees none at all rather than every GPU of the machine.
+        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in request.gpu_indices)
+        # Our indices are NVML's (PCI bus order); CUDA's default order is fastest first.
+        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        env["JUPYTER_GPU_TYPE"] = request.gpu_type
+        env["JUPYTER_GPU_SLOT"] = request.slot_id
+        manager = AsyncKernelManager(kernel_name=self.kernel_name)
+        self._managers[request.slot_id] = manager
+        try:
+            await manager.start_kernel(env=env)
+            await self._warm_up(manager)
+        except Exception as exc:
+            await self.kill_kernel(request.slot_id)
+            raise KernelStartError(f"kernel for {request.gpu_type} {request.gpu_indices} did not start: {exc}") from exc
+        self._ensure_watcher()
+        process = getattr(manager.provisioner, "process", None)
+        return KernelInfo(
+            slot_id=request.slot_id,
+            connection_info=dict(manager.get_connection_info(session=False)),
+            gpu_type=request.gpu_type,
+            gpu_indices=request.gpu_indices,
+            pid=getattr(process, "pid", None),
+        )
+
+    async def _warm_up(self, manager: AsyncKernelManager) -> None:
+        client = manager.client()
+        client.start_channels()
+        try:
+            await client.wait_for_ready(timeout=self.startup_timeout)
+            if self.warmup_code:
+                reply = await client.execute_interactive(
+                    self.warmup_code, store_history=False, timeout=self.startup_timeout, output_hook=lambda msg: None
+                )
+                if reply["content"]["status"] != "ok":
+                    content = reply["content"]
+                    raise KernelStartError(f"warm-up code failed: {content.get('ename')}: {content.get('evalue')}")
+        finally:
+            client.stop_channels()
+
+    async def kill_kernel(self, slot_id: str) -> None:
+        manager = self._managers.pop(slot_id, None)
+        if manager is None:
+            return
+        try:
+            await manager.shutdown_kernel(now=True)
+        except Exception:  # the process may already be gone; cleanup is best effort
+            log.debug("kill of kernel %s raised", slot_id, exc_info=True)
+
+    async def interrupt_kernel(self, slot_id: str) -> None:
+        manager = self._managers.get(slot_id)
+        if manager is not None:
+            await manager.interrupt_kernel()
+
+    def pid(self, slot_id: str) -> int | None:
+        manager = self._managers.get(slot_id)
+        process = getattr(manager.provisioner, "process", None) if manager else None
+        return getattr(process, "pid", None)
+
+    def _ensure_watcher(self) -> None:
+        if self._watcher is None or self._watcher.done():
+            self._watcher = asyncio.get_running_loop().create_task(self._watch_deaths())
+
+    async def _watch_deaths(self) -> None:
+        # One loop for all kernels: a waitpid per kernel every poll_interval is cheap, and
+        # jupyter_client's own restarter would restart a kernel we want dead instead.
+        while self._managers:
+            await asyncio.sleep(self.poll_interval)
+            for slot_id, manager in list(self._managers.items()):
+                if manager.has_kernel and not await manager.is_alive():
+                    log.warning("kernel %s died", slot_id)
+                    await self.kill_kernel(slot_id)
+                    self._on_death(slot_id)
+
+    async def close(self) -> None:
+        await asyncio.gather(*(self.kill_kernel(slot_id) for slot_id in list(self._managers)))
+        if self._watcher is not None:
+            self._watcher.cancel()

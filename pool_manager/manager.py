@@ -1,0 +1,63 @@
+"""``PoolManager``: the pool's operator settings (traitlets) and the objects they build."""
+
+from __future__ import annotations
+
+import time
+
+from traitlets import Dict, Float, Int, Unicode
+from traitlets.config import LoggingConfigurable
+
+from .backend import LocalKernelBackend
+from .core import PoolCore, PoolPolicy
+from .inventory import build_inventory
+from .service import PoolService
+
+
+class PoolManager(LoggingConfigurable):
+    """Settings of the GPU pool, e.g. ``c.PoolManager.idle_timeout = 600``."""
+
+    inventory = Unicode(
+        "",
+        help="Declared GPUs when the machine has none, e.g. 'a100=2,h100=1'. They are emulated "
+        "(no real GPU behind them) and every listing says so. Empty: discover with NVML.",
+    ).tag(config=True)
+    cpu_slots = Int(2, help="CPU-only kernels offered as type 'cpu' (0 for none).").tag(config=True)
+    min_warm = Int(1, help="Kernels kept started and warmed ahead, per GPU type.").tag(config=True)
+    idle_timeout = Float(600.0, help="Seconds without execution after which a lease ends (default).").tag(config=True)
+    max_idle_timeout = Float(3600.0, help="The largest idle timeout a user may ask for.").tag(config=True)
+    max_lease_duration = Float(0.0, help="Seconds after which any lease ends; 0 for no limit.").tag(config=True)
+    max_gpus_per_user = Int(0, help="GPUs one user may hold at once; 0 for no limit.").tag(config=True)
+    warmup_code = Unicode(
+        "", help="Code each kernel runs before it counts as warm, e.g. 'import torch; torch.cuda.init()'."
+    ).tag(config=True)
+    kernel_name = Unicode("python3", help="The kernelspec the pooled kernels run.").tag(config=True)
+    price_per_gpu_hour = Dict(
+        {}, help="Price of one GPU-hour per type, e.g. {'a100': 2.5}; types not listed use default_price."
+    ).tag(config=True)
+    default_price = Float(1.0, help="Price of one GPU-hour for types not in price_per_gpu_hour.").tag(config=True)
+    cpu_price = Float(0.0, help="Price of one hour of a CPU kernel.").tag(config=True)
+
+    def price(self, gpu_type: str | None) -> float:
+        if gpu_type is None:
+            return 0.0
+        if gpu_type == "cpu":
+            return float(self.cpu_price)
+        prices = {str(k): float(v) for k, v in self.price_per_gpu_hour.items()}
+        if gpu_type in prices:
+            return prices[gpu_type]
+        # "a100-80gb" falls back to the price given for "a100"
+        base = gpu_type.split("-")[0]
+        return prices.get(base, float(self.default_price))
+
+    def build_service(self) -> PoolService:
+        devices = build_inventory(self.inventory or None, self.cpu_slots, self.log)
+        policy = PoolPolicy(
+            min_warm=self.min_warm,
+            idle_timeout=self.idle_timeout,
+            max_idle_timeout=self.max_idle_timeout,
+            max_lease_duration=self.max_lease_duration,
+            max_gpus_per_user=self.max_gpus_per_user,
+        )
+        core = PoolCore(devices, policy, clock=time.time)
+        backend = LocalKernelBackend(kernel_name=self.kernel_name, warmup_code=self.warmup_code)
+        return PoolService(core, backend)

@@ -1,0 +1,110 @@
+"""Plain data shared by the pool core, its service and the backends."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from jupyter_gpu.protocol import QUEUED, GpuChoice
+
+
+@dataclass(frozen=True)
+class Device:
+    """One unit of capacity: a GPU (or a CPU slot) that a kernel can be pinned to.
+
+    ``index`` is what goes into CUDA_VISIBLE_DEVICES; CPU slots have none.
+    """
+
+    key: str
+    gpu_type: str
+    index: int | None
+    name: str
+    memory_mb: int = 0
+    emulated: bool = False
+    node: str = "local"
+    healthy: bool = True
+
+
+class SlotState(enum.Enum):
+    STARTING = "starting"
+    WARM = "warm"
+    LEASED = "leased"
+    DRAINING = "draining"
+
+
+@dataclass
+class Slot:
+    """One kernel process and the devices it is pinned to. Slot id == kernel id.
+
+    Kernels are single-use, so a slot lives exactly as long as its kernel.
+    """
+
+    id: str
+    gpu_type: str
+    devices: tuple[str, ...]
+    node: str
+    state: SlotState = SlotState.STARTING
+    lease_id: str | None = None
+    created_at: float = 0.0
+    #: slots that must finish stopping before this one may start (their GPUs move to it)
+    waiting_for: set[str] = field(default_factory=set)
+    start_requested: bool = False
+
+
+@dataclass
+class Lease:
+    id: str
+    user: str
+    choices: tuple[GpuChoice, ...]
+    idle_timeout: float
+    queued_at: float
+    state: str = QUEUED
+    reason: str | None = None
+    gpu_type: str | None = None
+    count: int = 0
+    slot_id: str | None = None
+    gpu_indices: tuple[int, ...] = ()
+    granted_at: float | None = None
+    released_at: float | None = None
+    last_activity: float = 0.0
+    busy: bool = False
+    notebook: str = ""
+
+    @property
+    def spec(self) -> str:
+        return "|".join(str(choice) for choice in self.choices)
+
+    def gpu_seconds(self, now: float) -> float:
+        if self.granted_at is None:
+            return 0.0
+        end = self.released_at if self.released_at is not None else now
+        return max(0.0, end - self.granted_at) * self.count
+
+
+# --- actions: what the core asks its service to do -------------------------------------
+
+
+@dataclass(frozen=True)
+class StartKernel:
+    slot_id: str
+    gpu_type: str
+    gpu_indices: tuple[int, ...]
+    node: str
+
+
+@dataclass(frozen=True)
+class KillKernel:
+    slot_id: str
+
+
+@dataclass(frozen=True)
+class LeaseGranted:
+    lease: Lease
+
+
+@dataclass(frozen=True)
+class LeaseEnded:
+    lease: Lease
+
+
+Action = StartKernel | KillKernel | LeaseGranted | LeaseEnded

@@ -1,0 +1,154 @@
+"""The asyncio service that carries out what the pool core decides.
+
+The core says "start a kernel on GPU 1", "kill kernel k", "lease l granted"; this module
+does it with a :class:`~pool_manager.backend.KernelBackend`, feeds the outcome back into
+the core as events, and tells its listeners (the gateway's metering and relays).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable, Sequence
+
+from jupyter_gpu.protocol import QUEUED, GpuChoice
+
+from .backend import KernelBackend, KernelInfo
+from .core import PoolCore
+from .model import Action, KillKernel, Lease, LeaseEnded, LeaseGranted, StartKernel
+
+log = logging.getLogger(__name__)
+
+Listener = Callable[[Action], None]
+
+
+class PoolService:
+    def __init__(self, core: PoolCore, backend: KernelBackend, tick_interval: float = 0.25) -> None:
+        self.core = core
+        self.backend = backend
+        self.tick_interval = tick_interval
+        self.kernels: dict[str, KernelInfo] = {}
+        self.listeners: list[Listener] = []
+        self._starting: dict[str, asyncio.Task[None]] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._changed: dict[str, asyncio.Event] = {}
+        self._ticker: asyncio.Task[None] | None = None
+        self.kernel_starts = 0
+
+    async def start(self) -> None:
+        self.backend.watch(self._on_kernel_death)
+        self.core.tick()  # emits the first warm starts
+        self._run_actions()
+        self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+
+    async def stop(self, reason: str) -> None:
+        """End all leases with ``reason``, kill every kernel, and wait until they are gone."""
+        if self._ticker is not None:
+            self._ticker.cancel()
+        self.core.shutdown(reason)
+        self._run_actions()
+        while self._tasks:
+            await asyncio.gather(*list(self._tasks), return_exceptions=True)
+        await self.backend.close()
+
+    # --- requests from the gateway -------------------------------------------------------
+
+    def request_lease(
+        self, user: str, choices: Sequence[GpuChoice], idle_timeout: float | None = None, notebook: str = ""
+    ) -> Lease:
+        lease = self.core.request_lease(user, choices, idle_timeout, notebook)
+        self._run_actions()
+        return lease
+
+    def end_lease(self, lease_id: str, reason: str) -> Lease | None:
+        lease = self.core.end_lease(lease_id, reason)
+        self._run_actions()
+        return lease
+
+    def kernel_activity(self, kernel_id: str, busy: bool) -> None:
+        self.core.kernel_activity(kernel_id, busy)
+
+    async def interrupt(self, kernel_id: str) -> None:
+        await self.backend.interrupt_kernel(kernel_id)
+
+    async def wait_while_queued(self, lease: Lease, timeout: float) -> None:
+        """Return when the lease leaves the queue or ``timeout`` seconds pass."""
+        deadline = time.monotonic() + timeout
+        while lease.state == QUEUED:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            event = self._changed.setdefault(lease.id, asyncio.Event())
+            try:
+                await asyncio.wait_for(event.wait(), remaining)
+            except TimeoutError:
+                return
+            finally:
+                self._changed.pop(lease.id, None)
+
+    def lease_for_kernel(self, kernel_id: str) -> Lease | None:
+        slot = self.core.slots.get(kernel_id)
+        return self.core.leases.get(slot.lease_id) if slot and slot.lease_id else None
+
+    # --- carrying out actions ------------------------------------------------------------
+
+    def _run_actions(self) -> None:
+        for action in self.core.pop_actions():
+            if isinstance(action, StartKernel):
+                self._spawn(self._start_kernel(action), action.slot_id)
+            elif isinstance(action, KillKernel):
+                self._spawn(self._kill_kernel(action.slot_id))
+            elif isinstance(action, LeaseGranted | LeaseEnded):
+                event = self._changed.get(action.lease.id)
+                if event is not None:
+                    event.set()
+            for listener in self.listeners:
+                try:
+                    listener(action)
+                except Exception:  # one listener's bug must not stop the pool
+                    log.exception("pool listener failed on %s", action)
+
+    def _spawn(self, coro: object, starting_slot: str | None = None) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        if starting_slot is not None:
+            self._starting[starting_slot] = task
+            task.add_done_callback(lambda _: self._starting.pop(starting_slot, None))
+
+    async def _start_kernel(self, action: StartKernel) -> None:
+        began = time.monotonic()
+        self.kernel_starts += 1
+        try:
+            info = await self.backend.start_kernel(action)
+        except Exception as exc:
+            log.error("%s", exc)
+            self.core.kernel_failed(action.slot_id)
+        else:
+            self.kernels[action.slot_id] = info
+            self.core.kernel_ready(action.slot_id, time.monotonic() - began)
+        self._run_actions()
+
+    async def _kill_kernel(self, slot_id: str) -> None:
+        starting = self._starting.get(slot_id)
+        if starting is not None:
+            await asyncio.gather(starting, return_exceptions=True)  # kill what it started
+        await self.backend.kill_kernel(slot_id)
+        self.kernels.pop(slot_id, None)
+        self.core.kernel_stopped(slot_id)
+        self._run_actions()
+
+    def _on_kernel_death(self, slot_id: str) -> None:
+        self.kernels.pop(slot_id, None)
+        self.core.kernel_died(slot_id)
+        self._run_actions()
+
+    async def _tick_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.tick_interval)
+            try:
+                self.core.tick()
+                self._run_actions()
+            except Exception:  # the clock must keep ticking whatever one tick hit
+                log.exception("pool tick failed")

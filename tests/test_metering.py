@@ -1,0 +1,145 @@
+"""MeteringStore against a real SQLite file: lifecycle, persistence, crash recovery, per-user isolation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from jupyter_gpu.protocol import GRANTED, QUEUED, REASON_DELETED, REASON_GATEWAY_RESTART, RELEASED, GpuChoice
+from kernel_gateway.metering import MeteringStore
+from pool_manager.model import Lease
+
+T0 = 1_700_000_000.0
+
+
+def make_lease(lease_id: str = "l1", user: str = "alice", count: int = 1) -> Lease:
+    return Lease(id=lease_id, user=user, choices=(GpuChoice("a100", count),), idle_timeout=600.0, queued_at=T0)
+
+
+def grant(lease: Lease, at: float) -> None:
+    lease.state = GRANTED
+    lease.gpu_type = "a100"
+    lease.count = lease.choices[0].count
+    lease.granted_at = at
+
+
+def release(lease: Lease, at: float, reason: str = REASON_DELETED) -> None:
+    lease.state = RELEASED
+    lease.reason = reason
+    lease.released_at = at
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> str:
+    return str(tmp_path / "metering.sqlite")
+
+
+def test_lifecycle_gives_gpu_seconds_and_cost(db: str) -> None:
+    store = MeteringStore(db)
+    lease = make_lease(count=2)
+    store.record(lease, price_per_gpu_hour=3.0)
+    row = store.get("l1", now=T0 + 50)
+    assert row is not None
+    assert row["state"] == QUEUED and row["gpu"] == "a100:2"
+    assert row["gpu_seconds"] == 0.0 and row["cost"] == 0.0
+
+    grant(lease, T0 + 10)
+    store.record(lease, price_per_gpu_hour=4.0)
+    row = store.get("l1", now=T0 + 70)
+    assert row is not None
+    assert row["state"] == GRANTED
+    assert row["gpu_seconds"] == pytest.approx(120.0)  # open lease counted up to now, times 2 GPUs
+
+    release(lease, T0 + 1810)
+    store.record(lease, price_per_gpu_hour=99.0)  # the price at grant time sticks
+    row = store.get("l1")
+    assert row is not None
+    assert row["state"] == RELEASED and row["reason"] == REASON_DELETED
+    assert row["gpu_type"] == "a100" and row["count"] == 2
+    assert (row["queued_at"], row["granted_at"], row["released_at"]) == (T0, T0 + 10, T0 + 1810)
+    assert row["gpu_seconds"] == pytest.approx(3600.0)
+    assert row["price_per_gpu_hour"] == 4.0
+    assert row["cost"] == pytest.approx(4.0)
+    assert store.get("missing") is None
+    store.close()
+
+
+def test_usage_survives_reopen(db: str) -> None:
+    store = MeteringStore(db)
+    lease = make_lease()
+    store.record(lease, 2.0)
+    grant(lease, T0)
+    store.record(lease, 2.0)
+    release(lease, T0 + 1800)
+    store.record(lease, 2.0)
+    store.close()
+
+    reopened = MeteringStore(db)
+    usage = reopened.usage("alice")
+    assert usage["user"] == "alice"
+    assert [entry["id"] for entry in usage["leases"]] == ["l1"]
+    assert usage["total_gpu_seconds"] == pytest.approx(1800.0)
+    assert usage["total_cost"] == pytest.approx(1.0)
+    assert usage["by_type"] == {"a100": {"gpu_seconds": pytest.approx(1800.0), "cost": pytest.approx(1.0)}}
+    assert reopened.totals() == {"a100": pytest.approx(1800.0)}
+    reopened.close()
+
+
+def test_close_abandoned_ends_open_leases_at_last_heartbeat(db: str) -> None:
+    store = MeteringStore(db)
+    alive = make_lease("alive")
+    grant(alive, T0 + 5)
+    store.record(alive, 1.0)
+    silent = make_lease("silent")
+    grant(silent, T0 + 20)
+    store.record(silent, 1.0)
+    waiting = make_lease("waiting")
+    store.record(waiting, 1.0)
+    done = make_lease("done")
+    grant(done, T0)
+    release(done, T0 + 1)
+    store.record(done, 1.0)
+    store.heartbeat(["alive", "done"], T0 + 305)
+    store.close()
+
+    store = MeteringStore(db)
+    assert store.close_abandoned(now=T0 + 10_000) == 3
+    rows = {lease_id: store.get(lease_id) for lease_id in ("alive", "silent", "waiting", "done")}
+    for lease_id in ("alive", "silent", "waiting"):
+        row = rows[lease_id]
+        assert row is not None
+        assert row["state"] == RELEASED and row["reason"] == REASON_GATEWAY_RESTART
+    assert rows["alive"] is not None and rows["alive"]["released_at"] == T0 + 305
+    assert rows["alive"]["gpu_seconds"] == pytest.approx(300.0)
+    assert rows["silent"] is not None and rows["silent"]["released_at"] == T0 + 20  # never heartbeated
+    assert rows["waiting"] is not None and rows["waiting"]["released_at"] == T0
+    assert rows["done"] is not None
+    assert (rows["done"]["reason"], rows["done"]["released_at"]) == (REASON_DELETED, T0 + 1)  # untouched
+    assert store.close_abandoned(now=T0 + 20_000) == 0
+    store.close()
+
+
+def test_users_see_only_their_own_leases(db: str) -> None:
+    store = MeteringStore(db)
+    for lease_id, user, granted in (("a1", "alice", T0), ("b1", "bob", T0), ("a2", "alice", T0 + 100)):
+        lease = make_lease(lease_id, user)
+        lease.queued_at = granted
+        grant(lease, granted)
+        release(lease, granted + 60)
+        store.record(lease, 1.0)
+
+    assert [entry["id"] for entry in store.list_for_user("alice")] == ["a2", "a1"]  # newest first
+    assert [entry["id"] for entry in store.list_for_user("alice", limit=1)] == ["a2"]
+    assert [entry["id"] for entry in store.list_for_user("bob")] == ["b1"]
+    assert store.usage("bob")["total_gpu_seconds"] == pytest.approx(60.0)
+    assert store.usage("alice")["total_gpu_seconds"] == pytest.approx(120.0)
+    assert store.usage("carol") == {
+        "user": "carol",
+        "leases": [],
+        "total_gpu_seconds": 0.0,
+        "total_cost": 0.0,
+        "by_type": {},
+    }
+    assert store.totals() == {"a100": pytest.approx(180.0)}
+    store.close()

@@ -1,0 +1,672 @@
+"""The pool's sans-I/O core, driven by hand: a fake clock, deterministic ids, no processes.
+
+Each test feeds events to :class:`PoolCore` and checks what an operator or a user would see:
+the kernels it starts or kills, the leases it grants or ends and why, queue positions, usage.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+import pytest
+
+from jupyter_gpu.protocol import (
+    GRANTED,
+    QUEUED,
+    REASON_CANCELLED,
+    REASON_DELETED,
+    REASON_GATEWAY_RESTART,
+    REASON_IDLE,
+    REASON_KERNEL_DIED,
+    REASON_MAX_DURATION,
+    RELEASED,
+    parse_gpu_spec,
+)
+from pool_manager.core import LeaseRequestError, PoolCore, PoolPolicy
+from pool_manager.model import (
+    Action,
+    Device,
+    KillKernel,
+    Lease,
+    LeaseEnded,
+    LeaseGranted,
+    StartKernel,
+)
+
+# --- helpers ------------------------------------------------------------------------------
+
+
+class FakeClock:
+    """A clock that moves only when the test says so."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def set(self, now: float) -> None:
+        self.now = float(now)
+
+
+def inventory(spec: str, emulated: bool = False) -> list[Device]:
+    """Devices from the config syntax ``a100=2,h100=1``; GPU indices run across types, cpu has none."""
+    devices = []
+    index = 0
+    for part in spec.split(","):
+        gpu_type, _, count = part.partition("=")
+        for n in range(int(count)):
+            if gpu_type == "cpu":
+                devices.append(Device(f"cpu-{n}", "cpu", None, "CPU", 0, emulated))
+                continue
+            devices.append(Device(f"gpu-{index}", gpu_type, index, f"NVIDIA {gpu_type.upper()}", 81920, emulated))
+            index += 1
+    return devices
+
+
+def make_pool(spec: str = "a100=2,h100=1", emulated: bool = False, **policy: Any) -> tuple[PoolCore, FakeClock]:
+    """A pool over ``spec`` with the given :class:`PoolPolicy` knobs; ids are id1, id2, ... in order of creation."""
+    clock = FakeClock()
+    ids = itertools.count(1)
+    core = PoolCore(inventory(spec, emulated), PoolPolicy(**policy), clock, new_id=lambda: f"id{next(ids)}")
+    return core, clock
+
+
+def request(core: PoolCore, user: str, spec: str, idle_timeout: float | None = None) -> Lease:
+    return core.request_lease(user, parse_gpu_spec(spec), idle_timeout=idle_timeout)
+
+
+def starts(actions: list[Action]) -> list[StartKernel]:
+    return [a for a in actions if isinstance(a, StartKernel)]
+
+
+def kills(actions: list[Action]) -> list[str]:
+    return [a.slot_id for a in actions if isinstance(a, KillKernel)]
+
+
+def granted(actions: list[Action]) -> list[str]:
+    return [a.lease.id for a in actions if isinstance(a, LeaseGranted)]
+
+
+def ended(actions: list[Action]) -> dict[str, str | None]:
+    """Lease id -> reason, for every LeaseEnded."""
+    return {a.lease.id: a.lease.reason for a in actions if isinstance(a, LeaseEnded)}
+
+
+def warm_up(core: PoolCore) -> list[StartKernel]:
+    """First tick of the service: start the warm kernels and report them all ready."""
+    core.tick()
+    started = starts(core.pop_actions())
+    for start in started:
+        core.kernel_ready(start.slot_id)
+    assert core.pop_actions() == []
+    return started
+
+
+def hold(core: PoolCore, user: str, spec: str, idle_timeout: float | None = None) -> Lease:
+    """A granted lease on a pool without warm kernels: request it, then its kernel becomes ready."""
+    lease = request(core, user, spec, idle_timeout)
+    assert lease.state == QUEUED and lease.slot_id is not None
+    core.kernel_ready(lease.slot_id)
+    assert lease.state == GRANTED
+    core.pop_actions()
+    return lease
+
+
+def release(core: PoolCore, lease: Lease) -> list[Action]:
+    """The user deletes the lease and its kernel finishes dying; returns what the pool did."""
+    slot_id = lease.slot_id
+    assert slot_id is not None
+    core.end_lease(lease.id, REASON_DELETED)
+    actions = core.pop_actions()
+    assert slot_id in kills(actions)
+    core.kernel_stopped(slot_id)
+    return actions + core.pop_actions()
+
+
+def summary(core: PoolCore, gpu_type: str) -> dict[str, object]:
+    row = next(r for r in core.summaries() if r.gpu_type == gpu_type)
+    return {"total": row.total, "free": row.free, "warm": row.warm, "queued": row.queued, "emulated": row.emulated}
+
+
+# --- warm pool ------------------------------------------------------------------------------
+
+
+def test_start_up_starts_one_warm_kernel_per_type_on_a_single_gpu() -> None:
+    core, _ = make_pool("a100=2,h100=1", min_warm=1)
+    core.tick()
+    started = starts(core.pop_actions())
+    assert sorted((s.gpu_type, s.gpu_indices) for s in started) == [("a100", (0,)), ("h100", (2,))]
+    assert len({s.slot_id for s in started}) == 2
+
+
+def test_request_is_granted_from_the_warm_kernel_and_a_replacement_starts_at_once() -> None:
+    core, _ = make_pool("a100=2,h100=1", min_warm=1)
+    warm = {s.gpu_type: s for s in warm_up(core)}
+
+    lease = request(core, "alice", "a100")
+    actions = core.pop_actions()
+
+    assert lease.state == GRANTED
+    assert granted(actions) == [lease.id]
+    assert lease.slot_id == warm["a100"].slot_id and lease.gpu_indices == (0,)
+    replacement = starts(actions)
+    assert [(s.gpu_type, s.gpu_indices) for s in replacement] == [("a100", (1,))]
+    assert replacement[0].slot_id != lease.slot_id
+
+
+def test_request_while_the_warm_kernel_is_still_starting_is_granted_when_it_is_ready() -> None:
+    core, _ = make_pool("a100=2", min_warm=1)
+    core.tick()
+    (warm,) = starts(core.pop_actions())
+
+    lease = request(core, "alice", "a100")
+    assert lease.state == QUEUED and lease.slot_id == warm.slot_id
+    assert [s.gpu_indices for s in starts(core.pop_actions())] == [(1,)]  # the next spare
+
+    core.kernel_ready(warm.slot_id)
+    assert granted(core.pop_actions()) == [lease.id]
+
+
+# --- multi-GPU leases -----------------------------------------------------------------------
+
+
+def test_two_gpus_preempt_the_warm_kernel_and_start_only_after_it_stopped() -> None:
+    core, _ = make_pool("a100=2,h100=1", min_warm=1)
+    warm = {s.gpu_type: s for s in warm_up(core)}
+
+    lease = request(core, "alice", "a100:2")
+    actions = core.pop_actions()
+    assert kills(actions) == [warm["a100"].slot_id]
+    assert starts(actions) == []  # its GPU is still held by the dying warm kernel
+
+    core.kernel_stopped(warm["a100"].slot_id)
+    (start,) = starts(core.pop_actions())
+    assert start.slot_id == lease.slot_id
+    assert sorted(start.gpu_indices) == [0, 1]
+
+    core.kernel_ready(start.slot_id)
+    assert granted(core.pop_actions()) == [lease.id]
+    assert lease.count == 2 and sorted(lease.gpu_indices) == [0, 1]
+
+
+def test_cancelled_two_gpu_request_starts_nothing_on_a_gpu_whose_kernel_is_still_dying() -> None:
+    core, _ = make_pool("a100=2", min_warm=1)
+    (warm,) = warm_up(core)
+    lease = request(core, "alice", "a100:2")
+    assert kills(core.pop_actions()) == [warm.slot_id]
+
+    core.end_lease(lease.id, REASON_DELETED)
+    actions = core.pop_actions()
+    assert ended(actions) == {lease.id: REASON_CANCELLED} and starts(actions) == []
+    assert summary(core, "a100")["free"] == 0  # busy until the preempted kernel is gone
+
+    core.kernel_stopped(warm.slot_id)
+    assert [s.gpu_indices for s in starts(core.pop_actions())] == [(0,)]  # the warm spare comes back
+    assert summary(core, "a100")["free"] == 2
+
+
+def test_two_gpus_on_free_gpus_kill_nothing() -> None:
+    core, _ = make_pool("a100=2", min_warm=0)
+    lease = request(core, "alice", "a100:2")
+    actions = core.pop_actions()
+    assert kills(actions) == []
+    assert [sorted(s.gpu_indices) for s in starts(actions)] == [[0, 1]]
+    assert lease.slot_id == starts(actions)[0].slot_id
+
+
+# --- specs: fallbacks, type names, errors ---------------------------------------------------
+
+
+def test_fallback_takes_the_first_type_with_capacity() -> None:
+    core, _ = make_pool("a100=2,h100=1", min_warm=1)
+    warm_up(core)
+    request(core, "bob", "h100")
+    core.pop_actions()
+
+    lease = request(core, "alice", "h100|a100")
+    assert lease.state == GRANTED and lease.gpu_type == "a100"
+
+
+def test_fallback_prefers_the_first_type_when_both_are_free() -> None:
+    core, _ = make_pool("a100=2,h100=1", min_warm=1)
+    warm_up(core)
+    lease = request(core, "alice", "h100|a100")
+    assert lease.state == GRANTED and lease.gpu_type == "h100"
+
+
+def test_queued_fallback_takes_the_first_type_that_frees() -> None:
+    core, _ = make_pool("a100=1,h100=1", min_warm=0)
+    on_a100 = hold(core, "bob", "a100")
+    hold(core, "carol", "h100")
+    waiting = request(core, "alice", "h100|a100")
+    assert waiting.state == QUEUED and core.pop_actions() == []
+
+    (start,) = starts(release(core, on_a100))
+    assert start.gpu_type == "a100" and waiting.slot_id == start.slot_id
+    core.kernel_ready(start.slot_id)
+    assert waiting.state == GRANTED and waiting.gpu_type == "a100"
+
+
+def test_short_type_matches_a_longer_device_type() -> None:
+    core, _ = make_pool("a100-80gb=1", min_warm=1)
+    warm_up(core)
+    lease = request(core, "alice", "a100")
+    assert lease.state == GRANTED and lease.gpu_type == "a100-80gb"
+
+
+def test_any_takes_a_gpu_type_but_never_a_cpu_kernel_when_gpus_exist() -> None:
+    core, _ = make_pool("a100=1,cpu=2", min_warm=1)
+    warm_up(core)
+    first = request(core, "alice", "any")
+    assert first.state == GRANTED and first.gpu_type == "a100"
+
+    second = request(core, "bob", "any")
+    assert second.state == QUEUED and second.slot_id is None  # waits for the a100, not a cpu kernel
+    assert summary(core, "cpu")["queued"] == 0 and summary(core, "a100")["queued"] == 1
+
+
+def test_any_takes_a_cpu_kernel_when_cpu_is_the_only_type() -> None:
+    core, _ = make_pool("cpu=1", min_warm=1)
+    warm_up(core)
+    lease = request(core, "alice", "any")
+    assert lease.state == GRANTED and lease.gpu_type == "cpu" and lease.gpu_indices == ()
+
+
+def test_unknown_type_is_refused_with_the_types_offered() -> None:
+    core, _ = make_pool("a100=2,h100=1")
+    with pytest.raises(LeaseRequestError, match=r"'v100'.*a100, h100") as error:
+        request(core, "alice", "v100")
+    assert error.value.reason == "unknown_type"
+    assert core.leases == {} and core.pop_actions() == []
+
+
+def test_more_gpus_than_any_node_has_is_refused_with_the_maximum() -> None:
+    core, _ = make_pool("a100=2,h100=1")
+    with pytest.raises(LeaseRequestError, match="at most 2") as error:
+        request(core, "alice", "a100:3")
+    assert error.value.reason == "too_many_gpus"
+    assert core.leases == {}
+
+
+def test_a_fallback_that_fits_makes_an_oversized_choice_acceptable() -> None:
+    core, _ = make_pool("a100=2,h100=1", min_warm=1)
+    warm_up(core)
+    lease = request(core, "alice", "h100:4|a100")
+    assert lease.state == GRANTED and lease.gpu_type == "a100"
+
+
+# --- the queue ------------------------------------------------------------------------------
+
+
+def test_requests_queue_in_order_when_nothing_is_free() -> None:
+    core, _ = make_pool("a100=1", min_warm=1)
+    warm_up(core)
+    request(core, "alice", "a100")
+    core.pop_actions()
+
+    queued = [request(core, user, "a100") for user in ("bob", "carol", "dave")]
+    assert [core.queue_position(lease) for lease in queued] == [1, 2, 3]
+    assert all(lease.state == QUEUED for lease in queued)
+    assert core.pop_actions() == []
+
+
+def test_an_ended_lease_kernel_is_killed_and_the_head_of_the_queue_gets_a_fresh_one() -> None:
+    core, _ = make_pool("a100=1", min_warm=1)
+    warm_up(core)
+    first = request(core, "alice", "a100")
+    old_slot = first.slot_id
+    core.pop_actions()
+    bob, carol = request(core, "bob", "a100"), request(core, "carol", "a100")
+
+    core.end_lease(first.id, REASON_DELETED)
+    actions = core.pop_actions()
+    assert kills(actions) == [old_slot] and ended(actions) == {first.id: REASON_DELETED}
+    assert starts(actions) == [] and bob.state == QUEUED  # the GPU is busy until the kill finished
+
+    assert old_slot is not None
+    core.kernel_stopped(old_slot)
+    (start,) = starts(core.pop_actions())
+    assert start.slot_id != old_slot and bob.slot_id == start.slot_id
+
+    core.kernel_ready(start.slot_id)
+    assert granted(core.pop_actions()) == [bob.id]
+    assert carol.state == QUEUED and core.queue_position(carol) == 1
+
+
+def test_a_late_ready_of_a_killed_kernel_grants_nothing() -> None:
+    core, _ = make_pool("a100=1", min_warm=1)
+    warm_up(core)
+    first = request(core, "alice", "a100")
+    assert first.slot_id is not None
+    waiting = request(core, "bob", "a100")
+    core.end_lease(first.id, REASON_DELETED)
+    core.pop_actions()
+
+    core.kernel_ready(first.slot_id)
+    assert core.pop_actions() == [] and waiting.state == QUEUED
+
+
+def test_cancelling_a_queued_lease_moves_the_others_up() -> None:
+    core, _ = make_pool("a100=1", min_warm=1)
+    warm_up(core)
+    request(core, "alice", "a100")
+    bob, carol, dave = (request(core, user, "a100") for user in ("bob", "carol", "dave"))
+    core.pop_actions()
+
+    returned = core.end_lease(carol.id, REASON_DELETED)
+    assert returned is carol
+    assert carol.state == RELEASED and carol.reason == REASON_CANCELLED
+    assert ended(core.pop_actions()) == {carol.id: REASON_CANCELLED}
+    assert core.queue_position(carol) == 0
+    assert [core.queue_position(lease) for lease in (bob, dave)] == [1, 2]
+    assert summary(core, "a100")["queued"] == 2
+
+
+def test_ending_an_unknown_lease_changes_nothing() -> None:
+    core, _ = make_pool("a100=1", min_warm=1)
+    warm_up(core)
+    assert core.end_lease("nope", REASON_DELETED) is None
+    assert core.pop_actions() == []
+
+
+# --- per-user cap ---------------------------------------------------------------------------
+
+
+def test_user_over_the_cap_waits_without_blocking_the_next_user() -> None:
+    core, _ = make_pool("a100=2", min_warm=0, max_gpus_per_user=1)
+    hold(core, "alice", "a100")
+
+    extra = request(core, "alice", "a100")
+    assert extra.state == QUEUED and extra.slot_id is None and core.pop_actions() == []
+
+    other = request(core, "bob", "a100")
+    assert [s.gpu_indices for s in starts(core.pop_actions())] == [(1,)] and other.slot_id is not None
+
+
+def test_user_cap_counts_a_lease_whose_kernel_is_still_starting() -> None:
+    core, _ = make_pool("a100=2", min_warm=0, max_gpus_per_user=1)
+    first = request(core, "alice", "a100")
+    assert first.slot_id is not None
+    extra = request(core, "alice", "a100")
+    assert extra.slot_id is None and len(starts(core.pop_actions())) == 1
+
+
+def test_user_waiting_on_the_cap_is_placed_once_their_own_lease_ends() -> None:
+    core, _ = make_pool("a100=2", min_warm=0, max_gpus_per_user=1)
+    first = hold(core, "alice", "a100")
+    extra = request(core, "alice", "a100")
+    assert extra.slot_id is None
+
+    (start,) = starts(release(core, first))
+    assert extra.slot_id == start.slot_id
+
+
+def test_request_above_the_cap_by_itself_is_refused() -> None:
+    core, _ = make_pool("a100=2", min_warm=0, max_gpus_per_user=1)
+    with pytest.raises(LeaseRequestError, match="max_gpus_per_user") as error:
+        request(core, "alice", "a100:2")
+    assert error.value.reason == "too_many_gpus"
+
+
+def test_cap_skips_a_fallback_choice_that_would_exceed_it() -> None:
+    core, _ = make_pool("a100=2,h100=1", min_warm=0, max_gpus_per_user=1)
+    lease = request(core, "alice", "a100:2|h100")
+    assert lease.gpu_type == "h100" and lease.count == 1
+    assert [s.gpu_type for s in starts(core.pop_actions())] == ["h100"]
+
+
+# --- idle release and maximum duration ------------------------------------------------------
+
+
+def test_idle_lease_is_released_at_its_timeout_not_before() -> None:
+    core, clock = make_pool("a100=1", min_warm=1)
+    warm_up(core)
+    lease = request(core, "alice", "a100", idle_timeout=10)
+    core.pop_actions()
+
+    clock.set(9)
+    core.tick()
+    assert core.pop_actions() == [] and lease.state == GRANTED
+
+    clock.set(10)
+    core.tick()
+    actions = core.pop_actions()
+    assert ended(actions) == {lease.id: REASON_IDLE} and kills(actions) == [lease.slot_id]
+
+
+def test_busy_kernel_keeps_its_lease_past_the_idle_timeout() -> None:
+    core, clock = make_pool("a100=1", min_warm=1)
+    warm_up(core)
+    lease = request(core, "alice", "a100", idle_timeout=10)
+    assert lease.slot_id is not None
+    clock.set(5)
+    core.kernel_activity(lease.slot_id, busy=True)
+
+    clock.set(100)
+    core.tick()
+    assert lease.state == GRANTED and ended(core.pop_actions()) == {}
+
+
+def test_idle_time_counts_from_the_end_of_execution() -> None:
+    core, clock = make_pool("a100=1", min_warm=1)
+    warm_up(core)
+    lease = request(core, "alice", "a100", idle_timeout=10)
+    assert lease.slot_id is not None
+    core.pop_actions()
+    clock.set(5)
+    core.kernel_activity(lease.slot_id, busy=True)
+    clock.set(30)
+    core.kernel_activity(lease.slot_id, busy=False)
+
+    clock.set(39)
+    core.tick()
+    assert lease.state == GRANTED
+
+    clock.set(40)
+    core.tick()
+    assert ended(core.pop_actions()) == {lease.id: REASON_IDLE}
+
+
+def test_idle_timeout_above_the_policy_maximum_is_capped() -> None:
+    core, clock = make_pool("a100=1", min_warm=1, max_idle_timeout=60)
+    warm_up(core)
+    lease = request(core, "alice", "a100", idle_timeout=10_000)
+    assert lease.idle_timeout == 60
+
+    clock.set(60)
+    core.tick()
+    assert lease.reason == REASON_IDLE
+
+
+def test_default_idle_timeout_comes_from_the_policy() -> None:
+    core, _ = make_pool("a100=1", min_warm=1, idle_timeout=42)
+    warm_up(core)
+    assert request(core, "alice", "a100").idle_timeout == 42
+
+
+def test_non_positive_idle_timeout_is_refused() -> None:
+    core, _ = make_pool("a100=1", min_warm=1)
+    with pytest.raises(LeaseRequestError) as error:
+        request(core, "alice", "a100", idle_timeout=0)
+    assert error.value.reason == "bad_idle_timeout"
+
+
+def test_maximum_duration_ends_even_a_busy_lease() -> None:
+    core, clock = make_pool("a100=1", min_warm=1, max_lease_duration=100)
+    warm_up(core)
+    clock.set(50)
+    lease = request(core, "alice", "a100")
+    assert lease.slot_id is not None
+    core.kernel_activity(lease.slot_id, busy=True)
+    core.pop_actions()
+
+    clock.set(149)
+    core.tick()
+    assert lease.state == GRANTED
+
+    clock.set(150)
+    core.tick()
+    actions = core.pop_actions()
+    assert ended(actions) == {lease.id: REASON_MAX_DURATION} and kills(actions) == [lease.slot_id]
+
+
+# --- kernel failures --------------------------------------------------------------------------
+
+
+def test_kernel_death_ends_the_lease_and_a_replacement_warm_kernel_starts() -> None:
+    core, _ = make_pool("a100=1", min_warm=1)
+    warm_up(core)
+    lease = request(core, "alice", "a100")
+    dead = lease.slot_id
+    assert dead is not None
+    core.pop_actions()
+
+    core.kernel_died(dead)
+    actions = core.pop_actions()
+    assert ended(actions) == {lease.id: REASON_KERNEL_DIED}
+    assert kills(actions) == []  # nothing left to kill
+    (start,) = starts(actions)
+    assert start.gpu_indices == (0,) and start.slot_id != dead
+
+
+def test_death_of_a_warm_kernel_starts_a_replacement() -> None:
+    core, _ = make_pool("a100=1", min_warm=1)
+    (warm,) = warm_up(core)
+    core.kernel_died(warm.slot_id)
+    (start,) = starts(core.pop_actions())
+    assert start.gpu_indices == (0,) and start.slot_id != warm.slot_id
+
+
+def test_failed_start_keeps_the_lease_first_in_line_and_backs_off() -> None:
+    core, clock = make_pool("a100=1", min_warm=0, start_failure_backoff=5)
+    first = request(core, "alice", "a100")
+    second = request(core, "bob", "a100")
+    failed = first.slot_id
+    assert failed is not None
+    core.pop_actions()
+
+    clock.set(1)
+    core.kernel_failed(failed)
+    assert core.pop_actions() == []  # no immediate retry: the backoff applies
+    assert first.state == QUEUED and first.slot_id is None
+    assert [core.queue_position(first), core.queue_position(second)] == [1, 2]
+
+    clock.set(5.9)
+    core.tick()
+    assert core.pop_actions() == []
+
+    clock.set(6)
+    core.tick()
+    (retry,) = starts(core.pop_actions())
+    assert retry.slot_id != failed and first.slot_id == retry.slot_id
+    core.kernel_ready(retry.slot_id)
+    assert granted(core.pop_actions()) == [first.id] and second.state == QUEUED
+
+
+def test_failed_warm_start_backs_off_before_the_next_warm_start() -> None:
+    core, clock = make_pool("a100=1", min_warm=1, start_failure_backoff=5)
+    core.tick()
+    (start,) = starts(core.pop_actions())
+    core.kernel_failed(start.slot_id)
+    assert core.pop_actions() == []
+
+    clock.set(5)
+    core.tick()
+    assert [s.gpu_indices for s in starts(core.pop_actions())] == [(0,)]
+
+
+# --- shutdown ---------------------------------------------------------------------------------
+
+
+def test_shutdown_ends_every_lease_and_kills_every_kernel() -> None:
+    core, _ = make_pool("a100=2,h100=1", min_warm=1)
+    warm_up(core)
+    leases = [request(core, "alice", "a100"), request(core, "bob", "h100"), request(core, "carol", "h100")]
+    assert [lease.state for lease in leases] == [GRANTED, GRANTED, QUEUED]
+    core.pop_actions()
+    live = set(core.slots)  # two leased kernels and the new a100 spare
+
+    core.shutdown(REASON_GATEWAY_RESTART)
+    actions = core.pop_actions()
+    assert len(live) == 3 and sorted(kills(actions)) == sorted(live)
+    assert ended(actions) == {lease.id: REASON_GATEWAY_RESTART for lease in leases}
+    assert core.leases == {} and starts(actions) == [] and granted(actions) == []
+
+
+def test_no_warm_kernel_starts_after_shutdown() -> None:
+    core, clock = make_pool("a100=2,h100=1", min_warm=1)
+    warm_up(core)
+    request(core, "alice", "a100")
+    core.pop_actions()
+    core.shutdown(REASON_GATEWAY_RESTART)
+    killed = kills(core.pop_actions())
+
+    for slot_id in killed:
+        core.kernel_stopped(slot_id)
+    clock.set(1000)
+    core.tick()
+    assert core.pop_actions() == [] and core.slots == {}
+
+
+# --- metering and estimates -------------------------------------------------------------------
+
+
+def test_gpu_seconds_are_held_seconds_times_count() -> None:
+    core, clock = make_pool("a100=2", min_warm=0)
+    lease = request(core, "alice", "a100:2")
+    assert lease.slot_id is not None
+    clock.set(10)
+    core.kernel_ready(lease.slot_id)  # metering starts at the grant, not at the request
+    clock.set(40)
+    core.end_lease(lease.id, REASON_DELETED)
+    clock.set(100)
+    assert lease.gpu_seconds(clock()) == 60
+
+
+def test_cancelled_queued_lease_costs_nothing() -> None:
+    core, clock = make_pool("a100=1", min_warm=1)
+    warm_up(core)
+    request(core, "alice", "a100")
+    waiting = request(core, "bob", "a100:1")
+    clock.set(30)
+    core.end_lease(waiting.id, REASON_DELETED)
+    assert waiting.gpu_seconds(clock()) == 0 and waiting.count == 0
+
+
+def test_expected_wait_grows_with_queue_position() -> None:
+    core, clock = make_pool("a100=2", min_warm=0)
+    hold(core, "alice", "a100", idle_timeout=100)
+    hold(core, "bob", "a100", idle_timeout=200)
+    first, second = request(core, "carol", "a100"), request(core, "dave", "a100")
+
+    clock.set(20)
+    assert 0 < core.expected_wait(first) < core.expected_wait(second)
+    assert core.expected_wait(first) == pytest.approx(80 + 2)  # alice goes idle, then a kernel start
+
+
+def test_expected_wait_of_a_lease_whose_kernel_is_starting_is_the_start_time_left() -> None:
+    core, clock = make_pool("a100=1", min_warm=0)
+    lease = request(core, "alice", "a100")
+    clock.set(0.5)
+    assert core.expected_wait(lease) == pytest.approx(1.5)
+
+
+# --- summaries --------------------------------------------------------------------------------
+
+
+def test_summaries_count_total_free_warm_and_queued_per_type() -> None:
+    core, _ = make_pool("a100=2,h100=1", emulated=True, min_warm=1)
+    warm_up(core)
+    request(core, "alice", "h100")
+    request(core, "bob", "h100")
+    core.pop_actions()
+
+    assert summary(core, "a100") == {"total": 2, "free": 2, "warm": 1, "queued": 0, "emulated": True}
+    assert summary(core, "h100") == {"total": 1, "free": 0, "warm": 0, "queued": 1, "emulated": True}
+
+
+def test_summaries_say_real_gpus_are_not_emulated() -> None:
+    core, _ = make_pool("a100=1")
+    assert [r.emulated for r in core.summaries()] == [False]
