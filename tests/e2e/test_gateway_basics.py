@@ -1,0 +1,51 @@
+"""The gateway's REST API and websocket relay, driven like a notebook client would."""
+
+from __future__ import annotations
+
+import pytest
+
+from .gateway_process import GatewayProcess, stdout_text
+
+
+def test_types_list_the_emulated_inventory_and_cpu(gateway: GatewayProcess) -> None:
+    types = {t["name"]: t for t in gateway.get("alice", "/api/gpu/types").body}
+    assert set(types) == {"a100", "h100", "cpu"}
+    assert types["a100"]["total"] == 2 and types["a100"]["emulated"] is True
+    assert types["cpu"]["emulated"] is False
+    assert types["a100"]["warm"] == 1 and types["h100"]["free"] == 1
+    specs = gateway.get("alice", "/api/kernelspecs").body["kernelspecs"]
+    assert "gpu-a100" in specs and "emulated" in specs["gpu-a100"]["spec"]["display_name"]
+
+
+def test_lease_from_warm_pool_is_granted_in_the_request(gateway: GatewayProcess) -> None:
+    # Granted in the POST's own reply: the core only grants synchronously from a kernel that
+    # is already warm, so no kernel was started on the request path.
+    lease = gateway.lease("alice", "a100")
+    assert lease["state"] == "granted"
+    assert lease["gpu_type"] == "a100" and lease["count"] == 1 and lease["kernel_id"]
+    assert lease["emulated"] is True
+    kernels = gateway.get("alice", "/api/kernels").body
+    assert [k["id"] for k in kernels] == [lease["kernel_id"]]
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("binary", [True, False], ids=["v1-binary", "json"])
+async def test_execute_over_websocket_sees_its_pinned_gpu(gateway: GatewayProcess, binary: bool) -> None:
+    lease = gateway.lease("alice", "a100")
+    socket = await gateway.connect("alice", lease["kernel_id"], binary=binary)
+    reply, outputs = await socket.run("import os; print(os.environ['CUDA_VISIBLE_DEVICES'])")
+    assert reply["content"]["status"] == "ok"
+    assert stdout_text(outputs).strip() == ",".join(map(str, lease["gpu_indices"]))
+    socket.close()
+
+
+@pytest.mark.asyncio
+async def test_two_gpus_are_two_distinct_indices(gateway: GatewayProcess) -> None:
+    lease = gateway.lease("alice", "a100:2")
+    if lease["state"] == "queued":
+        lease = gateway.get("alice", f"/api/gpu/leases/{lease['id']}?wait=60").body
+    assert lease["state"] == "granted" and lease["count"] == 2
+    socket = await gateway.connect("alice", lease["kernel_id"])
+    _, outputs = await socket.run("import os; print(os.environ['CUDA_VISIBLE_DEVICES'])")
+    assert sorted(stdout_text(outputs).strip().split(",")) == ["0", "1"]
+    socket.close()
