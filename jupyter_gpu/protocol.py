@@ -43,6 +43,10 @@ RELEASE_REASONS = (
     REASON_MAX_DURATION,
 )
 
+#: The comm target of the kernel-side helper, and the line that loads it at warm-up.
+HELPER_COMM_TARGET = "jupyter_gpu"
+HELPER_BOOT = "%load_ext jupyter_gpu.kernel_helper"
+
 ANY_TYPE = "any"
 CPU_TYPE = "cpu"
 

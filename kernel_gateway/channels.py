@@ -39,7 +39,8 @@ class _ClearTooBigProtocol(websocket.WebSocketProtocol13):
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         if code == 1009:
             limit = self.params.max_message_size
-            reason = f"message over the gateway limit of {limit / 2**20:.0f} MiB (GatewayApp.max_message_size)"
+            # Exact bytes: rounding to whole MiB misstated limits such as 1,000,000 as "1 MiB".
+            reason = f"message over the gateway limit of {limit:,} bytes (GatewayApp.max_message_size)"
         super().close(code, reason)
 
 

@@ -105,9 +105,11 @@ class ClientSession:
     def attach(self, connection: ClientConnection, gateway_session: str) -> None:
         self.ever_connected = True
         if self.lost_messages:
+            # Sizes through _size: whole MB alone said "keeps at most 0 MB" for small buffers.
+            count = self.lost_messages
             text = (
-                f"jupyter-gpu: {self.lost_messages} messages ({self.lost_bytes / 1e6:.1f} MB) of output were lost "
-                f"while this client was disconnected: the gateway keeps at most {self.limit_bytes / 1e6:.0f} MB "
+                f"jupyter-gpu: {count} message{'' if count == 1 else 's'} ({_size(self.lost_bytes)}) of output "
+                f"were lost while this client was disconnected: the gateway keeps at most {_size(self.limit_bytes)} "
                 "per session (GatewayApp.replay_buffer_bytes).\n"
             )
             connection.send(
@@ -314,6 +316,16 @@ class KernelRelay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for socket in self.sockets.values():
             socket.close(linger=0)
+
+
+def _size(nbytes: int) -> str:
+    """A byte count for people: ``840 bytes``, ``2.0 kB``, ``67.1 MB``."""
+    if nbytes < 1000:
+        return f"{nbytes} bytes"
+    for unit, scale in (("kB", 1e3), ("MB", 1e6)):
+        if nbytes < scale * 1000:
+            return f"{nbytes / scale:.1f} {unit}"
+    return f"{nbytes / 1e9:.1f} GB"
 
 
 def _log_send_failure(future: asyncio.Future[Any]) -> None:

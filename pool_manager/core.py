@@ -121,7 +121,9 @@ class PoolCore:
         """
         self._check_satisfiable(choices)
         idle = self.policy.idle_timeout if idle_timeout is None else float(idle_timeout)
-        if idle <= 0:
+        # `not idle > 0` rather than `idle <= 0`: NaN (json.loads accepts it) compares false both
+        # ways, and a NaN idle timeout would never expire, holding the GPU forever.
+        if not idle > 0:
             raise LeaseRequestError(f"idle_timeout must be positive, got {idle_timeout!r}", "bad_idle_timeout")
         idle = min(idle, self.policy.max_idle_timeout)
         now = self.clock()

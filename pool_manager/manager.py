@@ -7,6 +7,8 @@ import time
 from traitlets import Dict, Float, Int, Unicode
 from traitlets.config import LoggingConfigurable
 
+from jupyter_gpu.protocol import HELPER_BOOT
+
 from .backend import LocalKernelBackend
 from .core import PoolCore, PoolPolicy
 from .inventory import build_inventory
@@ -59,5 +61,8 @@ class PoolManager(LoggingConfigurable):
             max_gpus_per_user=self.max_gpus_per_user,
         )
         core = PoolCore(devices, policy, clock=time.time)
-        backend = LocalKernelBackend(kernel_name=self.kernel_name, warmup_code=self.warmup_code)
+        # Every pooled kernel loads the helper that receives pushed variables and sends
+        # bound ones back; the operator's warm-up code runs after it.
+        warmup = "\n".join(code for code in (HELPER_BOOT, self.warmup_code) if code)
+        backend = LocalKernelBackend(kernel_name=self.kernel_name, warmup_code=warmup)
         return PoolService(core, backend)

@@ -79,13 +79,14 @@ class PoolService:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 return
+            # Shared by every waiter on this lease and dropped only when the lease leaves the
+            # queue (see _run_actions): a waiter that times out must not take the event away
+            # from another one still waiting, which would then miss the grant.
             event = self._changed.setdefault(lease.id, asyncio.Event())
             try:
                 await asyncio.wait_for(event.wait(), remaining)
             except TimeoutError:
                 return
-            finally:
-                self._changed.pop(lease.id, None)
 
     def lease_for_kernel(self, kernel_id: str) -> Lease | None:
         slot = self.core.slots.get(kernel_id)
@@ -100,7 +101,7 @@ class PoolService:
             elif isinstance(action, KillKernel):
                 self._spawn(self._kill_kernel(action.slot_id))
             elif isinstance(action, LeaseGranted | LeaseEnded):
-                event = self._changed.get(action.lease.id)
+                event = self._changed.pop(action.lease.id, None)
                 if event is not None:
                     event.set()
             for listener in self.listeners:

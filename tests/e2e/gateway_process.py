@@ -13,13 +13,20 @@ import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
-from jupyter_gpu.protocol import KERNEL_WS_PROTOCOL_V1, deserialize_ws_v1, serialize_ws_v1
+from jupyter_gpu.protocol import (
+    KERNEL_WS_PROTOCOL_V1,
+    deserialize_ws_legacy_binary,
+    deserialize_ws_v1,
+    serialize_ws_legacy_binary,
+    serialize_ws_v1,
+)
 
 READY = re.compile(r"listening at http://127\.0\.0\.1:(\d+)")
 
@@ -43,7 +50,7 @@ class GatewayProcess:
 
     def start(self, wait_warm: bool = True, timeout: float = 60.0) -> GatewayProcess:
         self.log_path = self.tmp / f"gateway-{uuid.uuid4().hex[:6]}.log"
-        log = open(self.log_path, "w")  # noqa: SIM115 - the process owns it
+        log = open(self.log_path, "w")  # the process owns it
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "JUPYTER_CONFIG_DIR": str(self.tmp / "config"),
                "JUPYTER_DATA_DIR": str(self.tmp / "data")}
         env.pop("JUPYTER_GPU_TOKEN", None)
@@ -168,16 +175,23 @@ class KernelSocket:
                                      max_message_size=1 << 30)
         return cls(ws, session_id, binary)
 
-    def send(self, channel: str, msg_type: str, content: dict[str, Any]) -> str:
+    def send(self, channel: str, msg_type: str, content: dict[str, Any], parent: dict[str, Any] | None = None,
+             buffers: list[bytes] | None = None, session: str | None = None) -> str:
+        """Send one message; ``session`` overrides the header's session (default: the URL's)."""
         msg_id = uuid.uuid4().hex
-        header = {"msg_id": msg_id, "msg_type": msg_type, "session": self.session_id, "username": "test",
+        header = {"msg_id": msg_id, "msg_type": msg_type, "session": session or self.session_id, "username": "test",
                   "date": "2026-01-01T00:00:00Z", "version": "5.3"}
+        parent = parent or {}
+        buffers = buffers or []
         if self.binary:
-            parts = [json.dumps(x).encode() for x in (header, {}, {}, content)]
-            self.ws.write_message(serialize_ws_v1(channel, parts), binary=True)
+            parts = [json.dumps(x).encode() for x in (header, parent, {}, content)]
+            self.ws.write_message(serialize_ws_v1(channel, parts + buffers), binary=True)
         else:
-            self.ws.write_message(json.dumps({"header": header, "parent_header": {}, "metadata": {},
-                                              "content": content, "channel": channel}))
+            msg = {"header": header, "parent_header": parent, "metadata": {}, "content": content, "channel": channel}
+            if buffers:  # plain-JSON clients send buffers in the legacy binary frame
+                self.ws.write_message(serialize_ws_legacy_binary(msg, buffers), binary=True)
+            else:
+                self.ws.write_message(json.dumps(msg))
         return msg_id
 
     def execute(self, code: str, allow_stdin: bool = False) -> str:
@@ -186,16 +200,35 @@ class KernelSocket:
                                                       "stop_on_error": True})
 
     async def recv(self, timeout: float = 30.0) -> dict[str, Any] | None:
-        """The next message as a dict (None when the socket closed)."""
+        """The next message as a dict with its ``buffers`` (None when the socket closed)."""
         raw = await asyncio.wait_for(self.ws.read_message(), timeout)
         if raw is None:
             return None
-        if isinstance(raw, bytes):
+        if isinstance(raw, bytes) and self.binary:
             channel, parts = deserialize_ws_v1(raw)
             header, parent, metadata, content = (json.loads(bytes(p)) for p in parts[:4])
             return {"channel": channel, "header": header, "parent_header": parent, "metadata": metadata,
-                    "content": content, "msg_type": header["msg_type"]}
+                    "content": content, "msg_type": header["msg_type"], "buffers": [bytes(p) for p in parts[4:]]}
+        if isinstance(raw, bytes):  # plain JSON, but the message has buffers: the legacy binary frame
+            msg, buffers = deserialize_ws_legacy_binary(raw)
+            return {**msg, "buffers": buffers}
         return dict(json.loads(raw))
+
+    async def recv_until(self, predicate: Callable[[dict[str, Any]], bool],
+                         timeout: float = 30.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """Read until a message satisfies ``predicate``; return it and every message read before it."""
+        seen: list[dict[str, Any]] = []
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise TimeoutError(f"no matching message within {timeout} s; saw {[m['msg_type'] for m in seen]}")
+            msg = await self.recv(remaining)
+            if msg is None:
+                raise ConnectionError(f"socket closed: {self.ws.close_code} {self.ws.close_reason}")
+            if predicate(msg):
+                return msg, seen
+            seen.append(msg)
 
     async def run(self, code: str, timeout: float = 60.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Execute and collect this request's IOPub messages until its reply and idle both came."""
@@ -226,4 +259,8 @@ class KernelSocket:
 
 
 def stdout_text(outputs: list[dict[str, Any]]) -> str:
-    return "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream" and m["content"]["name"] == "stdout")
+    return stream_text(outputs, "stdout")
+
+
+def stream_text(outputs: list[dict[str, Any]], name: str) -> str:
+    return "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream" and m["content"]["name"] == name)

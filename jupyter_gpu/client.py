@@ -1,0 +1,204 @@
+"""The notebook side's connection to the gateway: REST for leases, a websocket per kernel.
+
+Synchronous on purpose: a cell magic is a plain function running on the kernel's main
+thread, so blocking calls (interruptible by Ctrl-C) are the natural fit.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import time
+import urllib.parse
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+from websockets.sync.client import ClientConnection, connect
+
+from .protocol import KERNEL_WS_PROTOCOL_V1, TOKEN_ENV, URL_ENV, deserialize_ws_v1, serialize_ws_v1
+
+
+class GatewayError(RuntimeError):
+    """The gateway said no, or could not be reached; the message says what to do."""
+
+    def __init__(self, message: str, status: int = 0, reason: str = "") -> None:
+        super().__init__(message)
+        self.status = status
+        self.reason = reason
+
+
+@dataclass(frozen=True)
+class GatewayConfig:
+    url: str
+    token: str
+
+    @classmethod
+    def from_env(cls) -> GatewayConfig:
+        url = os.environ.get(URL_ENV, "").rstrip("/")
+        token = os.environ.get(TOKEN_ENV, "")
+        if not url:
+            raise GatewayError(
+                f"no gateway configured: set {URL_ENV} (e.g. http://127.0.0.1:8765) and {TOKEN_ENV} "
+                "in the notebook kernel's environment"
+            )
+        if not token:
+            raise GatewayError(f"no token for {url}: set {TOKEN_ENV} (ask the operator for one)")
+        return cls(url, token)
+
+
+class GatewayClient:
+    """REST calls to one gateway over one kept-alive HTTP connection."""
+
+    def __init__(self, config: GatewayConfig, timeout: float = 30.0) -> None:
+        self.config = config
+        self.timeout = timeout
+        parsed = urllib.parse.urlsplit(config.url)
+        if parsed.scheme not in ("http", "https") or not parsed.hostname:
+            raise GatewayError(f"{URL_ENV}={config.url!r} is not an http(s) URL such as http://127.0.0.1:8765")
+        self._parsed = parsed
+        self._conn: http.client.HTTPConnection | None = None
+
+    def _connection(self) -> http.client.HTTPConnection:
+        if self._conn is None:
+            cls = http.client.HTTPSConnection if self._parsed.scheme == "https" else http.client.HTTPConnection
+            self._conn = cls(self._parsed.hostname or "", self._parsed.port, timeout=self.timeout)
+        return self._conn
+
+    def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        """One JSON request; every outbound HTTP call of the client goes through here."""
+        payload = json.dumps(body).encode() if body is not None else None
+        headers = {"Authorization": f"token {self.config.token}", "Content-Type": "application/json"}
+        for attempt in (0, 1):
+            conn = self._connection()
+            conn.timeout = timeout or self.timeout
+            try:
+                conn.request(method, self._parsed.path + path, body=payload, headers=headers)
+                response = conn.getresponse()
+                data = response.read()
+                break
+            except (ConnectionError, http.client.HTTPException, OSError) as exc:
+                self.close()  # a kept-alive connection the server closed: retry once on a new one
+                if attempt:
+                    raise GatewayError(
+                        f"the gateway at {self.config.url} does not answer ({type(exc).__name__}: {exc}); "
+                        f"check that it runs and that {URL_ENV} is right"
+                    ) from None
+        if response.status >= 400:
+            try:
+                error = json.loads(data)
+                message, reason = error.get("message", ""), error.get("reason", "")
+            except ValueError:
+                message, reason = data.decode(errors="replace")[:200], ""
+            raise GatewayError(message or f"HTTP {response.status}", response.status, reason)
+        return json.loads(data) if data else None
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    # --- the API ----------------------------------------------------------------------------
+
+    def types(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/api/gpu/types"))
+
+    def create_lease(self, spec: str, idle_timeout: float | None, notebook: str) -> dict[str, Any]:
+        body: dict[str, Any] = {"gpu": spec, "notebook": notebook}
+        if idle_timeout is not None:
+            body["idle_timeout"] = idle_timeout
+        return dict(self.request("POST", "/api/gpu/leases", body))
+
+    def get_lease(self, lease_id: str, wait: float = 0) -> dict[str, Any]:
+        query = f"?wait={wait}" if wait else ""
+        return dict(self.request("GET", f"/api/gpu/leases/{lease_id}{query}", timeout=self.timeout + wait))
+
+    def delete_lease(self, lease_id: str) -> dict[str, Any]:
+        return dict(self.request("DELETE", f"/api/gpu/leases/{lease_id}"))
+
+    def leases(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/api/gpu/leases"))
+
+    def usage(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/api/gpu/usage"))
+
+    def interrupt(self, kernel_id: str) -> None:
+        self.request("POST", f"/api/kernels/{kernel_id}/interrupt", {})
+
+    def open_channel(self, kernel_id: str) -> KernelChannel:
+        return KernelChannel.open(self.config, kernel_id)
+
+
+class KernelChannel:
+    """One websocket to a kernel, speaking the v1 binary framing."""
+
+    def __init__(self, ws: ClientConnection, session_id: str) -> None:
+        self.ws = ws
+        self.session_id = session_id
+
+    @classmethod
+    def open(cls, config: GatewayConfig, kernel_id: str, session_id: str | None = None) -> KernelChannel:
+        session_id = session_id or uuid.uuid4().hex
+        base = config.url.replace("http", "ws", 1)
+        url = f"{base}/api/kernels/{kernel_id}/channels?session_id={session_id}"
+        parsed = urllib.parse.urlsplit(config.url)
+        sock = socket.create_connection((parsed.hostname or "", parsed.port or 80), timeout=30)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small messages, sent now
+        try:
+            ws = connect(
+                url,
+                sock=sock,
+                subprotocols=[KERNEL_WS_PROTOCOL_V1],  # type: ignore[list-item]
+                additional_headers={"Authorization": f"token {config.token}"},
+                max_size=None,
+                compression=None,
+                open_timeout=30,
+            )
+        except Exception as exc:
+            sock.close()
+            raise GatewayError(f"could not open the kernel websocket at {url}: {exc}") from None
+        return cls(ws, session_id)
+
+    def send(self, channel: str, msg_type: str, content: dict[str, Any], buffers: Sequence[Any] = (),
+             metadata: dict[str, Any] | None = None, parent: dict[str, Any] | None = None) -> str:
+        msg_id = uuid.uuid4().hex
+        header = {"msg_id": msg_id, "msg_type": msg_type, "session": self.session_id, "username": "jupyter-gpu",
+                  "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "version": "5.3"}
+        parts = [json.dumps(header).encode(), json.dumps(parent or {}).encode(),
+                 json.dumps(metadata or {}).encode(), json.dumps(content).encode(), *buffers]
+        self.ws.send(serialize_ws_v1(channel, parts))
+        return msg_id
+
+    def recv(self, timeout: float | None) -> dict[str, Any] | None:
+        """The next message, or None when ``timeout`` passed. Raises ConnectionClosed."""
+        try:
+            raw = self.ws.recv(timeout=timeout)
+        except TimeoutError:
+            return None
+        if isinstance(raw, str):
+            msg: dict[str, Any] = json.loads(raw)
+            return msg
+        channel, parts = deserialize_ws_v1(raw)
+        header, parent, metadata, content = (json.loads(bytes(p)) for p in parts[:4])
+        return {"channel": channel, "header": header, "parent_header": parent, "metadata": metadata,
+                "content": content, "buffers": parts[4:]}
+
+    @property
+    def closed(self) -> bool:
+        from websockets.protocol import State
+
+        return bool(self.ws.protocol.state is not State.OPEN)
+
+    def close_reason(self) -> str:
+        rcvd = self.ws.protocol.close_rcvd
+        return rcvd.reason if rcvd is not None else ""
+
+    def close(self) -> None:
+        try:
+            self.ws.close()
+        except ConnectionClosed:
+            pass

@@ -1,0 +1,155 @@
+"""Loaded into every pooled kernel at warm-up: receives pushed variables, sends bound ones back.
+
+Talks to the ``%%gpu`` magic over a Jupyter comm (target ``jupyter_gpu``), whose messages
+carry binary buffers. Pushed values arrive as comm messages just before the cell's
+execute_request; the bound names go back from a ``post_run_cell`` hook, so they reach the
+client inside the same execution, before the kernel reports idle.
+"""
+
+from __future__ import annotations
+
+import ast
+import importlib
+import types
+from typing import Any
+
+from . import serialize
+from .protocol import HELPER_COMM_TARGET
+
+_ERROR_NAME = "__jupyter_gpu_push_error__"
+
+
+class PushError(RuntimeError):
+    """A pushed variable could not be rebuilt on the GPU kernel; the cell did not run."""
+
+
+class _FailPushedCell(ast.NodeTransformer):
+    """Replaces the next cell with ``raise`` when its pushed variables failed to load."""
+
+    def __init__(self, helper: KernelHelper) -> None:
+        self.helper = helper
+
+    def visit_Module(self, node: ast.Module) -> ast.Module:
+        if self.helper.push_error is None:
+            return node
+        self.helper.shell.user_ns[_ERROR_NAME] = PushError(self.helper.push_error)
+        self.helper.push_error = None
+        return ast.fix_missing_locations(ast.Module(body=ast.parse(f"raise {_ERROR_NAME}").body, type_ignores=[]))
+
+
+class KernelHelper:
+    def __init__(self, shell: Any) -> None:
+        self.shell = shell
+        self.comm: Any = None
+        self.push_error: str | None = None
+        self.pull: dict[str, Any] | None = None
+        self._blobs: list[Any] = []
+        self._transfer: dict[str, Any] | None = None
+
+    def register(self) -> None:
+        self.shell.kernel.comm_manager.register_target(HELPER_COMM_TARGET, self._on_open)
+        self.shell.events.register("post_run_cell", self._post_run_cell)
+        self.shell.ast_transformers.append(_FailPushedCell(self))
+
+    def _on_open(self, comm: Any, open_msg: dict[str, Any]) -> None:
+        self.comm = comm
+        comm.on_msg(self._on_msg)
+
+    # --- push -----------------------------------------------------------------------------
+
+    def _on_msg(self, msg: dict[str, Any]) -> None:
+        data = msg["content"]["data"]
+        try:
+            self._receive(data, list(msg.get("buffers") or []))
+        except Exception as exc:
+            self.push_error = f"the GPU kernel could not take the pushed variables: {type(exc).__name__}: {exc}"
+            self._transfer = None
+
+    def _receive(self, data: dict[str, Any], buffers: list[Any]) -> None:
+        if data.get("seq", 0) == 0:
+            # The first part of a transfer carries the manifest; later parts only pieces.
+            self._transfer = data
+            self.push_error = None
+            self.pull = data.get("pull")
+            self._blobs = [None] * len(data.get("sizes", []))
+        transfer = self._transfer
+        if transfer is None:
+            return
+        for (index, offset, length), buffer in zip(data.get("pieces", []), buffers, strict=True):
+            size = transfer["sizes"][index]
+            if offset == 0 and length == size:
+                self._blobs[index] = buffer  # whole blob in one piece: no copy
+                continue
+            if self._blobs[index] is None:
+                self._blobs[index] = bytearray(size)
+            memoryview(self._blobs[index])[offset : offset + length] = buffer
+        if data.get("last", True):
+            self._bind(transfer["values"])
+            self._transfer, self._blobs = None, []
+
+    def _bind(self, values: list[dict[str, Any]]) -> None:
+        ns = self.shell.user_ns
+        for item in values:
+            name, kind = item["name"], item["kind"]
+            try:
+                if kind == "pickle":
+                    first = item["blob"]
+                    ns[name] = serialize.load(self._blobs[first], self._blobs[first + 1 : first + 1 + item["nbuf"]])
+                elif kind == "module":
+                    ns[name] = importlib.import_module(item["module"])
+                elif kind == "alias":
+                    ns[name] = ns[item["of"]]
+            except Exception as exc:
+                raise PushError(
+                    f"variable {name!r} could not be rebuilt on the GPU kernel ({type(exc).__name__}: {exc}); "
+                    f"if the GPU kernel lacks a package, push something simpler or use --no-push {name}"
+                ) from exc
+
+    # --- pull -----------------------------------------------------------------------------
+
+    def _post_run_cell(self, result: Any) -> None:
+        pull, self.pull = self.pull, None
+        if pull is None or self.comm is None or not getattr(result, "success", False):
+            return
+        items: list[dict[str, Any]] = []
+        buffers: list[Any] = []
+        for name in pull.get("names", []):
+            if name in self.shell.user_ns:
+                items.append(self._pack(name, self.shell.user_ns[name], pull, buffers))
+        self.comm.send({"op": "pulled", "values": items}, buffers=buffers)
+
+    def _pack(self, name: str, value: Any, pull: dict[str, Any], buffers: list[Any]) -> dict[str, Any]:
+        if isinstance(value, types.ModuleType):
+            return {"name": name, "kind": "module", "module": value.__name__}
+        root = type(value).__module__.split(".")[0]
+        if root in pull.get("missing_modules", []):
+            return self._remote(name, value, f"{root} is not installed in the notebook's kernel")
+        try:
+            stream, oob = serialize.dump(value)
+        except Exception as exc:
+            return self._remote(name, value, f"it cannot be pickled ({type(exc).__name__}: {exc})")
+        size = len(stream) + sum(len(b) for b in oob)
+        if size > pull.get("limit", 0):
+            return self._remote(name, value, f"its {size / 1e6:.1f} MB exceed the pull limit", size)
+        item = {
+            "name": name,
+            "kind": "pickle",
+            "blob": len(buffers),
+            "nbuf": len(oob),
+            "hash": serialize.fingerprint(stream, oob),
+            "describe": serialize.describe(value, size),
+        }
+        buffers.append(stream)
+        buffers.extend(oob)
+        return item
+
+    def _remote(self, name: str, value: Any, why: str, size: int | None = None) -> dict[str, Any]:
+        return {"name": name, "kind": "remote", "why": why, "describe": serialize.describe(value, size)}
+
+
+def load_ipython_extension(shell: Any) -> None:
+    """``%load_ext jupyter_gpu.kernel_helper``: what the pool runs in each kernel at warm-up."""
+    if getattr(shell, "_jupyter_gpu_helper", None) is None:
+        helper = KernelHelper(shell)
+        helper.register()
+        shell._jupyter_gpu_helper = helper

@@ -1,0 +1,113 @@
+"""Replaying a remote cell's messages in the local notebook, one message at a time.
+
+Like nbclient's ``process_message``: :class:`CellRelay` takes Jupyter messages as they
+arrive and drives a :class:`Frontend` (the local kernel's stdout, display publisher and
+input); it needs no socket, so it is tested by feeding it scripted messages.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+
+class Frontend(Protocol):
+    def stream(self, name: str, text: str) -> None: ...
+
+    def display(self, data: dict[str, Any], metadata: dict[str, Any], transient: dict[str, Any], update: bool) -> None:
+        ...
+
+    def clear_output(self, wait: bool) -> None: ...
+
+    def input(self, prompt: str, password: bool) -> str: ...
+
+
+class RemoteError(Exception):
+    """An exception raised by the remote cell; shows the remote traceback, keeps its type name."""
+
+    def __init__(self, ename: str, evalue: str, traceback: list[str]) -> None:
+        super().__init__(f"{ename}: {evalue}")
+        self.ename = ename
+        self.evalue = evalue
+        self.traceback = traceback
+
+    def _render_traceback_(self) -> list[str]:
+        return self.traceback or [f"{self.ename}: {self.evalue}"]
+
+
+_ERROR_TYPES: dict[str, type[RemoteError]] = {}
+
+
+def remote_error(ename: str, evalue: str, traceback: list[str]) -> RemoteError:
+    """A RemoteError whose class is named like the remote one (``except`` by name still reads well)."""
+    cls = _ERROR_TYPES.get(ename)
+    if cls is None:
+        safe = ename if ename.isidentifier() else "RemoteError"
+        cls = _ERROR_TYPES[ename] = type(safe, (RemoteError,), {"__module__": "jupyter_gpu.remote"})
+    return cls(ename, evalue, traceback)
+
+
+@dataclass
+class RemoteResult:
+    """The remote cell's ``execute_result``, displayed locally as the cell's own result."""
+
+    data: dict[str, Any]
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def _repr_mimebundle_(self, include: Any = None, exclude: Any = None) -> tuple[dict[str, Any], dict[str, Any]]:
+        return self.data, self.metadata
+
+    def __repr__(self) -> str:
+        return str(self.data.get("text/plain", "<remote result>"))
+
+
+@dataclass
+class CellRelay:
+    """Follows one execute request: its outputs, its reply, and the values pulled with it."""
+
+    frontend: Frontend
+    msg_id: str
+    reply: dict[str, Any] | None = None
+    idle: bool = False
+    result: RemoteResult | None = None
+    error: RemoteError | None = None
+    pulled: list[tuple[dict[str, Any], list[Any]]] = field(default_factory=list)
+    input_replies: list[str] = field(default_factory=list)
+    timed_out: bool = False
+
+    @property
+    def done(self) -> bool:
+        return self.reply is not None and self.idle
+
+    def process_message(self, msg: dict[str, Any]) -> None:
+        if msg.get("parent_header", {}).get("msg_id") != self.msg_id:
+            return
+        channel, msg_type, content = msg.get("channel"), msg["header"]["msg_type"], msg["content"]
+        if channel == "shell":
+            if msg_type == "execute_reply":
+                self.reply = content
+                if content.get("status") == "error" and self.error is None:
+                    self.error = remote_error(content.get("ename", "Error"), content.get("evalue", ""),
+                                              content.get("traceback", []))
+            return
+        if channel == "stdin":
+            if msg_type == "input_request":
+                prompt, password = content.get("prompt", ""), bool(content.get("password", False))
+                self.input_replies.append(self.frontend.input(prompt, password))
+            return
+        if msg_type == "status":
+            self.idle = content.get("execution_state") == "idle"
+        elif msg_type == "stream":
+            self.frontend.stream(content.get("name", "stdout"), content.get("text", ""))
+        elif msg_type in ("display_data", "update_display_data"):
+            self.frontend.display(content.get("data", {}), content.get("metadata", {}),
+                                  content.get("transient", {}), msg_type == "update_display_data")
+        elif msg_type == "execute_result":
+            self.result = RemoteResult(content.get("data", {}), content.get("metadata", {}))
+        elif msg_type == "clear_output":
+            self.frontend.clear_output(bool(content.get("wait", False)))
+        elif msg_type == "error":
+            self.error = remote_error(content.get("ename", "Error"), content.get("evalue", ""),
+                                      content.get("traceback", []))
+        elif msg_type == "comm_msg" and content.get("data", {}).get("op") == "pulled":
+            self.pulled.append((content["data"], msg.get("buffers", [])))

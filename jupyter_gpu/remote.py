@@ -1,0 +1,280 @@
+"""One notebook's hold on one GPU kernel: its lease, websocket, and what each side holds.
+
+``RemoteSession.run_cell`` is the whole round trip of a ``%%gpu`` cell: push the values
+the cell reads (skipping those the kernel already has), execute, relay outputs as they
+arrive, and bind the values the cell made, all over one websocket and one execution.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import time
+import types
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from websockets.exceptions import ConnectionClosed
+
+from . import serialize
+from .client import GatewayClient, GatewayError
+from .outputs import CellRelay, Frontend
+from .protocol import HELPER_COMM_TARGET
+
+#: Pushed data travels in websocket messages of at most this many bytes of buffers.
+CHUNK_BYTES = 8 * 2**20
+#: Libraries often present on GPU kernels but not in a notebook's CPU environment.
+_HEAVY_MODULES = ("torch", "tensorflow", "jax", "jaxlib", "cupy", "transformers", "tensorrt", "triton")
+
+
+class PushRefused(ValueError):
+    """A value that cannot be sent; nothing ran remotely."""
+
+
+class LeaseGone(RuntimeError):
+    """The lease behind this session ended (idle timeout, kernel death, release).
+
+    ``executed`` says whether the cell may have started remotely (then it must not be re-run).
+    """
+
+    def __init__(self, message: str, executed: bool = False) -> None:
+        super().__init__(message)
+        self.executed = executed
+
+
+@dataclass
+class RemoteRef:
+    """A value that stayed on the GPU kernel; a later ``%%gpu`` cell uses the remote object."""
+
+    name: str
+    lease_id: str
+    gpu_type: str
+    info: dict[str, Any]
+    why: str
+
+    def __repr__(self) -> str:
+        details = [self.info.get("type", "?")]
+        if "shape" in self.info:
+            details.append(f"shape={tuple(self.info['shape'])}")
+        if "dtype" in self.info:
+            details.append(f"dtype={self.info['dtype']}")
+        if "device" in self.info:
+            details.append(f"device={self.info['device']}")
+        if "nbytes" in self.info:
+            details.append(f"{self.info['nbytes'] / 1e6:.1f} MB")
+        return (f"RemoteRef({self.name!r}: {', '.join(details)}; on the {self.gpu_type} kernel of lease "
+                f"{self.lease_id[:8]}, kept there because {self.why})")
+
+
+@dataclass
+class CellOptions:
+    push: list[str] = field(default_factory=list)
+    pull: list[str] = field(default_factory=list)
+    no_push: set[str] = field(default_factory=set)
+    no_pull: bool = False
+    pull_limit: int = 100 * 10**6
+    timeout: float | None = None
+
+
+def missing_local_modules() -> set[str]:
+    return {name for name in _HEAVY_MODULES if importlib.util.find_spec(name) is None}
+
+
+class RemoteSession:
+    def __init__(self, client: GatewayClient, lease: dict[str, Any]) -> None:
+        self.client = client
+        self.lease = lease
+        self.channel = client.open_channel(lease["kernel_id"])
+        self.comm_id = uuid.uuid4().hex
+        self.channel.send("shell", "comm_open", {"comm_id": self.comm_id, "target_name": HELPER_COMM_TARGET,
+                                                 "data": {}})
+        #: content hash of what the kernel holds under each name (sent or pulled)
+        self.remote_hashes: dict[str, str] = {}
+        #: names whose value lives only on the kernel (RemoteRefs handed out)
+        self.remote_only: set[str] = set()
+        self.missing_modules = missing_local_modules()
+        self.bytes_pushed = 0
+
+    @property
+    def lease_id(self) -> str:
+        return str(self.lease["id"])
+
+    @property
+    def alive(self) -> bool:
+        return not self.channel.closed
+
+    def close(self) -> None:
+        self.channel.close()
+
+    # --- push -------------------------------------------------------------------------------
+
+    def _pack_values(self, names: Iterable[str], ns: dict[str, Any]) -> tuple[list[dict[str, Any]], list[Any]]:
+        items: list[dict[str, Any]] = []
+        blobs: list[Any] = []
+        for name in names:
+            value = ns[name]
+            if isinstance(value, RemoteRef):
+                if value.lease_id != self.lease_id:
+                    raise LeaseGone(
+                        f"{name!r} is a RemoteRef to a value that lived on lease {value.lease_id[:8]}, which has "
+                        "ended: re-run the cell that made it"
+                    )
+                if value.name != name:
+                    items.append({"name": name, "kind": "alias", "of": value.name})
+                continue
+            if isinstance(value, types.ModuleType):
+                items.append({"name": name, "kind": "module", "module": value.__name__})
+                continue
+            try:
+                stream, buffers = serialize.dump(value)
+            except Exception as exc:
+                raise PushRefused(
+                    f"variable {name!r} (a {type(value).__module__}.{type(value).__qualname__}) cannot be sent to "
+                    f"the GPU kernel: {type(exc).__name__}: {exc}. If the cell does not need it, add "
+                    f"--no-push {name}"
+                ) from None
+            digest = serialize.fingerprint(stream, buffers)
+            if self.remote_hashes.get(name) == digest:
+                continue  # the kernel already holds exactly this value under this name
+            items.append({"name": name, "kind": "pickle", "blob": len(blobs), "nbuf": len(buffers),
+                          "hash": digest})
+            blobs.append(stream)
+            blobs.extend(buffers)
+        return items, blobs
+
+    def _send_push(self, items: list[dict[str, Any]], blobs: list[Any], pull: dict[str, Any]) -> None:
+        sizes = [len(memoryview(b).cast("B")) for b in blobs]
+        pieces: list[tuple[int, int, int, memoryview]] = []
+        for index, blob in enumerate(blobs):
+            view = memoryview(blob).cast("B")
+            for offset in range(0, max(1, len(view)), CHUNK_BYTES):
+                chunk = view[offset : offset + CHUNK_BYTES]
+                pieces.append((index, offset, len(chunk), chunk))
+        messages: list[list[tuple[int, int, int, memoryview]]] = [[]]
+        size = 0
+        for piece in pieces:
+            if size and size + piece[2] > CHUNK_BYTES:
+                messages.append([])
+                size = 0
+            messages[-1].append(piece)
+            size += piece[2]
+        for seq, batch in enumerate(messages):
+            data: dict[str, Any] = {"op": "push", "seq": seq, "last": seq == len(messages) - 1,
+                                    "pieces": [[i, o, n] for i, o, n, _ in batch]}
+            if seq == 0:
+                data.update(values=items, sizes=sizes, pull=pull)
+            self.channel.send("shell", "comm_msg", {"comm_id": self.comm_id, "data": data},
+                              buffers=[chunk for *_, chunk in batch])
+        self.bytes_pushed += sum(sizes)
+        for item in items:
+            if item["kind"] == "pickle":
+                self.remote_hashes[item["name"]] = item["hash"]
+
+    # --- the cell ---------------------------------------------------------------------------
+
+    def run_cell(self, code: str, free: list[str], bound: list[str], ns: dict[str, Any], options: CellOptions,
+                 frontend: Frontend) -> CellRelay:
+        """Push, execute, relay, pull. Raises PushRefused before anything is sent."""
+        push_names = [n for n in dict.fromkeys([*free, *options.push]) if n in ns and n not in options.no_push]
+        items, blobs = self._pack_values(push_names, ns)  # may refuse: nothing sent yet
+        pull_names = [] if options.no_pull else list(dict.fromkeys([*bound, *options.pull]))
+        pull = {"names": pull_names, "limit": options.pull_limit, "missing_modules": sorted(self.missing_modules)}
+        try:
+            self._send_push(items, blobs, pull)
+            msg_id = self.channel.send("shell", "execute_request", {
+                "code": code, "silent": False, "store_history": True, "user_expressions": {},
+                "allow_stdin": True, "stop_on_error": True})
+        except ConnectionClosed:
+            raise LeaseGone(self.channel.close_reason() or "the connection to the GPU kernel closed") from None
+        relay = CellRelay(frontend, msg_id)
+        self._follow(relay, options.timeout)
+        for data, buffers in relay.pulled:
+            self._bind_pulled(data, buffers, ns)
+        return relay
+
+    def _follow(self, relay: CellRelay, timeout: float | None) -> None:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        interrupted_for: str | None = None
+        answered = 0
+        while not relay.done:
+            try:
+                wait = None if deadline is None else max(0.0, deadline - time.monotonic())
+                msg = self.channel.recv(timeout=wait if wait is None else min(wait, 1.0))
+                if msg is None:
+                    if deadline is not None and time.monotonic() >= deadline and interrupted_for is None:
+                        interrupted_for = "timeout"
+                        self.client.interrupt(self.lease["kernel_id"])
+                        deadline = time.monotonic() + 10  # the interrupted cell gets 10 s to finish
+                    elif interrupted_for == "timeout" and deadline is not None and time.monotonic() >= deadline:
+                        raise TimeoutError("the GPU kernel did not stop after an interrupt")
+                    continue
+                relay.process_message(msg)
+                while answered < len(relay.input_replies):
+                    self.channel.send("stdin", "input_reply", {"value": relay.input_replies[answered]},
+                                      parent=msg["header"])
+                    answered += 1
+            except KeyboardInterrupt:
+                if interrupted_for is not None:
+                    raise
+                interrupted_for = "keyboard"
+                self.client.interrupt(self.lease["kernel_id"])
+                deadline = time.monotonic() + 10
+            except ConnectionClosed:
+                raise LeaseGone(self.channel.close_reason() or "the connection to the GPU kernel closed",
+                                executed=True) from None
+        if interrupted_for == "keyboard":
+            raise KeyboardInterrupt
+        if interrupted_for == "timeout":
+            relay.timed_out = True
+
+    def _bind_pulled(self, data: dict[str, Any], buffers: list[Any], ns: dict[str, Any]) -> None:
+        for item in data.get("values", []):
+            name = item["name"]
+            kind = item["kind"]
+            if kind == "module":
+                try:
+                    ns[name] = importlib.import_module(item["module"])
+                    continue
+                except ImportError:
+                    item = {**item, "kind": "remote", "why": f"module {item['module']} is not installed here",
+                            "describe": {"type": "module"}}
+                    kind = "remote"
+            if kind == "pickle":
+                first = item["blob"]
+                try:
+                    ns[name] = serialize.load(buffers[first], list(buffers[first + 1 : first + 1 + item["nbuf"]]))
+                    self.remote_hashes[name] = item["hash"]
+                    self.remote_only.discard(name)
+                    continue
+                except ModuleNotFoundError as exc:
+                    root = (exc.name or "").split(".")[0]
+                    if root:
+                        self.missing_modules.add(root)
+                    item = {**item, "why": f"{root or 'a module'} is not installed in this notebook's kernel"}
+                except Exception as exc:
+                    item = {**item, "why": f"it could not be rebuilt here ({type(exc).__name__}: {exc})"}
+            ns[name] = RemoteRef(name, self.lease_id, str(self.lease.get("gpu_type")), item.get("describe", {}),
+                                 item.get("why", "it stays remote"))
+            self.remote_only.add(name)
+            self.remote_hashes.pop(name, None)
+
+
+def acquire_lease(client: GatewayClient, spec: str, idle_timeout: float | None, notebook: str,
+                  on_wait: Any) -> dict[str, Any]:
+    """Create a lease and wait for it; ``on_wait(lease)`` shows progress. Ctrl-C cancels it."""
+    lease = client.create_lease(spec, idle_timeout, notebook)
+    try:
+        while lease["state"] == "queued":
+            on_wait(lease)
+            lease = client.get_lease(lease["id"], wait=2)
+    except BaseException:
+        try:
+            client.delete_lease(lease["id"])
+        except GatewayError:
+            pass
+        raise
+    if lease["state"] != "granted":
+        raise GatewayError(f"lease {lease['id'][:8]} ended before it was granted: {lease.get('reason')}")
+    return lease

@@ -1,0 +1,86 @@
+"""How values travel between the notebook and the GPU kernel: cloudpickle, protocol 5.
+
+Large array data leaves the pickle as out-of-band buffers (sent as raw frames, never
+copied into the pickle stream). Used on both sides: by the magic and by the kernel helper.
+"""
+
+from __future__ import annotations
+
+import io
+import pickle
+import sys
+from typing import Any
+
+import cloudpickle
+import xxhash
+
+PROTOCOL = 5
+
+
+def _tensor_from_numpy(array: Any, requires_grad: bool) -> Any:
+    import torch
+
+    tensor = torch.from_numpy(array)
+    return tensor.requires_grad_(requires_grad) if requires_grad else tensor
+
+
+class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
+    """cloudpickle, plus: torch tensors travel as numpy buffers, and CUDA ones as CPU tensors.
+
+    A CUDA tensor unpickled where there is no GPU fails; torch's own pickling also copies
+    the data into the stream, where a numpy view goes out-of-band for free.
+    """
+
+    def reducer_override(self, obj: Any) -> Any:
+        torch = sys.modules.get("torch")
+        if torch is not None and type(obj) is torch.Tensor and obj.layout == torch.strided:
+            cpu = obj.detach().to("cpu")
+            try:
+                array = cpu.numpy()
+            except (TypeError, RuntimeError):  # e.g. bfloat16 has no numpy dtype
+                return cpu.__reduce_ex__(PROTOCOL) if obj.is_cuda else NotImplemented
+            return _tensor_from_numpy, (array, bool(obj.requires_grad))
+        return super().reducer_override(obj)
+
+
+def dump(value: Any) -> tuple[bytes, list[memoryview]]:
+    """Pickle ``value``; returns the stream and its out-of-band buffers (views, no copies)."""
+    buffers: list[pickle.PickleBuffer] = []
+    stream = io.BytesIO()
+    _Pickler(stream, protocol=PROTOCOL, buffer_callback=buffers.append).dump(value)
+    return stream.getvalue(), [buffer.raw() for buffer in buffers]
+
+
+def load(data: bytes | memoryview, buffers: list[Any]) -> Any:
+    return pickle.loads(data, buffers=buffers)
+
+
+def fingerprint(data: bytes | memoryview, buffers: list[memoryview]) -> str:
+    """Content hash of a pickled value, to avoid sending what the other side already has."""
+    hasher = xxhash.xxh3_128()
+    hasher.update(data)
+    for buffer in buffers:
+        hasher.update(buffer)
+    return hasher.hexdigest()
+
+
+def describe(value: Any, nbytes: int | None = None) -> dict[str, Any]:
+    """What a value is, for a RemoteRef's repr: type, shape, dtype, size, device."""
+    kind = type(value)
+    info: dict[str, Any] = {"type": f"{kind.__module__}.{kind.__qualname__}"}
+    for attr in ("shape", "dtype", "device"):
+        try:
+            attr_value = getattr(value, attr, None)
+        except Exception:  # a property that raises is no reason to fail the cell
+            attr_value = None
+        if attr_value is not None and not callable(attr_value):
+            info[attr] = list(attr_value) if attr == "shape" else str(attr_value)
+    size = nbytes if nbytes is not None else getattr(value, "nbytes", None)
+    if isinstance(size, int):
+        info["nbytes"] = size
+    try:
+        text = repr(value)
+    except Exception:
+        text = f"<{kind.__name__}>"
+    info["repr"] = text if len(text) <= 200 else text[:197] + "..."
+    return info
