@@ -184,7 +184,9 @@ class RemoteSession:
         try:
             self._send_push(items, blobs, pull)
             msg_id = self.channel.send("shell", "execute_request", {
-                "code": code, "silent": False, "store_history": True, "user_expressions": {},
+                # a comment line stands for the %%gpu line (IPython drops blank leading lines),
+                # so remote tracebacks point at the line numbers the user sees in the cell
+                "code": "# %%gpu\n" + code, "silent": False, "store_history": True, "user_expressions": {},
                 "allow_stdin": True, "stop_on_error": True})
         except ConnectionClosed:
             raise LeaseGone(self.channel.close_reason() or "the connection to the GPU kernel closed") from None

@@ -1,0 +1,208 @@
+"""``%%gpu`` end to end: a real local ipykernel runs the magic against the real gateway.
+
+Notebooks in tests/notebooks are executed by nbclient, as a user's "Run All" would; the
+interactive parts (Ctrl-C, input()) drive a local kernel with jupyter_client.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import nbformat
+import pytest
+from jupyter_client.manager import KernelManager
+from nbclient import NotebookClient
+
+from .conftest import make_gateway
+from .gateway_process import GatewayProcess
+
+NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
+
+
+@pytest.fixture(scope="module")
+def cpu_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    process = make_gateway(tmp_path_factory.mktemp("magic"), "--cpu-slots", "3", "--min-warm", "2").start()
+    yield process
+    process.stop()
+
+
+def kernel_env(gateway: GatewayProcess, user: str) -> dict[str, str]:
+    return {**os.environ, "JUPYTER_GPU_URL": gateway.url, "JUPYTER_GPU_TOKEN": gateway.tokens[user]}
+
+
+def run_notebook(path: Path, env: dict[str, str], timeout: int = 120) -> nbformat.NotebookNode:
+    book = nbformat.read(path, as_version=4)
+    NotebookClient(book, timeout=timeout, kernel_name="python3").execute(env=env)
+    return book
+
+
+def texts(cell: nbformat.NotebookNode, name: str = "stdout") -> str:
+    return "".join(o.get("text", "") for o in cell.outputs if o.output_type == "stream" and o.name == name)
+
+
+def test_basics_notebook_runs_end_to_end(cpu_gateway: GatewayProcess) -> None:
+    book = run_notebook(NOTEBOOKS / "basics.ipynb", kernel_env(cpu_gateway, "alice"))
+    cells = book.cells
+    # the remote cell saw its pin (cpu kernels see no GPU) and a notebook-defined class worked
+    assert "pinned to: ''" in texts(cells[2])
+    assert cells[2].outputs[-1].output_type == "execute_result"
+    assert cells[2].outputs[-1].data["text/plain"] == str(3 * sum(range(1_000_000)) * 1.0)
+    assert "local total" in texts(cells[3])  # the pulled values were there locally
+    assert any("image/png" in o.get("data", {}) for o in cells[4].outputs), cells[4].outputs  # matplotlib inline
+    # 500 updates of one display id leave one output showing the last state, not 500 copies
+    bar_outputs = [o for o in cells[5].outputs if o.output_type == "display_data"]
+    assert len(bar_outputs) == 1 and bar_outputs[0].data["text/plain"] == "'500/500'"
+    assert "500/500" in texts(cells[6], "stderr")  # tqdm's bar arrived
+    error = cells[7].outputs[-1]
+    assert error.output_type == "error" and error.ename == "ZeroDivisionError"
+    plain = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(error.traceback))
+    assert "----> 2 1 / 0" in plain and "magic" not in plain  # the remote traceback, not the magic's
+    refused = texts(cells[9], "stderr")  # a UsageError: the cell failed before anything ran remotely
+    assert "variable 'lock' (a _thread.lock) cannot be sent" in refused and "--no-push lock" in refused
+    assert cells[10].outputs == []  # --no-push let it run
+    assert "RemoteRef('kept_remote': numpy.ndarray, shape=(10000,)" in texts(cells[12])
+    assert "pull limit" in texts(cells[12])
+    assert "kept_sum 10000.0" in texts(cells[14])  # the remote object was used in place
+    assert "cpu GPU" in texts(cells[15]) and "granted" in texts(cells[15])
+
+
+def test_large_array_round_trip_and_unchanged_array_is_not_resent(cpu_gateway: GatewayProcess) -> None:
+    book = run_notebook(NOTEBOOKS / "large_array.ipynb", kernel_env(cpu_gateway, "alice"), timeout=240)
+    assert "bytes sent on the re-run:" in texts(book.cells[5])
+
+
+def test_two_users_notebooks_at_once_see_only_their_own(cpu_gateway: GatewayProcess) -> None:
+    results: dict[str, Any] = {}
+
+    def run(user: str) -> None:
+        book = nbformat.v4.new_notebook()
+        book.cells = [
+            nbformat.v4.new_code_cell("%load_ext jupyter_gpu"),
+            nbformat.v4.new_code_cell(f"who = {user!r}"),
+            nbformat.v4.new_code_cell("%%gpu cpu\nimport time\ntime.sleep(1)\nprint('I am', who)\nmine = who * 2"),
+            nbformat.v4.new_code_cell("print(mine)"),
+        ]
+        try:
+            NotebookClient(book, timeout=120, kernel_name="python3").execute(env=kernel_env(cpu_gateway, user))
+            results[user] = book
+        except Exception as exc:  # surfaced by the assertions below
+            results[user] = exc
+
+    threads = [threading.Thread(target=run, args=(user,)) for user in ("alice", "bob")]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(180)
+    for user in ("alice", "bob"):
+        book = results[user]
+        assert not isinstance(book, Exception), book
+        assert texts(book.cells[2]) == f"I am {user}\n"
+        assert texts(book.cells[3]) == f"{user * 2}\n"
+    # shutting the local kernels down released their leases
+    for user in ("alice", "bob"):
+        assert cpu_gateway.get(user, "/api/gpu/leases").body == []
+
+
+# --- interactive: a local kernel driven directly ---------------------------------------------
+
+
+class LocalKernel:
+    def __init__(self, env: dict[str, str]) -> None:
+        self.km = KernelManager(kernel_name="python3")
+        self.km.start_kernel(env=env)
+        self.kc = self.km.client()
+        self.kc.start_channels()
+        self.kc.wait_for_ready(timeout=60)
+
+    def run(self, code: str, timeout: float = 60, stdin: Any = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        outputs: list[dict[str, Any]] = []
+        reply = self.kc.execute_interactive(
+            code, timeout=timeout, output_hook=outputs.append, stdin_hook=stdin, allow_stdin=stdin is not None
+        )
+        return reply["content"], outputs
+
+    def close(self) -> None:
+        self.kc.stop_channels()
+        self.km.shutdown_kernel(now=False)
+
+
+@pytest.fixture
+def local_kernel(cpu_gateway: GatewayProcess) -> Iterator[LocalKernel]:
+    kernel = LocalKernel(kernel_env(cpu_gateway, "bob"))
+    kernel.run("%load_ext jupyter_gpu")
+    yield kernel
+    kernel.close()
+
+
+def streamed(outputs: list[dict[str, Any]], name: str = "stdout") -> str:
+    return "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream" and m["content"]["name"] == name)
+
+
+def test_interrupt_stops_the_remote_cell_and_the_lease_stays_usable(local_kernel: LocalKernel) -> None:
+    local_kernel.run("%%gpu cpu\nstate = 'kept'")
+
+    def interrupt_soon() -> None:
+        time.sleep(2)
+        local_kernel.km.interrupt_kernel()
+
+    threading.Thread(target=interrupt_soon).start()
+    started = time.monotonic()
+    reply, _ = local_kernel.run("%%gpu cpu\nimport time\ntime.sleep(60)")
+    assert time.monotonic() - started < 20
+    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
+    reply, outputs = local_kernel.run("%%gpu cpu\nprint(state)")
+    assert reply["status"] == "ok" and streamed(outputs) == "kept\n"
+
+
+def test_timeout_interrupts_and_says_so(local_kernel: LocalKernel) -> None:
+    reply, _ = local_kernel.run("%%gpu cpu --timeout 1\nimport time\ntime.sleep(30)")
+    assert reply["ename"] == "TimeoutError" and "--timeout 1" in reply["evalue"]
+
+
+def test_input_prompts_in_the_local_notebook(local_kernel: LocalKernel) -> None:
+    def answer(msg: dict[str, Any]) -> None:
+        assert msg["content"]["prompt"] == "name? "
+        local_kernel.kc.input("Ada")
+
+    reply, outputs = local_kernel.run("%%gpu cpu\nname = input('name? ')\nprint('hello', name)", stdin=answer)
+    assert reply["status"] == "ok" and "hello Ada" in streamed(outputs)
+
+
+def test_idle_release_then_next_cell_gets_a_fresh_kernel(local_kernel: LocalKernel, cpu_gateway: GatewayProcess) -> None:
+    local_kernel.run("%%gpu cpu --idle 1 --pull-limit 1\nonly_remote = [1, 2, 3]")
+    lease = cpu_gateway.get("bob", "/api/gpu/leases").body[0]
+    deadline = time.monotonic() + 20
+    while cpu_gateway.get("bob", f"/api/gpu/leases/{lease['id']}").body["state"] != "released":
+        assert time.monotonic() < deadline, "the lease did not idle out"
+        time.sleep(0.2)
+    reply, outputs = local_kernel.run("%%gpu cpu\nimport os\nprint(os.getpid())")
+    assert reply["status"] == "ok"
+    notice = streamed(outputs, "stderr")
+    assert "lease ended (idle)" in notice and "only_remote" in notice
+    reply, outputs = local_kernel.run("%%gpu cpu\nprint(only_remote)")
+    assert reply["status"] == "error" and "re-run the cell that made it" in reply["evalue"]
+
+
+def test_unknown_type_lists_what_the_gateway_offers(local_kernel: LocalKernel) -> None:
+    reply, _ = local_kernel.run("%%gpu b200\nx = 1")
+    assert reply["status"] == "error" and "b200" in reply["evalue"] and "cpu" in reply["evalue"]
+
+
+def test_missing_settings_or_dead_gateway_fail_at_once_naming_what_to_fix() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("JUPYTER_GPU_")}
+    kernel = LocalKernel(env)
+    try:
+        kernel.run("%load_ext jupyter_gpu")
+        reply, _ = kernel.run("%%gpu cpu\nx = 1")
+        assert "JUPYTER_GPU_URL" in reply["evalue"]
+        kernel.run("import os; os.environ.update(JUPYTER_GPU_URL='http://127.0.0.1:9', JUPYTER_GPU_TOKEN='t')")
+        reply, _ = kernel.run("%%gpu cpu\nx = 1")
+        assert "http://127.0.0.1:9" in reply["evalue"] and "does not answer" in reply["evalue"]
+    finally:
+        kernel.close()

@@ -1,0 +1,111 @@
+"""The output relay, fed scripted Jupyter messages (no kernel), as nbclient tests its own."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from jupyter_gpu.outputs import CellRelay, RemoteError, RemoteResult
+
+
+class RecordingFrontend:
+    def __init__(self, answers: list[str] | None = None) -> None:
+        self.events: list[tuple[Any, ...]] = []
+        self.answers = list(answers or [])
+
+    def stream(self, name: str, text: str) -> None:
+        self.events.append(("stream", name, text))
+
+    def display(self, data: dict[str, Any], metadata: dict[str, Any], transient: dict[str, Any], update: bool) -> None:
+        self.events.append(("update" if update else "display", data, transient.get("display_id")))
+
+    def clear_output(self, wait: bool) -> None:
+        self.events.append(("clear", wait))
+
+    def input(self, prompt: str, password: bool) -> str:
+        self.events.append(("input", prompt, password))
+        return self.answers.pop(0)
+
+
+def msg(channel: str, msg_type: str, content: dict[str, Any], parent: str = "cell-1") -> dict[str, Any]:
+    return {"channel": channel, "header": {"msg_type": msg_type, "msg_id": f"m-{msg_type}"},
+            "parent_header": {"msg_id": parent}, "content": content, "buffers": []}
+
+
+def run(messages: list[dict[str, Any]], frontend: RecordingFrontend | None = None) -> CellRelay:
+    relay = CellRelay(frontend or RecordingFrontend(), "cell-1")
+    for message in messages:
+        relay.process_message(message)
+    return relay
+
+
+def test_streams_and_displays_replay_in_order_keeping_display_ids() -> None:
+    frontend = RecordingFrontend()
+    relay = run([
+        msg("iopub", "status", {"execution_state": "busy"}),
+        msg("iopub", "stream", {"name": "stdout", "text": "epoch 1\n"}),
+        msg("iopub", "display_data", {"data": {"image/png": "iVBOR"}, "metadata": {}, "transient": {}}),
+        msg("iopub", "display_data", {"data": {"text/plain": "0%"}, "metadata": {},
+                                      "transient": {"display_id": "bar"}}),
+        msg("iopub", "update_display_data", {"data": {"text/plain": "100%"}, "metadata": {},
+                                             "transient": {"display_id": "bar"}}),
+        msg("iopub", "clear_output", {"wait": True}),
+        msg("iopub", "stream", {"name": "stderr", "text": "warn\n"}),
+        msg("shell", "execute_reply", {"status": "ok"}),
+        msg("iopub", "status", {"execution_state": "idle"}),
+    ], frontend)
+    assert relay.done and relay.error is None
+    assert frontend.events == [
+        ("stream", "stdout", "epoch 1\n"),
+        ("display", {"image/png": "iVBOR"}, None),
+        ("display", {"text/plain": "0%"}, "bar"),
+        ("update", {"text/plain": "100%"}, "bar"),
+        ("clear", True),
+        ("stream", "stderr", "warn\n"),
+    ]
+
+
+def test_not_done_until_both_reply_and_idle_arrived() -> None:
+    relay = run([msg("shell", "execute_reply", {"status": "ok"})])
+    assert not relay.done
+    relay.process_message(msg("iopub", "status", {"execution_state": "idle"}))
+    assert relay.done
+
+
+def test_messages_of_other_requests_are_ignored() -> None:
+    frontend = RecordingFrontend()
+    run([msg("iopub", "stream", {"name": "stdout", "text": "not mine"}, parent="other")], frontend)
+    assert frontend.events == []
+
+
+def test_execute_result_becomes_the_cells_result_with_its_mime_types() -> None:
+    relay = run([msg("iopub", "execute_result", {"data": {"text/plain": "42", "text/html": "<b>42</b>"},
+                                                 "metadata": {}, "execution_count": 3})])
+    assert isinstance(relay.result, RemoteResult)
+    data, _ = relay.result._repr_mimebundle_()
+    assert data["text/html"] == "<b>42</b>" and repr(relay.result) == "42"
+
+
+def test_remote_exception_keeps_type_name_and_remote_traceback() -> None:
+    relay = run([
+        msg("iopub", "error", {"ename": "ZeroDivisionError", "evalue": "division by zero",
+                               "traceback": ["Traceback...", "ZeroDivisionError: division by zero"]}),
+        msg("shell", "execute_reply", {"status": "error", "ename": "ZeroDivisionError",
+                                       "evalue": "division by zero", "traceback": []}),
+    ])
+    assert isinstance(relay.error, RemoteError)
+    assert type(relay.error).__name__ == "ZeroDivisionError"
+    assert relay.error._render_traceback_()[-1] == "ZeroDivisionError: division by zero"
+
+
+def test_input_request_is_answered_from_the_local_frontend() -> None:
+    frontend = RecordingFrontend(answers=["ada"])
+    relay = run([msg("stdin", "input_request", {"prompt": "name? ", "password": False})], frontend)
+    assert relay.input_replies == ["ada"]
+    assert frontend.events == [("input", "name? ", False)]
+
+
+def test_pulled_values_are_collected_with_their_buffers() -> None:
+    message = msg("iopub", "comm_msg", {"comm_id": "c", "data": {"op": "pulled", "values": [{"name": "y"}]}})
+    message["buffers"] = [b"pickle", b"raw"]
+    relay = run([message])
+    assert relay.pulled == [({"op": "pulled", "values": [{"name": "y"}]}, [b"pickle", b"raw"])]
