@@ -27,7 +27,9 @@ NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
 @pytest.fixture(scope="module")
 def cpu_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    process = make_gateway(tmp_path_factory.mktemp("magic"), "--cpu-slots", "3", "--min-warm", "2").start()
+    process = make_gateway(
+        tmp_path_factory.mktemp("magic"), "--inventory", "a100=1", "--cpu-slots", "3", "--min-warm", "2"
+    ).start()
     yield process
     process.stop()
 
@@ -70,6 +72,15 @@ def test_basics_notebook_runs_end_to_end(cpu_gateway: GatewayProcess) -> None:
     assert "pull limit" in texts(cells[12])
     assert "kept_sum 10000.0" in texts(cells[14])  # the remote object was used in place
     assert "cpu GPU" in texts(cells[15]) and "granted" in texts(cells[15])
+
+
+def test_quickstart_notebook_runs(cpu_gateway: GatewayProcess) -> None:
+    book = run_notebook(NOTEBOOKS.parent.parent / "examples" / "quickstart.ipynb", kernel_env(cpu_gateway, "alice"))
+    outputs = {i: texts(cell) for i, cell in enumerate(book.cells) if cell.cell_type == "code"}
+    assert "running on GPU index 0" in outputs[4]
+    assert "batch is still here: (64, 1000)" in outputs[8]
+    assert "RemoteRef('activations'" in book.cells[11].outputs[0].data["text/plain"]
+    assert "released 1 lease(s)" in outputs[14] and "GPU-seconds" in outputs[14]
 
 
 def test_large_array_round_trip_and_unchanged_array_is_not_resent(cpu_gateway: GatewayProcess) -> None:
