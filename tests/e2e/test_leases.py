@@ -316,7 +316,7 @@ async def test_a_busy_kernel_is_not_idle_until_its_cell_ends(gateway: GatewayPro
     assert after["reason"] == "idle"
     assert 1.5 <= after["released_at"] - cell_ended <= 3.5, after["released_at"] - cell_ended
     # The client still connected is told why its socket closes.
-    while (msg := await socket.recv(10)) is not None:
+    while await socket.recv(10) is not None:
         pass
     assert socket.ws.close_code == 1000 and "idle" in (socket.ws.close_reason or "")
 
@@ -329,7 +329,7 @@ async def test_kernel_dying_mid_cell_tells_the_client_and_ends_the_lease(gateway
     lease = granted(gateway, "alice", "h100")
     socket = await gateway.connect("alice", lease["kernel_id"])
     # The short sleep lets the kernel's IOPub thread send the print before the process vanishes.
-    msg_id = socket.execute("print('about to die', flush=True)\nimport os, time; time.sleep(0.2); os._exit(1)")
+    msg_id = socket.execute("print('about to die', flush=True)\nimport os, time; time.sleep(0.5); os._exit(1)")
     received: list[dict[str, Any]] = []
     deadline = time.monotonic() + 20
     while (msg := await socket.recv(max(0.1, deadline - time.monotonic()))) is not None:
@@ -357,7 +357,8 @@ async def test_kernel_dying_mid_cell_tells_the_client_and_ends_the_lease(gateway
 
 def test_usage_is_metered_per_user_and_exported_to_prometheus(gateway: GatewayProcess) -> None:
     lease = granted(gateway, "alice", "a100")
-    request = urllib.request.Request(gateway.url + "/metrics", headers={"Authorization": f"token {gateway.tokens['bob']}"})
+    bob = {"Authorization": f"token {gateway.tokens['bob']}"}
+    request = urllib.request.Request(gateway.url + "/metrics", headers=bob)
     with urllib.request.urlopen(request, timeout=30) as response:
         assert response.headers["Content-Type"].startswith("text/plain; version=0.0.4")
         text = response.read().decode()
