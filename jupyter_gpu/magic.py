@@ -18,11 +18,11 @@ from IPython.display import clear_output
 
 from .analysis import analyse_cell
 from .client import GatewayClient, GatewayConfig, GatewayError
+from .defaults import read_default_type
 from .outputs import RemoteResult
 from .protocol import SpecError, format_gpu_spec, parse_gpu_spec
 from .remote import CellOptions, LeaseGone, PushRefused, RemoteSession, acquire_lease
 
-DEFAULT_TYPE_ENV = "JUPYTER_GPU_DEFAULT_TYPE"
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "k": 10**3, "m": 10**6, "g": 10**9}
@@ -178,7 +178,7 @@ class GpuMagics(Magics):
         return relay.result if isinstance(relay.result, RemoteResult) else None
 
     def _spec(self, given: str | None) -> str:
-        spec = given or os.environ.get(DEFAULT_TYPE_ENV, "") or "any"
+        spec = given or read_default_type()
         try:
             return format_gpu_spec(parse_gpu_spec(spec))
         except SpecError as exc:

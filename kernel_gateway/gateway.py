@@ -14,6 +14,7 @@ from typing import Any
 import zmq.asyncio
 
 from jupyter_gpu.protocol import GRANTED, KERNELSPEC_PREFIX, QUEUED, RELEASED, GpuChoice
+from pool_manager.inventory import gpu_status
 from pool_manager.manager import PoolManager
 from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted
 from pool_manager.service import PoolService
@@ -147,7 +148,13 @@ class Gateway:
             "price_per_gpu_hour": price,
             "cost": round(gpu_seconds / 3600 * price, 6),
             "emulated": emulated,
+            # live NVML readings of the lease's GPUs; None where there is nothing real to read
+            "gpu_status": None,
         }
+        real = lease.state == GRANTED and lease.gpu_indices and not emulated and lease.gpu_type != "cpu"
+        if real:
+            readings = gpu_status(list(lease.gpu_indices))
+            info["gpu_status"] = [dict(readings[i], index=i) for i in lease.gpu_indices if i in readings] or None
         if lease.state == GRANTED:
             info["idle_remaining"] = (
                 lease.idle_timeout if lease.busy else max(0.0, lease.last_activity + lease.idle_timeout - now)
