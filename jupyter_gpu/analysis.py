@@ -79,7 +79,7 @@ class _Scope(ast.NodeVisitor):
         self.visit(generators[0].iter)  # evaluated in the enclosing scope
         self._nested(node, None)
 
-    visit_ListComp = visit_SetComp = visit_GeneratorExp = visit_DictComp = _comprehension  # type: ignore[assignment]
+    visit_ListComp = visit_SetComp = visit_GeneratorExp = visit_DictComp = _comprehension
 
     def global_reads(self) -> list[str]:
         local = (self.stores - self.globals) | self.nonlocals

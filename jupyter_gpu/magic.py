@@ -68,6 +68,12 @@ class GpuMagics(Magics):
 
     # --- plumbing ---------------------------------------------------------------------------
 
+    @property
+    def user_ns(self) -> dict[str, Any]:
+        assert self.shell is not None  # magics are only ever registered on a shell
+        ns: dict[str, Any] = self.shell.user_ns
+        return ns
+
     def _client(self) -> GatewayClient:
         if self.client is None:
             try:
@@ -155,17 +161,18 @@ class GpuMagics(Magics):
                               no_pull=args.no_pull, pull_limit=parse_size(args.pull_limit), timeout=args.timeout)
         names = analyse_cell(cell)
         frontend = IPythonFrontend()
+        ns = self.user_ns
         try:
             session = self._session(spec, args.idle, args.new)
             try:
-                relay = session.run_cell(cell, names.free, names.bound, self.shell.user_ns, options, frontend)
+                relay = session.run_cell(cell, names.free, names.bound, ns, options, frontend)
             except LeaseGone as exc:
                 if exc.executed:
                     raise RuntimeError(f"the GPU kernel went away during the cell: {exc}") from None
                 # It ended between cells (idle release raced us): nothing ran, so run it afresh.
                 self._forget(spec, ended=True)
                 session = self._session(spec, args.idle, False)
-                relay = session.run_cell(cell, names.free, names.bound, self.shell.user_ns, options, frontend)
+                relay = session.run_cell(cell, names.free, names.bound, ns, options, frontend)
         except (PushRefused, LeaseGone) as exc:
             raise UsageError(str(exc)) from None
         except GatewayError as exc:

@@ -128,7 +128,7 @@ class GatewayApp(JupyterApp):
 
     def start(self) -> None:
         logging.basicConfig(
-            level=self.log_level, format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s", force=True
+            level=int(str(self.log_level)) if str(self.log_level).isdigit() else str(self.log_level), format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s", force=True
         )
         try:
             asyncio.run(self.serve())

@@ -207,7 +207,9 @@ class Gateway:
                 self._relay_ready.pop(kernel_id, None)
 
     async def _connect_relay(self, kernel_id: str) -> KernelRelay:
-        info = self.service.kernels[kernel_id]
+        info = self.service.kernels.get(kernel_id)
+        if info is None:
+            raise NotFound(kernel_id)
         relay = KernelRelay(
             kernel_id,
             info.connection_info,
@@ -216,6 +218,10 @@ class Gateway:
             on_activity=lambda busy: self.service.kernel_activity(kernel_id, busy),
         )
         await relay.connect()
+        if self.service.lease_for_kernel(kernel_id) is None:
+            # The lease ended while we connected: nobody would ever close this relay.
+            await relay.close()
+            raise NotFound(kernel_id)
         self.relays[kernel_id] = relay
         return relay
 
