@@ -82,15 +82,20 @@ class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
     def on_message(self, message: str | bytes) -> None:
         try:
             channel, header, parts = self._parse(message)
-        except MalformedMessage as exc:
-            log.info("malformed message from %s on kernel %s: %s", self.user, self.relay.kernel_id, exc)
-            text = f"jupyter-gpu gateway: ignored a malformed message: {exc}\n"
+        except (MalformedMessage, RecursionError) as exc:
+            # json raises RecursionError, not ValueError, on input such as "[" * 100000;
+            # escaping on_message it made tornado drop the whole connection.
+            problem = exc if isinstance(exc, MalformedMessage) else "JSON nested too deeply"
+            log.info("malformed message from %s on kernel %s: %s", self.user, self.relay.kernel_id, problem)
+            text = f"jupyter-gpu gateway: ignored a malformed message: {problem}\n"
             self.send(make_message("iopub", "stream", {"name": "stderr", "text": text}, b"{}", self.relay.session))
             return
         session = header.get("session")
-        if isinstance(session, str) and session and session not in self.relay.sessions:
-            # Replies are routed by the session in the header: make sure they reach us.
-            self.relay.attach(session, self)
+        if isinstance(session, str) and session and session != self.session_id:
+            # Replies are routed by the session in the header: make sure they reach us. (This
+            # used to attach the socket a second time, so it got every IOPub message twice,
+            # and after a reconnect the header's session kept its replies to itself.)
+            self.relay.route(session, self.session_id)
         self.relay.send_from_client(channel, header, parts)
 
     def _parse(self, message: str | bytes) -> tuple[str, dict[str, Any], list[Part]]:

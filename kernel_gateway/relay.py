@@ -95,8 +95,14 @@ class ClientSession:
             RelayedMessage(message.channel, message.msg_id, message.msg_type, [bytes(part) for part in message.parts])
         )
         self.buffered_bytes += size
-        while self.buffered_bytes > self.limit_bytes and self.buffer:
-            dropped = self.buffer.popleft()
+        while self.buffered_bytes > self.limit_bytes:
+            # Drop the oldest output, never a reply or a status: they are small, two or three
+            # per request, and without them a notebook shows the cell as running forever.
+            index = next((i for i, kept in enumerate(self.buffer) if _droppable(kept)), None)
+            if index is None:
+                break
+            dropped = self.buffer[index]
+            del self.buffer[index]
             self.buffered_bytes -= dropped.nbytes
             self.lost_messages += 1
             self.lost_bytes += dropped.nbytes
@@ -218,6 +224,21 @@ class KernelRelay:
         if session is not None:
             session.detach(connection)
 
+    def route(self, header_session: str, session_id: str) -> None:
+        """Deliver replies to requests sent under ``header_session`` to client session ``session_id``.
+
+        Clients built on jupyter_client's Session put their own session id in headers, and
+        the kernel routes replies by it; it need not be the websocket's ``session_id``. An
+        alias (not a second attachment) keeps IOPub to one copy per connection and lets a
+        reconnect under ``session_id`` replay the missed replies too.
+        """
+        current, target = self.sessions.get(header_session), self.sessions.get(session_id)
+        if target is None or current is target:
+            return
+        if current is not None and current.session_id == header_session:
+            return  # another client's own session id: its messages stay with it
+        self.sessions[header_session] = target
+
     def send_from_client(self, channel: str, header: dict[str, Any], parts: Sequence[Part]) -> None:
         """Sign and forward a client's message (already validated) to the kernel."""
         if header.get("msg_type") == "execute_request":
@@ -276,9 +297,12 @@ class KernelRelay:
 
     def _broadcast(self, message: RelayedMessage, parent_session: str | None) -> None:
         # IOPub goes to every client of the kernel, as in jupyter_server; a disconnected
-        # session keeps what belongs to its own requests.
+        # session keeps what belongs to its own requests. A session listed under two ids
+        # (see route) gets one copy.
+        reached: set[int] = set()
         for session_id, session in self.sessions.items():
-            if session.connections or session_id == parent_session:
+            if (session.connections or session_id == parent_session) and id(session) not in reached:
+                reached.add(id(session))
                 session.deliver(message)
 
     def _track_state(self, state: str, parent: dict[str, Any]) -> None:
@@ -316,6 +340,10 @@ class KernelRelay:
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for socket in self.sockets.values():
             socket.close(linger=0)
+
+
+def _droppable(message: RelayedMessage) -> bool:
+    return message.channel == "iopub" and message.msg_type != "status"
 
 
 def _size(nbytes: int) -> str:

@@ -58,12 +58,13 @@ def granted(gateway: GatewayProcess, user: str, gpu: str = "cpu") -> dict[str, A
     return lease
 
 
+def execute_content(code: str) -> dict[str, Any]:
+    return {"code": code, "silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": False,
+            "stop_on_error": True}
+
+
 def integers(text: str) -> list[int]:
     return [int(line) for line in text.split()]
-
-
-def is_reply_to(msg_id: str) -> Any:
-    return lambda msg: msg["channel"] == "shell" and msg["parent_header"].get("msg_id") == msg_id
 
 
 def is_stdout_of(msg_id: str, line: str) -> Any:
@@ -150,13 +151,15 @@ async def test_both_framings_carry_text_and_binary_buffers(gateway: GatewayProce
 # --- reconnect ----------------------------------------------------------------------------
 
 
-async def run_and_hang_up(gateway: GatewayProcess, kernel_id: str, until_done: bool) -> tuple[str, str, str]:
+async def run_and_hang_up(
+    gateway: GatewayProcess, kernel_id: str, until_done: bool, header_session: str | None = None
+) -> tuple[str, str, str]:
     """Start COUNT_TO_19, read through "4", hang up; return (session, msg_id, stdout read).
 
     Stays away for 1 s (reconnecting mid-cell), or ``until_done`` until the cell has ended.
     """
     socket = await gateway.connect("alice", kernel_id)
-    msg_id = socket.execute(COUNT_TO_19)
+    msg_id = socket.send("shell", "execute_request", execute_content(COUNT_TO_19), session=header_session)
     last, seen = await socket.recv_until(is_stdout_of(msg_id, "4"), timeout=15)
     before = stdout_text([*seen, last])
     assert before.split() == ["0", "1", "2", "3", "4"]
@@ -188,7 +191,7 @@ async def test_reconnect_with_same_session_replays_what_was_missed(gateway: Gate
 async def test_reconnect_past_the_replay_buffer_is_told_output_was_lost(small_gateway: GatewayProcess) -> None:
     lease = granted(small_gateway, "alice")
     try:
-        session_id, msg_id, before = await run_and_hang_up(small_gateway, lease["kernel_id"], until_done=True)
+        session_id, msg_id, _ = await run_and_hang_up(small_gateway, lease["kernel_id"], until_done=True)
         socket = await small_gateway.connect("alice", lease["kernel_id"], session_id=session_id)
         reply, outputs = await socket.collect(msg_id, timeout=15)
         assert reply["content"]["status"] == "ok"
@@ -206,26 +209,72 @@ async def test_reconnect_past_the_replay_buffer_is_told_output_was_lost(small_ga
 
 
 @pytest.mark.asyncio
-async def test_header_session_other_than_url_session_sees_output_once_and_replies_after_reconnect(
+async def test_header_session_other_than_url_session_sees_output_once_and_reconnects(
     gateway: GatewayProcess,
 ) -> None:
-    # Clients built on jupyter_client's Session put their own session id in headers, which
-    # need not be the websocket's session_id: replies are routed by the header's.
+    # Clients built on jupyter_client's Session put their own session id in message headers,
+    # which need not be the websocket's session_id; the kernel's replies carry the header's.
     lease = granted(gateway, "alice")
     socket = await gateway.connect("alice", lease["kernel_id"])
-    code = {"code": "print('once')", "silent": False, "allow_stdin": False, "stop_on_error": True}
-    msg_id = socket.send("shell", "execute_request", code, session="header-session")
+    msg_id = socket.send("shell", "execute_request", execute_content("print('once')"), session="header-session")
     reply, outputs = await socket.collect(msg_id, timeout=15)
     assert reply["content"]["status"] == "ok"
-    assert stdout_text(outputs) == "once\n"  # not once per session the socket is known under
+    assert stdout_text(outputs) == "once\n"  # not once per session id the socket is known under
     socket.close()
-    await asyncio.sleep(0.3)
-    socket = await gateway.connect("alice", lease["kernel_id"], session_id=socket.session_id)
-    msg_id = socket.send("shell", "execute_request", {**code, "code": "print('again')"}, session="header-session")
+    # Hang up mid-cell and come back: the missed output and reply are replayed, and new
+    # requests under the same header session get their replies on the new socket.
+    session_id, msg_id, before = await run_and_hang_up(
+        gateway, lease["kernel_id"], until_done=False, header_session="header-session"
+    )
+    socket = await gateway.connect("alice", lease["kernel_id"], session_id=session_id)
+    reply, outputs = await socket.collect(msg_id, timeout=15)
+    assert reply["content"]["status"] == "ok"
+    assert integers(before + stdout_text(outputs)) == list(range(20))
+    msg_id = socket.send("shell", "execute_request", execute_content("print('again')"), session="header-session")
     reply, outputs = await socket.collect(msg_id, timeout=15)
     assert reply["content"]["status"] == "ok"
     assert stdout_text(outputs) == "again\n"
     socket.close()
+
+
+@pytest.mark.asyncio
+async def test_replies_survive_an_overflowing_replay_buffer(small_gateway: GatewayProcess) -> None:
+    # Two cells queued, then the client hangs up; the second cell's output overflows the
+    # buffer. The first cell's reply and idle status must survive: without them a notebook
+    # shows that cell as running forever.
+    lease = granted(small_gateway, "alice")
+    try:
+        socket = await small_gateway.connect("alice", lease["kernel_id"])
+        first = socket.execute("import time; time.sleep(0.3); print('first')")
+        second = socket.execute("for i in range(30): print(i, flush=True)")
+        socket.close()  # frames are ordered: the gateway has both requests before the close
+        await asyncio.sleep(1.0)
+        deadline = time.monotonic() + 15
+        while small_gateway.get("alice", f"/api/kernels/{lease['kernel_id']}").body["execution_state"] != "idle":
+            assert time.monotonic() < deadline, "the cells did not finish"
+            await asyncio.sleep(0.1)
+        socket = await small_gateway.connect("alice", lease["kernel_id"], session_id=socket.session_id)
+        seen: list[dict[str, Any]] = []
+        replies: dict[str, dict[str, Any]] = {}
+        idle: set[str] = set()
+        while len(replies) < 2 or len(idle) < 2:
+            msg = await socket.recv(timeout=10)
+            assert msg is not None
+            seen.append(msg)
+            parent = msg["parent_header"].get("msg_id", "")
+            if msg["channel"] == "shell":
+                replies[parent] = msg
+            elif msg["msg_type"] == "status" and msg["content"]["execution_state"] == "idle":
+                idle.add(parent)
+        assert set(replies) == idle == {first, second}
+        assert all(reply["content"]["status"] == "ok" for reply in replies.values())
+        assert "lost" in stream_text(seen, "stderr")
+        tail = integers(stdout_text([m for m in seen if m["parent_header"].get("msg_id") == second]))
+        # What output survived (the replies and statuses alone nearly fill 2 kB) is its end.
+        assert tail == list(range(30 - len(tail), 30))
+        socket.close()
+    finally:
+        small_gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
 
 
 # --- stdin and interrupt ------------------------------------------------------------------
@@ -289,7 +338,9 @@ MALFORMED: list[tuple[str, bool, str | bytes, str]] = [
      "header.msg_id must be a non-empty string"),
     ("content not an object", False, json.dumps({"channel": "shell", "header": good_header(), "content": [1]}),
      "'content' must be an object"),
-    ("JSON nested too deeply", False, "[" * 100_000, "not JSON"),
+    ("JSON nested too deeply", False, "[" * 100_000, "nested too deeply"),
+    ("v1 header nested too deeply", True, serialize_ws_v1("shell", [b"[" * 100_000, b"{}", b"{}", b"{}"]),
+     "nested too deeply"),
     ("v1 binary garbage", True, b"\x00\x01garbage that is no frame", "not a v1 kernel message"),
     ("v1 frame with non-JSON header", True, serialize_ws_v1("shell", [b"\xff{", b"{}", b"{}", b"{}"]),
      "header is not JSON"),

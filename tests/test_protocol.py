@@ -1,0 +1,229 @@
+"""Wire definitions: the kernel websocket framings as jupyter_server lays them out, GPU specs."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from jupyter_gpu.protocol import (
+    GpuChoice,
+    SpecError,
+    deserialize_ws_legacy_binary,
+    deserialize_ws_v1,
+    format_gpu_spec,
+    parse_gpu_spec,
+    serialize_ws_legacy_binary,
+    serialize_ws_v1,
+    type_matches,
+)
+
+# --- reference framings ----------------------------------------------------------------
+# Written from jupyter_server's services/kernels/connection/base.py (serialize_msg_to_ws_v1,
+# deserialize_msg_from_ws_v1, serialize_binary_message): stock JupyterLab speaks these, so ours
+# must produce and accept the same bytes.
+
+
+def reference_v1(channel: str, parts: list[bytes]) -> bytes:
+    """v1: offset count (8 bytes LE), that many offsets (8 bytes LE each), channel, parts."""
+    channel_bytes = channel.encode()
+    offsets = [8 * (1 + 1 + len(parts) + 1), 8 * (1 + 1 + len(parts) + 1) + len(channel_bytes)]
+    for part in parts:
+        offsets.append(offsets[-1] + len(part))
+    head = len(offsets).to_bytes(8, "little") + b"".join(o.to_bytes(8, "little") for o in offsets)
+    return head + channel_bytes + b"".join(parts)
+
+
+def reference_v1_parse(data: bytes) -> tuple[str, list[bytes]]:
+    count = int.from_bytes(data[:8], "little")
+    offsets = [int.from_bytes(data[8 * (i + 1) : 8 * (i + 2)], "little") for i in range(count)]
+    return data[offsets[0] : offsets[1]].decode(), [data[offsets[i] : offsets[i + 1]] for i in range(1, count - 1)]
+
+
+def reference_legacy(msg: dict[str, object], buffers: list[bytes]) -> bytes:
+    """Legacy: part count (4 bytes BE), each part's start (4 bytes BE), JSON message, buffers."""
+    parts = [json.dumps(msg).encode(), *buffers]
+    offsets = [4 * (len(parts) + 1)]
+    for part in parts[:-1]:
+        offsets.append(offsets[-1] + len(part))
+    return struct.pack("!" + "I" * (len(parts) + 1), len(parts), *offsets) + b"".join(parts)
+
+
+HEADER = json.dumps({"msg_id": "m", "msg_type": "execute_request", "session": "s"}).encode()
+PARTS = [HEADER, b"{}", b'{"k": 1}', json.dumps({"code": "print('h\u00e9')"}).encode()]
+
+
+# --- v1 ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("buffers", [[], [b"abc"], [b"", bytes(range(256)), b"x" * 70_000]], ids=["none", "1", "3"])
+@pytest.mark.parametrize("channel", ["shell", "iopub", "stdin", "control"])
+def test_v1_matches_jupyter_server_byte_for_byte(channel: str, buffers: list[bytes]) -> None:
+    data = serialize_ws_v1(channel, PARTS + buffers)
+    assert data == reference_v1(channel, PARTS + buffers)
+    parsed_channel, views = deserialize_ws_v1(data)
+    assert (parsed_channel, [bytes(v) for v in views]) == (channel, PARTS + buffers)
+    assert reference_v1_parse(data) == (channel, PARTS + buffers)
+    # Frames jupyter_server (or JupyterLab) builds parse the same way.
+    parsed_channel, views = deserialize_ws_v1(reference_v1(channel, PARTS + buffers))
+    assert (parsed_channel, [bytes(v) for v in views]) == (channel, PARTS + buffers)
+
+
+def test_v1_layout_spelled_out() -> None:
+    parts = [b"{}", b"{}", b"{}", b"{}", b"BUF"]
+    data = serialize_ws_v1("shell", parts)
+    count = struct.unpack_from("<Q", data, 0)[0]
+    assert count == len(parts) + 2  # channel start, one start per part, the end
+    offsets = struct.unpack_from(f"<{count}Q", data, 8)
+    assert offsets[0] == 8 * (count + 1)  # right after the count and the offsets
+    assert data[offsets[0] : offsets[1]] == b"shell"
+    assert offsets == (64, 69, 71, 73, 75, 77, 80) and offsets[-1] == len(data)
+    assert data[offsets[-2] :] == b"BUF"
+
+
+def test_v1_parts_are_views_without_copies() -> None:
+    data = serialize_ws_v1("shell", PARTS)
+    _, views = deserialize_ws_v1(memoryview(data))
+    assert all(isinstance(view, memoryview) and view.obj is data for view in views)
+
+
+def v1_with_offsets(offsets: list[int], tail: bytes) -> bytes:
+    return struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets) + tail
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "too short"),
+        (b"\x01\x02\x03", "too short"),
+        (b"\x00\x01garbage that is no frame", "not a v1 kernel message"),
+        (struct.pack("<Q", 0), "not a v1 kernel message"),
+        (struct.pack("<Q", 2**63), "not a v1 kernel message"),
+        # Fewer than header, parent header, metadata and content.
+        (serialize_ws_v1("shell", [b"{}", b"{}", b"{}"]), "not a v1 kernel message"),
+        # Announces more offsets than the frame holds.
+        (struct.pack("<Q", 6) + b"\x00" * 16, "not a v1 kernel message"),
+        # The last offset is past the end, or short of it.
+        (serialize_ws_v1("shell", PARTS)[:-1], "do not match its length"),
+        (serialize_ws_v1("shell", PARTS) + b"!", "do not match its length"),
+        # The first offset is not where the offsets end.
+        (v1_with_offsets([64, 70, 71, 72, 73, 74], b"x" * 10), "do not match its length"),
+        # Offsets going backwards.
+        (v1_with_offsets([56, 62, 60, 63, 64, 66], b"shell!" + b"{}" * 2), "do not match its length"),
+    ],
+    ids=[
+        "empty", "three-bytes", "garbage", "zero-offsets", "huge-count", "three-parts", "truncated-offsets",
+        "truncated", "trailing-byte", "bad-first-offset", "unsorted",
+    ],
+)
+def test_v1_malformed_raises_value_error(data: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        deserialize_ws_v1(data)
+
+
+# --- legacy binary (plain-JSON clients with buffers) ----------------------------------------
+
+
+@pytest.mark.parametrize("buffers", [[], [b"abc"], [b"", bytes(range(256))]], ids=["none", "1", "2"])
+def test_legacy_binary_matches_jupyter_server_and_round_trips(buffers: list[bytes]) -> None:
+    msg = {"channel": "iopub", "header": {"msg_id": "m"}, "parent_header": {}, "metadata": {},
+           "content": {"data": {"a": 1}, "text": "h\u00e9"}}
+    data = serialize_ws_legacy_binary(msg, buffers)
+    assert data == reference_legacy(msg, buffers)
+    assert deserialize_ws_legacy_binary(data) == (msg, buffers)
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (b"", "too short"),
+        (struct.pack("!I", 0), "announces 0 parts"),
+        (struct.pack("!I", 5000) + b"\x00" * 100, "announces 5000 parts"),
+        (struct.pack("!I", 3) + b"\x00" * 4, "announces 3 parts"),
+        (struct.pack("!3I", 2, 12, 8) + b"{}abcd", "out of order"),
+        (struct.pack("!2I", 1, 8) + b"[1, 2]", "does not start with a JSON object"),
+        (struct.pack("!2I", 1, 8) + b"{not json", "Expecting property name"),
+        (b"\x00\x00\x00\x09xx", "announces 9 parts"),
+    ],
+    ids=["empty", "zero-parts", "too-many-parts", "truncated", "unsorted", "array", "not-json", "short-offsets"],
+)
+def test_legacy_binary_malformed_raises_value_error(data: bytes, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        deserialize_ws_legacy_binary(data)
+
+
+# --- GPU specs ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("spec", "expected"),
+    [
+        ("a100", (GpuChoice("a100"),)),
+        ("A100", (GpuChoice("a100"),)),
+        ("  a100-80gb ", (GpuChoice("a100-80gb"),)),
+        ("a100:2", (GpuChoice("a100", 2),)),
+        ("a100 : 2", (GpuChoice("a100", 2),)),
+        ("h100|a100", (GpuChoice("h100"), GpuChoice("a100"))),
+        ("h100:8 | a100:4 | any", (GpuChoice("h100", 8), GpuChoice("a100", 4), GpuChoice("any"))),
+        ("any", (GpuChoice("any"),)),
+        ("cpu", (GpuChoice("cpu"),)),
+        ("rtx.4090_x", (GpuChoice("rtx.4090_x"),)),
+        ("a100:64", (GpuChoice("a100", 64),)),
+    ],
+)
+def test_good_specs_parse_in_order(spec: str, expected: tuple[GpuChoice, ...]) -> None:
+    assert parse_gpu_spec(spec) == expected
+    assert parse_gpu_spec(format_gpu_spec(expected)) == expected
+
+
+def test_format_writes_count_only_when_not_one() -> None:
+    assert format_gpu_spec((GpuChoice("h100", 2), GpuChoice("a100"))) == "h100:2|a100"
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        ("", "empty GPU spec: give a type such as 'a100'"),
+        ("   ", "empty GPU spec"),
+        ("a 100", "bad GPU type 'a 100' in spec 'a 100'"),
+        ("h100|", "bad GPU type '' in spec 'h100|'"),
+        ("|a100", "bad GPU type '' in spec '|a100'"),
+        ("-a100", "bad GPU type '-a100'"),
+        ("a100!", "bad GPU type 'a100!'"),
+        ("a100:", "bad GPU count '' in spec 'a100:': use a whole number"),
+        ("a100:two", "bad GPU count 'two'"),
+        ("a100:-1", "bad GPU count '-1'"),
+        ("a100:1.5", "bad GPU count '1.5'"),
+        ("a100:0", r"GPU count 0 in spec 'a100:0' is outside 1\.\.64"),
+        ("a100:65", r"GPU count 65 in spec 'a100:65' is outside 1\.\.64"),
+        ("h100|a100:x", "bad GPU count 'x' in spec 'h100|a100:x'"),
+    ],
+)
+def test_bad_specs_name_the_bad_part(spec: str, message: str) -> None:
+    with pytest.raises(SpecError, match=message):
+        parse_gpu_spec(spec)
+    assert issubclass(SpecError, ValueError)
+
+
+@pytest.mark.parametrize(
+    ("wanted", "offered", "matches"),
+    [
+        ("a100", "a100", True),
+        ("a100", "a100-80gb", True),
+        ("a100", "a100-40gb", True),
+        ("a100-80gb", "a100-80gb", True),
+        ("a100-80gb", "a100", False),
+        ("a100-80gb", "a100-40gb", False),
+        ("a100", "a10g", False),
+        ("a100", "a1000", False),
+        ("a10", "a100", False),
+        ("h100", "a100", False),
+        ("any", "a100", True),
+        ("any", "h100-80gb", True),
+        ("any", "cpu", False),  # asking for a GPU must not land on a CPU kernel
+        ("cpu", "cpu", True),
+    ],
+)
+def test_type_matches(wanted: str, offered: str, matches: bool) -> None:
+    assert type_matches(wanted, offered) is matches
