@@ -12,6 +12,7 @@ from typing import Any
 
 from IPython.core.display_functions import DisplayHandle, display, publish_display_data
 from IPython.core.error import UsageError
+from IPython.core.getipython import get_ipython
 from IPython.core.magic import Magics, line_cell_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 from IPython.display import clear_output
@@ -56,6 +57,13 @@ class IPythonFrontend:
 
     def input(self, prompt: str, password: bool) -> str:
         return getpass.getpass(prompt) if password else input(prompt)
+
+    def comm(self, msg_type: str, content: dict[str, Any], buffers: list[Any]) -> None:
+        kernel = getattr(get_ipython(), "kernel", None)
+        if kernel is None:  # plain IPython terminal: nothing can draw a widget
+            return
+        kernel.session.send(kernel.iopub_socket, msg_type, content, parent=kernel.get_parent(),
+                            ident=f"comm-{content.get('comm_id', '')}".encode(), buffers=[bytes(b) for b in buffers])
 
 
 @magics_class

@@ -21,6 +21,8 @@ class Frontend(Protocol):
 
     def input(self, prompt: str, password: bool) -> str: ...
 
+    def comm(self, msg_type: str, content: dict[str, Any], buffers: list[Any]) -> None: ...
+
 
 class RemoteError(Exception):
     """An exception raised by the remote cell; shows the remote traceback, keeps its type name."""
@@ -67,6 +69,8 @@ class CellRelay:
 
     frontend: Frontend
     msg_id: str
+    #: the kernel helper's own comm: its messages carry pulled values, not output
+    helper_comm_id: str = ""
     reply: dict[str, Any] | None = None
     idle: bool = False
     result: RemoteResult | None = None
@@ -109,5 +113,12 @@ class CellRelay:
         elif msg_type == "error":
             self.error = remote_error(content.get("ename", "Error"), content.get("evalue", ""),
                                       content.get("traceback", []))
-        elif msg_type == "comm_msg" and content.get("data", {}).get("op") == "pulled":
-            self.pulled.append((content["data"], msg.get("buffers", [])))
+        elif msg_type in ("comm_open", "comm_msg", "comm_close"):
+            if content.get("comm_id") == self.helper_comm_id:
+                if content.get("data", {}).get("op") == "pulled":
+                    self.pulled.append((content["data"], msg.get("buffers", [])))
+            else:
+                # Widgets the remote cell displays (tqdm.notebook's bar, ipywidgets) live on
+                # comms: forwarding their IOPub side lets the local frontend draw and update
+                # them in place. Frontend-to-kernel widget messages stay local (one-way).
+                self.frontend.comm(msg_type, content, list(msg.get("buffers", [])))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import re
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,7 +124,7 @@ def error_body(message: str, reason: str) -> dict[str, str]:
 _V1_PARTS = ("header", "parent_header", "metadata", "content")
 
 
-def serialize_ws_v1(channel: str, parts: list[bytes] | tuple[bytes, ...]) -> bytes:
+def serialize_ws_v1(channel: str, parts: Sequence[bytes | memoryview]) -> bytes:
     """Frame one message for ``v1.kernel.websocket.jupyter.org``.
 
     ``parts`` are the already-encoded header, parent header, metadata and content, then any

@@ -190,7 +190,7 @@ class RemoteSession:
                 "allow_stdin": True, "stop_on_error": True})
         except ConnectionClosed:
             raise LeaseGone(self.channel.close_reason() or "the connection to the GPU kernel closed") from None
-        relay = CellRelay(frontend, msg_id)
+        relay = CellRelay(frontend, msg_id, helper_comm_id=self.comm_id)
         self._follow(relay, options.timeout)
         for data, buffers in relay.pulled:
             self._bind_pulled(data, buffers, ns)

@@ -127,9 +127,8 @@ class GatewayApp(JupyterApp):
         return str(Path(jupyter_data_dir()) / "jupyter_gpu" / "usage.sqlite")
 
     def start(self) -> None:
-        logging.basicConfig(
-            level=int(str(self.log_level)) if str(self.log_level).isdigit() else str(self.log_level), format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s", force=True
-        )
+        level = int(str(self.log_level)) if str(self.log_level).isdigit() else str(self.log_level)
+        logging.basicConfig(level=level, format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s", force=True)
         try:
             asyncio.run(self.serve())
         except ValueError as exc:  # configuration errors: one clear line, no traceback

@@ -64,17 +64,20 @@ class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"message": message, "reason": reason}))
 
-    async def get(self, kernel_id: str) -> None:  # type: ignore[override]
+    async def get(self, kernel_id: str) -> None:
         self.user = self.authenticate()
         try:
             self.gateway.owned_kernel(self.user, kernel_id)
         except NotFound:
             raise ApiError(404, f"no kernel {kernel_id}", "not_found") from None
         self.session_id = self.get_argument("session_id", "") or uuid.uuid4().hex
-        self.relay = await self.gateway.relay_for(kernel_id)
+        try:
+            self.relay = await self.gateway.relay_for(kernel_id)
+        except NotFound:  # its lease ended while we connected
+            raise ApiError(404, f"no kernel {kernel_id}", "not_found") from None
         await super().get(kernel_id)
 
-    def open(self, kernel_id: str) -> None:  # type: ignore[override]
+    def open(self, kernel_id: str) -> None:
         self.set_nodelay(True)  # stock jupyter_server leaves Nagle on: ~40 ms per execute
         self.binary = self.selected_subprotocol == KERNEL_WS_PROTOCOL_V1
         self.relay.attach(self.session_id, self)
@@ -92,9 +95,8 @@ class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
             return
         session = header.get("session")
         if isinstance(session, str) and session and session != self.session_id:
-            # Replies are routed by the session in the header: make sure they reach us. (This
-            # used to attach the socket a second time, so it got every IOPub message twice,
-            # and after a reconnect the header's session kept its replies to itself.)
+            # Replies are routed by the session in the header: make it an alias of ours, so
+            # they reach this socket (and its replay buffer) without doubling its IOPub.
             self.relay.route(session, self.session_id)
         self.relay.send_from_client(channel, header, parts)
 
@@ -120,17 +122,19 @@ class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
                 raise MalformedMessage(f"not JSON: {exc}") from None
             if not isinstance(msg, dict):
                 raise MalformedMessage("a kernel message must be a JSON object")
-            channel = msg.get("channel")
-            header = msg.get("header")
-            if not isinstance(header, dict):
+            channel = str(msg.get("channel", ""))
+            given_header = msg.get("header")
+            if not isinstance(given_header, dict):
                 raise MalformedMessage("'header' must be an object")
+            header = given_header
             pieces = [header]
             for name in ("parent_header", "metadata", "content"):
                 value = msg.get(name) or {}
                 if not isinstance(value, dict):
                     raise MalformedMessage(f"'{name}' must be an object")
                 pieces.append(value)
-            parts = [json.dumps(piece).encode() for piece in pieces] + list(buffers)
+            parts = [json.dumps(piece).encode() for piece in pieces]
+            parts.extend(buffers)
         if channel not in TO_KERNEL_CHANNELS:
             raise MalformedMessage(f"channel {channel!r} is not one of {', '.join(TO_KERNEL_CHANNELS)}")
         for key in ("msg_id", "msg_type"):

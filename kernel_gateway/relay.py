@@ -272,10 +272,11 @@ class KernelRelay:
         start = next(i for i, frame in enumerate(frames) if len(frame) == len(DELIMITER) and frame.bytes == DELIMITER)
         # Kernel -> gateway signatures are not checked: these sockets are connected only
         # to this kernel's own ports, so nobody else can write into them.
-        parts: list[Part] = [frames[start + 2].bytes, frames[start + 3].bytes]
+        header_bytes, parent_bytes = frames[start + 2].bytes, frames[start + 3].bytes
+        parts: list[Part] = [header_bytes, parent_bytes]
         parts.extend(frame.buffer for frame in frames[start + 4 :])
-        header = json.loads(parts[0])
-        parent = json.loads(parts[1]) if len(parts[1]) > 2 else {}
+        header = json.loads(header_bytes)
+        parent = json.loads(parent_bytes) if len(parent_bytes) > 2 else {}
         msg_type = header.get("msg_type", "")
         parent_session = parent.get("session")
         if channel == "iopub" and msg_type == "status":

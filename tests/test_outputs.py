@@ -25,6 +25,9 @@ class RecordingFrontend:
         self.events.append(("input", prompt, password))
         return self.answers.pop(0)
 
+    def comm(self, msg_type: str, content: dict[str, Any], buffers: list[Any]) -> None:
+        self.events.append((msg_type, content["comm_id"]))
+
 
 def msg(channel: str, msg_type: str, content: dict[str, Any], parent: str = "cell-1") -> dict[str, Any]:
     return {"channel": channel, "header": {"msg_type": msg_type, "msg_id": f"m-{msg_type}"},
@@ -105,7 +108,18 @@ def test_input_request_is_answered_from_the_local_frontend() -> None:
 
 
 def test_pulled_values_are_collected_with_their_buffers() -> None:
-    message = msg("iopub", "comm_msg", {"comm_id": "c", "data": {"op": "pulled", "values": [{"name": "y"}]}})
+    message = msg("iopub", "comm_msg", {"comm_id": "helper", "data": {"op": "pulled", "values": [{"name": "y"}]}})
     message["buffers"] = [b"pickle", b"raw"]
-    relay = run([message])
+    frontend = RecordingFrontend()
+    relay = CellRelay(frontend, "cell-1", helper_comm_id="helper")
+    relay.process_message(message)
     assert relay.pulled == [({"op": "pulled", "values": [{"name": "y"}]}, [b"pickle", b"raw"])]
+    assert frontend.events == []  # the helper's messages are not output
+
+
+def test_widget_comms_are_forwarded_to_the_local_frontend() -> None:
+    frontend = RecordingFrontend()
+    relay = CellRelay(frontend, "cell-1", helper_comm_id="helper")
+    for msg_type in ("comm_open", "comm_msg", "comm_close"):
+        relay.process_message(msg("iopub", msg_type, {"comm_id": "widget-1", "data": {}}))
+    assert frontend.events == [("comm_open", "widget-1"), ("comm_msg", "widget-1"), ("comm_close", "widget-1")]

@@ -72,6 +72,11 @@ def test_basics_notebook_runs_end_to_end(cpu_gateway: GatewayProcess) -> None:
     assert "pull limit" in texts(cells[12])
     assert "kept_sum 10000.0" in texts(cells[14])  # the remote object was used in place
     assert "cpu GPU" in texts(cells[15]) and "granted" in texts(cells[15])
+    # tqdm.notebook draws one widget bar that updates in place: one view, its model ends at 500
+    views = [o for o in cells[16].outputs if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]
+    assert len(views) == 1
+    state = book.metadata["widgets"]["application/vnd.jupyter.widget-state+json"]["state"]
+    assert any(m["state"].get("value") == 500 and m["state"].get("max") == 500 for m in state.values())
 
 
 def test_quickstart_notebook_runs(cpu_gateway: GatewayProcess) -> None:
@@ -185,7 +190,9 @@ def test_input_prompts_in_the_local_notebook(local_kernel: LocalKernel) -> None:
     assert reply["status"] == "ok" and "hello Ada" in streamed(outputs)
 
 
-def test_idle_release_then_next_cell_gets_a_fresh_kernel(local_kernel: LocalKernel, cpu_gateway: GatewayProcess) -> None:
+def test_idle_release_then_next_cell_gets_a_fresh_kernel(
+    local_kernel: LocalKernel, cpu_gateway: GatewayProcess
+) -> None:
     local_kernel.run("%%gpu cpu --idle 1 --pull-limit 1\nonly_remote = [1, 2, 3]")
     lease = cpu_gateway.get("bob", "/api/gpu/leases").body[0]
     deadline = time.monotonic() + 20
