@@ -123,6 +123,11 @@ class GpuMagics(Magics):
     def _forget(self, spec: str, ended: bool) -> None:
         session = self.sessions.pop(spec)
         session.close()
+        if not ended:  # --new: the old kernel is not needed any more
+            try:
+                self._client().delete_lease(session.lease_id)
+            except GatewayError:
+                pass
         lost = sorted(session.remote_only)
         if ended:
             reason = ""

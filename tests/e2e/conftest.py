@@ -16,6 +16,8 @@ from kernel_gateway.auth import add_user
 from .gateway_process import GatewayProcess
 
 USERS = ("alice", "bob")
+#: module-scoped gateway fixtures whose leases are released after every test
+SHARED_GATEWAYS = ("gateway", "cpu_gateway")
 
 
 def make_gateway(tmp: Path, *extra: str, users: tuple[str, ...] = USERS) -> GatewayProcess:
@@ -40,12 +42,13 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess
 def release_leases_after(request: pytest.FixtureRequest) -> Iterator[None]:
     """Each test leaves the shared pool as it found it."""
     yield
-    if "gateway" not in request.fixturenames:
-        return
-    process: GatewayProcess = request.getfixturevalue("gateway")
-    if process.proc is None or process.proc.poll() is not None:
-        return
-    for user in process.tokens:
-        for lease in process.get(user, "/api/gpu/leases").body:
-            process.delete(user, f"/api/gpu/leases/{lease['id']}")
-    process.wait_warm()
+    for name in SHARED_GATEWAYS:
+        if name not in request.fixturenames:
+            continue
+        process: GatewayProcess = request.getfixturevalue(name)
+        if process.proc is None or process.proc.poll() is not None:
+            continue
+        for user in process.tokens:
+            for lease in process.get(user, "/api/gpu/leases").body:
+                process.delete(user, f"/api/gpu/leases/{lease['id']}")
+        process.wait_warm()

@@ -224,3 +224,65 @@ def test_missing_settings_or_dead_gateway_fail_at_once_naming_what_to_fix() -> N
         assert "http://127.0.0.1:9" in reply["evalue"] and "does not answer" in reply["evalue"]
     finally:
         kernel.close()
+
+
+def hold_every_cpu(gateway: GatewayProcess) -> list[dict[str, Any]]:
+    """Alice takes all three CPU slots (waiting for kernels still warming up)."""
+    held = [gateway.lease("alice", "cpu") for _ in range(3)]
+    held = [gateway.get("alice", f"/api/gpu/leases/{lease['id']}?wait=30").body for lease in held]
+    assert all(lease["state"] == "granted" for lease in held)
+    return held
+
+
+def test_help_is_there(local_kernel: LocalKernel) -> None:
+    reply, _ = local_kernel.run("%%gpu?")
+    pages = "".join(p.get("data", {}).get("text/plain", "") for p in reply.get("payload", []))
+    assert "--pull-limit" in pages and "h100|a100" in pages
+
+
+def test_value_of_a_module_missing_locally_stays_remote_and_is_used_there(local_kernel: LocalKernel) -> None:
+    # A module only the GPU kernel can import stands in for torch on a CPU-only notebook.
+    reply, outputs = local_kernel.run(
+        "%%gpu cpu\nimport sys, tempfile, pathlib\nhome = tempfile.mkdtemp()\n"
+        "pathlib.Path(home, 'remote_only_lib.py').write_text('class Model:\\n    weight = 7\\n')\n"
+        "sys.path.insert(0, home)\nimport remote_only_lib\nmodel = remote_only_lib.Model()"
+    )
+    assert reply["status"] == "ok"
+    _, outputs = local_kernel.run("print(repr(model))")
+    text = streamed(outputs)
+    assert "RemoteRef('model': remote_only_lib.Model" in text and "remote_only_lib is not installed" in text
+    reply, outputs = local_kernel.run("%%gpu cpu\nprint(model.weight)")
+    assert reply["status"] == "ok" and streamed(outputs) == "7\n"
+
+
+def test_new_takes_a_fresh_lease_and_kernel(local_kernel: LocalKernel) -> None:
+    local_kernel.run("%%gpu cpu\nimport os\nfirst = os.getpid()")
+    local_kernel.run("%%gpu cpu --new\nimport os\nsecond = os.getpid()")
+    _, outputs = local_kernel.run("print(first != second)")
+    assert streamed(outputs) == "True\n"
+
+
+def test_queued_cell_shows_its_place_and_runs_when_a_gpu_frees(
+    local_kernel: LocalKernel, cpu_gateway: GatewayProcess
+) -> None:
+    held = hold_every_cpu(cpu_gateway)
+
+    def free_one_soon() -> None:
+        time.sleep(3)
+        cpu_gateway.delete("alice", f"/api/gpu/leases/{held[0]['id']}")
+
+    threading.Thread(target=free_one_soon).start()
+    reply, outputs = local_kernel.run("%%gpu cpu\nprint('finally')", timeout=60)
+    assert reply["status"] == "ok" and streamed(outputs) == "finally\n"
+    shown = [m["content"]["data"].get("text/plain", "") for m in outputs
+             if m["msg_type"] in ("display_data", "update_display_data")]
+    assert any("position 1 in the queue" in text for text in shown)
+    assert "got cpu after waiting" in shown[-1]
+
+
+def test_interrupt_while_queued_cancels_the_request(local_kernel: LocalKernel, cpu_gateway: GatewayProcess) -> None:
+    held = hold_every_cpu(cpu_gateway)
+    threading.Thread(target=lambda: (time.sleep(2), local_kernel.km.interrupt_kernel())).start()
+    reply, _ = local_kernel.run("%%gpu cpu\nprint('never')", timeout=60)
+    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
+    assert cpu_gateway.get("bob", "/api/gpu/leases").body == []  # the queued request is gone
