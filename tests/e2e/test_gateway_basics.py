@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
+from .conftest import make_gateway
 from .gateway_process import GatewayProcess, stdout_text
 
 
@@ -49,3 +52,19 @@ async def test_two_gpus_are_two_distinct_indices(gateway: GatewayProcess) -> Non
     _, outputs = await socket.run("import os; print(os.environ['CUDA_VISIBLE_DEVICES'])")
     assert sorted(stdout_text(outputs).strip().split(",")) == ["0", "1"]
     socket.close()
+
+
+def test_settings_come_from_jupyter_gpu_config_py(tmp_path: Path) -> None:
+    process = make_gateway(tmp_path, "--cpu-slots", "0")
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "jupyter_gpu_config.py").write_text(
+        "c.PoolManager.inventory = 'v100=1'\n"
+        "c.PoolManager.price_per_gpu_hour = {'v100': 0.5}\n"
+        "c.PoolManager.min_warm = 0\n"
+    )
+    process.start(wait_warm=False)
+    try:
+        types = process.get("alice", "/api/gpu/types").body
+        assert [(t["name"], t["price_per_gpu_hour"], t["warm"]) for t in types] == [("v100", 0.5, 0)]
+    finally:
+        process.stop()
