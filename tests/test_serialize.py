@@ -39,3 +39,22 @@ def test_describe_names_type_shape_and_size() -> None:
     info = serialize.describe(np.zeros((3, 4), dtype=np.float32))
     assert info["type"] == "numpy.ndarray" and info["shape"] == [3, 4]
     assert info["dtype"] == "float32" and info["nbytes"] == 48
+
+
+def test_torch_tensors_travel_as_out_of_band_numpy_buffers() -> None:
+    import torch
+
+    tensor = torch.arange(250_000, dtype=torch.float32).reshape(500, 500).requires_grad_(True)
+    stream, buffers = serialize.dump({"weights": tensor})
+    assert len(stream) < 2_000 and sum(len(b) for b in buffers) == 1_000_000
+    restored = serialize.load(stream, buffers)["weights"]
+    assert isinstance(restored, torch.Tensor) and restored.requires_grad
+    assert torch.equal(restored.detach(), tensor.detach())
+
+
+def test_torch_dtypes_without_numpy_twin_still_travel() -> None:
+    import torch
+
+    tensor = torch.ones(4, dtype=torch.bfloat16)
+    restored = serialize.load(*serialize.dump(tensor))
+    assert restored.dtype == torch.bfloat16 and torch.equal(restored, tensor)

@@ -286,3 +286,10 @@ def test_interrupt_while_queued_cancels_the_request(local_kernel: LocalKernel, c
     reply, _ = local_kernel.run("%%gpu cpu\nprint('never')", timeout=60)
     assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
     assert cpu_gateway.get("bob", "/api/gpu/leases").body == []  # the queued request is gone
+
+
+def test_torch_tensors_made_remotely_come_back_as_tensors(local_kernel: LocalKernel) -> None:
+    reply, _ = local_kernel.run("%%gpu cpu\nimport torch\nt = torch.linspace(0, 1, 1000)\nt.device")
+    assert reply["status"] == "ok"
+    _, outputs = local_kernel.run("print(type(t).__name__, t.device, float(t.sum()))")
+    assert streamed(outputs) == "Tensor cpu 500.0\n"
