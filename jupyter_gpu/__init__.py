@@ -11,3 +11,13 @@ def load_ipython_extension(ipython: object) -> None:
     from .magic import GpuMagics
 
     ipython.register_magics(GpuMagics)  # type: ignore[attr-defined]
+
+
+def _jupyter_server_extension_points() -> list[dict[str, str]]:
+    """The sidebar's REST API (``/jupyter-gpu/...``); imported only by jupyter_server."""
+    return [{"module": "jupyter_gpu.server_extension"}]
+
+
+def _jupyter_labextension_paths() -> list[dict[str, str]]:
+    """The built JupyterLab extension, for ``jupyter labextension develop``."""
+    return [{"src": "labextension", "dest": "jupyter-gpu"}]

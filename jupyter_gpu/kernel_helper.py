@@ -14,7 +14,7 @@ import types
 from typing import Any
 
 from . import serialize
-from .protocol import HELPER_COMM_TARGET
+from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY
 
 _ERROR_NAME = "__jupyter_gpu_push_error__"
 
@@ -42,7 +42,6 @@ class KernelHelper:
         self.shell = shell
         self.comm: Any = None
         self.push_error: str | None = None
-        self.pull: dict[str, Any] | None = None
         self._blobs: list[Any] = []
         self._transfer: dict[str, Any] | None = None
 
@@ -70,7 +69,6 @@ class KernelHelper:
             # The first part of a transfer carries the manifest; later parts only pieces.
             self._transfer = data
             self.push_error = None
-            self.pull = data.get("pull")
             self._blobs = [None] * len(data.get("sizes", []))
         transfer = self._transfer
         if transfer is None:
@@ -108,7 +106,10 @@ class KernelHelper:
     # --- pull -----------------------------------------------------------------------------
 
     def _post_run_cell(self, result: Any) -> None:
-        pull, self.pull = self.pull, None
+        # The pull spec rides in the execute_request's metadata, so a cell with nothing to
+        # push costs no extra message.
+        parent = self.shell.kernel.get_parent("shell") or {}
+        pull = (parent.get("metadata") or {}).get(PULL_METADATA_KEY)
         if pull is None or self.comm is None or not getattr(result, "success", False):
             return
         items: list[dict[str, Any]] = []

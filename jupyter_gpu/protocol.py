@@ -47,6 +47,8 @@ RELEASE_REASONS = (
 #: The comm target of the kernel-side helper, and the line that loads it at warm-up.
 HELPER_COMM_TARGET = "jupyter_gpu"
 HELPER_BOOT = "%load_ext jupyter_gpu.kernel_helper"
+#: key in an execute_request's metadata naming what the helper sends back after the cell
+PULL_METADATA_KEY = "jupyter_gpu_pull"
 
 ANY_TYPE = "any"
 CPU_TYPE = "cpu"

@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from . import serialize
 from .client import GatewayClient, GatewayError
 from .outputs import CellRelay, Frontend
-from .protocol import HELPER_COMM_TARGET
+from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY
 
 #: Pushed data travels in websocket messages of at most this many bytes of buffers.
 CHUNK_BYTES = 8 * 2**20
@@ -144,7 +144,7 @@ class RemoteSession:
             blobs.extend(buffers)
         return items, blobs
 
-    def _send_push(self, items: list[dict[str, Any]], blobs: list[Any], pull: dict[str, Any]) -> None:
+    def _send_push(self, items: list[dict[str, Any]], blobs: list[Any]) -> None:
         sizes = [len(memoryview(b).cast("B")) for b in blobs]
         pieces: list[tuple[int, int, int, memoryview]] = []
         for index, blob in enumerate(blobs):
@@ -164,7 +164,7 @@ class RemoteSession:
             data: dict[str, Any] = {"op": "push", "seq": seq, "last": seq == len(messages) - 1,
                                     "pieces": [[i, o, n] for i, o, n, _ in batch]}
             if seq == 0:
-                data.update(values=items, sizes=sizes, pull=pull)
+                data.update(values=items, sizes=sizes)
             self.channel.send("shell", "comm_msg", {"comm_id": self.comm_id, "data": data},
                               buffers=[chunk for *_, chunk in batch])
         self.bytes_pushed += sum(sizes)
@@ -182,12 +182,13 @@ class RemoteSession:
         pull_names = [] if options.no_pull else list(dict.fromkeys([*bound, *options.pull]))
         pull = {"names": pull_names, "limit": options.pull_limit, "missing_modules": sorted(self.missing_modules)}
         try:
-            self._send_push(items, blobs, pull)
+            if items:
+                self._send_push(items, blobs)
             msg_id = self.channel.send("shell", "execute_request", {
                 # a comment line stands for the %%gpu line (IPython drops blank leading lines),
                 # so remote tracebacks point at the line numbers the user sees in the cell
                 "code": "# %%gpu\n" + code, "silent": False, "store_history": True, "user_expressions": {},
-                "allow_stdin": True, "stop_on_error": True})
+                "allow_stdin": True, "stop_on_error": True}, metadata={PULL_METADATA_KEY: pull})
         except ConnectionClosed:
             raise LeaseGone(self.channel.close_reason() or "the connection to the GPU kernel closed") from None
         relay = CellRelay(frontend, msg_id, helper_comm_id=self.comm_id)

@@ -1,0 +1,219 @@
+"""The jupyter_server extension behind the JupyterLab sidebar: a small proxy to the gateway.
+
+The browser talks only to its own Jupyter server (``/jupyter-gpu/...``), which adds the gateway
+token and forwards the call. So the token stays on the server, the browser needs no CORS access
+to the gateway, and one place turns every gateway failure into words the panel can show.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from jupyter_server.base.handlers import APIHandler
+from jupyter_server.utils import url_path_join
+from tornado import web
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
+from traitlets import Float, Unicode, default
+from traitlets.config import Configurable
+
+from .defaults import read_default_type, write_default_type
+from .protocol import TOKEN_ENV, URL_ENV, SpecError, error_body, parse_gpu_spec
+
+API_PREFIX = "jupyter-gpu"
+
+
+class GatewayUnavailable(Exception):
+    """A gateway call that failed; ``status``, ``message`` and ``reason`` are what the browser gets."""
+
+    def __init__(self, status: int, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.reason = reason
+
+
+class JupyterGpu(Configurable):
+    """Where the sidebar finds the gateway: ``c.JupyterGpu.gateway_url`` or ``$JUPYTER_GPU_URL``."""
+
+    gateway_url = Unicode(help=f"URL of the jupyter-gpu gateway (default: ${URL_ENV}).").tag(config=True)
+    gateway_token = Unicode(help=f"Token sent to the gateway; never sent to the browser (default: ${TOKEN_ENV}).").tag(
+        config=True
+    )
+    request_timeout = Float(20.0, help="Seconds to wait for the gateway's answer.").tag(config=True)
+
+    @default("gateway_url")
+    def _url_from_env(self) -> str:
+        return os.environ.get(URL_ENV, "")
+
+    @default("gateway_token")
+    def _token_from_env(self) -> str:
+        return os.environ.get(TOKEN_ENV, "")
+
+    @property
+    def url(self) -> str:
+        return self.gateway_url.rstrip("/")
+
+    async def call(self, method: str, path: str) -> Any:
+        """One gateway request and its JSON answer: every outbound HTTP request goes through here."""
+        if not self.url:
+            raise GatewayUnavailable(
+                503,
+                f"no gateway configured: start JupyterLab with {URL_ENV} and {TOKEN_ENV} set "
+                "(or c.JupyterGpu.gateway_url and c.JupyterGpu.gateway_token)",
+                "not_configured",
+            )
+        request = HTTPRequest(
+            self.url + path,
+            method=method,
+            headers={"Authorization": f"token {self.gateway_token}", "Accept": "application/json"},
+            connect_timeout=min(5.0, self.request_timeout),
+            request_timeout=self.request_timeout,
+        )
+        try:
+            response = await AsyncHTTPClient().fetch(request, raise_error=False)
+        except (OSError, HTTPClientError) as exc:  # refused, unknown host, timeout (599)
+            raise GatewayUnavailable(
+                502,
+                f"gateway at {self.url} does not answer ({exc}): is `jupyter-gpu gateway` running there? "
+                f"(set by {URL_ENV})",
+                "gateway_unreachable",
+            ) from None
+        try:
+            data = json.loads(response.body) if response.body else None
+        except ValueError:
+            raise GatewayUnavailable(
+                502,
+                f"{self.url} answered {response.code} with something that is not JSON: is {URL_ENV} the "
+                "address of a jupyter-gpu gateway?",
+                "bad_gateway",
+            ) from None
+        if response.code >= 400:
+            raise _gateway_error(response.code, data, self.url)
+        return data
+
+
+def _gateway_error(code: int, data: Any, url: str) -> GatewayUnavailable:
+    """The gateway's own ``{"message", "reason"}``, with a status that blames the right party.
+
+    A 401 from the gateway is the server's token, not the browser's login: passed on as 401 it
+    would read as "log in to JupyterLab again", so it becomes a 502 like any upstream failure.
+    """
+    body = data if isinstance(data, dict) else {}
+    message = str(body.get("message") or f"gateway at {url} answered {code}")
+    reason = str(body.get("reason") or "gateway_error")
+    if code in (401, 403):
+        return GatewayUnavailable(502, f"gateway at {url} refused this server's token: {message}", reason)
+    return GatewayUnavailable(code if code < 500 else 502, message, reason)
+
+
+class GpuHandler(APIHandler):
+    """Base of the sidebar's handlers: gateway failures become JSON ``{"message", "reason"}``."""
+
+    @property
+    def gpu(self) -> JupyterGpu:
+        config: JupyterGpu = self.settings["jupyter_gpu"]
+        return config
+
+    def reply(self, data: Any, status: int = 200) -> None:
+        self.set_status(status)
+        self.set_header("Content-Type", "application/json")
+        self.finish(json.dumps(data))
+
+    def fail(self, error: GatewayUnavailable) -> None:
+        self.reply(error_body(error.message, error.reason), error.status)
+
+    def notebook_path(self, notebook: str) -> str:
+        """A lease's notebook (the kernel's absolute path) as JupyterLab names it: relative to the root."""
+        if not notebook:
+            return ""
+        try:
+            root = Path(self.settings["server_root_dir"]).resolve()
+            return Path(notebook).resolve().relative_to(root).as_posix()
+        except (KeyError, ValueError, OSError):
+            return notebook
+
+    def with_paths(self, leases: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return [{**lease, "notebook_path": self.notebook_path(str(lease.get("notebook") or ""))} for lease in leases]
+
+
+class StateHandler(GpuHandler):
+    """What one poll of the panel needs: the types and my leases, fetched side by side."""
+
+    @web.authenticated
+    async def get(self) -> None:
+        try:
+            types, leases = await asyncio.gather(self.gpu.call("GET", "/api/gpu/types"),
+                                                 self.gpu.call("GET", "/api/gpu/leases"))
+        except GatewayUnavailable as exc:
+            self.fail(exc)
+            return
+        self.reply({"gateway": self.gpu.url, "types": types, "leases": self.with_paths(leases)})
+
+
+class LeaseHandler(GpuHandler):
+    """The Release button."""
+
+    @web.authenticated
+    async def delete(self, lease_id: str) -> None:
+        try:
+            lease = await self.gpu.call("DELETE", f"/api/gpu/leases/{lease_id}")
+        except GatewayUnavailable as exc:
+            self.fail(exc)
+            return
+        self.reply(self.with_paths([lease])[0])
+
+
+class DefaultTypeHandler(GpuHandler):
+    """The sidebar's default type, written where ``%%gpu`` without a SPEC reads it."""
+
+    @web.authenticated
+    def get(self) -> None:
+        self.reply({"gpu_type": read_default_type()})
+
+    @web.authenticated
+    def put(self) -> None:
+        try:
+            gpu_type = json.loads(self.request.body or b"{}").get("gpu_type")
+        except (ValueError, AttributeError):
+            gpu_type = None
+        if not isinstance(gpu_type, str):
+            self.fail(GatewayUnavailable(400, 'send {"gpu_type": "a100"} (a type, a100:2, h100|a100 or any)',
+                                         "bad_spec"))
+            return
+        try:
+            parse_gpu_spec(gpu_type)
+        except SpecError as exc:
+            self.fail(GatewayUnavailable(400, f"{exc}", "bad_spec"))
+            return
+        write_default_type(gpu_type)
+        self.reply({"gpu_type": read_default_type()})
+
+
+def load_jupyter_server_extension(serverapp: Any) -> None:
+    """Register the handlers; kernels this server starts get the same gateway as the sidebar."""
+    config = JupyterGpu(config=serverapp.config, parent=serverapp)
+    # The %%gpu magic runs in kernels this server starts, and they inherit its environment.
+    if config.url and not os.environ.get(URL_ENV):
+        os.environ[URL_ENV] = config.url
+    if config.gateway_token and not os.environ.get(TOKEN_ENV):
+        os.environ[TOKEN_ENV] = config.gateway_token
+    web_app = serverapp.web_app
+    web_app.settings["jupyter_gpu"] = config
+    base = url_path_join(web_app.settings["base_url"], API_PREFIX)
+    web_app.add_handlers(
+        ".*$",
+        [
+            (url_path_join(base, "state"), StateHandler),
+            (url_path_join(base, "leases", r"([\w-]+)"), LeaseHandler),
+            (url_path_join(base, "default-type"), DefaultTypeHandler),
+        ],
+    )
+    where = config.url or f"nowhere yet (set {URL_ENV})"
+    serverapp.log.info("jupyter-gpu: sidebar API at %s, gateway %s", base, where)
+
+
+_load_jupyter_server_extension = load_jupyter_server_extension
