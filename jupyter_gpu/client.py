@@ -133,6 +133,13 @@ class GatewayClient:
         return KernelChannel.open(self.config, kernel_id)
 
 
+class _BulkClientConnection(ClientConnection):
+    """Reads the socket in 4 MiB gulps: pulled arrays arrive as multi-megabyte messages, and
+    the default 64 KiB reads cost a Python round of parsing per 64 KiB."""
+
+    recv_bufsize = 4 * 2**20
+
+
 class KernelChannel:
     """One websocket to a kernel, speaking the v1 binary framing."""
 
@@ -156,6 +163,7 @@ class KernelChannel:
                 additional_headers={"Authorization": f"token {config.token}"},
                 max_size=None,
                 compression=None,
+                create_connection=_BulkClientConnection,
                 open_timeout=30,
             )
         except Exception as exc:

@@ -15,6 +15,7 @@ from typing import Any
 
 from . import serialize
 from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY
+from .transfer import Assembler, split
 
 _ERROR_NAME = "__jupyter_gpu_push_error__"
 
@@ -42,8 +43,8 @@ class KernelHelper:
         self.shell = shell
         self.comm: Any = None
         self.push_error: str | None = None
-        self._blobs: list[Any] = []
-        self._transfer: dict[str, Any] | None = None
+        self._incoming = Assembler()
+        self._values: list[dict[str, Any]] = []
 
     def register(self) -> None:
         self.shell.kernel.comm_manager.register_target(HELPER_COMM_TARGET, self._on_open)
@@ -59,31 +60,17 @@ class KernelHelper:
     def _on_msg(self, msg: dict[str, Any]) -> None:
         data = msg["content"]["data"]
         try:
-            self._receive(data, list(msg.get("buffers") or []))
+            if data.get("seq", 0) == 0:
+                # The first part of a transfer carries the manifest; later parts only pieces.
+                self.push_error = None
+                self._values = data.get("values", [])
+            self._incoming.feed(data, list(msg.get("buffers") or []))
+            if self._incoming.complete:
+                self._bind(self._values)
+                self._incoming = Assembler()
         except Exception as exc:
             self.push_error = f"the GPU kernel could not take the pushed variables: {type(exc).__name__}: {exc}"
-            self._transfer = None
-
-    def _receive(self, data: dict[str, Any], buffers: list[Any]) -> None:
-        if data.get("seq", 0) == 0:
-            # The first part of a transfer carries the manifest; later parts only pieces.
-            self._transfer = data
-            self.push_error = None
-            self._blobs = [None] * len(data.get("sizes", []))
-        transfer = self._transfer
-        if transfer is None:
-            return
-        for (index, offset, length), buffer in zip(data.get("pieces", []), buffers, strict=True):
-            size = transfer["sizes"][index]
-            if offset == 0 and length == size:
-                self._blobs[index] = buffer  # whole blob in one piece: no copy
-                continue
-            if self._blobs[index] is None:
-                self._blobs[index] = bytearray(size)
-            memoryview(self._blobs[index])[offset : offset + length] = buffer
-        if data.get("last", True):
-            self._bind(transfer["values"])
-            self._transfer, self._blobs = None, []
+            self._incoming = Assembler()
 
     def _bind(self, values: list[dict[str, Any]]) -> None:
         ns = self.shell.user_ns
@@ -92,7 +79,8 @@ class KernelHelper:
             try:
                 if kind == "pickle":
                     first = item["blob"]
-                    ns[name] = serialize.load(self._blobs[first], self._blobs[first + 1 : first + 1 + item["nbuf"]])
+                    blobs = self._incoming.blobs
+                    ns[name] = serialize.load(blobs[first], blobs[first + 1 : first + 1 + item["nbuf"]])
                 elif kind == "module":
                     ns[name] = importlib.import_module(item["module"])
                 elif kind == "alias":
@@ -117,7 +105,10 @@ class KernelHelper:
         for name in pull.get("names", []):
             if name in self.shell.user_ns:
                 items.append(self._pack(name, self.shell.user_ns[name], pull, buffers))
-        self.comm.send({"op": "pulled", "values": items}, buffers=buffers)
+        for data, pieces in split(buffers):
+            if data["seq"] == 0:
+                data["values"] = items
+            self.comm.send({"op": "pulled", **data}, buffers=pieces)
 
     def _pack(self, name: str, value: Any, pull: dict[str, Any], buffers: list[Any]) -> dict[str, Any]:
         if isinstance(value, types.ModuleType):

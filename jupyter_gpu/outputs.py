@@ -10,6 +10,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .transfer import Assembler
+
 
 class Frontend(Protocol):
     def stream(self, name: str, text: str) -> None: ...
@@ -75,7 +77,9 @@ class CellRelay:
     idle: bool = False
     result: RemoteResult | None = None
     error: RemoteError | None = None
-    pulled: list[tuple[dict[str, Any], list[Any]]] = field(default_factory=list)
+    #: values the helper sent back (their data arrives in pieces, put together as they come)
+    pulled: list[dict[str, Any]] = field(default_factory=list)
+    pulled_blobs: Assembler = field(default_factory=Assembler)
     input_replies: list[str] = field(default_factory=list)
     timed_out: bool = False
 
@@ -115,8 +119,10 @@ class CellRelay:
                                       content.get("traceback", []))
         elif msg_type in ("comm_open", "comm_msg", "comm_close"):
             if content.get("comm_id") == self.helper_comm_id:
-                if content.get("data", {}).get("op") == "pulled":
-                    self.pulled.append((content["data"], msg.get("buffers", [])))
+                data = content.get("data", {})
+                if data.get("op") == "pulled":
+                    self.pulled.extend(data.get("values", []))
+                    self.pulled_blobs.feed(data, msg.get("buffers", []))
             else:
                 # Widgets the remote cell displays (tqdm.notebook's bar, ipywidgets) live on
                 # comms: forwarding their IOPub side lets the local frontend draw and update

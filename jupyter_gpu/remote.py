@@ -22,9 +22,8 @@ from . import serialize
 from .client import GatewayClient, GatewayError
 from .outputs import CellRelay, Frontend
 from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY
+from .transfer import split
 
-#: Pushed data travels in websocket messages of at most this many bytes of buffers.
-CHUNK_BYTES = 8 * 2**20
 #: Libraries often present on GPU kernels but not in a notebook's CPU environment.
 _HEAVY_MODULES = ("torch", "tensorflow", "jax", "jaxlib", "cupy", "transformers", "tensorrt", "triton")
 
@@ -145,28 +144,13 @@ class RemoteSession:
         return items, blobs
 
     def _send_push(self, items: list[dict[str, Any]], blobs: list[Any]) -> None:
-        sizes = [len(memoryview(b).cast("B")) for b in blobs]
-        pieces: list[tuple[int, int, int, memoryview]] = []
-        for index, blob in enumerate(blobs):
-            view = memoryview(blob).cast("B")
-            for offset in range(0, max(1, len(view)), CHUNK_BYTES):
-                chunk = view[offset : offset + CHUNK_BYTES]
-                pieces.append((index, offset, len(chunk), chunk))
-        messages: list[list[tuple[int, int, int, memoryview]]] = [[]]
-        size = 0
-        for piece in pieces:
-            if size and size + piece[2] > CHUNK_BYTES:
-                messages.append([])
-                size = 0
-            messages[-1].append(piece)
-            size += piece[2]
-        for seq, batch in enumerate(messages):
-            data: dict[str, Any] = {"op": "push", "seq": seq, "last": seq == len(messages) - 1,
-                                    "pieces": [[i, o, n] for i, o, n, _ in batch]}
-            if seq == 0:
-                data.update(values=items, sizes=sizes)
-            self.channel.send("shell", "comm_msg", {"comm_id": self.comm_id, "data": data},
-                              buffers=[chunk for *_, chunk in batch])
+        sizes: list[int] = []
+        for data, pieces in split(blobs):
+            if data["seq"] == 0:
+                sizes = data["sizes"]
+                data["values"] = items
+            self.channel.send("shell", "comm_msg", {"comm_id": self.comm_id, "data": {"op": "push", **data}},
+                              buffers=pieces)
         self.bytes_pushed += sum(sizes)
         for item in items:
             if item["kind"] == "pickle":
@@ -193,8 +177,8 @@ class RemoteSession:
             raise LeaseGone(self.channel.close_reason() or "the connection to the GPU kernel closed") from None
         relay = CellRelay(frontend, msg_id, helper_comm_id=self.comm_id)
         self._follow(relay, options.timeout)
-        for data, buffers in relay.pulled:
-            self._bind_pulled(data, buffers, ns)
+        if relay.pulled:
+            self._bind_pulled(relay.pulled, relay.pulled_blobs.blobs, ns)
         return relay
 
     def _follow(self, relay: CellRelay, timeout: float | None) -> None:
@@ -232,8 +216,8 @@ class RemoteSession:
         if interrupted_for == "timeout":
             relay.timed_out = True
 
-    def _bind_pulled(self, data: dict[str, Any], buffers: list[Any], ns: dict[str, Any]) -> None:
-        for item in data.get("values", []):
+    def _bind_pulled(self, values: list[dict[str, Any]], buffers: list[Any], ns: dict[str, Any]) -> None:
+        for item in values:
             name = item["name"]
             kind = item["kind"]
             if kind == "module":

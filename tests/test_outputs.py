@@ -107,13 +107,21 @@ def test_input_request_is_answered_from_the_local_frontend() -> None:
     assert frontend.events == [("input", "name? ", False)]
 
 
-def test_pulled_values_are_collected_with_their_buffers() -> None:
-    message = msg("iopub", "comm_msg", {"comm_id": "helper", "data": {"op": "pulled", "values": [{"name": "y"}]}})
-    message["buffers"] = [b"pickle", b"raw"]
+def test_pulled_values_are_put_back_together_from_their_pieces() -> None:
     frontend = RecordingFrontend()
     relay = CellRelay(frontend, "cell-1", helper_comm_id="helper")
-    relay.process_message(message)
-    assert relay.pulled == [({"op": "pulled", "values": [{"name": "y"}]}, [b"pickle", b"raw"])]
+    first = msg("iopub", "comm_msg", {"comm_id": "helper", "data": {
+        "op": "pulled", "values": [{"name": "y", "blob": 0, "nbuf": 1}], "seq": 0, "last": False,
+        "sizes": [6, 8], "pieces": [[0, 0, 6], [1, 0, 4]]}})
+    first["buffers"] = [b"pickle", b"raw-"]
+    second = msg("iopub", "comm_msg", {"comm_id": "helper", "data": {
+        "op": "pulled", "seq": 1, "last": True, "pieces": [[1, 4, 4]]}})
+    second["buffers"] = [b"data"]
+    relay.process_message(first)
+    relay.process_message(second)
+    assert relay.pulled == [{"name": "y", "blob": 0, "nbuf": 1}]
+    assert relay.pulled_blobs.complete
+    assert [bytes(b) for b in relay.pulled_blobs.blobs] == [b"pickle", b"raw-data"]
     assert frontend.events == []  # the helper's messages are not output
 
 

@@ -281,7 +281,7 @@ def test_queued_cell_shows_its_place_and_runs_when_a_gpu_frees(
 
 
 def test_interrupt_while_queued_cancels_the_request(local_kernel: LocalKernel, cpu_gateway: GatewayProcess) -> None:
-    held = hold_every_cpu(cpu_gateway)
+    hold_every_cpu(cpu_gateway)
     threading.Thread(target=lambda: (time.sleep(2), local_kernel.km.interrupt_kernel())).start()
     reply, _ = local_kernel.run("%%gpu cpu\nprint('never')", timeout=60)
     assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"

@@ -1,0 +1,27 @@
+"""Pieces of a transfer go out in bounded messages and come back together byte for byte."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from jupyter_gpu.transfer import Assembler, split
+
+
+def test_blobs_split_into_bounded_messages_and_reassemble() -> None:
+    blobs = [b"small pickle", np.arange(100_000, dtype=np.uint8), b"", bytes(range(256)) * 100]
+    messages = list(split(blobs, chunk=4096))
+    assert all(sum(len(b) for b in buffers) <= 4096 for _, buffers in messages)
+    assert [data["last"] for data, _ in messages] == [False] * (len(messages) - 1) + [True]
+    assembler = Assembler()
+    for data, buffers in messages:
+        assembler.feed(data, [bytes(b) for b in buffers])  # as received: copies, not views
+    assert assembler.complete
+    assert [bytes(b) for b in assembler.blobs] == [bytes(memoryview(b).cast("B")) for b in blobs]
+
+
+def test_a_blob_that_fits_one_message_is_not_copied() -> None:
+    blob = bytearray(b"x" * 100)
+    (data, buffers), = split([blob], chunk=4096)
+    assembler = Assembler()
+    assembler.feed(data, buffers)
+    assert assembler.blobs[0] is buffers[0]
