@@ -193,7 +193,7 @@ class DefaultTypeHandler(GpuHandler):
         self.reply({"gpu_type": read_default_type()})
 
 
-def load_jupyter_server_extension(serverapp: Any) -> None:
+def _load_jupyter_server_extension(serverapp: Any) -> None:
     """Register the handlers; kernels this server starts get the same gateway as the sidebar."""
     config = JupyterGpu(config=serverapp.config, parent=serverapp)
     # The %%gpu magic runs in kernels this server starts, and they inherit its environment.
@@ -215,5 +215,3 @@ def load_jupyter_server_extension(serverapp: Any) -> None:
     where = config.url or f"nowhere yet (set {URL_ENV})"
     serverapp.log.info("jupyter-gpu: sidebar API at %s, gateway %s", base, where)
 
-
-_load_jupyter_server_extension = load_jupyter_server_extension
