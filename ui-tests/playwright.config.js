@@ -11,6 +11,7 @@ const gatewayPort = process.env.UI_TEST_GATEWAY_PORT || '18765';
 const labPort = process.env.UI_TEST_LAB_PORT || '18888';
 const token = 'ui-test-gateway-token';
 const venvBin = path.resolve(__dirname, '..', '.venv', 'bin');
+const artifacts = path.resolve(__dirname, '..', 'test-artifacts');
 // Own Jupyter config and data folders: the default-type file the tests write stays out of ~/.
 const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'jupyter-gpu-ui-'));
 const env = {
@@ -25,7 +26,7 @@ const env = {
 
 module.exports = {
   ...baseConfig,
-  outputDir: path.resolve(__dirname, '..', 'test-artifacts', 'ui-tests-output'),
+  outputDir: path.join(artifacts, 'ui-tests-output'),
   reporter: [['list']],
   retries: 0,
   timeout: 120000,
@@ -56,17 +57,18 @@ module.exports = {
       command: [
         `jupyter-gpu gateway --port ${gatewayPort} --inventory a100=2,h100=1 --min-warm 1`,
         '--PoolManager.price_per_gpu_hour a100=2.5 --PoolManager.price_per_gpu_hour h100=4.2',
-        `--db ${path.join(scratch, 'usage.sqlite')}`
+        `--db ${path.join(scratch, 'usage.sqlite')}`,
+        // the servers' logs go to files: read them when a test fails
+        `> ${path.join(artifacts, 'ui-tests-gateway.log')} 2>&1`
       ].join(' '),
       // without a token the gateway answers 401, which Playwright counts as "up"
       url: `http://127.0.0.1:${gatewayPort}/api/gpu/types`,
       env,
       timeout: 60000,
-      reuseExistingServer: false,
-      stdout: 'pipe'
+      reuseExistingServer: false
     },
     {
-      command: 'jupyter lab --config jupyter_server_test_config.py',
+      command: `jupyter lab --config jupyter_server_test_config.py > ${path.join(artifacts, 'ui-tests-lab.log')} 2>&1`,
       url: `http://127.0.0.1:${labPort}/lab`,
       env,
       timeout: 120000,
