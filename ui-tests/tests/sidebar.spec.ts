@@ -82,11 +82,25 @@ test.describe('GPU sidebar', () => {
     // ... and in the status bar of its notebook.
     await expect(page.locator(STATUS)).toHaveText(/^h100 · \d+s · \$\d+\.\d\d$/);
 
-    // %%gpu without a SPEC takes the panel's default too: same type, so the same lease.
-    await page.notebook.addCell('code', '%%gpu\nprint("default", os.environ["CUDA_VISIBLE_DEVICES"])');
-    await page.notebook.runCell(1);
+    // From the palette, on a cell that already says %%gpu: it runs as written, and %%gpu without
+    // a SPEC takes the panel's default (through the file the server extension wrote): same type,
+    // so the same lease and the same GPU.
+    const magicSource = '%%gpu\nprint("default", os.environ["CUDA_VISIBLE_DEVICES"])';
+    await page.notebook.addCell('code', magicSource);
+    await page.notebook.selectCells(1);
+    await page.keyboard.press('Control+Shift+C');
+    await page.locator('#modal-command-palette input').fill('Run cell on GPU');
+    const paletteItem = page.locator(
+      '#modal-command-palette .lm-CommandPalette-item[data-command="jupyter-gpu:run-cell"]'
+    );
+    await expect(paletteItem).toBeVisible();
+    await paletteItem.click();
     const gpuIndex = (await output.textContent())!.match(/GPU (\d)/)![1];
-    await expect((await page.notebook.getCellOutputLocator(1))!).toContainText(`default ${gpuIndex}`);
+    await expect((await page.notebook.getCellOutputLocator(1))!).toContainText(
+      `default ${gpuIndex}`,
+      { timeout: 60000 }
+    );
+    expect(await page.notebook.getCellTextInput(1)).toBe(magicSource);
     await expect(lease).toHaveCount(1);
 
     await page.screenshot({ path: path.join(ARTIFACTS, 'sidebar-light.png') });
