@@ -142,4 +142,26 @@ test.describe('GPU sidebar', () => {
     await expect(error).toHaveCount(0, { timeout: 30000 });
     await expect(typeRow(page, 'a100').locator('.jp-GpuPanel-free')).toHaveText('2/2');
   });
+
+  test('polls only while something shows the pool', async ({ page }) => {
+    const polls: number[] = [];
+    page.on('request', request => {
+      if (/\/jupyter-gpu\/state(\?|$)/.test(request.url())) {
+        polls.push(Date.now());
+      }
+    });
+    await openPanel(page);
+    await expect.poll(() => polls.length, { timeout: 10000 }).toBeGreaterThan(2);
+
+    // No notebook is open and the sidebar closes: nothing shows the pool, so nothing is fetched.
+    await page.sidebar.close('left');
+    await page.waitForTimeout(1000); // a request already on its way may still land
+    const seen = polls.length;
+    await page.waitForTimeout(12000); // longer than the slow interval (10 s) of a hidden panel
+    expect(polls.length).toBe(seen);
+
+    // Shown again: fresh figures at once.
+    await page.sidebar.openTab('jupyter-gpu-panel');
+    await expect.poll(() => polls.length, { timeout: 3000 }).toBeGreaterThan(seen);
+  });
 });
