@@ -20,13 +20,18 @@ LABEXTENSION = f"{DATA}/share/jupyter/labextensions/jupyter-gpu"
 pytestmark = [pytest.mark.e2e, pytest.mark.timeout(600)]
 
 
+def run(*args: str, env: dict[str, str] | None = None) -> str:
+    """Run a command; on failure the test says what it printed."""
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, f"{' '.join(args)} exited {done.returncode}:\n{output[-4000:]}"
+    return output
+
+
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT)],
-        check=True, capture_output=True, text=True,
-    )
+    run(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "-w", str(out), str(ROOT))
     (built,) = out.glob("jupyter_gpu-*.whl")
     return built
 
@@ -49,13 +54,10 @@ def test_pip_install_alone_enables_the_lab_and_the_server_extension(wheel: Path,
     env_dir = tmp_path / "venv"
     venv.create(env_dir, with_pip=True)
     bin_dir = env_dir / "bin"
-    subprocess.run([str(bin_dir / "pip"), "install", "-q", str(wheel), "jupyterlab>=4.2"], check=True,
-                   capture_output=True, text=True)
+    run(str(bin_dir / "pip"), "install", "-q", str(wheel), "jupyterlab>=4.2")
 
     def jupyter(*args: str) -> str:
-        done = subprocess.run([str(bin_dir / "jupyter"), *args], check=True, capture_output=True, text=True,
-                              env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)})
-        return done.stdout + done.stderr
+        return run(str(bin_dir / "jupyter"), *args, env={"PATH": f"{bin_dir}:/usr/bin:/bin", "HOME": str(tmp_path)})
 
     lab = jupyter("labextension", "list")
     assert "jupyter-gpu v" in lab and "enabled" in lab.split("jupyter-gpu v")[1].splitlines()[0]
