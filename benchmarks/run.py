@@ -252,8 +252,8 @@ def build_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
         add(4, f"re-run over an unchanged {label} array: extra time", "jupyter-gpu %%gpu", ms(extra),
             "", f"rerun {ms(rerun['rerun']['median'])} vs x = 1 {ms(rerun['trivial']['median'])}", "<= 10 ms",
             extra <= 0.010, seconds=extra)
-        add(4, "  bytes pushed (the magic's counter) / all loopback bytes", "jupyter-gpu %%gpu", f"{pushed:,} B",
-            f"{loop:,} B", "", "no array bytes", pushed == 0 and loop < size / 100, pushed=pushed, loopback=loop)
+        add(4, "  bytes pushed (the magic's counter) / all loopback bytes", "jupyter-gpu %%gpu", f"{pushed:,.0f} B",
+            f"{loop:,.0f} B", "", "no array bytes", pushed == 0 and loop < size / 100, pushed=pushed, loopback=loop)
     # 5. output floods
     for cell, expected in r.get("settings", {}).get("flood_lines", {}).items():
         off = dig(kg, "flood_limiter_off", cell, "seconds")
