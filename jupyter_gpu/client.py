@@ -54,7 +54,7 @@ class GatewayConfig:
 class GatewayClient:
     """REST calls to one gateway over one kept-alive HTTP connection."""
 
-    def __init__(self, config: GatewayConfig, timeout: float = 30.0) -> None:
+    def __init__(self, config: GatewayConfig, timeout: float = 10.0) -> None:
         self.config = config
         self.timeout = timeout
         parsed = urllib.parse.urlsplit(config.url)
@@ -74,6 +74,7 @@ class GatewayClient:
         payload = json.dumps(body).encode() if body is not None else None
         headers = {"Authorization": f"token {self.config.token}", "Content-Type": "application/json"}
         for attempt in (0, 1):
+            reused = self._conn is not None
             conn = self._connection()
             conn.timeout = timeout or self.timeout
             try:
@@ -82,8 +83,11 @@ class GatewayClient:
                 data = response.read()
                 break
             except (ConnectionError, http.client.HTTPException, OSError) as exc:
-                self.close()  # a kept-alive connection the server closed: retry once on a new one
-                if attempt:
+                self.close()
+                # Retry once where that cannot do anything twice: a kept-alive connection the
+                # server had closed, or a request that is safe to repeat.
+                stale = reused and isinstance(exc, http.client.RemoteDisconnected | BrokenPipeError)
+                if attempt or not (stale or method in ("GET", "DELETE")):
                     raise GatewayError(
                         f"the gateway at {self.config.url} does not answer ({type(exc).__name__}: {exc}); "
                         f"check that it runs and that {URL_ENV} is right"
@@ -120,9 +124,6 @@ class GatewayClient:
     def delete_lease(self, lease_id: str) -> dict[str, Any]:
         return dict(self.request("DELETE", f"/api/gpu/leases/{lease_id}"))
 
-    def leases(self) -> list[dict[str, Any]]:
-        return list(self.request("GET", "/api/gpu/leases"))
-
     def usage(self) -> dict[str, Any]:
         return dict(self.request("GET", "/api/gpu/usage"))
 
@@ -153,7 +154,8 @@ class KernelChannel:
         base = config.url.replace("http", "ws", 1)
         url = f"{base}/api/kernels/{kernel_id}/channels?session_id={session_id}"
         parsed = urllib.parse.urlsplit(config.url)
-        sock = socket.create_connection((parsed.hostname or "", parsed.port or 80), timeout=30)
+        port = parsed.port or (443 if parsed.scheme == "https" else 80)
+        sock = socket.create_connection((parsed.hostname or "", port), timeout=10)
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small messages, sent now
         try:
             ws = connect(

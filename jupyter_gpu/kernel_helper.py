@@ -98,30 +98,51 @@ class KernelHelper:
         # push costs no extra message.
         parent = self.shell.kernel.get_parent("shell") or {}
         pull = (parent.get("metadata") or {}).get(PULL_METADATA_KEY)
-        if pull is None or self.comm is None or not getattr(result, "success", False):
+        if pull is None or self.comm is None:
             return
+        ns = self.shell.user_ns
         items: list[dict[str, Any]] = []
         buffers: list[Any] = []
-        for name in pull.get("names", []):
-            if name in self.shell.user_ns:
-                items.append(self._pack(name, self.shell.user_ns[name], pull, buffers))
+        if getattr(result, "success", False):
+            for name in pull.get("names", []):
+                if name in ns:
+                    items.append(self._pack(name, ns[name], pull, buffers))
+        # What the kernel now holds under the names the client believes it knows: a cell
+        # may have changed a pushed value in place (x.fill(0), model.fit(...)), and then
+        # the client must send its own value again rather than trust its cache.
+        hashes = {name: self._fingerprint(ns[name]) if name in ns else None for name in pull.get("verify", [])}
         for data, pieces in split(buffers):
             if data["seq"] == 0:
-                data["values"] = items
+                data.update(values=items, hashes=hashes)
             self.comm.send({"op": "pulled", **data}, buffers=pieces)
+
+    @staticmethod
+    def _fingerprint(value: Any) -> str | None:
+        try:
+            return serialize.fingerprint(*serialize.dump(value))
+        except Exception:  # unpicklable now: the client will have to resend
+            return None
 
     def _pack(self, name: str, value: Any, pull: dict[str, Any], buffers: list[Any]) -> dict[str, Any]:
         if isinstance(value, types.ModuleType):
             return {"name": name, "kind": "module", "module": value.__name__}
+        if pull.get("keep_remote"):
+            return self._remote(name, value, "the cell ran with --no-pull")
         root = type(value).__module__.split(".")[0]
         if root in pull.get("missing_modules", []):
             return self._remote(name, value, f"{root} is not installed in the notebook's kernel")
+        limit = pull.get("limit", 0)
+        estimate = serialize.estimated_nbytes(value)
+        if estimate is not None and estimate > limit:
+            # Known too big without pickling it (a model on the GPU would be copied to host
+            # memory and pickled only to be thrown away).
+            return self._remote(name, value, f"its {estimate / 1e6:.1f} MB exceed the pull limit", estimate)
         try:
             stream, oob = serialize.dump(value)
         except Exception as exc:
             return self._remote(name, value, f"it cannot be pickled ({type(exc).__name__}: {exc})")
         size = len(stream) + sum(len(b) for b in oob)
-        if size > pull.get("limit", 0):
+        if size > limit:
             return self._remote(name, value, f"its {size / 1e6:.1f} MB exceed the pull limit", size)
         item = {
             "name": name,

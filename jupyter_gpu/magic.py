@@ -22,7 +22,7 @@ from .client import GatewayClient, GatewayConfig, GatewayError
 from .defaults import read_default_type
 from .outputs import RemoteResult
 from .protocol import SpecError, format_gpu_spec, parse_gpu_spec
-from .remote import CellOptions, LeaseGone, PushRefused, RemoteSession, acquire_lease
+from .remote import CellOptions, LeaseGone, PushRefused, RemoteSession, acquire_lease, check_remote_refs
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -98,8 +98,11 @@ class GpuMagics(Magics):
 
     def _session(self, spec: str, idle: float | None, new: bool) -> RemoteSession:
         session = self.sessions.get(spec)
-        if session is not None and (new or not session.alive):
-            self._forget(spec, ended=not session.alive)
+        if session is not None and not session.alive:
+            self._tell_ended(self._release(spec))
+            session = None
+        elif session is not None and new:
+            self._release(spec)
             session = None
         if session is None:
             client = self._client()
@@ -120,34 +123,30 @@ class GpuMagics(Magics):
             session = self.sessions[spec] = RemoteSession(client, lease)
         return session
 
-    def _forget(self, spec: str, ended: bool) -> None:
+    def _release(self, spec: str) -> RemoteSession:
+        """Stop using this spec's session and end its lease (a no-op if it already ended)."""
         session = self.sessions.pop(spec)
         session.close()
-        if not ended:  # --new: the old kernel is not needed any more
-            try:
-                self._client().delete_lease(session.lease_id)
-            except GatewayError:
-                pass
-        lost = sorted(session.remote_only)
-        if ended:
-            reason = ""
-            try:
-                reason = self._client().get_lease(session.lease_id).get("reason") or ""
-            except GatewayError:
-                pass
-            note = f"jupyter-gpu: the {session.lease['gpu_type']} lease ended ({reason or 'closed'})"
-            if lost:
-                note += f"; these lived only there and are gone: {', '.join(lost)}"
-            print(note + ". Getting a fresh GPU kernel.", file=sys.stderr)
+        try:
+            self._client().delete_lease(session.lease_id)
+        except (GatewayError, UsageError):
+            pass
+        return session
+
+    def _tell_ended(self, session: RemoteSession) -> None:
+        """Say why the GPU kernel went away and which values went with it."""
+        try:
+            reason = self._client().get_lease(session.lease_id).get("reason") or "closed"
+        except GatewayError:
+            reason = "closed"
+        note = f"jupyter-gpu: the {session.lease['gpu_type']} lease ended ({reason})"
+        if session.remote_only:
+            note += f"; these lived only there and are gone: {', '.join(sorted(session.remote_only))}"
+        print(note + ". Getting a fresh GPU kernel.", file=sys.stderr)
 
     def release_all(self) -> None:
-        for spec, session in list(self.sessions.items()):
-            try:
-                self._client().delete_lease(session.lease_id)
-            except (GatewayError, UsageError):
-                pass
-            session.close()
-            self.sessions.pop(spec, None)
+        for spec in list(self.sessions):
+            self._release(spec)
 
     # --- the magic --------------------------------------------------------------------------
 
@@ -172,23 +171,28 @@ class GpuMagics(Magics):
         spec = self._spec(args.spec)
         options = CellOptions(push=_names(args.push), pull=_names(args.pull), no_push=set(_names(args.no_push)),
                               no_pull=args.no_pull, pull_limit=parse_size(args.pull_limit), timeout=args.timeout)
-        names = analyse_cell(cell)
+        assert self.shell is not None
+        # !shell lines and %magics are not Python: analyse what IPython will actually run
+        names = analyse_cell(self.shell.input_transformer_manager.transform_cell(cell))
         frontend = IPythonFrontend()
         ns = self.user_ns
         try:
+            # Before leasing anything: a cell reading another kernel's value cannot run.
+            current = self.sessions.get(spec)
+            live = current.lease_id if current is not None and current.alive and not args.new else None
+            check_remote_refs([n for n in names.free if n not in options.no_push], ns, live)
             session = self._session(spec, args.idle, args.new)
             try:
                 relay = session.run_cell(cell, names.free, names.bound, ns, options, frontend)
             except LeaseGone as exc:
                 if exc.executed:
-                    raise RuntimeError(f"the GPU kernel went away during the cell: {exc}") from None
+                    self._release(spec)  # don't leave a lease we lost track of billing
+                    raise RuntimeError(f"the connection to the GPU kernel was lost during the cell: {exc}") from None
                 # It ended between cells (idle release raced us): nothing ran, so run it afresh.
-                self._forget(spec, ended=True)
+                self._tell_ended(self._release(spec))
                 session = self._session(spec, args.idle, False)
                 relay = session.run_cell(cell, names.free, names.bound, ns, options, frontend)
-        except (PushRefused, LeaseGone) as exc:
-            raise UsageError(str(exc)) from None
-        except GatewayError as exc:
+        except (PushRefused, LeaseGone, GatewayError) as exc:
             raise UsageError(str(exc)) from None
         if relay.timed_out:
             raise TimeoutError(f"the cell ran past --timeout {args.timeout:g} s; the GPU kernel was interrupted and "

@@ -80,6 +80,8 @@ class CellRelay:
     #: values the helper sent back (their data arrives in pieces, put together as they come)
     pulled: list[dict[str, Any]] = field(default_factory=list)
     pulled_blobs: Assembler = field(default_factory=Assembler)
+    #: what the kernel holds under the names the client's cache vouched for (None: nothing usable)
+    remote_hashes: dict[str, str | None] = field(default_factory=dict)
     input_replies: list[str] = field(default_factory=list)
     timed_out: bool = False
 
@@ -122,6 +124,7 @@ class CellRelay:
                 data = content.get("data", {})
                 if data.get("op") == "pulled":
                     self.pulled.extend(data.get("values", []))
+                    self.remote_hashes.update(data.get("hashes", {}))
                     self.pulled_blobs.feed(data, msg.get("buffers", []))
             else:
                 # Widgets the remote cell displays (tqdm.notebook's bar, ipywidgets) live on

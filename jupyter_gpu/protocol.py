@@ -27,7 +27,6 @@ KERNELSPEC_PREFIX = "gpu-"
 QUEUED = "queued"
 GRANTED = "granted"
 RELEASED = "released"
-LEASE_STATES = (QUEUED, GRANTED, RELEASED)
 
 REASON_IDLE = "idle"
 REASON_DELETED = "deleted"
@@ -35,14 +34,6 @@ REASON_CANCELLED = "cancelled"
 REASON_KERNEL_DIED = "kernel_died"
 REASON_GATEWAY_RESTART = "gateway_restart"
 REASON_MAX_DURATION = "max_duration"
-RELEASE_REASONS = (
-    REASON_IDLE,
-    REASON_DELETED,
-    REASON_CANCELLED,
-    REASON_KERNEL_DIED,
-    REASON_GATEWAY_RESTART,
-    REASON_MAX_DURATION,
-)
 
 #: The comm target of the kernel-side helper, and the line that loads it at warm-up.
 HELPER_COMM_TARGET = "jupyter_gpu"
@@ -55,6 +46,7 @@ CPU_TYPE = "cpu"
 
 _TYPE_RE = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 MAX_GPU_COUNT = 64
+MAX_ALTERNATIVES = 8
 
 
 class SpecError(ValueError):
@@ -81,8 +73,11 @@ def parse_gpu_spec(spec: str) -> tuple[GpuChoice, ...]:
     text = spec.strip().lower()
     if not text:
         raise SpecError("empty GPU spec: give a type such as 'a100', 'a100:2', 'h100|a100' or 'any'")
+    parts = text.split("|")
+    if len(parts) > MAX_ALTERNATIVES:
+        raise SpecError(f"spec {spec!r} lists {len(parts)} alternatives; at most {MAX_ALTERNATIVES} are allowed")
     choices = []
-    for part in text.split("|"):
+    for part in parts:
         name, sep, count_text = part.strip().partition(":")
         name = name.strip()
         if not _TYPE_RE.match(name):

@@ -32,6 +32,10 @@ class PushRefused(ValueError):
     """A value that cannot be sent; nothing ran remotely."""
 
 
+class StaleRemoteRef(PushRefused):
+    """A RemoteRef that points at another lease's kernel; nothing ran."""
+
+
 class LeaseGone(RuntimeError):
     """The lease behind this session ended (idle timeout, kernel death, release).
 
@@ -77,6 +81,18 @@ class CellOptions:
     timeout: float | None = None
 
 
+def check_remote_refs(names: Iterable[str], ns: dict[str, Any], lease_id: str | None) -> None:
+    """Refuse a cell that reads a RemoteRef living on another kernel than ``lease_id``'s."""
+    for name in names:
+        value = ns.get(name)
+        if isinstance(value, RemoteRef) and value.lease_id != lease_id:
+            raise StaleRemoteRef(
+                f"{name!r} lives only on the {value.gpu_type} kernel of lease {value.lease_id[:8]}, not on this "
+                "cell's: run this cell with the same SPEC as the cell that made it, or, if that lease has ended, "
+                "re-run the cell that made it"
+            )
+
+
 def missing_local_modules() -> set[str]:
     return {name for name in _HEAVY_MODULES if importlib.util.find_spec(name) is None}
 
@@ -115,11 +131,7 @@ class RemoteSession:
         for name in names:
             value = ns[name]
             if isinstance(value, RemoteRef):
-                if value.lease_id != self.lease_id:
-                    raise LeaseGone(
-                        f"{name!r} is a RemoteRef to a value that lived on lease {value.lease_id[:8]}, which has "
-                        "ended: re-run the cell that made it"
-                    )
+                check_remote_refs([name], ns, self.lease_id)
                 if value.name != name:
                     items.append({"name": name, "kind": "alias", "of": value.name})
                 continue
@@ -163,8 +175,15 @@ class RemoteSession:
         """Push, execute, relay, pull. Raises PushRefused before anything is sent."""
         push_names = [n for n in dict.fromkeys([*free, *options.push]) if n in ns and n not in options.no_push]
         items, blobs = self._pack_values(push_names, ns)  # may refuse: nothing sent yet
-        pull_names = [] if options.no_pull else list(dict.fromkeys([*bound, *options.pull]))
-        pull = {"names": pull_names, "limit": options.pull_limit, "missing_modules": sorted(self.missing_modules)}
+        pull: dict[str, Any] = {
+            "names": list(dict.fromkeys([*bound, *options.pull])),
+            "keep_remote": options.no_pull,
+            "limit": options.pull_limit,
+            "missing_modules": sorted(self.missing_modules),
+            # names whose remote value the cache vouches for: the kernel reports what it
+            # holds after the cell, in case the cell changed them in place
+            "verify": [n for n in push_names if n in self.remote_hashes or any(i["name"] == n for i in items)],
+        }
         try:
             if items:
                 self._send_push(items, blobs)
@@ -177,6 +196,15 @@ class RemoteSession:
             raise LeaseGone(self.channel.close_reason() or "the connection to the GPU kernel closed") from None
         relay = CellRelay(frontend, msg_id, helper_comm_id=self.comm_id)
         self._follow(relay, options.timeout)
+        if relay.error is not None or relay.timed_out:
+            # Names the cell binds may or may not have been rebound before it stopped.
+            for name in pull["names"]:
+                self.remote_hashes.pop(name, None)
+        for name, digest in relay.remote_hashes.items():
+            if digest is None:
+                self.remote_hashes.pop(name, None)
+            else:
+                self.remote_hashes[name] = digest
         if relay.pulled:
             self._bind_pulled(relay.pulled, relay.pulled_blobs.blobs, ns)
         return relay

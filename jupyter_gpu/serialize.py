@@ -24,23 +24,52 @@ def _tensor_from_numpy(array: Any, requires_grad: bool) -> Any:
     return tensor.requires_grad_(requires_grad) if requires_grad else tensor
 
 
+def _parameter_from_numpy(array: Any, requires_grad: bool) -> Any:
+    import torch
+
+    return torch.nn.Parameter(torch.from_numpy(array), requires_grad=requires_grad)
+
+
 class _Pickler(cloudpickle.Pickler):  # type: ignore[misc]
     """cloudpickle, plus: torch tensors travel as numpy buffers, and CUDA ones as CPU tensors.
 
-    A CUDA tensor unpickled where there is no GPU fails; torch's own pickling also copies
-    the data into the stream, where a numpy view goes out-of-band for free.
+    A CUDA tensor unpickled where there is no GPU fails (model weights included: they are
+    ``nn.Parameter``s); torch's own pickling also copies the data into the stream, where a
+    numpy view goes out-of-band for free.
     """
 
     def reducer_override(self, obj: Any) -> Any:
         torch = sys.modules.get("torch")
-        if torch is not None and type(obj) is torch.Tensor and obj.layout == torch.strided:
+        if torch is not None and isinstance(obj, torch.Tensor) and obj.layout == torch.strided:
+            rebuild = {torch.Tensor: _tensor_from_numpy, torch.nn.Parameter: _parameter_from_numpy}.get(type(obj))
             cpu = obj.detach().to("cpu")
+            if rebuild is None:  # another subclass: torch's own pickling, but never of CUDA memory
+                return cpu.__reduce_ex__(PROTOCOL) if obj.is_cuda else super().reducer_override(obj)
             try:
                 array = cpu.numpy()
-            except (TypeError, RuntimeError):  # e.g. bfloat16 has no numpy dtype
-                return cpu.__reduce_ex__(PROTOCOL) if obj.is_cuda else NotImplemented
-            return _tensor_from_numpy, (array, bool(obj.requires_grad))
+            except (TypeError, RuntimeError):  # e.g. bfloat16 has no numpy dtype: torch's pickling
+                if not obj.is_cuda:
+                    return super().reducer_override(obj)
+                if isinstance(obj, torch.nn.Parameter):
+                    return torch.nn.Parameter(cpu, requires_grad=obj.requires_grad).__reduce_ex__(PROTOCOL)
+                return cpu.requires_grad_(obj.requires_grad).__reduce_ex__(PROTOCOL)
+            return rebuild, (array, bool(obj.requires_grad))
         return super().reducer_override(obj)
+
+
+def estimated_nbytes(value: Any) -> int | None:
+    """Size of an array, tensor or torch module without pickling it; None when unknown."""
+    nbytes = getattr(value, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    torch = sys.modules.get("torch")
+    if torch is not None:
+        if isinstance(value, torch.Tensor):
+            return int(value.numel() * value.element_size())
+        if isinstance(value, torch.nn.Module):
+            tensors = [*value.parameters(), *value.buffers()]
+            return sum(int(t.numel() * t.element_size()) for t in tensors)
+    return None
 
 
 def dump(value: Any) -> tuple[bytes, list[memoryview]]:

@@ -57,7 +57,9 @@ class Assembler:
         for (index, offset, length), buffer in zip(data.get("pieces", []), buffers, strict=True):
             size = self.sizes[index]
             if offset == 0 and length == size:
-                self.blobs[index] = buffer
+                # Whole in one piece: keep it, unless it is read-only (received bytes), since
+                # arrays rebuilt on it must be writable like the ones they came from.
+                self.blobs[index] = bytearray(buffer) if memoryview(buffer).readonly else buffer
                 continue
             if self.blobs[index] is None:
                 # Anonymous mmap, faulted in by the kernel in one go: bytearray(size) would

@@ -53,12 +53,23 @@ def make_app(gateway: Gateway, authenticator: TokenAuthenticator, **settings: An
     ]
     return web.Application(
         routes,
+        log_function=log_request,
         gateway=gateway,
         authenticator=authenticator,
         default_handler_class=NotFoundHandler,
         websocket_ping_interval=30,
         **settings,
     )
+
+
+def log_request(handler: web.RequestHandler) -> None:
+    """Tornado's access log without the query string: websockets carry ``?token=`` there."""
+    status = handler.get_status()
+    level = logging.INFO if status < 400 else logging.WARNING if status < 500 else logging.ERROR
+    access = logging.getLogger("tornado.access")
+    request = handler.request
+    access.log(level, "%d %s %s (%s) %.2fms", status, request.method, request.path, request.remote_ip,
+               1000.0 * request.request_time())
 
 
 class NotFoundHandler(h.ApiHandler):

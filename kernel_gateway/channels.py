@@ -80,9 +80,14 @@ class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
     def open(self, kernel_id: str) -> None:
         self.set_nodelay(True)  # stock jupyter_server leaves Nagle on: ~40 ms per execute
         self.binary = self.selected_subprotocol == KERNEL_WS_PROTOCOL_V1
+        if self.relay.closed:  # the lease ended during the handshake
+            self.close(1000, "lease ended")
+            return
         self.relay.attach(self.session_id, self)
 
     def on_message(self, message: str | bytes) -> None:
+        if self.relay.closed:  # its lease just ended; the close frame is on its way
+            return
         try:
             channel, header, parts = self._parse(message)
         except (MalformedMessage, RecursionError) as exc:

@@ -13,7 +13,18 @@ from typing import Any
 
 import zmq.asyncio
 
-from jupyter_gpu.protocol import GRANTED, KERNELSPEC_PREFIX, QUEUED, RELEASED, GpuChoice
+from jupyter_gpu.protocol import (
+    GRANTED,
+    KERNELSPEC_PREFIX,
+    QUEUED,
+    REASON_DELETED,
+    REASON_GATEWAY_RESTART,
+    REASON_IDLE,
+    REASON_KERNEL_DIED,
+    REASON_MAX_DURATION,
+    RELEASED,
+    GpuChoice,
+)
 from pool_manager.inventory import gpu_status
 from pool_manager.manager import PoolManager
 from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted
@@ -25,11 +36,11 @@ from .relay import KernelRelay
 log = logging.getLogger(__name__)
 
 CLOSE_REASONS = {
-    "idle": "lease ended: no execution for its idle timeout",
-    "deleted": "lease ended: released by its owner",
-    "kernel_died": "lease ended: the kernel died",
-    "gateway_restart": "lease ended: the gateway is stopping",
-    "max_duration": "lease ended: it reached the operator's maximum duration",
+    REASON_IDLE: "lease ended: no execution for its idle timeout",
+    REASON_DELETED: "lease ended: released by its owner",
+    REASON_KERNEL_DIED: "lease ended: the kernel died",
+    REASON_GATEWAY_RESTART: "lease ended: the gateway is stopping",
+    REASON_MAX_DURATION: "lease ended: it reached the operator's maximum duration",
 }
 
 
@@ -59,6 +70,7 @@ class Gateway:
         self._relay_ready: dict[str, asyncio.Task[KernelRelay]] = {}
         self.zmq_context = zmq.asyncio.Context()
         self._heartbeat: asyncio.Task[None] | None = None
+        self._closing: set[asyncio.Task[None]] = set()  # relays being closed after their lease
         self.started_at = time.time()
         service.listeners.append(self._on_pool_action)
 
@@ -75,6 +87,7 @@ class Gateway:
         await self.service.stop(reason)
         for relay in list(self.relays.values()):
             await relay.close(1001, CLOSE_REASONS.get(reason, reason))
+        await asyncio.gather(*self._closing, return_exceptions=True)
         self.zmq_context.destroy(linger=0)
         self.metering.close()
 
@@ -235,13 +248,16 @@ class Gateway:
             self.metering.record(lease, self.pool.price(lease.gpu_type))
             relay = self.relays.pop(lease.slot_id or "", None) if lease.granted_at is not None else None
             if relay is not None:
-                if lease.reason == "kernel_died":
+                if lease.reason == REASON_KERNEL_DIED:
                     relay.kernel_died(
                         f"the kernel of lease {lease.id} ({lease.gpu_type}) died; the lease has ended. "
                         "Run the cell again for a fresh kernel."
                     )
-                code = 1011 if lease.reason == "kernel_died" else 1000
-                asyncio.get_running_loop().create_task(relay.close(code, CLOSE_REASONS.get(lease.reason or "", "")))
+                code = 1011 if lease.reason == REASON_KERNEL_DIED else 1000
+                why = CLOSE_REASONS.get(lease.reason or "", "")
+                task = asyncio.get_running_loop().create_task(relay.close(code, why))
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
 
     async def _beat(self) -> None:
         while True:

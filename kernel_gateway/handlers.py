@@ -12,6 +12,7 @@ from tornado import web
 from jupyter_gpu.protocol import (
     KERNELSPEC_PREFIX,
     QUEUED,
+    REASON_CANCELLED,
     REASON_DELETED,
     SpecError,
     error_body,
@@ -180,10 +181,12 @@ class KernelsHandler(ApiHandler):
             raise ApiError(400, f"unknown kernel name {name!r}: use gpu-TYPE, see /api/kernelspecs", "bad_spec")
         choices = lease_choices(name[len(KERNELSPEC_PREFIX) :], self.gateway)
         lease = request_lease(self.gateway, self.user, choices, None, "")
+        self.waiting_lease = lease.id
         await self.gateway.service.wait_while_queued(lease, self.settings["kernel_request_timeout"])
+        self.waiting_lease = None
         if lease.state == QUEUED:
             info = self.gateway.describe(lease)
-            self.gateway.service.end_lease(lease.id, "cancelled")
+            self.gateway.end_lease(self.user, lease.id, REASON_CANCELLED)
             raise ApiError(
                 503,
                 f"no {name[len(KERNELSPEC_PREFIX) :]} free within {self.settings['kernel_request_timeout']:.0f} s "
@@ -191,7 +194,22 @@ class KernelsHandler(ApiHandler):
                 "POST /api/gpu/leases to wait in the queue",
                 "no_capacity",
             )
-        self.reply(self.gateway.kernel_json(self.gateway.owned_kernel(self.user, lease.slot_id or "")), 201)
+        try:
+            kernel = self.gateway.owned_kernel(self.user, lease.slot_id or "")
+        except NotFound:
+            why = f"the lease ended before its kernel was ready ({lease.reason})"
+            raise ApiError(503, why, "lease_ended") from None
+        self.reply(self.gateway.kernel_json(kernel), 201)
+
+    waiting_lease: str | None = None
+
+    def on_connection_close(self) -> None:
+        # The client gave up waiting: a GPU granted later would bill nobody's notebook.
+        if self.waiting_lease is not None:
+            try:
+                self.gateway.end_lease(self.user, self.waiting_lease, REASON_CANCELLED)
+            except NotFound:
+                pass
 
 
 def request_lease(gateway: Gateway, user: str, choices: Any, idle_timeout: Any, notebook: str) -> Any:

@@ -325,6 +325,9 @@ class KernelRelay:
             target = self.sessions.get(session_id)
             if target is not None:
                 target.deliver(make_message("shell", "execute_reply", reply, header, self.session))
+            # nbclient and JupyterLab consider a cell finished at its idle status
+            idle = make_message("iopub", "status", {"execution_state": "idle"}, header, self.session)
+            self._broadcast(idle, session_id)
             self.in_flight.pop(msg_id, None)
         self.execution_state = "dead"
         self._broadcast(make_message("iopub", "status", {"execution_state": "dead"}, b"{}", self.session), None)

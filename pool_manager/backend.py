@@ -11,9 +11,8 @@ import abc
 import asyncio
 import logging
 import os
-import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from jupyter_client.manager import AsyncKernelManager
@@ -22,6 +21,8 @@ from .model import StartKernel
 
 log = logging.getLogger(__name__)
 
+
+PRIVATE_ENV_PREFIXES = ("JUPYTER_GPU_",)
 
 #: Pooled kernels are single-use, so IPython's on-disk history is never read back; writing
 #: it costs 2-3 ms of every execute (a SQLite write per cell). Keep it in memory instead.
@@ -38,10 +39,6 @@ class KernelInfo:
 
     slot_id: str
     connection_info: dict[str, Any]
-    gpu_type: str
-    gpu_indices: tuple[int, ...]
-    pid: int | None
-    started_at: float = field(default_factory=time.time)
 
 
 class KernelBackend(abc.ABC):
@@ -92,7 +89,10 @@ class LocalKernelBackend(KernelBackend):
         self._watcher: asyncio.Task[None] | None = None
 
     async def start_kernel(self, request: StartKernel) -> KernelInfo:
-        env = {**os.environ, **self.extra_env}
+        # The gateway's own secrets (its token, user file settings) are no business of a
+        # user's kernel.
+        env = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_ENV_PREFIXES)}
+        env.update(self.extra_env)
         # Pin the kernel to its own GPUs before anything in it can initialise CUDA; a CPU
         # kernel sees none at all rather than every GPU of the machine.
         env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in request.gpu_indices)
@@ -109,14 +109,11 @@ class LocalKernelBackend(KernelBackend):
             await self.kill_kernel(request.slot_id)
             raise KernelStartError(f"kernel for {request.gpu_type} {request.gpu_indices} did not start: {exc}") from exc
         self._ensure_watcher()
-        process = getattr(manager.provisioner, "process", None)
-        return KernelInfo(
-            slot_id=request.slot_id,
-            connection_info=dict(manager.get_connection_info(session=False)),
-            gpu_type=request.gpu_type,
-            gpu_indices=request.gpu_indices,
-            pid=getattr(process, "pid", None),
-        )
+        connection_info = dict(manager.get_connection_info(session=False))
+        # The kernel read its ports and key at start; a file left on disk would let any
+        # other kernel of this machine read them and drive this one.
+        manager.cleanup_connection_file()
+        return KernelInfo(slot_id=request.slot_id, connection_info=connection_info)
 
     async def _warm_up(self, manager: AsyncKernelManager) -> None:
         client = manager.client()
@@ -147,11 +144,6 @@ class LocalKernelBackend(KernelBackend):
         if manager is not None:
             await manager.interrupt_kernel()
 
-    def pid(self, slot_id: str) -> int | None:
-        manager = self._managers.get(slot_id)
-        process = getattr(manager.provisioner, "process", None) if manager else None
-        return getattr(process, "pid", None)
-
     def _ensure_watcher(self) -> None:
         if self._watcher is None or self._watcher.done():
             self._watcher = asyncio.get_running_loop().create_task(self._watch_deaths())
@@ -162,7 +154,13 @@ class LocalKernelBackend(KernelBackend):
         while self._managers:
             await asyncio.sleep(self.poll_interval)
             for slot_id, manager in list(self._managers.items()):
-                if manager.has_kernel and not await manager.is_alive():
+                try:
+                    alive = not manager.has_kernel or await manager.is_alive()
+                except Exception:  # one odd kernel must not blind the watcher to all others
+                    log.exception("could not check kernel %s", slot_id)
+                    continue
+                # kill_kernel removes a kernel before killing it: a deliberate kill is no death
+                if not alive and self._managers.get(slot_id) is manager:
                     log.warning("kernel %s died", slot_id)
                     await self.kill_kernel(slot_id)
                     self._on_death(slot_id)

@@ -25,3 +25,18 @@ def test_a_blob_that_fits_one_message_is_not_copied() -> None:
     assembler = Assembler()
     assembler.feed(data, buffers)
     assert assembler.blobs[0] is buffers[0]
+
+
+def test_arrays_rebuilt_on_received_bytes_are_writable() -> None:
+    import pickle
+
+    from jupyter_gpu import serialize
+
+    stream, buffers = serialize.dump(np.zeros(1000))
+    messages = list(split([stream, *buffers]))
+    assembler = Assembler()
+    for data, pieces in messages:
+        assembler.feed(data, [bytes(p) for p in pieces])  # what a socket hands over: immutable
+    array = pickle.loads(assembler.blobs[0], buffers=assembler.blobs[1:])
+    array[0] = 1.0  # a pulled array behaves like the one the cell made
+    assert array[0] == 1.0

@@ -293,3 +293,44 @@ def test_torch_tensors_made_remotely_come_back_as_tensors(local_kernel: LocalKer
     assert reply["status"] == "ok"
     _, outputs = local_kernel.run("print(type(t).__name__, t.device, float(t.sum()))")
     assert streamed(outputs) == "Tensor cpu 500.0\n"
+
+
+def test_a_value_changed_in_place_remotely_is_sent_again(local_kernel: LocalKernel) -> None:
+    local_kernel.run("import numpy as np\nx = np.zeros(5)")
+    local_kernel.run("%%gpu cpu\nx.fill(7)  # changes the kernel's copy, not the notebook's")
+    reply, outputs = local_kernel.run("%%gpu cpu\nprint(x.sum())")
+    # the notebook's x (zeros) is what the cell reads, not the kernel's stale 7s
+    assert reply["status"] == "ok" and streamed(outputs) == "0.0\n"
+
+
+def test_no_pull_leaves_remote_refs_that_later_cells_use(local_kernel: LocalKernel) -> None:
+    local_kernel.run("%%gpu cpu --no-pull\nweights = [1, 2, 3]")
+    _, outputs = local_kernel.run("print(type(weights).__name__)")
+    assert streamed(outputs) == "RemoteRef\n"
+    reply, outputs = local_kernel.run("%%gpu cpu\nprint(sum(weights))")
+    assert reply["status"] == "ok" and streamed(outputs) == "6\n"
+
+
+def test_a_remote_ref_from_another_kernel_fails_without_touching_either_lease(
+    local_kernel: LocalKernel, cpu_gateway: GatewayProcess
+) -> None:
+    local_kernel.run("%%gpu cpu --no-pull\nstate = {'step': 1}")
+    reply, _ = local_kernel.run("%%gpu a100\nprint(state)")
+    assert reply["status"] == "error" and "lives only on the cpu kernel" in reply["evalue"]
+    leases = cpu_gateway.get("bob", "/api/gpu/leases").body
+    assert [lease["gpu_type"] for lease in leases] == ["cpu"]  # no extra lease taken, none dropped
+    reply, outputs = local_kernel.run("%%gpu cpu\nprint(state['step'])")
+    assert reply["status"] == "ok" and streamed(outputs) == "1\n"
+
+
+def test_shell_escapes_and_magics_inside_a_gpu_cell(local_kernel: LocalKernel) -> None:
+    reply, outputs = local_kernel.run("%%gpu cpu\n!echo from-the-gpu-kernel\n%time small = [1]\nsmall_len = len(small)")
+    assert reply["status"] == "ok" and "from-the-gpu-kernel" in streamed(outputs)
+    _, outputs = local_kernel.run("print(small_len)")
+    assert streamed(outputs) == "1\n"
+
+
+def test_pulled_arrays_are_writable(local_kernel: LocalKernel) -> None:
+    local_kernel.run("%%gpu cpu\nimport numpy as np\nsmall = np.zeros(10)")
+    reply, outputs = local_kernel.run("small[0] = 5\nprint(small[0])")
+    assert reply["status"] == "ok" and streamed(outputs) == "5.0\n"
