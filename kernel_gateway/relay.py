@@ -241,7 +241,9 @@ class KernelRelay:
 
     def send_from_client(self, channel: str, header: dict[str, Any], parts: Sequence[Part]) -> None:
         """Sign and forward a client's message (already validated) to the kernel."""
-        if header.get("msg_type") == "execute_request":
+        # Only a shell execute_request is sure to be answered by busy/idle statuses; marking
+        # the lease busy for one sent elsewhere would hold the GPU forever.
+        if channel == "shell" and header.get("msg_type") == "execute_request":
             self.in_flight[str(header["msg_id"])] = (str(header.get("session", "")), bytes(parts[0]))
             self.on_activity(True)
         self._send_frames(channel, parts)

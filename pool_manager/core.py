@@ -20,6 +20,7 @@ import heapq
 import logging
 import uuid
 from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
 from jupyter_gpu.protocol import (
@@ -501,7 +502,9 @@ class PoolCore:
             room = cap - self.user_gpus(lease.user) - self._user_pending(lease.user) if cap else None
             if room is not None and min(c.count for c in lease.choices) > room:
                 pass  # waits for its own user's leases, without holding up anyone else
-            elif wanted & blocked or not self._place(lease, room):
+            elif not self._place(lease, room, wanted - blocked):
+                # A fallback may still take a type nobody ahead waits for ("h100|a100"
+                # takes the a100 that frees while an earlier lease waits for the h100).
                 blocked |= wanted
             places = self._waiting.get(wanted, [])
             index = bisect.bisect_right(places, place)
@@ -516,33 +519,41 @@ class PoolCore:
             if lease.user == user and lease.state == QUEUED and lease.slot_id is not None
         )
 
-    def _place(self, lease: Lease, room: int | None) -> bool:
-        """Place the first choice that fits; ``room`` is what the user's cap still allows (None: no cap)."""
+    def _place(self, lease: Lease, room: int | None, allowed: AbstractSet[str]) -> bool:
+        """Place the first choice that fits, on the ``allowed`` types only.
+
+        ``room`` is what the user's cap still allows (None: no cap).
+        """
         for choice in lease.choices:
             if room is not None and choice.count > room:
                 continue  # e.g. "a100:2|h100" under a cap of 1: only the h100 may be placed
-            for gpu_type in self._offered_for(choice.gpu_type):
-                if choice.count == 1 and self._place_single(lease, gpu_type):
-                    return True
-                if choice.count > 1 and self._place_multi(lease, gpu_type, choice.count):
-                    return True
+            types = [t for t in self._offered_for(choice.gpu_type) if t in allowed]
+            if choice.count == 1 and self._place_single(lease, types):
+                return True
+            if choice.count > 1 and any(self._place_multi(lease, t, choice.count) for t in types):
+                return True
         return False
 
-    def _place_single(self, lease: Lease, gpu_type: str) -> bool:
-        warm = self._first_spare(gpu_type, SlotState.WARM)
-        if warm is not None:
-            self._assign(lease, warm, 1)
-            self._grant(lease, warm)
-            return True
-        starting = self._first_spare(gpu_type, SlotState.STARTING)
-        if starting is not None:
-            self._assign(lease, starting, 1)
-            return True
-        free = self._free_devices(gpu_type, 1)
-        if free and gpu_type not in self._backoff_until:
-            slot = self._new_slot(gpu_type, [free[0]])
-            self._assign(lease, slot, 1)
-            return True
+    def _place_single(self, lease: Lease, types: list[str]) -> bool:
+        """A warm kernel of any matching type first ("a100" takes a warm a100-80gb rather than
+        wait for an a100-40gb still starting), then a starting one, then a free GPU."""
+        for gpu_type in types:
+            warm = self._first_spare(gpu_type, SlotState.WARM)
+            if warm is not None:
+                self._assign(lease, warm, 1)
+                self._grant(lease, warm)
+                return True
+        for gpu_type in types:
+            starting = self._first_spare(gpu_type, SlotState.STARTING)
+            if starting is not None:
+                self._assign(lease, starting, 1)
+                return True
+        for gpu_type in types:
+            free = self._free_devices(gpu_type, 1)
+            if free and gpu_type not in self._backoff_until:
+                slot = self._new_slot(gpu_type, [free[0]])
+                self._assign(lease, slot, 1)
+                return True
         return False
 
     def _place_multi(self, lease: Lease, gpu_type: str, count: int) -> bool:

@@ -249,6 +249,31 @@ def test_queued_fallback_takes_the_first_type_that_frees() -> None:
     assert waiting.state == GRANTED and waiting.gpu_type == "a100"
 
 
+def test_a_fallback_behind_a_waiting_lease_still_takes_the_type_that_frees() -> None:
+    # h100 and a100 both held; queue: h100, h100|a100, a100. When the a100 frees, the
+    # fallback takes it: the lease ahead waits only for an h100.
+    core, _ = make_pool("a100=1,h100=1", min_warm=0)
+    on_a100 = hold(core, "bob", "a100")
+    hold(core, "carol", "h100")
+    first = request(core, "alice", "h100")
+    fallback = request(core, "dave", "h100|a100")
+    last = request(core, "erin", "a100")
+    core.pop_actions()
+    (start,) = starts(release(core, on_a100))
+    assert fallback.slot_id == start.slot_id and start.gpu_type == "a100"
+    assert first.state == QUEUED and last.state == QUEUED
+
+
+def test_a_warm_kernel_of_a_matching_type_beats_one_still_starting() -> None:
+    core, _ = make_pool("a100-40gb=2,a100-80gb=1", min_warm=1)
+    warm_up(core)
+    hold_first = request(core, "alice", "a100-40gb")  # takes the warm 40gb; its replacement starts
+    assert hold_first.state == GRANTED
+    core.pop_actions()
+    lease = request(core, "bob", "a100")
+    assert lease.state == GRANTED and lease.gpu_type == "a100-80gb"
+
+
 def test_short_type_matches_a_longer_device_type() -> None:
     core, _ = make_pool("a100-80gb=1", min_warm=1)
     warm_up(core)
