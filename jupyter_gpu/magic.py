@@ -45,9 +45,9 @@ class IPythonFrontend:
     """Shows remote output in the local cell, through the local kernel's own channels."""
 
     def stream(self, name: str, text: str) -> None:
-        target = sys.stderr if name == "stderr" else sys.stdout
-        target.write(text)
-        target.flush()
+        # No flush per message: the kernel's streams flush every 0.2 s (and before any
+        # display or input prompt), where a flush per message waits on its IOPub thread.
+        (sys.stderr if name == "stderr" else sys.stdout).write(text)
 
     def display(self, data: dict[str, Any], metadata: dict[str, Any], transient: dict[str, Any], update: bool) -> None:
         publish_display_data(data, metadata, transient=transient, update=update)

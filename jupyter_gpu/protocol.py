@@ -127,13 +127,17 @@ def serialize_ws_v1(channel: str, parts: Sequence[bytes | memoryview]) -> bytes:
     ``parts`` are the already-encoded header, parent header, metadata and content, then any
     buffers. Layout: n, n little-endian uint64 offsets, channel, parts.
     """
+    return b"".join([ws_v1_prefix(channel, parts), *parts])
+
+
+def ws_v1_prefix(channel: str, parts: Sequence[bytes | memoryview]) -> bytes:
+    """The offsets and channel that precede the parts in a v1 frame (to write parts unjoined)."""
     channel_bytes = channel.encode("utf-8")
     offsets = [8 * (1 + 1 + len(parts) + 1)]
     offsets.append(offsets[-1] + len(channel_bytes))
     for part in parts:
         offsets.append(offsets[-1] + len(part))
-    head = struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets)
-    return b"".join([head, channel_bytes, *parts])
+    return struct.pack(f"<{len(offsets) + 1}Q", len(offsets), *offsets) + channel_bytes
 
 
 def deserialize_ws_v1(data: bytes | memoryview) -> tuple[str, list[memoryview]]:

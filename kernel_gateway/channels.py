@@ -9,17 +9,20 @@ from __future__ import annotations
 
 import json
 import logging
+import struct
 import uuid
+from collections.abc import Sequence
 from typing import Any
 
 from tornado import websocket
+from tornado.iostream import StreamClosedError
 
 from jupyter_gpu.protocol import (
     KERNEL_WS_PROTOCOL_V1,
     deserialize_ws_legacy_binary,
     deserialize_ws_v1,
     serialize_ws_legacy_binary,
-    serialize_ws_v1,
+    ws_v1_prefix,
 )
 
 from .gateway import NotFound
@@ -33,15 +36,37 @@ class MalformedMessage(ValueError):
     pass
 
 
-class _ClearTooBigProtocol(websocket.WebSocketProtocol13):
-    """Tornado closes an oversized message with a bare "message too big"; say the limit."""
+class _GatewayProtocol(websocket.WebSocketProtocol13):
+    """Tornado's protocol, saying the limit when it closes an oversized message (its own
+    reason is a bare "message too big"), and writing binary messages without copies."""
 
     def close(self, code: int | None = None, reason: str | None = None) -> None:
         if code == 1009:
             limit = self.params.max_message_size
-            # Exact bytes: rounding to whole MiB misstated limits such as 1,000,000 as "1 MiB".
+            # exact bytes: a limit such as 1,000,000 is not "1 MiB"
             reason = f"message over the gateway limit of {limit:,} bytes (GatewayApp.max_message_size)"
         super().close(code, reason)
+
+    def write_binary_parts(self, parts: Sequence[Part]) -> None:
+        """One binary message written as its parts: tornado's write_message would need them
+        joined and then copies them once more behind the frame header, two copies of every
+        byte of output; the stream keeps large parts as views instead."""
+        length = sum(len(part) for part in parts)
+        if length < 126:
+            head = struct.pack("!BB", self.FIN | 0x2, length)
+        elif length <= 0xFFFF:
+            head = struct.pack("!BBH", self.FIN | 0x2, 126, length)
+        else:
+            head = struct.pack("!BBQ", self.FIN | 0x2, 127, length)
+        self._message_bytes_out += length
+        self._wire_bytes_out += len(head) + length
+        try:
+            self.stream.write(head)
+            for part in parts:
+                if len(part):
+                    self.stream.write(part)
+        except StreamClosedError:
+            raise websocket.WebSocketClosedError() from None
 
 
 class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
@@ -55,7 +80,7 @@ class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
     def get_websocket_protocol(self) -> websocket.WebSocketProtocol | None:
         protocol = super().get_websocket_protocol()
         if isinstance(protocol, websocket.WebSocketProtocol13):
-            return _ClearTooBigProtocol(self, False, protocol.params)
+            return _GatewayProtocol(self, False, protocol.params)
         return protocol
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
@@ -152,8 +177,9 @@ class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
     def send(self, message: RelayedMessage) -> None:
         if self.ws_connection is None or self.ws_connection.is_closing():
             return
-        if self.binary:
-            self.write_message(serialize_ws_v1(message.channel, message.parts), binary=True)
+        if self.binary and isinstance(self.ws_connection, _GatewayProtocol):
+            parts = message.parts
+            self.ws_connection.write_binary_parts([ws_v1_prefix(message.channel, parts), *parts])
         elif len(message.parts) > 4:
             msg = _message_dict(message)
             self.write_message(serialize_ws_legacy_binary(msg, [bytes(b) for b in message.parts[4:]]), binary=True)

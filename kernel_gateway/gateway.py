@@ -11,7 +11,7 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-import zmq.asyncio
+import zmq
 
 from jupyter_gpu.protocol import (
     GRANTED,
@@ -68,9 +68,10 @@ class Gateway:
         self.heartbeat_interval = heartbeat_interval
         self.relays: dict[str, KernelRelay] = {}
         self._relay_ready: dict[str, asyncio.Task[KernelRelay]] = {}
-        self.zmq_context = zmq.asyncio.Context()
+        self.zmq_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # relays being closed after their lease
+        self._preconnecting: set[asyncio.Task[None]] = set()
         self.started_at = time.time()
         service.listeners.append(self._on_pool_action)
 
@@ -84,6 +85,8 @@ class Gateway:
     async def stop(self, reason: str) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
+        for task in self._preconnecting:
+            task.cancel()  # their kernels are about to die: waiting for them helps nobody
         await self.service.stop(reason)
         for relay in list(self.relays.values()):
             await relay.close(1001, CLOSE_REASONS.get(reason, reason))
@@ -230,7 +233,11 @@ class Gateway:
             self.replay_limit_bytes,
             on_activity=lambda busy: self.service.kernel_activity(kernel_id, busy),
         )
-        await relay.connect()
+        try:
+            await relay.connect()
+        except BaseException:
+            await relay.close()  # its sockets and streams must not outlive a failed connect
+            raise
         if self.service.lease_for_kernel(kernel_id) is None:
             # The lease ended while we connected: nobody would ever close this relay.
             await relay.close()
@@ -243,6 +250,11 @@ class Gateway:
     def _on_pool_action(self, action: Action) -> None:
         if isinstance(action, LeaseGranted):
             self.metering.record(action.lease, self.pool.price(action.lease.gpu_type))
+            # Connect to the kernel now, while the client reads the grant: its first
+            # websocket then finds IOPub already subscribed.
+            task = asyncio.get_running_loop().create_task(self._preconnect(action.lease.slot_id or ""))
+            self._preconnecting.add(task)
+            task.add_done_callback(self._preconnecting.discard)
         elif isinstance(action, LeaseEnded):
             lease = action.lease
             self.metering.record(lease, self.pool.price(lease.gpu_type))
@@ -258,6 +270,14 @@ class Gateway:
                 task = asyncio.get_running_loop().create_task(relay.close(code, why))
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
+
+    async def _preconnect(self, kernel_id: str) -> None:
+        try:
+            await self.relay_for(kernel_id)
+        except NotFound:
+            pass  # the lease ended already
+        except Exception:  # the client's own connect will retry and report
+            log.warning("could not pre-connect to kernel %s", kernel_id, exc_info=True)
 
     async def _beat(self) -> None:
         while True:

@@ -10,6 +10,7 @@ bounded buffer and replayed when it reconnects with the same session id.
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import json
@@ -22,7 +23,7 @@ from datetime import UTC, datetime
 from typing import Any, Protocol
 
 import zmq
-import zmq.asyncio
+from zmq.eventloop.zmqstream import ZMQStream
 
 log = logging.getLogger(__name__)
 
@@ -139,7 +140,7 @@ class KernelRelay:
         self,
         kernel_id: str,
         connection_info: dict[str, Any],
-        context: zmq.asyncio.Context,
+        context: zmq.Context[zmq.Socket[bytes]],
         replay_limit_bytes: int,
         on_activity: Callable[[bool], None],
     ) -> None:
@@ -153,11 +154,11 @@ class KernelRelay:
         # The gateway's own session: kernel_info nudges and notices; never routed to clients.
         self.session = uuid.uuid4().hex
         self.sessions: dict[str, ClientSession] = {}
-        self.sockets: dict[str, zmq.asyncio.Socket] = {}
+        self.sockets: dict[str, zmq.Socket[bytes]] = {}
+        self.streams: dict[str, ZMQStream] = {}
         self.execution_state = "idle"
         self.in_flight: dict[str, tuple[str, bytes]] = {}  # execute msg_id -> (session, header)
         self.messages_relayed = 0
-        self._tasks: list[asyncio.Task[None]] = []
         self._iopub_seen = asyncio.Event()
         self.closed = False
 
@@ -185,9 +186,12 @@ class KernelRelay:
         iopub.setsockopt(zmq.SUBSCRIBE, b"")
         iopub.connect(url("iopub"))
         self.sockets["iopub"] = iopub
-        loop = asyncio.get_running_loop()
         for channel, socket in self.sockets.items():
-            self._tasks.append(loop.create_task(self._pump(channel, socket)))
+            # ZMQStream drains every message ready on the socket per wake-up; awaiting
+            # recv_multipart would cost a future and a loop turn per message.
+            stream = ZMQStream(socket)
+            stream.on_recv(functools.partial(self._receive, channel), copy=False)
+            self.streams[channel] = stream
         await self._nudge(timeout)
 
     async def _nudge(self, timeout: float) -> None:
@@ -203,7 +207,7 @@ class KernelRelay:
             if remaining <= 0:
                 raise TimeoutError(f"kernel {self.kernel_id} did not answer on IOPub within {timeout:.0f} s")
             try:
-                await asyncio.wait_for(self._iopub_seen.wait(), min(0.05, remaining))
+                await asyncio.wait_for(self._iopub_seen.wait(), min(0.005, remaining))
             except TimeoutError:
                 continue
 
@@ -253,22 +257,18 @@ class KernelRelay:
         for part in parts[:4]:
             signer.update(part)
         signature = signer.hexdigest().encode() if self.key else b""
-        future = self.sockets[channel].send_multipart([DELIMITER, signature, *parts], copy=False)
-        if isinstance(future, asyncio.Future):
-            future.add_done_callback(_log_send_failure)
+        try:
+            self.sockets[channel].send_multipart([DELIMITER, signature, *parts], copy=False, flags=zmq.NOBLOCK)
+        except zmq.Again:  # the kernel is not reading: let the stream queue it
+            self.streams[channel].send_multipart([DELIMITER, signature, *parts], copy=False)
 
     # --- from the kernel ------------------------------------------------------------------
 
-    async def _pump(self, channel: str, socket: zmq.asyncio.Socket) -> None:
-        while True:
-            try:
-                frames = await socket.recv_multipart(copy=False)
-            except (asyncio.CancelledError, zmq.ZMQError):
-                return
-            try:
-                self._dispatch(channel, frames)
-            except Exception:  # one odd message must not stop the relay
-                log.exception("could not relay a %s message from kernel %s", channel, self.kernel_id)
+    def _receive(self, channel: str, frames: list[zmq.Frame]) -> None:
+        try:
+            self._dispatch(channel, frames)
+        except Exception:  # one odd message must not stop the relay
+            log.exception("could not relay a %s message from kernel %s", channel, self.kernel_id)
 
     def _dispatch(self, channel: str, frames: list[zmq.Frame]) -> None:
         start = next(i for i, frame in enumerate(frames) if len(frame) == len(DELIMITER) and frame.bytes == DELIMITER)
@@ -341,11 +341,8 @@ class KernelRelay:
         for session in self.sessions.values():
             for connection in list(session.connections):
                 connection.close_connection(code, reason)
-        for task in self._tasks:
-            task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
-        for socket in self.sockets.values():
-            socket.close(linger=0)
+        for stream in self.streams.values():
+            stream.close(linger=0)
 
 
 def _droppable(message: RelayedMessage) -> bool:
@@ -360,8 +357,3 @@ def _size(nbytes: int) -> str:
         if nbytes < scale * 1000:
             return f"{nbytes / scale:.1f} {unit}"
     return f"{nbytes / 1e9:.1f} GB"
-
-
-def _log_send_failure(future: asyncio.Future[Any]) -> None:
-    if not future.cancelled() and future.exception() is not None:
-        log.error("sending to a kernel failed: %s", future.exception())

@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+import zmq.asyncio
 from jupyter_client.manager import AsyncKernelManager
 
 from .model import StartKernel
@@ -87,6 +88,7 @@ class LocalKernelBackend(KernelBackend):
         self.poll_interval = poll_interval
         self._managers: dict[str, AsyncKernelManager] = {}
         self._watcher: asyncio.Task[None] | None = None
+        self._zmq_context = zmq.asyncio.Context()
 
     async def start_kernel(self, request: StartKernel) -> KernelInfo:
         # The gateway's own secrets (its token, user file settings) are no business of a
@@ -100,7 +102,9 @@ class LocalKernelBackend(KernelBackend):
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["JUPYTER_GPU_TYPE"] = request.gpu_type
         env["JUPYTER_GPU_SLOT"] = request.slot_id
-        manager = AsyncKernelManager(kernel_name=self.kernel_name)
+        # One ZMQ context for all kernel managers: each would otherwise start its own I/O
+        # thread and allocator arenas, which stay with the gateway process after the kernel.
+        manager = AsyncKernelManager(kernel_name=self.kernel_name, context=self._zmq_context)
         self._managers[request.slot_id] = manager
         try:
             await manager.start_kernel(env=env, extra_arguments=list(KERNEL_ARGUMENTS))
@@ -169,3 +173,4 @@ class LocalKernelBackend(KernelBackend):
         await asyncio.gather(*(self.kill_kernel(slot_id) for slot_id in list(self._managers)))
         if self._watcher is not None:
             self._watcher.cancel()
+        self._zmq_context.destroy(linger=0)
