@@ -257,10 +257,10 @@ class KernelRelay:
         for part in parts[:4]:
             signer.update(part)
         signature = signer.hexdigest().encode() if self.key else b""
-        try:
-            self.sockets[channel].send_multipart([DELIMITER, signature, *parts], copy=False, flags=zmq.NOBLOCK)
-        except zmq.Again:  # the kernel is not reading: let the stream queue it
-            self.streams[channel].send_multipart([DELIMITER, signature, *parts], copy=False)
+        # Through the stream, never the socket itself: a direct send can swallow the
+        # edge-triggered wake-up of a reply arriving at that moment, and the stream would
+        # then never read it.
+        self.streams[channel].send_multipart([DELIMITER, signature, *parts], copy=False)
 
     # --- from the kernel ------------------------------------------------------------------
 
