@@ -65,3 +65,8 @@ def test_pip_install_alone_enables_the_lab_and_the_server_extension(wheel: Path,
     server = jupyter("server", "extension", "list")
     assert "jupyter_gpu enabled" in " ".join(server.replace("\x1b[32m", "").replace("\x1b[0m", "").split())
     assert f"jupyter_gpu {jupyter_gpu.__version__} OK" in server.replace("\x1b[32m", "").replace("\x1b[0m", "")
+
+
+def test_the_npm_package_and_the_python_package_share_one_version() -> None:
+    # the extension's version shows in `jupyter labextension list`; it is kept by hand in package.json
+    assert json.loads((ROOT / "package.json").read_text())["version"] == jupyter_gpu.__version__
