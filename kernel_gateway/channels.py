@@ -36,6 +36,10 @@ class MalformedMessage(ValueError):
     pass
 
 
+#: parts at least this large are written as views rather than copied into one buffer
+LARGE_PART = 64 * 1024
+
+
 class _GatewayProtocol(websocket.WebSocketProtocol13):
     """Tornado's protocol, saying the limit when it closes an oversized message (its own
     reason is a bare "message too big"), and writing binary messages without copies."""
@@ -60,11 +64,20 @@ class _GatewayProtocol(websocket.WebSocketProtocol13):
             head = struct.pack("!BBQ", self.FIN | 0x2, 127, length)
         self._message_bytes_out += length
         self._wire_bytes_out += len(head) + length
+        # Small parts are gathered into one write (each write is a send() when the socket is
+        # idle); large ones go as views, uncopied.
+        pending = bytearray(head)
         try:
-            self.stream.write(head)
             for part in parts:
-                if len(part):
-                    self.stream.write(part)
+                if len(part) < LARGE_PART:
+                    pending += part
+                    continue
+                if pending:
+                    self.stream.write(memoryview(pending))
+                    pending = bytearray()
+                self.stream.write(part)
+            if pending:
+                self.stream.write(memoryview(pending))
         except StreamClosedError:
             raise websocket.WebSocketClosedError() from None
 
