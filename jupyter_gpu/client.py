@@ -130,8 +130,8 @@ class GatewayClient:
     def interrupt(self, kernel_id: str) -> None:
         self.request("POST", f"/api/kernels/{kernel_id}/interrupt", {})
 
-    def open_channel(self, kernel_id: str) -> KernelChannel:
-        return KernelChannel.open(self.config, kernel_id)
+    def open_channel(self, kernel_id: str, session_id: str | None = None) -> KernelChannel:
+        return KernelChannel.open(self.config, kernel_id, session_id)
 
 
 class _BulkClientConnection(ClientConnection):
@@ -206,6 +206,11 @@ class KernelChannel:
     def close_reason(self) -> str:
         rcvd = self.ws.protocol.close_rcvd
         return rcvd.reason if rcvd is not None else ""
+
+    @property
+    def closed_by_gateway(self) -> bool:
+        """The gateway closed the socket on purpose (lease ended), as opposed to a lost connection."""
+        return self.ws.protocol.close_rcvd is not None
 
     def close(self) -> None:
         try:

@@ -237,12 +237,29 @@ class RemoteSession:
                 self.client.interrupt(self.lease["kernel_id"])
                 deadline = time.monotonic() + 10
             except ConnectionClosed:
-                raise LeaseGone(self.channel.close_reason() or "the connection to the GPU kernel closed",
-                                executed=True) from None
+                if not self._reconnect():
+                    raise LeaseGone(self.channel.close_reason() or "the connection to the GPU kernel closed",
+                                    executed=True) from None
         if interrupted_for == "keyboard":
             raise KeyboardInterrupt
         if interrupted_for == "timeout":
             relay.timed_out = True
+
+    def _reconnect(self, patience: float = 10.0) -> bool:
+        """After a lost connection, come back under the same session id: the gateway kept
+        what the kernel sent meanwhile and replays it. False when the lease is over."""
+        if self.channel.closed_by_gateway:
+            return False
+        deadline = time.monotonic() + patience
+        while time.monotonic() < deadline:
+            try:
+                if self.client.get_lease(self.lease_id).get("state") != "granted":
+                    return False
+                self.channel = self.client.open_channel(self.lease["kernel_id"], self.channel.session_id)
+                return True
+            except GatewayError:
+                time.sleep(0.5)
+        return False
 
     def _bind_pulled(self, values: list[dict[str, Any]], buffers: list[Any], ns: dict[str, Any]) -> None:
         for item in values:

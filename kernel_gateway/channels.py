@@ -187,17 +187,22 @@ class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
 
     # --- ClientConnection -----------------------------------------------------------------
 
-    def send(self, message: RelayedMessage) -> None:
+    def send(self, message: RelayedMessage) -> bool:
         if self.ws_connection is None or self.ws_connection.is_closing():
-            return
-        if self.binary and isinstance(self.ws_connection, _GatewayProtocol):
-            parts = message.parts
-            self.ws_connection.write_binary_parts([ws_v1_prefix(message.channel, parts), *parts])
-        elif len(message.parts) > 4:
-            msg = _message_dict(message)
-            self.write_message(serialize_ws_legacy_binary(msg, [bytes(b) for b in message.parts[4:]]), binary=True)
-        else:
-            self.write_message(_json_frame(message))
+            return False
+        try:
+            if self.binary and isinstance(self.ws_connection, _GatewayProtocol):
+                parts = message.parts
+                self.ws_connection.write_binary_parts([ws_v1_prefix(message.channel, parts), *parts])
+            elif len(message.parts) > 4:
+                msg = _message_dict(message)
+                buffers = [bytes(b) for b in message.parts[4:]]
+                self.write_message(serialize_ws_legacy_binary(msg, buffers), binary=True)
+            else:
+                self.write_message(_json_frame(message))
+        except websocket.WebSocketClosedError:
+            return False
+        return True
 
     def close_connection(self, code: int, reason: str) -> None:
         self.close(code, reason[:120])

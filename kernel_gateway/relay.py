@@ -49,7 +49,9 @@ class RelayedMessage:
 class ClientConnection(Protocol):
     """What the relay needs of a websocket: send a message, close with a reason."""
 
-    def send(self, message: RelayedMessage) -> None: ...
+    def send(self, message: RelayedMessage) -> bool:
+        """Hand the message to the socket; False when it is closing and cannot take it."""
+        ...
 
     def close_connection(self, code: int, reason: str) -> None: ...
 
@@ -84,9 +86,10 @@ class ClientSession:
         self.ever_connected = False
 
     def deliver(self, message: RelayedMessage) -> None:
-        if self.connections:
-            for connection in self.connections:
-                connection.send(message)
+        # A socket that is closing (its client vanished, on_close not run yet) cannot take
+        # the message: keep it for the reconnect instead of losing it.
+        delivered = [connection.send(message) for connection in self.connections]
+        if any(delivered):
             return
         if not self.ever_connected:
             return

@@ -334,3 +334,20 @@ def test_pulled_arrays_are_writable(local_kernel: LocalKernel) -> None:
     local_kernel.run("%%gpu cpu\nimport numpy as np\nsmall = np.zeros(10)")
     reply, outputs = local_kernel.run("small[0] = 5\nprint(small[0])")
     assert reply["status"] == "ok" and streamed(outputs) == "5.0\n"
+
+
+def test_a_dropped_connection_mid_cell_reconnects_and_loses_no_output(local_kernel: LocalKernel) -> None:
+    local_kernel.run("%%gpu cpu\nready = True")
+    # Cut the notebook's TCP connection to the gateway one second into the next cell.
+    local_kernel.run(
+        "import socket, threading\n"
+        "session = get_ipython().magics_manager.registry['GpuMagics'].sessions['cpu']\n"
+        "threading.Timer(1.0, lambda: session.channel.ws.socket.shutdown(socket.SHUT_RDWR)).start()"
+    )
+    reply, outputs = local_kernel.run(
+        "%%gpu cpu\nimport time\nfor i in range(30):\n    print(i, flush=True)\n    time.sleep(0.1)\nafter = 'kept'"
+    )
+    assert reply["status"] == "ok"
+    assert [int(line) for line in streamed(outputs).split()] == list(range(30))
+    _, outputs = local_kernel.run("print(after)")
+    assert streamed(outputs) == "kept\n"  # the values still came back over the new connection
