@@ -19,6 +19,7 @@ from traitlets import Bool, Float, Int, Unicode, default
 from jupyter_gpu import __version__
 from jupyter_gpu.protocol import REASON_GATEWAY_RESTART, TOKEN_ENV
 from pool_manager.manager import PoolManager
+from pool_manager.service import PoolService
 
 from . import handlers as h
 from .auth import TokenAuthenticator
@@ -140,11 +141,14 @@ class GatewayApp(JupyterApp):
     def start(self) -> None:
         level = int(str(self.log_level)) if str(self.log_level).isdigit() else str(self.log_level)
         logging.basicConfig(level=level, format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s", force=True)
-        try:
-            asyncio.run(self.serve())
-        except ValueError as exc:  # configuration errors: one clear line, no traceback
+        try:  # configuration errors: one clear line, no traceback
+            authenticator = self.authenticator()
+            pool = PoolManager(parent=self)
+            service = pool.build_service()
+        except ValueError as exc:
             self.log.critical("%s", exc)
             self.exit(2)
+        asyncio.run(self.serve(authenticator, pool, service))
 
     def authenticator(self) -> TokenAuthenticator:
         users = self.users or (default_users_file() if os.path.exists(default_users_file()) else "")
@@ -166,11 +170,9 @@ class GatewayApp(JupyterApp):
             )
         return TokenAuthenticator.single_user(token)
 
-    async def serve(self) -> None:
-        authenticator = self.authenticator()
+    async def serve(self, authenticator: TokenAuthenticator, pool: PoolManager, service: PoolService) -> None:
         Path(self.db).parent.mkdir(parents=True, exist_ok=True)
-        pool = PoolManager(parent=self)
-        gateway = Gateway(pool, pool.build_service(), MeteringStore(self.db), self.replay_buffer_bytes)
+        gateway = Gateway(pool, service, MeteringStore(self.db), self.replay_buffer_bytes)
         app = make_app(
             gateway,
             authenticator,
@@ -178,6 +180,8 @@ class GatewayApp(JupyterApp):
             kernel_request_timeout=self.kernel_request_timeout,
         )
         sockets = netutil.bind_sockets(self.port, address=self.ip)
+        # Bodies past this are cut off by tornado itself; handlers answer 413 above MAX_BODY_BYTES
+        # with a message, so the hard limit only needs to stop a runaway upload.
         server = httpserver.HTTPServer(app, max_body_size=h.MAX_BODY_BYTES * 16)
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]

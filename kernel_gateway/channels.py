@@ -98,7 +98,12 @@ class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         exc = kwargs.get("exc_info", (None, None, None))[1]
-        message, reason = (exc.message, exc.error_reason) if isinstance(exc, ApiError) else ("error", "error")
+        if isinstance(exc, ApiError):
+            message, reason = exc.message, exc.error_reason
+        else:  # never a traceback to the client: log it under an id the operator can find
+            incident = uuid.uuid4().hex[:8]
+            log.error("internal error %s opening %s", incident, self.request.path, exc_info=kwargs.get("exc_info"))
+            message, reason = f"internal error {incident}: see the gateway log", "internal_error"
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps({"message": message, "reason": reason}))
 
