@@ -132,9 +132,5 @@ def describe(value: Any, nbytes: int | None = None) -> dict[str, Any]:
     size = nbytes if nbytes is not None else getattr(value, "nbytes", None)
     if isinstance(size, int):
         info["nbytes"] = size
-    try:
-        text = repr(value)
-    except Exception:
-        text = f"<{kind.__name__}>"
-    info["repr"] = text if len(text) <= 200 else text[:197] + "..."
+    # No repr(): it can cost milliseconds (a large DataFrame) on every pulled value.
     return info
