@@ -16,6 +16,8 @@ from typing import Any
 import cloudpickle
 import xxhash
 
+from . import write_tracking
+
 PROTOCOL = 5
 
 
@@ -96,25 +98,41 @@ def _digest(piece: memoryview) -> bytes:
     return xxhash.xxh3_128(piece).digest()
 
 
-def fingerprint(data: bytes | memoryview, buffers: list[memoryview]) -> str:
-    """Content hash of a pickled value, to avoid sending what the other side already has.
-
-    The same value gives the same fingerprint on both sides: the stream, then each buffer
-    as the digests of its HASH_PIECE-sized pieces.
-    """
+def _piece_digests(views: list[memoryview]) -> list[bytes]:
+    """Per view, the digests of its HASH_PIECE-sized pieces, concatenated; pieces on all cores."""
     global _hash_pool
-    hasher = xxhash.xxh3_128()
-    hasher.update(data)
-    pieces = [view[i : i + HASH_PIECE] for view in (memoryview(b).cast("B") for b in buffers)
+    pieces = [(n, view[i : i + HASH_PIECE]) for n, view in enumerate(views)
               for i in range(0, max(1, len(view)), HASH_PIECE)]
     if len(pieces) > 1:
         if _hash_pool is None:
             _hash_pool = ThreadPoolExecutor(max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="jupyter-gpu-hash")
-        digests = list(_hash_pool.map(_digest, pieces))
+        digests = list(_hash_pool.map(_digest, [piece for _, piece in pieces]))
     else:
-        digests = [_digest(piece) for piece in pieces]
-    for digest in digests:
-        hasher.update(digest)
+        digests = [_digest(piece) for _, piece in pieces]
+    joined: list[list[bytes]] = [[] for _ in views]
+    for (n, _), digest in zip(pieces, digests, strict=True):
+        joined[n].append(digest)
+    return [b"".join(parts) for parts in joined]
+
+
+def fingerprint(data: bytes | memoryview, buffers: list[memoryview]) -> str:
+    """Content hash of a pickled value, to avoid sending what the other side already has.
+
+    The same value gives the same fingerprint on both sides: the stream, then each buffer
+    as the digests of its HASH_PIECE-sized pieces. A large buffer nothing wrote to since
+    its last hash is not read again (write_tracking), which makes re-running a cell over
+    an unchanged gigabyte cost microseconds instead of a pass over memory.
+    """
+    hasher = xxhash.xxh3_128()
+    hasher.update(data)
+    views = [memoryview(b).cast("B") for b in buffers]
+    tracked = {n: view for n, view in enumerate(views) if len(view) >= write_tracking.TRACK_MIN_BYTES}
+    untracked = iter(_piece_digests([view for n, view in enumerate(views) if n not in tracked]))
+    for n, view in enumerate(views):
+        if n in tracked:
+            hasher.update(write_tracking.tracker.digest(view, lambda v: _piece_digests([v])[0]))
+        else:
+            hasher.update(next(untracked))
     return hasher.hexdigest()
 
 

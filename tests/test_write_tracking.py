@@ -1,0 +1,146 @@
+"""Large buffers are not re-read when nothing wrote to them, and every kind of write is seen."""
+
+from __future__ import annotations
+
+import mmap
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+
+import numpy as np
+import pytest
+import xxhash
+
+from jupyter_gpu import serialize, write_tracking
+from jupyter_gpu.write_tracking import TRACK_MIN_BYTES, WriteTracker
+
+N = TRACK_MIN_BYTES // 8
+
+
+class Counting:
+    """A digest function that counts how often it had to read the buffer."""
+
+    def __init__(self) -> None:
+        self.reads = 0
+
+    def __call__(self, view: memoryview) -> bytes:
+        self.reads += 1
+        return xxhash.xxh3_128(view).digest()
+
+
+@pytest.fixture
+def tracker() -> Iterator[WriteTracker]:
+    tracker = WriteTracker()
+    if not tracker.available:
+        pytest.skip(f"this kernel cannot track writes: {tracker._unavailable}")
+    yield tracker
+
+
+def view_of(array: np.ndarray) -> memoryview:
+    return memoryview(array).cast("B")
+
+
+def test_unchanged_buffer_is_read_once(tracker: WriteTracker) -> None:
+    array = np.arange(N, dtype=np.float64)
+    digest = Counting()
+    first = tracker.digest(view_of(array), digest)
+    for _ in range(3):
+        assert tracker.digest(view_of(array), digest) == first
+    assert digest.reads == 1
+
+
+@pytest.mark.parametrize("write", [
+    lambda a: a.__setitem__(N // 2, -1.0),
+    lambda a: a.__setitem__(N - 1, -1.0),  # the last page, which the buffer shares with nothing
+    lambda a: a.__iadd__(1.0),
+    lambda a: np.copyto(a[:10], 7.0),
+])
+def test_any_write_in_place_is_seen(tracker: WriteTracker, write: object) -> None:
+    array = np.ones(N)
+    digest = Counting()
+    before = tracker.digest(view_of(array), digest)
+    write(array)  # type: ignore[operator]
+    after = tracker.digest(view_of(array), digest)
+    assert digest.reads == 2
+    assert after != before
+    assert after == xxhash.xxh3_128(view_of(array)).digest()
+
+
+def test_writes_by_the_operating_system_are_seen(tracker: WriteTracker) -> None:
+    array = np.ones(N)
+    digest = Counting()
+    before = tracker.digest(view_of(array), digest)
+    with tempfile.TemporaryFile() as source:
+        source.write(b"\x07" * 10000)
+        source.seek(0)
+        source.readinto(view_of(array)[5000:15000])  # type: ignore[attr-defined]
+    assert tracker.digest(view_of(array), digest) != before
+
+
+def test_pages_never_touched_before_are_protected_too(tracker: WriteTracker) -> None:
+    array = np.zeros(N)  # calloc: fresh pages, not faulted in yet
+    digest = Counting()
+    before = tracker.digest(view_of(array), digest)
+    array[N // 3] = 5.0
+    assert tracker.digest(view_of(array), digest) != before
+
+
+def test_a_new_array_at_the_same_address_is_hashed_again(tracker: WriteTracker) -> None:
+    digest = Counting()
+    array = np.ones(N)
+    tracker.digest(view_of(array), digest)
+    del array
+    other = np.full(N, 2.0)  # the allocator is free to hand back the same address
+    assert tracker.digest(view_of(other), digest) == xxhash.xxh3_128(view_of(other)).digest()
+    assert digest.reads == 2
+
+
+def test_write_from_another_thread_is_seen(tracker: WriteTracker) -> None:
+    array = np.ones(N)
+    digest = Counting()
+    before = tracker.digest(view_of(array), digest)
+    thread = threading.Thread(target=array.__setitem__, args=(123, 9.0))
+    thread.start()
+    thread.join()
+    assert tracker.digest(view_of(array), digest) != before
+
+
+@pytest.mark.parametrize("flags", [mmap.MAP_SHARED, mmap.MAP_PRIVATE])
+def test_file_mappings_are_tracked(tracker: WriteTracker, flags: int) -> None:
+    """How the GPU kernel maps values staged in a file: shared, or private (copy on write)."""
+    with tempfile.TemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as staged:
+        staged.truncate(TRACK_MIN_BYTES)
+        mapping = mmap.mmap(staged.fileno(), TRACK_MIN_BYTES, flags=flags)
+    array = np.frombuffer(mapping, dtype=np.float64)
+    digest = Counting()
+    before = tracker.digest(view_of(array), digest)
+    assert tracker.digest(view_of(array), digest) == before
+    assert digest.reads == 1
+    array[N // 2] = 3.0  # a page that was never faulted in
+    assert tracker.digest(view_of(array), digest) != before
+    del array
+
+
+def test_fingerprint_is_the_same_with_and_without_tracking(tracker: WriteTracker,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both sides must agree on a value's fingerprint, whichever of them can track writes."""
+    value = {"big": np.arange(N + 3, dtype=np.float64), "small": np.arange(10)}
+    monkeypatch.setattr(write_tracking, "tracker", tracker)
+    tracked = serialize.fingerprint(*serialize.dump(value))
+    assert serialize.fingerprint(*serialize.dump(value)) == tracked
+    monkeypatch.setattr(write_tracking, "TRACK_MIN_BYTES", 2**62)
+    assert serialize.fingerprint(*serialize.dump(value)) == tracked
+    value["big"][7] = 0.5
+    monkeypatch.setattr(write_tracking, "TRACK_MIN_BYTES", TRACK_MIN_BYTES)
+    assert serialize.fingerprint(*serialize.dump(value)) != tracked
+
+
+def test_unavailable_tracking_falls_back_to_hashing() -> None:
+    tracker = WriteTracker()
+    tracker._unavailable = "pretend this kernel is too old"
+    digest = Counting()
+    array = np.ones(N)
+    tracker.digest(view_of(array), digest)
+    tracker.digest(view_of(array), digest)
+    assert digest.reads == 2
