@@ -21,6 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
 from .protocol import KERNEL_WS_PROTOCOL_V1, TOKEN_ENV, URL_ENV, deserialize_ws_v1, serialize_ws_v1
+from .transfer import UPLOAD_PROTOCOL
 
 
 class GatewayError(RuntimeError):
@@ -93,12 +94,7 @@ class GatewayClient:
                         f"check that it runs and that {URL_ENV} is right"
                     ) from None
         if response.status >= 400:
-            try:
-                error = json.loads(data)
-                message, reason = error.get("message", ""), error.get("reason", "")
-            except ValueError:
-                message, reason = data.decode(errors="replace")[:200], ""
-            raise GatewayError(message or f"HTTP {response.status}", response.status, reason)
+            raise _gateway_error(response.status, data)
         return json.loads(data) if data else None
 
     def close(self) -> None:
@@ -132,6 +128,74 @@ class GatewayClient:
 
     def open_channel(self, kernel_id: str, session_id: str | None = None) -> KernelChannel:
         return KernelChannel.open(self.config, kernel_id, session_id)
+
+    def upload(self, kernel_id: str, blob: Any, timeout: float = 60.0) -> str:
+        """Send one large buffer to the kernel's staging directory; returns its upload id.
+
+        One HTTP/1.1 Upgrade request: the gateway checks token, kernel and size and answers
+        101, then the raw bytes follow (sent from the buffer itself, no copy in Python) and
+        the gateway writes back one JSON line once all of them are in the file. Raises
+        GatewayError, with ``reason == "unsupported"`` where the gateway cannot stage.
+        """
+        view = memoryview(blob).cast("B")
+        port = self._parsed.port or (443 if self._parsed.scheme == "https" else 80)
+        host = self._parsed.hostname or ""
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise GatewayError(f"the gateway at {self.config.url} does not answer ({exc})") from None
+        try:
+            if self._parsed.scheme == "https":
+                import ssl
+
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            request = (
+                f"GET {self._parsed.path}/api/kernels/{kernel_id}/upload?nbytes={len(view)} HTTP/1.1\r\n"
+                f"Host: {self._parsed.netloc}\r\nAuthorization: token {self.config.token}\r\n"
+                f"Connection: Upgrade\r\nUpgrade: {UPLOAD_PROTOCOL}\r\n\r\n"
+            )
+            sock.sendall(request.encode())
+            reader = sock.makefile("rb")
+            status, headers = _read_head(reader)
+            if status != 101:
+                body = reader.read(int(headers.get("content-length", "0") or 0))
+                raise _gateway_error(status, body)
+            sock.settimeout(timeout + len(view) / 50e6)  # a total for sendall: scale it with the size
+            sock.sendall(view)  # the gateway reads exactly len(view) bytes
+            line = reader.readline(64 * 1024)
+            result = json.loads(line) if line else {"message": "the gateway closed the upload", "reason": "lost"}
+            if "upload" not in result:
+                raise GatewayError(result.get("message", "upload failed"), 500, result.get("reason", ""))
+            return str(result["upload"])
+        except (OSError, ValueError) as exc:
+            raise GatewayError(f"upload of {len(view)} bytes to the gateway at {self.config.url} failed: "
+                               f"{type(exc).__name__}: {exc}", 0, "lost") from None
+        finally:
+            sock.close()
+
+
+def _read_head(reader: Any) -> tuple[int, dict[str, str]]:
+    """Status and headers (names lower-cased) of an HTTP/1.1 response."""
+    status_line = reader.readline(64 * 1024).decode("latin-1")
+    parts = status_line.split(" ", 2)
+    if len(parts) < 2 or not parts[1].isdigit():
+        raise ValueError(f"not an HTTP response: {status_line[:80]!r}")
+    headers: dict[str, str] = {}
+    while True:
+        line = reader.readline(64 * 1024).decode("latin-1").strip()
+        if not line:
+            return int(parts[1]), headers
+        name, _, value = line.partition(":")
+        headers[name.strip().lower()] = value.strip()
+
+
+def _gateway_error(status: int, data: bytes) -> GatewayError:
+    try:
+        error = json.loads(data)
+        message, reason = error.get("message", ""), error.get("reason", "")
+    except ValueError:
+        message, reason = data.decode(errors="replace")[:200], ""
+    return GatewayError(message or f"HTTP {status}", status, reason)
 
 
 class _BulkClientConnection(ClientConnection):

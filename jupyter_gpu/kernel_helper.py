@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import ast
 import importlib
+import os
 import types
 from typing import Any
 
 from . import serialize
 from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY
-from .transfer import Assembler, split
+from .transfer import STAGING_DIR_ENV, Assembler, split
 
 _ERROR_NAME = "__jupyter_gpu_push_error__"
 
@@ -43,7 +44,9 @@ class KernelHelper:
         self.shell = shell
         self.comm: Any = None
         self.push_error: str | None = None
-        self._incoming = Assembler()
+        # Where the gateway puts uploaded buffers for this kernel (set by the kernel backend).
+        self._staging_dir = os.environ.get(STAGING_DIR_ENV)
+        self._incoming = Assembler(self._staging_dir)
         self._values: list[dict[str, Any]] = []
 
     def register(self) -> None:
@@ -67,10 +70,10 @@ class KernelHelper:
             self._incoming.feed(data, list(msg.get("buffers") or []))
             if self._incoming.complete:
                 self._bind(self._values)
-                self._incoming = Assembler()
+                self._incoming = Assembler(self._staging_dir)
         except Exception as exc:
             self.push_error = f"the GPU kernel could not take the pushed variables: {type(exc).__name__}: {exc}"
-            self._incoming = Assembler()
+            self._incoming = Assembler(self._staging_dir)
 
     def _bind(self, values: list[dict[str, Any]]) -> None:
         ns = self.shell.user_ns

@@ -22,7 +22,7 @@ from . import serialize
 from .client import GatewayClient, GatewayError
 from .outputs import CellRelay, Frontend
 from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY
-from .transfer import split
+from .transfer import UPLOAD_MIN_BYTES, split
 
 #: Libraries often present on GPU kernels but not in a notebook's CPU environment.
 _HEAVY_MODULES = ("torch", "tensorflow", "jax", "jaxlib", "cupy", "transformers", "tensorrt", "triton")
@@ -107,6 +107,7 @@ class RemoteSession:
                                                  "data": {}})
         #: content hash of what the kernel holds under each name (sent or pulled)
         self.remote_hashes: dict[str, str] = {}
+        self.uploads = True  # until the gateway says it cannot stage uploads for this kernel
         #: names whose value lives only on the kernel (RemoteRefs handed out)
         self.remote_only: set[str] = set()
         self.missing_modules = missing_local_modules()
@@ -156,8 +157,9 @@ class RemoteSession:
         return items, blobs
 
     def _send_push(self, items: list[dict[str, Any]], blobs: list[Any]) -> None:
+        staged = self._upload_large(blobs)
         sizes: list[int] = []
-        for data, pieces in split(blobs):
+        for data, pieces in split(blobs, staged=staged):
             if data["seq"] == 0:
                 sizes = data["sizes"]
                 data["values"] = items
@@ -167,6 +169,25 @@ class RemoteSession:
         for item in items:
             if item["kind"] == "pickle":
                 self.remote_hashes[item["name"]] = item["hash"]
+
+    def _upload_large(self, blobs: list[Any]) -> dict[int, str]:
+        """Large blobs go to the kernel's staging area, off the websocket: index -> upload id."""
+        staged: dict[int, str] = {}
+        if not self.uploads:
+            return staged
+        for index, blob in enumerate(blobs):
+            if memoryview(blob).nbytes < UPLOAD_MIN_BYTES:
+                continue
+            try:
+                staged[index] = self.client.upload(self.lease["kernel_id"], blob)
+            except GatewayError as exc:
+                if exc.status == 404:  # the lease ended between cells: nothing ran yet
+                    raise LeaseGone(str(exc)) from None
+                if exc.reason != "unsupported":
+                    raise
+                self.uploads = False  # this gateway cannot stage: the websocket carries it all
+                break
+        return staged
 
     # --- the cell ---------------------------------------------------------------------------
 

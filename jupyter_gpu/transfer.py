@@ -5,27 +5,58 @@ unmasked and copied whole) and must fit the gateway's message limit; pieces of a
 megabytes stream through instead. A transfer is a list of blobs (pickle streams and their
 out-of-band buffers); each message carries some pieces ``[blob, offset, length]`` and the
 first one also says how large every blob is.
+
+Blobs of at least UPLOAD_MIN_BYTES do not cross the websocket at all where the gateway can
+stage them: the client sends each as the raw body of an HTTP/1.1 Upgrade request
+(UPLOAD_PROTOCOL), the gateway moves the bytes from its socket into a file in the kernel's
+staging directory, and the first message names the file (``staged``: blob index -> upload
+id) instead of carrying pieces. The kernel maps that file; nothing is copied on the way.
 """
 
 from __future__ import annotations
 
 import mmap
-from collections.abc import Iterator, Sequence
+import os
+import re
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 #: Bytes of buffers per message: large enough to amortise per-message costs, small
 #: enough to pipeline through client, gateway and kernel.
 CHUNK_BYTES = 8 * 2**20
 
+#: Blobs from this size on are uploaded to the kernel's staging directory where the gateway
+#: offers it: below it, one more HTTP request costs more than the copies it saves.
+UPLOAD_MIN_BYTES = 4 * 2**20
+#: The ``Upgrade`` token of an upload request; the gateway answers ``101`` and then reads
+#: exactly ``nbytes`` raw bytes, and writes back one JSON line.
+UPLOAD_PROTOCOL = "jupyter-gpu-upload"
+UPLOAD_ID_HEADER = "X-Jupyter-Gpu-Upload"
+#: Where a pooled kernel finds the files uploaded for it (set by the kernel backend).
+STAGING_DIR_ENV = "JUPYTER_GPU_STAGING_DIR"
+_UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
+
 Piece = tuple[int, int, int, memoryview]
 
 
-def split(blobs: Sequence[Any], chunk: int = CHUNK_BYTES) -> Iterator[tuple[dict[str, Any], list[memoryview]]]:
-    """Yield ``(data, buffers)`` per message; ``data`` has seq, last, pieces (and sizes first)."""
+def new_upload_id() -> str:
+    return os.urandom(16).hex()
+
+
+def split(blobs: Sequence[Any], chunk: int = CHUNK_BYTES,
+          staged: Mapping[int, str] | None = None) -> Iterator[tuple[dict[str, Any], list[memoryview]]]:
+    """Yield ``(data, buffers)`` per message; ``data`` has seq, last, pieces (and sizes first).
+
+    Blobs in ``staged`` (index -> upload id) were uploaded already: the first message names
+    them and no piece of them is sent.
+    """
+    staged = staged or {}
     views = [memoryview(blob).cast("B") for blob in blobs]
     batches: list[list[Piece]] = [[]]
     size = 0
     for index, view in enumerate(views):
+        if index in staged:
+            continue
         for offset in range(0, max(1, len(view)), chunk):
             piece = view[offset : offset + chunk]
             if size and size + len(piece) > chunk:
@@ -38,13 +69,16 @@ def split(blobs: Sequence[Any], chunk: int = CHUNK_BYTES) -> Iterator[tuple[dict
                                 "pieces": [[i, o, n] for i, o, n, _ in batch]}
         if seq == 0:
             data["sizes"] = [len(view) for view in views]
+            if staged:
+                data["staged"] = {str(index): upload for index, upload in staged.items()}
         yield data, [piece for *_, piece in batch]
 
 
 class Assembler:
     """Puts the pieces of one transfer back together; a blob sent whole is not copied."""
 
-    def __init__(self) -> None:
+    def __init__(self, staging_dir: str | None = None) -> None:
+        self.staging_dir = staging_dir
         self.blobs: list[Any] = []
         self.sizes: list[int] = []
         self.complete = False
@@ -54,6 +88,8 @@ class Assembler:
             self.sizes = list(data.get("sizes", []))
             self.blobs = [None] * len(self.sizes)
             self.complete = False
+            for index, upload in (data.get("staged") or {}).items():
+                self.blobs[int(index)] = self._map_staged(upload, self.sizes[int(index)])
         for (index, offset, length), buffer in zip(data.get("pieces", []), buffers, strict=True):
             size = self.sizes[index]
             if offset == 0 and length == size:
@@ -69,3 +105,21 @@ class Assembler:
             memoryview(self.blobs[index])[offset : offset + length] = buffer
         if data.get("last", True):
             self.complete = True
+
+    def _map_staged(self, upload: str, size: int) -> mmap.mmap:
+        """The uploaded file, mapped (shared, so writes to the array touch no other copy)."""
+        if self.staging_dir is None:
+            raise ValueError("a staged upload arrived, but this kernel has no staging directory")
+        if not isinstance(upload, str) or not _UPLOAD_ID.fullmatch(upload):
+            raise ValueError(f"{upload!r} is not an upload id")
+        path = os.path.join(self.staging_dir, upload)
+        fd = os.open(path, os.O_RDWR)
+        try:
+            # Unlinked at once: the mapping keeps the pages, and they go when the value does.
+            os.unlink(path)
+            if os.fstat(fd).st_size != size:
+                raise ValueError(f"upload {upload} holds {os.fstat(fd).st_size} bytes, not {size}")
+            # Faulted in now, in one go, rather than page by page when the cell reads it.
+            return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+        finally:
+            os.close(fd)

@@ -26,6 +26,7 @@ from .auth import TokenAuthenticator
 from .channels import ChannelsHandler
 from .gateway import Gateway
 from .metering import MeteringStore
+from .uploads import UploadHandler
 
 log = logging.getLogger("jupyter_gpu.gateway")
 
@@ -46,6 +47,7 @@ def make_app(gateway: Gateway, authenticator: TokenAuthenticator, **settings: An
         (rf"/api/kernels/{kernel}/?", h.KernelHandler),
         (rf"/api/kernels/{kernel}/(?P<action>interrupt|restart)/?", h.KernelActionHandler),
         (rf"/api/kernels/{kernel}/channels", ChannelsHandler),
+        (rf"/api/kernels/{kernel}/upload", UploadHandler),
         (r"/api/gpu/types/?", h.TypesHandler),
         (r"/api/gpu/leases/?", h.LeasesHandler),
         (rf"/api/gpu/leases/{lease}/?", h.LeaseHandler),
@@ -105,6 +107,11 @@ class GatewayApp(JupyterApp):
         config=True
     )
     max_message_size = Int(256 * 2**20, help="Largest websocket message a client may send, in bytes.").tag(config=True)
+    max_upload_size = Int(
+        64 * 2**30,
+        help="Largest single buffer a client may upload to a kernel's staging area, in bytes "
+        "(pushed arrays of 4 MiB or more travel that way).",
+    ).tag(config=True)
     replay_buffer_bytes = Int(
         64 * 2**20, help="Output kept per disconnected client session for replay when it reconnects, in bytes."
     ).tag(config=True)
@@ -118,9 +125,11 @@ class GatewayApp(JupyterApp):
         "db": "GatewayApp.db",
         "users": "GatewayApp.users",
         "max-message-size": "GatewayApp.max_message_size",
+        "max-upload-size": "GatewayApp.max_upload_size",
         "inventory": "PoolManager.inventory",
         "cpu-slots": "PoolManager.cpu_slots",
         "min-warm": "PoolManager.min_warm",
+        "staging-dir": "PoolManager.staging_dir",
         "idle-timeout": "PoolManager.idle_timeout",
         "max-idle-timeout": "PoolManager.max_idle_timeout",
         "max-lease-duration": "PoolManager.max_lease_duration",
@@ -177,6 +186,7 @@ class GatewayApp(JupyterApp):
             gateway,
             authenticator,
             websocket_max_message_size=self.max_message_size,
+            max_upload_bytes=self.max_upload_size,
             kernel_request_timeout=self.kernel_request_timeout,
         )
         sockets = netutil.bind_sockets(self.port, address=self.ip)

@@ -185,6 +185,10 @@ class Gateway:
             raise NotFound(kernel_id)
         return lease
 
+    def staging_dir(self, kernel_id: str) -> str | None:
+        """Where uploads for this kernel go (the kernel maps them from there), if anywhere."""
+        return self.service.backend.staging_dir(kernel_id)
+
     def kernel_json(self, lease: Lease) -> dict[str, Any]:
         kernel_id = lease.slot_id or ""
         relay = self.relays.get(kernel_id)

@@ -11,12 +11,16 @@ import abc
 import asyncio
 import logging
 import os
+import shutil
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import zmq.asyncio
 from jupyter_client.manager import AsyncKernelManager
+
+from jupyter_gpu.transfer import STAGING_DIR_ENV
 
 from .model import StartKernel
 
@@ -27,7 +31,17 @@ PRIVATE_ENV_PREFIXES = ("JUPYTER_GPU_",)
 
 #: Pooled kernels are single-use, so IPython's on-disk history is never read back; writing
 #: it costs 2-3 ms of every execute (a SQLite write per cell). Keep it in memory instead.
-KERNEL_ARGUMENTS = ("--HistoryManager.hist_file=:memory:",)
+#: The kernels' stdout/stderr come from jupyter_gpu.pooled_kernel (named, not imported: the
+#: pool never imports the kernel side): a flush with nothing pending skips a thread round
+#: trip, twice per stream per execute (~0.5 ms). ipykernel also sleeps 0.5 ms before every
+#: execute_reply, so that output usually leaves before the reply on another socket; Jupyter
+#: does not order messages across channels, and clients (the magic, JupyterLab, nbclient)
+#: treat a cell as finished only at its idle status, which IOPub keeps after all output.
+KERNEL_ARGUMENTS = (
+    "--HistoryManager.hist_file=:memory:",
+    "--IPKernelApp.outstream_class=jupyter_gpu.pooled_kernel.PooledOutStream",
+    "--Kernel._execute_sleep=0",
+)
 
 
 class KernelStartError(RuntimeError):
@@ -68,6 +82,14 @@ class KernelBackend(abc.ABC):
     async def close(self) -> None:
         """Kill every kernel this backend started."""
 
+    def staging_dir(self, slot_id: str) -> str | None:
+        """A directory the gateway may write uploads into and this kernel maps them from.
+
+        None (the default) where the gateway and the kernel share no file system: pushed
+        values then travel over the kernel websocket only.
+        """
+        return None
+
 
 class LocalKernelBackend(KernelBackend):
     """Kernels as ipykernel processes on this machine, started with jupyter_client."""
@@ -79,6 +101,8 @@ class LocalKernelBackend(KernelBackend):
         startup_timeout: float = 60.0,
         extra_env: dict[str, str] | None = None,
         poll_interval: float = 0.2,
+        staging_root: str | None = None,
+        staging: bool = True,
     ) -> None:
         super().__init__()
         self.kernel_name = kernel_name
@@ -89,6 +113,23 @@ class LocalKernelBackend(KernelBackend):
         self._managers: dict[str, AsyncKernelManager] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._zmq_context = zmq.asyncio.Context()
+        self._staging_parent = staging_root
+        self._staging_enabled = staging
+        self._staging_root: str | None = None
+        self._staging: dict[str, str] = {}
+
+    def staging_dir(self, slot_id: str) -> str | None:
+        return self._staging.get(slot_id)
+
+    def _new_staging_dir(self, slot_id: str) -> str:
+        """A private directory (0700) for this kernel's uploads, in memory where possible."""
+        if self._staging_root is None:
+            parent = self._staging_parent or default_staging_parent()
+            remove_stale_staging(parent)
+            self._staging_root = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent)
+        path = tempfile.mkdtemp(prefix=f"{slot_id}-", dir=self._staging_root)
+        self._staging[slot_id] = path
+        return path
 
     async def start_kernel(self, request: StartKernel) -> KernelInfo:
         # The gateway's own secrets (its token, user file settings) are no business of a
@@ -102,6 +143,8 @@ class LocalKernelBackend(KernelBackend):
         env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
         env["JUPYTER_GPU_TYPE"] = request.gpu_type
         env["JUPYTER_GPU_SLOT"] = request.slot_id
+        if self._staging_enabled:
+            env[STAGING_DIR_ENV] = self._new_staging_dir(request.slot_id)
         # One ZMQ context for all kernel managers: each would otherwise start its own I/O
         # thread and allocator arenas, which stay with the gateway process after the kernel.
         manager = AsyncKernelManager(kernel_name=self.kernel_name, context=self._zmq_context)
@@ -135,6 +178,9 @@ class LocalKernelBackend(KernelBackend):
             client.stop_channels()
 
     async def kill_kernel(self, slot_id: str) -> None:
+        staging = self._staging.pop(slot_id, None)
+        if staging is not None:  # uploads nobody claimed; claimed ones are unlinked already
+            shutil.rmtree(staging, ignore_errors=True)
         manager = self._managers.pop(slot_id, None)
         if manager is None:
             return
@@ -174,3 +220,32 @@ class LocalKernelBackend(KernelBackend):
         if self._watcher is not None:
             self._watcher.cancel()
         self._zmq_context.destroy(linger=0)
+        if self._staging_root is not None:
+            shutil.rmtree(self._staging_root, ignore_errors=True)
+
+
+STAGING_PREFIX = "jupyter-gpu-staging-"
+
+
+def default_staging_parent() -> str:
+    """/dev/shm where it is writable (uploads are then memory the kernel maps), else the temp dir."""
+    shm = "/dev/shm"
+    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else tempfile.gettempdir()
+
+
+def remove_stale_staging(parent: str) -> None:
+    """Staging directories of gateways that died without cleaning up (named after their pid)."""
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        pid = name[len(STAGING_PREFIX):].split("-", 1)[0]
+        if not name.startswith(STAGING_PREFIX) or not pid.isdigit():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
+        except PermissionError:  # someone else's live gateway
+            pass

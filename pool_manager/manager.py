@@ -33,6 +33,11 @@ class PoolManager(LoggingConfigurable):
         "", help="Code each kernel runs before it counts as warm, e.g. 'import torch; torch.cuda.init()'."
     ).tag(config=True)
     kernel_name = Unicode("python3", help="The kernelspec the pooled kernels run.").tag(config=True)
+    staging_dir = Unicode(
+        "",
+        help="Where large pushed values are staged for the kernel to map without a copy: a directory, "
+        "'' for /dev/shm where writable (else the temp dir), or 'off' to send everything over the websocket.",
+    ).tag(config=True)
     price_per_gpu_hour = Dict(
         {}, help="Price of one GPU-hour per type, e.g. {'a100': 2.5}; types not listed use default_price."
     ).tag(config=True)
@@ -64,5 +69,10 @@ class PoolManager(LoggingConfigurable):
         # Every pooled kernel loads the helper that receives pushed variables and sends
         # bound ones back; the operator's warm-up code runs after it.
         warmup = "\n".join(code for code in (HELPER_BOOT, self.warmup_code) if code)
-        backend = LocalKernelBackend(kernel_name=self.kernel_name, warmup_code=warmup)
+        backend = LocalKernelBackend(
+            kernel_name=self.kernel_name,
+            warmup_code=warmup,
+            staging_root=None if self.staging_dir in ("", "off") else self.staging_dir,
+            staging=self.staging_dir != "off",
+        )
         return PoolService(core, backend)

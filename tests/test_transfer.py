@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
+import pytest
 
 from jupyter_gpu.transfer import Assembler, split
 
@@ -40,3 +43,30 @@ def test_arrays_rebuilt_on_received_bytes_are_writable() -> None:
     array = pickle.loads(assembler.blobs[0], buffers=assembler.blobs[1:])
     array[0] = 1.0  # a pulled array behaves like the one the cell made
     assert array[0] == 1.0
+
+
+def test_staged_blobs_are_mapped_from_the_staging_dir_and_unlinked(tmp_path: Path) -> None:
+    upload = "ab" * 16
+    (tmp_path / upload).write_bytes(b"x" * 5000)
+    data, pieces = next(split([b"head", b"x" * 5000], staged={1: upload}))
+    assert data["staged"] == {"1": upload} and [len(p) for p in pieces] == [4]  # no piece of the staged blob
+    assembler = Assembler(str(tmp_path))
+    assembler.feed(data, pieces)
+    assert assembler.complete and bytes(assembler.blobs[1]) == b"x" * 5000
+    assert not (tmp_path / upload).exists()
+    memoryview(assembler.blobs[1])[0] = ord("y")  # writable, like the array it came from
+
+
+@pytest.mark.parametrize("upload", ["../../etc/passwd", "AB" * 16, 7])
+def test_a_staged_name_that_is_not_an_upload_id_is_refused(tmp_path: Path, upload: object) -> None:
+    with pytest.raises(ValueError, match="is not an upload id"):
+        Assembler(str(tmp_path)).feed({"seq": 0, "last": True, "sizes": [10], "pieces": [], "staged": {"0": upload}},
+                                      [])
+
+
+def test_a_staged_upload_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
+    upload = "cd" * 16
+    (tmp_path / upload).write_bytes(b"short")
+    with pytest.raises(ValueError, match="holds 5 bytes, not 10"):
+        Assembler(str(tmp_path)).feed({"seq": 0, "last": True, "sizes": [10], "pieces": [], "staged": {"0": upload}},
+                                      [])

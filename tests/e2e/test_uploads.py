@@ -1,0 +1,182 @@
+"""Large pushed values go to the kernel's staging area over an upgraded HTTP connection.
+
+The kernel maps the staged file (no copy); everything else about a push stays as it was.
+The protocol's refusals and a client that vanishes mid-upload are checked on raw sockets.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import urllib.parse
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from jupyter_gpu.client import GatewayClient, GatewayConfig, GatewayError
+
+from .conftest import make_gateway
+from .gateway_process import GatewayProcess
+from .test_magic import LocalKernel, kernel_env, streamed
+
+LIMIT = 50_000_000
+
+
+@pytest.fixture(scope="module")
+def upload_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    process = make_gateway(tmp_path_factory.mktemp("uploads"), "--cpu-slots", "2", "--min-warm", "1",
+                           "--max-upload-size", str(LIMIT)).start()
+    yield process
+    process.stop()
+
+
+def staged_files(gateway: GatewayProcess) -> list[Path]:
+    """Every file in the gateway's staging directories (named after its pid)."""
+    assert gateway.proc is not None
+    roots = [p for p in Path("/dev/shm").glob(f"jupyter-gpu-staging-{gateway.proc.pid}-*")]
+    return sorted(f for root in roots for f in root.rglob("*") if f.is_file())
+
+
+def kernel_staging_dirs(gateway: GatewayProcess) -> list[Path]:
+    assert gateway.proc is not None
+    return sorted(d for root in Path("/dev/shm").glob(f"jupyter-gpu-staging-{gateway.proc.pid}-*")
+                  for d in root.iterdir())
+
+
+def client_for(gateway: GatewayProcess, user: str) -> GatewayClient:
+    return GatewayClient(GatewayConfig(gateway.url, gateway.tokens[user]))
+
+
+def granted_kernel(gateway: GatewayProcess, user: str) -> str:
+    lease = gateway.lease(user)
+    for _ in range(100):
+        if lease["state"] == "granted":
+            return str(lease["kernel_id"])
+        lease = gateway.get(user, f"/api/gpu/leases/{lease['id']}?wait=5").body
+    raise AssertionError(f"lease not granted: {lease}")
+
+
+def raw_upload(gateway: GatewayProcess, path: str, headers: dict[str, str], send: bytes = b"") -> tuple[int, bytes]:
+    """Status and everything the gateway sent back, for requests the real client never makes."""
+    url = urllib.parse.urlsplit(gateway.url)
+    with socket.create_connection((url.hostname or "", url.port or 80), timeout=30) as sock:
+        head = "".join(f"{k}: {v}\r\n" for k, v in {"Host": url.netloc, **headers}.items())
+        sock.sendall(f"GET {path} HTTP/1.1\r\n{head}\r\n".encode())
+        reply = b""
+        while b"\r\n\r\n" not in reply:
+            reply += sock.recv(65536)
+        head_bytes, _, rest = reply.partition(b"\r\n\r\n")
+        status = int(head_bytes.split(b" ", 2)[1])
+        if status != 101:  # a JSON error of Content-Length bytes
+            length = int(next(line.split(b":", 1)[1] for line in head_bytes.split(b"\r\n")
+                              if line.lower().startswith(b"content-length")))
+            while len(rest) < length:
+                rest += sock.recv(65536)
+            return status, rest
+        if send:
+            sock.sendall(send)
+            sock.shutdown(socket.SHUT_WR)
+        while chunk := sock.recv(65536):
+            rest += chunk
+        return status, rest
+
+
+UPGRADE = {"Connection": "Upgrade", "Upgrade": "jupyter-gpu-upload"}
+
+
+def test_a_large_pushed_array_is_mapped_from_the_staging_area(upload_gateway: GatewayProcess) -> None:
+    kernel = LocalKernel(kernel_env(upload_gateway, "alice"))
+    try:
+        kernel.run("%load_ext jupyter_gpu\nimport numpy as np\na = np.arange(5_000_000, dtype=np.float64)")
+        reply, outputs = kernel.run(
+            "%%gpu cpu\n"
+            "import os\n"
+            "staging = os.environ['JUPYTER_GPU_STAGING_DIR']\n"
+            "mapped = [l for l in open('/proc/self/maps') if staging in l]\n"
+            "print(a.sum(), a.flags.writeable, len(mapped) > 0, all('(deleted)' in l for l in mapped))\n"
+            "a[0] = -1.0\n"
+            "total = float(a.sum())"
+        )
+        assert reply["status"] == "ok", reply
+        # the right numbers, a writable array, and its memory is the staged file (unlinked)
+        assert streamed(outputs) == f"{float(sum(range(5_000_000)))} True True True\n"
+        _, outputs = kernel.run("print(total, a[0])")
+        assert streamed(outputs) == f"{float(sum(range(5_000_000))) - 1.0} 0.0\n"  # the notebook's a is untouched
+        assert staged_files(upload_gateway) == []  # claimed uploads leave nothing behind
+    finally:
+        kernel.close()
+
+
+def test_without_staging_large_values_travel_over_the_websocket(tmp_path: Path) -> None:
+    gateway = make_gateway(tmp_path, "--cpu-slots", "1", "--min-warm", "1", "--staging-dir", "off").start()
+    kernel = LocalKernel(kernel_env(gateway, "alice"))
+    try:
+        kernel.run("%load_ext jupyter_gpu\nimport numpy as np\na = np.arange(5_000_000, dtype=np.float64)")
+        reply, outputs = kernel.run("%%gpu cpu\nimport os\nprint(a.sum(), 'JUPYTER_GPU_STAGING_DIR' in os.environ)")
+        assert reply["status"] == "ok", reply
+        assert streamed(outputs) == f"{float(sum(range(5_000_000)))} False\n"
+    finally:
+        kernel.close()
+        gateway.stop()
+
+
+def test_upload_lands_whole_in_the_kernels_staging_area(upload_gateway: GatewayProcess) -> None:
+    kernel_id = granted_kernel(upload_gateway, "alice")
+    data = np.random.default_rng(1).integers(0, 255, 12_000_000, dtype=np.uint8)
+    upload = client_for(upload_gateway, "alice").upload(kernel_id, data)
+    [staged] = staged_files(upload_gateway)
+    assert staged.name == upload and staged.stat().st_mode & 0o777 == 0o600
+    assert staged.read_bytes() == data.tobytes()
+
+
+def test_upload_refusals_name_what_to_do(upload_gateway: GatewayProcess) -> None:
+    kernel_id = granted_kernel(upload_gateway, "alice")
+    path = f"/api/kernels/{kernel_id}/upload?nbytes=1000"
+    alice = {"Authorization": f"token {upload_gateway.tokens['alice']}"}
+    bob = {"Authorization": f"token {upload_gateway.tokens['bob']}"}
+
+    status, body = raw_upload(upload_gateway, path, {**UPGRADE, "Authorization": "token wrong"})
+    assert status == 401 and b"token is not valid" in body
+    status, body = raw_upload(upload_gateway, path, {**UPGRADE, **bob})
+    assert status == 404  # another user's kernel looks like no kernel at all
+    status, body = raw_upload(upload_gateway, path, alice)
+    assert status == 400 and b"Upgrade: jupyter-gpu-upload" in body
+    status, body = raw_upload(upload_gateway, f"/api/kernels/{kernel_id}/upload?nbytes=lots", {**UPGRADE, **alice})
+    assert status == 400 and b"nbytes='lots'" in body
+    with pytest.raises(GatewayError) as refused:
+        client_for(upload_gateway, "alice").upload(kernel_id, np.zeros(LIMIT + 8, dtype=np.uint8))
+    assert refused.value.status == 413 and f"{LIMIT:,}" in str(refused.value)
+    assert "max_upload_size" in str(refused.value)
+    assert staged_files(upload_gateway) == []
+
+
+def test_a_client_gone_mid_upload_leaves_nothing_and_the_kernel_carries_on(upload_gateway: GatewayProcess) -> None:
+    kernel_id = granted_kernel(upload_gateway, "alice")
+    headers = {**UPGRADE, "Authorization": f"token {upload_gateway.tokens['alice']}"}
+    status, reply = raw_upload(upload_gateway, f"/api/kernels/{kernel_id}/upload?nbytes=20000000", headers,
+                               send=b"x" * 5_000_000)  # then closes its side
+    assert status == 101
+    answer = json.loads(reply)
+    assert answer["reason"] == "upload_failed" and "5,000,000 of 20,000,000" in answer["message"]
+    deadline = time.monotonic() + 10
+    while staged_files(upload_gateway) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert staged_files(upload_gateway) == []
+    # the same kernel takes the next upload
+    upload = client_for(upload_gateway, "alice").upload(kernel_id, np.ones(5_000_000, dtype=np.uint8))
+    assert [f.name for f in staged_files(upload_gateway)] == [upload]
+
+
+def test_a_kernels_staging_directory_goes_with_its_lease(upload_gateway: GatewayProcess) -> None:
+    kernel_id = granted_kernel(upload_gateway, "bob")
+    client_for(upload_gateway, "bob").upload(kernel_id, np.ones(5_000_000, dtype=np.uint8))
+    assert any(f.parent.name.startswith(f"{kernel_id}-") for f in staged_files(upload_gateway))
+    for each in upload_gateway.get("bob", "/api/gpu/leases").body:
+        upload_gateway.delete("bob", f"/api/gpu/leases/{each['id']}")
+    deadline = time.monotonic() + 10
+    while any(d.name.startswith(f"{kernel_id}-") for d in kernel_staging_dirs(upload_gateway)):
+        assert time.monotonic() < deadline, "the staging directory outlived the lease"
+        time.sleep(0.05)
