@@ -14,7 +14,7 @@ import os
 import types
 from typing import Any
 
-from . import serialize
+from . import reaper, serialize
 from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY
 from .transfer import STAGING_DIR_ENV, Assembler, split
 
@@ -79,6 +79,8 @@ class KernelHelper:
         ns = self.shell.user_ns
         for item in values:
             name, kind = item["name"], item["kind"]
+            if name in ns:
+                reaper.release_later(ns[name])  # a replaced gigabyte is unmapped off this thread
             try:
                 if kind == "pickle":
                     first = item["blob"]

@@ -18,7 +18,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
-from . import serialize
+from . import reaper, serialize
 from .client import GatewayClient, GatewayError
 from .outputs import CellRelay, Frontend
 from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY
@@ -286,6 +286,8 @@ class RemoteSession:
         for item in values:
             name = item["name"]
             kind = item["kind"]
+            if name in ns:
+                reaper.release_later(ns[name])  # a replaced gigabyte is unmapped off the cell's thread
             if kind == "module":
                 try:
                     ns[name] = importlib.import_module(item["module"])
