@@ -140,6 +140,7 @@ class GatewayClient:
         view = memoryview(blob).cast("B")
         port = self._parsed.port or (443 if self._parsed.scheme == "https" else 80)
         host = self._parsed.hostname or ""
+        switched = False
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
@@ -160,6 +161,7 @@ class GatewayClient:
             if status != 101:
                 body = reader.read(int(headers.get("content-length", "0") or 0))
                 raise _gateway_error(status, body)
+            switched = True
             sock.settimeout(timeout + len(view) / 50e6)  # a total for sendall: scale it with the size
             sock.sendall(view)  # the gateway reads exactly len(view) bytes
             line = reader.readline(64 * 1024)
@@ -168,8 +170,10 @@ class GatewayClient:
                 raise GatewayError(result.get("message", "upload failed"), 500, result.get("reason", ""))
             return str(result["upload"])
         except (OSError, ValueError) as exc:
+            # Before the 101 this is no answer from our gateway (a proxy in between?); after
+            # it, the upload was lost mid-way.
             raise GatewayError(f"upload of {len(view)} bytes to the gateway at {self.config.url} failed: "
-                               f"{type(exc).__name__}: {exc}", 0, "lost") from None
+                               f"{type(exc).__name__}: {exc}", 0, "lost" if switched else "") from None
         finally:
             sock.close()
 

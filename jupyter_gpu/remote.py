@@ -97,6 +97,11 @@ def missing_local_modules() -> set[str]:
     return {name for name in _HEAVY_MODULES if importlib.util.find_spec(name) is None}
 
 
+#: Upload failures that are the answer (too large, no room, bad token, lost mid-way), as
+#: opposed to a gateway or proxy that does not do uploads at all.
+UPLOAD_REFUSALS = frozenset({"too_large", "no_space", "unauthorized", "upload_failed", "lost"})
+
+
 class RemoteSession:
     def __init__(self, client: GatewayClient, lease: dict[str, Any]) -> None:
         self.client = client
@@ -183,9 +188,11 @@ class RemoteSession:
             except GatewayError as exc:
                 if exc.status == 404:  # the lease ended between cells: nothing ran yet
                     raise LeaseGone(str(exc)) from None
-                if exc.reason != "unsupported":
+                if exc.reason in UPLOAD_REFUSALS:
                     raise
-                self.uploads = False  # this gateway cannot stage: the websocket carries it all
+                # The gateway cannot stage, or something between us (a proxy without
+                # Upgrade support) would not let the upload through: the websocket carries it all.
+                self.uploads = False
                 break
         return staged
 

@@ -18,9 +18,11 @@ Where any of this is missing (another OS or architecture, an older kernel, a sec
 filter, a mapping that cannot be registered) the buffer is simply hashed every time, so a
 wrong answer is never the fallback. The scan also fails (and we hash) when the memory at
 that address is no longer the mapping we registered: freed and reallocated arrays, forks.
-The one write it cannot see is memory handed back to the OS inside a live buffer
-(``madvise(MADV_DONTNEED)``), which reads back as zeros; numpy and torch never do that to
-memory an array still owns.
+The writes it cannot see: memory handed back to the OS inside a live buffer
+(``madvise(MADV_DONTNEED)``, which reads back as zeros; numpy and torch never do that to
+memory an array still owns), and writes that bypass the page tables through a long-term
+pin taken before the hash (io_uring fixed buffers, host memory registered for device DMA
+with cudaHostRegister). ``JUPYTER_GPU_WRITE_TRACKING=0`` switches tracking off.
 """
 
 from __future__ import annotations
@@ -38,6 +40,9 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
+#: Set to 0 to hash every time (if some memory is written behind the page tables' back:
+#: io_uring fixed buffers, memory registered with a device for DMA).
+DISABLE_ENV = "JUPYTER_GPU_WRITE_TRACKING"
 #: Smaller buffers hash in under a millisecond; tracking them would only add write faults.
 TRACK_MIN_BYTES = 64 * 2**20
 #: Digests remembered (least recently used dropped first); one per tracked buffer.
@@ -115,6 +120,9 @@ class WriteTracker:
         if self._uffd is not None or self._unavailable is not None:
             return self._unavailable
         number = _SYS_USERFAULTFD.get(platform.machine())
+        if os.environ.get(DISABLE_ENV, "1") == "0":
+            self._unavailable = f"write tracking switched off ({DISABLE_ENV}=0)"
+            return self._unavailable
         if platform.system() != "Linux" or number is None:
             self._unavailable = f"no userfaultfd on {platform.system()} {platform.machine()}"
             return self._unavailable
