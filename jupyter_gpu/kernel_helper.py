@@ -14,7 +14,7 @@ import os
 import types
 from typing import Any
 
-from . import reaper, serialize
+from . import reaper, serialize, write_tracking
 from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY
 from .transfer import STAGING_DIR_ENV, Assembler, split
 
@@ -86,6 +86,10 @@ class KernelHelper:
                     first = item["blob"]
                     blobs = self._incoming.blobs
                     ns[name] = serialize.load(blobs[first], blobs[first + 1 : first + 1 + item["nbuf"]])
+                    for index, digest in (item.get("buffer_digests") or {}).items():
+                        # What the client hashed, this kernel need not read again after the cell.
+                        view = memoryview(blobs[first + 1 + int(index)]).cast("B")
+                        write_tracking.tracker.remember(view, bytes.fromhex(digest))
                 elif kind == "module":
                     ns[name] = importlib.import_module(item["module"])
                 elif kind == "alias":

@@ -18,7 +18,7 @@ from typing import Any
 
 from websockets.exceptions import ConnectionClosed
 
-from . import reaper, serialize
+from . import reaper, serialize, write_tracking
 from .client import GatewayClient, GatewayError
 from .outputs import CellRelay, Frontend
 from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY
@@ -152,11 +152,16 @@ class RemoteSession:
                     f"the GPU kernel: {type(exc).__name__}: {exc}. If the cell does not need it, add "
                     f"--no-push {name}"
                 ) from None
-            digest = serialize.fingerprint(stream, buffers)
+            parts: list[bytes] = []
+            digest = serialize.fingerprint(stream, buffers, parts)
             if self.remote_hashes.get(name) == digest:
                 continue  # the kernel already holds exactly this value under this name
+            # Digests of the large buffers: the kernel remembers them instead of reading a
+            # gigabyte again to report what it holds after the cell.
+            large = {str(i): part.hex() for i, (buffer, part) in enumerate(zip(buffers, parts, strict=True))
+                     if memoryview(buffer).nbytes >= write_tracking.TRACK_MIN_BYTES}
             items.append({"name": name, "kind": "pickle", "blob": len(blobs), "nbuf": len(buffers),
-                          "hash": digest})
+                          "hash": digest, "buffer_digests": large})
             blobs.append(stream)
             blobs.extend(buffers)
         return items, blobs

@@ -115,13 +115,14 @@ def _piece_digests(views: list[memoryview]) -> list[bytes]:
     return [b"".join(parts) for parts in joined]
 
 
-def fingerprint(data: bytes | memoryview, buffers: list[memoryview]) -> str:
+def fingerprint(data: bytes | memoryview, buffers: list[memoryview], digests: list[bytes] | None = None) -> str:
     """Content hash of a pickled value, to avoid sending what the other side already has.
 
     The same value gives the same fingerprint on both sides: the stream, then each buffer
     as the digests of its HASH_PIECE-sized pieces. A large buffer nothing wrote to since
     its last hash is not read again (write_tracking), which makes re-running a cell over
-    an unchanged gigabyte cost microseconds instead of a pass over memory.
+    an unchanged gigabyte cost microseconds instead of a pass over memory. ``digests``, if
+    given, receives each buffer's digest (what ``write_tracking.tracker.remember`` takes).
     """
     hasher = xxhash.xxh3_128()
     hasher.update(data)
@@ -130,9 +131,12 @@ def fingerprint(data: bytes | memoryview, buffers: list[memoryview]) -> str:
     untracked = iter(_piece_digests([view for n, view in enumerate(views) if n not in tracked]))
     for n, view in enumerate(views):
         if n in tracked:
-            hasher.update(write_tracking.tracker.digest(view, lambda v: _piece_digests([v])[0]))
+            digest = write_tracking.tracker.digest(view, lambda v: _piece_digests([v])[0])
         else:
-            hasher.update(next(untracked))
+            digest = next(untracked)
+        hasher.update(digest)
+        if digests is not None:
+            digests.append(digest)
     return hasher.hexdigest()
 
 

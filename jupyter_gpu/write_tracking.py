@@ -113,6 +113,25 @@ class WriteTracker:
                 self._digests.popitem(last=False)
             return result
 
+    def remember(self, view: memoryview, digest: bytes) -> None:
+        """Take ``digest`` as the digest of ``view`` from now on, until a page of it is written.
+
+        For a value just received with its digest (the sender hashed it): the receiver need
+        not read it again to answer what it holds.
+        """
+        if view.nbytes < TRACK_MIN_BYTES or not view.c_contiguous:
+            return
+        address = _address(view)
+        if address is None:
+            return
+        first = address - address % _PAGE
+        end = -(-(address + view.nbytes) // _PAGE) * _PAGE
+        with self._lock:
+            if self._open() is None and self._protect(first, end):
+                self._digests[(address, view.nbytes)] = digest
+                while len(self._digests) > MAX_TRACKED:
+                    self._digests.popitem(last=False)
+
     # --- the Linux side -----------------------------------------------------------------------
 
     def _open(self) -> str | None:

@@ -154,3 +154,14 @@ def test_tracking_can_be_switched_off(monkeypatch: pytest.MonkeyPatch) -> None:
     tracker.digest(view_of(array), digest)
     tracker.digest(view_of(array), digest)
     assert digest.reads == 2 and not tracker.available
+
+
+def test_a_remembered_digest_stands_until_a_write(tracker: WriteTracker) -> None:
+    """The receiving side takes the sender's digest instead of reading the value again."""
+    array = np.ones(N)
+    digest = Counting()
+    told = xxhash.xxh3_128(view_of(array)).digest()
+    tracker.remember(view_of(array), told)
+    assert tracker.digest(view_of(array), digest) == told and digest.reads == 0
+    array[N - 2] = 0.0
+    assert tracker.digest(view_of(array), digest) != told and digest.reads == 1

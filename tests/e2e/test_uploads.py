@@ -22,7 +22,7 @@ from .conftest import make_gateway
 from .gateway_process import GatewayProcess
 from .test_magic import LocalKernel, kernel_env, streamed
 
-LIMIT = 50_000_000
+LIMIT = 100_000_000
 
 
 @pytest.fixture(scope="module")
@@ -84,6 +84,7 @@ def raw_upload(gateway: GatewayProcess, path: str, headers: dict[str, str], send
         return status, rest
 
 
+PUSHED = "print(get_ipython().magics_manager.registry['GpuMagics'].sessions['cpu'].bytes_pushed)"
 UPGRADE = {"Connection": "Upgrade", "Upgrade": "jupyter-gpu-upload"}
 
 
@@ -180,3 +181,21 @@ def test_a_kernels_staging_directory_goes_with_its_lease(upload_gateway: Gateway
     while any(d.name.startswith(f"{kernel_id}-") for d in kernel_staging_dirs(upload_gateway)):
         assert time.monotonic() < deadline, "the staging directory outlived the lease"
         time.sleep(0.05)
+
+
+def test_a_large_value_changed_in_place_remotely_is_sent_again(upload_gateway: GatewayProcess) -> None:
+    """The kernel trusts the pushed digest only until the cell writes to the array."""
+    kernel = LocalKernel(kernel_env(upload_gateway, "alice"))
+    try:
+        kernel.run("%load_ext jupyter_gpu\nimport numpy as np\nx = np.zeros(10_000_000)")  # 80 MB: tracked
+        reply, _ = kernel.run("%%gpu cpu\nx[9_999_999] = 7.0  # the kernel's copy only")
+        assert reply["status"] == "ok", reply
+        reply, outputs = kernel.run("%%gpu cpu\nprint(x[9_999_999], x.sum())")
+        assert reply["status"] == "ok" and streamed(outputs) == "0.0 0.0\n"  # the notebook's x was sent again
+        pushed = int(streamed(kernel.run(PUSHED)[1]))
+        assert pushed >= 2 * 80_000_000
+        reply, outputs = kernel.run("%%gpu cpu\nprint(x.sum())")  # the same on both sides now: not sent
+        assert reply["status"] == "ok" and streamed(outputs) == "0.0\n"
+        assert int(streamed(kernel.run(PUSHED)[1])) == pushed
+    finally:
+        kernel.close()
