@@ -26,7 +26,7 @@ from .auth import TokenAuthenticator
 from .channels import ChannelsHandler
 from .gateway import Gateway
 from .metering import MeteringStore
-from .uploads import UploadHandler
+from .uploads import UploadHandler, abort_uploads
 
 log = logging.getLogger("jupyter_gpu.gateway")
 
@@ -207,6 +207,7 @@ class GatewayApp(JupyterApp):
         await stopping.wait()
         log.info("stopping: ending leases and killing kernels")
         server.stop()
+        abort_uploads()
         await gateway.stop(REASON_GATEWAY_RESTART)
         log.info("stopped")
 

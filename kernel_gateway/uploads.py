@@ -41,6 +41,17 @@ _SPLICE_BYTES = 2**20
 _F_SETPIPE_SZ = 1031
 
 _workers = ThreadPoolExecutor(4, thread_name_prefix="jupyter-gpu-upload")
+#: Connections of uploads in progress, so that a stopping gateway need not wait for them.
+_active: set[socket.socket] = set()
+
+
+def abort_uploads() -> None:
+    """Cut every upload in progress (gateway shutdown): their threads return at once."""
+    for sock in list(_active):
+        try:
+            sock.shutdown(socket.SHUT_RDWR)
+        except OSError:
+            pass
 
 
 class UploadHandler(ApiHandler):
@@ -108,6 +119,7 @@ class UploadHandler(ApiHandler):
 
 def _serve(sock: socket.socket, fd: int, path: str, nbytes: int, upload_id: str) -> None:
     """After the 101, in a worker thread: take the bytes, answer one JSON line, close."""
+    _active.add(sock)
     try:
         sock.setblocking(True)
         # Timeouts on the descriptor itself, so that splice(2) gives up as recv would.
@@ -128,6 +140,7 @@ def _serve(sock: socket.socket, fd: int, path: str, nbytes: int, upload_id: str)
         except OSError:
             _unlink_quietly(path)  # the client is gone: nobody will name this upload
     finally:
+        _active.discard(sock)
         sock.close()
 
 

@@ -199,3 +199,25 @@ def test_a_large_value_changed_in_place_remotely_is_sent_again(upload_gateway: G
         assert int(streamed(kernel.run(PUSHED)[1])) == pushed
     finally:
         kernel.close()
+
+
+def test_a_stalled_upload_does_not_hold_up_a_stopping_gateway(tmp_path: Path) -> None:
+    gateway = make_gateway(tmp_path, "--cpu-slots", "1", "--min-warm", "1").start()
+    assert gateway.proc is not None
+    pid = gateway.proc.pid
+    try:
+        kernel_id = granted_kernel(gateway, "alice")
+        url = urllib.parse.urlsplit(gateway.url)
+        with socket.create_connection((url.hostname or "", url.port or 80), timeout=30) as sock:
+            sock.sendall((f"GET /api/kernels/{kernel_id}/upload?nbytes=10000000 HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                          f"Authorization: token {gateway.tokens['alice']}\r\nConnection: Upgrade\r\n"
+                          "Upgrade: jupyter-gpu-upload\r\n\r\n").encode())
+            assert b" 101 " in sock.recv(65536)
+            sock.sendall(b"x" * 1000)  # and then nothing: the client hangs
+            time.sleep(0.5)
+            started = time.monotonic()
+            assert gateway.stop(timeout=20) == 0
+            assert time.monotonic() - started < 10  # not the 30 s stall timeout
+    finally:
+        gateway.stop()
+    assert not list(Path("/dev/shm").glob(f"jupyter-gpu-staging-{pid}-*"))  # nothing left in memory
