@@ -119,7 +119,28 @@ class Assembler:
             os.unlink(path)
             if os.fstat(fd).st_size != size:
                 raise ValueError(f"upload {upload} holds {os.fstat(fd).st_size} bytes, not {size}")
-            # Faulted in now, in one go, rather than page by page when the cell reads it.
-            return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            if _in_memory(self.staging_dir):
+                # Faulted in now, in one go, rather than page by page when the cell reads it.
+                return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
+            # A file on disk: writes to the array must not be written back to the disk.
+            return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE)
         finally:
             os.close(fd)
+
+
+def _in_memory(path: str) -> bool:
+    """Whether ``path`` is on a tmpfs (its pages are memory, not a disk's cache)."""
+    best, fstype = "", ""
+    try:
+        with open("/proc/self/mounts") as mounts:
+            for line in mounts:
+                fields = line.split()
+                if len(fields) < 3:
+                    continue
+                point = fields[1].replace("\\040", " ")
+                inside = path == point or path.startswith(point.rstrip("/") + "/")
+                if inside and len(point) >= len(best):
+                    best, fstype = point, fields[2]
+    except OSError:
+        return False
+    return fstype == "tmpfs"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +48,20 @@ def test_arrays_rebuilt_on_received_bytes_are_writable() -> None:
     assert array[0] == 1.0
 
 
-def test_staged_blobs_are_mapped_from_the_staging_dir_and_unlinked(tmp_path: Path) -> None:
+@pytest.fixture(params=["disk", "memory"])
+def staging_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
+    """A staging directory on disk (mapped privately) or on /dev/shm (mapped shared)."""
+    if request.param == "disk":
+        yield tmp_path
+        return
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm here")
+    with tempfile.TemporaryDirectory(dir="/dev/shm") as directory:
+        yield Path(directory)
+
+
+def test_staged_blobs_are_mapped_from_the_staging_dir_and_unlinked(staging_dir: Path) -> None:
+    tmp_path = staging_dir
     upload = "ab" * 16
     (tmp_path / upload).write_bytes(b"x" * 5000)
     data, pieces = next(split([b"head", b"x" * 5000], staged={1: upload}))
