@@ -37,12 +37,21 @@ def iopub() -> Iterator[tuple[IOPubThread, zmq.Socket[bytes], Session]]:
     context.term()
 
 
+def received(sub: zmq.Socket[bytes], session: Session) -> list[tuple[str, str]]:
+    """What arrived, in order: ("text", stream text) and ("marker", what send_multipart sent)."""
+    events = []
+    while sub.poll(300):
+        frames = sub.recv_multipart()
+        if frames[0] == b"marker":
+            events.append(("marker", frames[1].decode()))
+            continue
+        _, parts = session.feed_identities(frames)
+        events.append(("text", session.deserialize(parts)["content"]["text"]))
+    return events
+
+
 def received_text(sub: zmq.Socket[bytes], session: Session) -> str:
-    texts = []
-    while sub.poll(200):
-        _, frames = session.feed_identities(sub.recv_multipart())
-        texts.append(session.deserialize(frames)["content"]["text"])
-    return "".join(texts)
+    return "".join(text for kind, text in received(sub, session) if kind == "text")
 
 
 def count_schedules(thread: IOPubThread) -> list[Any]:
@@ -71,15 +80,40 @@ def test_written_text_is_sent_by_the_flush_and_the_next_flush_is_free(iopub: Any
     thread, sub, session = iopub
     stream = PooledOutStream(session, thread, "stdout", watchfd=False)
     stream.flush_interval = 60  # only an explicit flush sends
-    scheduled = count_schedules(thread)
     stream.write("hello ")
     stream.write("world\n")
+    scheduled = count_schedules(thread)
     stream.flush()
-    assert len(scheduled) >= 2  # the flush went through the IOPub thread and waited for it
+    assert len(scheduled) == 1  # the send is queued, not waited for
     assert received_text(sub, session) == "hello world\n"
-    before = len(scheduled)
     stream.flush()
-    assert len(scheduled) == before
+    assert len(scheduled) == 1
+
+
+def test_what_is_published_after_a_flush_arrives_after_the_flushed_text(iopub: Any) -> None:
+    thread, sub, session = iopub
+    stream = PooledOutStream(session, thread, "stdout", watchfd=False)
+    for i in range(300):
+        stream.write(f"{i}\n")
+        stream.flush()
+        thread.send_multipart([b"marker", str(i).encode()])  # as the kernel's idle status goes
+    text_so_far = ""
+    for kind, value in received(sub, session):
+        if kind == "text":
+            text_so_far += value
+        else:
+            assert f"{value}\n" in text_so_far.splitlines(keepends=True)
+    assert text_so_far == "".join(f"{i}\n" for i in range(300))
+
+
+def test_flushed_text_written_faster_than_it_is_sent_travels_in_fewer_messages(iopub: Any) -> None:
+    thread, sub, session = iopub
+    stream = PooledOutStream(session, thread, "stdout", watchfd=False)
+    for i in range(5000):
+        print(i, file=stream, flush=True)
+    events = received(sub, session)
+    assert "".join(text for _, text in events) == "".join(f"{i}\n" for i in range(5000))
+    assert len(events) < 5000
 
 
 def test_text_written_by_other_threads_is_flushed_too(iopub: Any) -> None:
