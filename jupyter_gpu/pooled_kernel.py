@@ -14,6 +14,30 @@ from typing import Any
 
 from ipykernel.iostream import IOPubThread, OutStream
 
+#: Stream text goes out in messages of at most about this many characters (cut after a
+#: newline): a single 50 MB write as one message leaves every stage after the kernel (the
+#: gateway, the notebook's magic, its own kernel, the browser) idle until the kernel has
+#: encoded all of it, and then each in turn; in pieces they work at the same time.
+STREAM_PIECE = 1 << 16
+
+
+def pieces(text: str, size: int = STREAM_PIECE) -> list[str]:
+    """``text`` cut into consecutive pieces of at most ``size`` characters, after a newline
+    where one is near (a line split across messages still reads the same once joined)."""
+    if len(text) <= size:
+        return [text]
+    out = []
+    start = 0
+    while start < len(text):
+        end = start + size
+        if end < len(text):
+            newline = text.rfind("\n", start, end)
+            if newline >= start:
+                end = newline + 1
+        out.append(text[start:end])
+        start = end
+    return out
+
 
 class _SendNow:
     """Stands for the IOPub thread, on that thread: sends at once instead of queueing."""
@@ -88,9 +112,9 @@ class PooledOutStream(OutStream):
         on_io_thread = io_thread is not None and io_thread.ident == threading.get_ident()
         destination: Any = _SendNow(pub_thread) if on_io_thread else pub_thread
         for parent, data in self._flush_buffers():  # type: ignore[no-untyped-call]
-            if data:
+            for piece in pieces(data) if data else ():
                 self.session.pid = os.getpid()
-                msg = self.session.msg("stream", {"name": self.name, "text": data}, parent=parent)
+                msg = self.session.msg("stream", {"name": self.name, "text": piece}, parent=parent)
                 for hook in self._hooks:
                     msg = hook(msg)
                     if msg is None:

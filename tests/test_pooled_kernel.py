@@ -11,7 +11,7 @@ import zmq
 from ipykernel.iostream import IOPubThread
 from jupyter_client.session import Session
 
-from jupyter_gpu.pooled_kernel import PooledOutStream
+from jupyter_gpu.pooled_kernel import PooledOutStream, pieces
 
 
 @pytest.fixture
@@ -128,3 +128,24 @@ def test_text_written_by_other_threads_is_flushed_too(iopub: Any) -> None:
     stream.flush()
     text = received_text(sub, session)
     assert sorted(text.splitlines()) == sorted(f"{i}" for i in range(4) for _ in range(100))
+
+
+def test_pieces_cut_after_newlines_and_join_to_the_text() -> None:
+    assert pieces("short") == ["short"]
+    text = "".join(f"line {i}\n" for i in range(1000))
+    cut = pieces(text, size=100)
+    assert "".join(cut) == text
+    assert all(len(piece) <= 100 and piece.endswith("\n") for piece in cut)
+    one_long_line = "y" * 250
+    assert pieces(one_long_line, size=100) == ["y" * 100, "y" * 100, "y" * 50]
+
+
+def test_a_large_write_goes_out_in_pieces_in_order(iopub: Any) -> None:
+    thread, sub, session = iopub
+    stream = PooledOutStream(session, thread, "stdout", watchfd=False)
+    text = ("y" * 99 + "\n") * 5000  # 500 kB
+    stream.write(text)
+    stream.flush()
+    events = received(sub, session)
+    assert "".join(value for _, value in events) == text
+    assert len(events) == len(pieces(text)) > 1
