@@ -7,12 +7,17 @@ per execute is what limits how many executes per second the pool serves.
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import sys
 import threading
 from typing import Any
 
+from ipykernel import ipkernel
 from ipykernel.iostream import IOPubThread, OutStream
+from ipykernel.ipkernel import IPythonKernel
+from ipykernel.kernelbase import _accepts_parameters
 
 #: Stream text goes out in messages of at most about this many characters (cut after a
 #: newline): a single 50 MB write as one message leaves every stage after the kernel (the
@@ -123,3 +128,34 @@ class PooledOutStream(OutStream):
                     self.session.send(destination, msg, ident=self.topic)
         # Everything counted before the buffers were rotated is now sent or queued.
         self._handed_over = writes
+
+
+class PooledKernel(IPythonKernel):
+    """IPythonKernel with less bookkeeping per execute (``--IPKernelApp.kernel_class``)."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)  # type: ignore[no-untyped-call]
+        # traitlets leaves the application's logger at DEBUG and filters at its handler, so
+        # each of the ~8 log.debug calls per execute builds a LogRecord (and walks the stack
+        # for its caller) only for the handler to drop it. The logger's own level set to the
+        # lowest its handlers pass drops them before any of that; what is logged is the same.
+        log = self.log
+        if isinstance(log, logging.Logger) and log.handlers:
+            floor = min(handler.level for handler in log.handlers)
+            if log.level < floor:
+                log.setLevel(floor)
+        # IPythonKernel.do_execute inspects run_cell_async's signature on every execute
+        # (~50 us); a signature is a function's, so it is looked up once per function.
+        ipkernel._accepts_parameters = _accepts_parameters_cached  # type: ignore[attr-defined]
+
+
+@functools.lru_cache(maxsize=64)
+def _accepts_parameters_of(function: Any, param_names: tuple[str, ...]) -> dict[str, bool]:
+    return dict(_accepts_parameters(function, list(param_names)))  # type: ignore[no-untyped-call]
+
+
+def _accepts_parameters_cached(meth: Any, param_names: list[str]) -> dict[str, bool]:
+    function = getattr(meth, "__func__", None)
+    if function is None:
+        return dict(_accepts_parameters(meth, param_names))  # type: ignore[no-untyped-call]
+    return dict(_accepts_parameters_of(function, tuple(param_names)))

@@ -31,15 +31,16 @@ PRIVATE_ENV_PREFIXES = ("JUPYTER_GPU_",)
 
 #: Pooled kernels are single-use, so IPython's on-disk history is never read back; writing
 #: it costs 2-3 ms of every execute (a SQLite write per cell). Keep it in memory instead.
-#: The kernels' stdout/stderr come from jupyter_gpu.pooled_kernel (named, not imported: the
-#: pool never imports the kernel side): a flush with nothing pending skips a thread round
-#: trip, twice per stream per execute (~0.5 ms). ipykernel also sleeps 0.5 ms before every
+#: The kernel class and its stdout/stderr come from jupyter_gpu.pooled_kernel (named, not
+#: imported here): less bookkeeping per execute, and a flush skips a thread round trip,
+#: twice per stream per execute (~0.5 ms). ipykernel also sleeps 0.5 ms before every
 #: execute_reply, so that output usually leaves before the reply on another socket; Jupyter
 #: does not order messages across channels, and clients (the magic, JupyterLab, nbclient)
 #: treat a cell as finished only at its idle status, which IOPub keeps after all output.
 KERNEL_ARGUMENTS = (
     "--HistoryManager.hist_file=:memory:",
     "--IPKernelApp.outstream_class=jupyter_gpu.pooled_kernel.PooledOutStream",
+    "--IPKernelApp.kernel_class=jupyter_gpu.pooled_kernel.PooledKernel",
     "--Kernel._execute_sleep=0",
 )
 

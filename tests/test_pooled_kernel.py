@@ -149,3 +149,20 @@ def test_a_large_write_goes_out_in_pieces_in_order(iopub: Any) -> None:
     events = received(sub, session)
     assert "".join(value for _, value in events) == text
     assert len(events) == len(pieces(text)) > 1
+
+
+def test_cached_signature_lookup_answers_as_ipykernel_does() -> None:
+    from ipykernel.kernelbase import _accepts_parameters
+
+    from jupyter_gpu.pooled_kernel import _accepts_parameters_cached
+
+    class Shell:
+        async def run_cell_async(self, raw_cell: str, *, cell_id: str | None = None) -> None: ...
+
+        def anything(self, **kwargs: Any) -> None: ...
+
+    for meth in (Shell().run_cell_async, Shell().anything, lambda cell: None):
+        for _ in range(2):
+            assert _accepts_parameters_cached(meth, ["cell_id", "cell_meta"]) == _accepts_parameters(
+                meth, ["cell_id", "cell_meta"]
+            )
