@@ -1,4 +1,4 @@
-"""Pieces of ipykernel the pool swaps in for its kernels (``pool_manager.backend.KERNEL_ARGUMENTS``).
+"""Pieces of ipykernel the pool swaps in for its kernels (``pool_manager.backend.kernel_arguments``).
 
 They change what a kernel costs per execute, never what a cell sees: every pooled kernel
 runs cells back to back for one user, and on a small machine the kernel's own bookkeeping
@@ -12,12 +12,33 @@ import logging
 import os
 import sys
 import threading
+from importlib.metadata import version
 from typing import Any
 
 from ipykernel import ipkernel
 from ipykernel.iostream import IOPubThread, OutStream
 from ipykernel.ipkernel import IPythonKernel
-from ipykernel.kernelbase import _accepts_parameters
+
+try:
+    from ipykernel.kernelbase import _accepts_parameters
+except ImportError:  # another ipykernel: see supported()
+    _accepts_parameters = None  # type: ignore[assignment]
+
+
+def supported() -> bool:
+    """Whether this ipykernel has the internals these classes build on (written for 7.x).
+
+    The pool launches stock kernels otherwise: slower per execute, never broken.
+    """
+    needed = [
+        (OutStream, ("_flush_buffers", "_flush")),
+        (IOPubThread, ("_really_send", "schedule")),
+    ]
+    return (
+        version("ipykernel").split(".")[0] == "7"
+        and _accepts_parameters is not None
+        and all(hasattr(cls, name) for cls, names in needed for name in names)
+    )
 
 #: Stream text goes out in messages of at most about this many characters (cut after a
 #: newline): a single 50 MB write as one message leaves every stage after the kernel (the

@@ -37,12 +37,20 @@ PRIVATE_ENV_PREFIXES = ("JUPYTER_GPU_",)
 #: execute_reply, so that output usually leaves before the reply on another socket; Jupyter
 #: does not order messages across channels, and clients (the magic, JupyterLab, nbclient)
 #: treat a cell as finished only at its idle status, which IOPub keeps after all output.
-KERNEL_ARGUMENTS = (
-    "--HistoryManager.hist_file=:memory:",
+#: The pooled classes need the ipykernel they were written for (7.x); with another one the
+#: kernels run stock, only slower.
+KERNEL_ARGUMENTS = ("--HistoryManager.hist_file=:memory:",)
+POOLED_KERNEL_ARGUMENTS = (
     "--IPKernelApp.outstream_class=jupyter_gpu.pooled_kernel.PooledOutStream",
     "--IPKernelApp.kernel_class=jupyter_gpu.pooled_kernel.PooledKernel",
     "--Kernel._execute_sleep=0",
 )
+
+
+def kernel_arguments() -> list[str]:
+    from jupyter_gpu import pooled_kernel
+
+    return [*KERNEL_ARGUMENTS, *(POOLED_KERNEL_ARGUMENTS if pooled_kernel.supported() else ())]
 
 
 class KernelStartError(RuntimeError):
@@ -151,7 +159,7 @@ class LocalKernelBackend(KernelBackend):
         manager = AsyncKernelManager(kernel_name=self.kernel_name, context=self._zmq_context)
         self._managers[request.slot_id] = manager
         try:
-            await manager.start_kernel(env=env, extra_arguments=list(KERNEL_ARGUMENTS))
+            await manager.start_kernel(env=env, extra_arguments=kernel_arguments())
             await self._warm_up(manager)
         except Exception as exc:
             await self.kill_kernel(request.slot_id)

@@ -166,3 +166,16 @@ def test_cached_signature_lookup_answers_as_ipykernel_does() -> None:
             assert _accepts_parameters_cached(meth, ["cell_id", "cell_meta"]) == _accepts_parameters(
                 meth, ["cell_id", "cell_meta"]
             )
+
+
+def test_pooled_classes_are_used_only_with_the_ipykernel_they_were_written_for(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from jupyter_gpu import pooled_kernel
+    from pool_manager.backend import KERNEL_ARGUMENTS, POOLED_KERNEL_ARGUMENTS, kernel_arguments
+
+    assert pooled_kernel.supported()  # this environment's ipykernel 7
+    assert kernel_arguments() == [*KERNEL_ARGUMENTS, *POOLED_KERNEL_ARGUMENTS]
+    monkeypatch.setattr(pooled_kernel, "version", lambda name: "8.0.0")
+    assert not pooled_kernel.supported()
+    assert kernel_arguments() == list(KERNEL_ARGUMENTS)  # stock kernels: slower, never broken
