@@ -63,7 +63,7 @@ MODES: dict[str, dict[str, Any]] = {
     },
     "full": {
         "repeats": 300, "warmup": 20, "cold_repeats": 10, "ipp_cold_repeats": 3,
-        "transfer_sizes": [[10**6, 20], [10**8, 5], [10**9, 3]], "rerun_repeats": 10,
+        "transfer_sizes": [[10**6, 20], [10**8, 5], [10**9, 5]], "rerun_repeats": 10,
         "flood_cells": FLOOD_CELLS, "flood_lines": FLOOD_LINES, "flood_timeout": 180,
         "tp_kernels": 10, "tp_clients_per_kernel": 2, "tp_seconds": 5, "tp_warmup": 2,
         "churn_leases": 500, "churn_warmup": 10, "sim_requests": 100_000,
