@@ -46,6 +46,8 @@ class KernelHelper:
         self.push_error: str | None = None
         # Where the gateway puts uploaded buffers for this kernel (set by the kernel backend).
         self._staging_dir = os.environ.get(STAGING_DIR_ENV)
+        # Its claimed uploads are mapped privately and deleted: only this kernel can write them.
+        write_tracking.tracker.trust_deleted_files_in(self._staging_dir)
         self._incoming = Assembler(self._staging_dir)
         self._values: list[dict[str, Any]] = []
 

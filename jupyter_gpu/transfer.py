@@ -107,7 +107,7 @@ class Assembler:
             self.complete = True
 
     def _map_staged(self, upload: str, size: int) -> mmap.mmap:
-        """The uploaded file, mapped (shared, so writes to the array touch no other copy)."""
+        """The uploaded file, mapped privately and unlinked."""
         if self.staging_dir is None:
             raise ValueError("a staged upload arrived, but this kernel has no staging directory")
         if not isinstance(upload, str) or not _UPLOAD_ID.fullmatch(upload):
@@ -119,28 +119,10 @@ class Assembler:
             os.unlink(path)
             if os.fstat(fd).st_size != size:
                 raise ValueError(f"upload {upload} holds {os.fstat(fd).st_size} bytes, not {size}")
-            if _in_memory(self.staging_dir):
-                # Faulted in now, in one go, rather than page by page when the cell reads it.
-                return mmap.mmap(fd, size, flags=mmap.MAP_SHARED | getattr(mmap, "MAP_POPULATE", 0))
-            # A file on disk: writes to the array must not be written back to the disk.
+            # Private: the array's writes stay in this process (copied on write), never reach
+            # the file (on a disk they would be written back), and no other process can
+            # change what the array holds, which is what lets write tracking trust it.
+            # Pages come in as the cell reads them, 16 at a time.
             return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE)
         finally:
             os.close(fd)
-
-
-def _in_memory(path: str) -> bool:
-    """Whether ``path`` is on a tmpfs (its pages are memory, not a disk's cache)."""
-    best, fstype = "", ""
-    try:
-        with open("/proc/self/mounts") as mounts:
-            for line in mounts:
-                fields = line.split()
-                if len(fields) < 3:
-                    continue
-                point = fields[1].replace("\\040", " ")
-                inside = path == point or path.startswith(point.rstrip("/") + "/")
-                if inside and len(point) >= len(best):
-                    best, fstype = point, fields[2]
-    except OSError:
-        return False
-    return fstype == "tmpfs"

@@ -17,12 +17,17 @@ protection is asynchronous, writes made by system calls (``readinto``) are recor
 Where any of this is missing (another OS or architecture, an older kernel, a seccomp
 filter, a mapping that cannot be registered) the buffer is simply hashed every time, so a
 wrong answer is never the fallback. The scan also fails (and we hash) when the memory at
-that address is no longer the mapping we registered: freed and reallocated arrays, forks.
-The writes it cannot see: memory handed back to the OS inside a live buffer
-(``madvise(MADV_DONTNEED)``, which reads back as zeros; numpy and torch never do that to
-memory an array still owns), and writes that bypass the page tables through a long-term
-pin taken before the hash (io_uring fixed buffers, host memory registered for device DMA
-with cudaHostRegister). ``JUPYTER_GPU_WRITE_TRACKING=0`` switches tracking off.
+that address is no longer the mapping we registered (freed and reallocated arrays).
+Only memory that nothing but this process's own page tables can write is tracked: private
+anonymous mappings (where numpy and torch keep large arrays), and in a pooled kernel the
+private mappings of its claimed, deleted uploads. Shared memory (multiprocessing arrays,
+``shared_memory``, ``np.memmap`` of a file another process may write) is hashed every time.
+Re-protecting a range forgets every cached digest on those pages (an array and a slice of
+it), and a forked child starts afresh (its inherited descriptors act on the parent).
+The writes it cannot see: memory handed back to the OS inside a live buffer on kernels that
+zero it without a fault, and writes that bypass the page tables through a long-term pin
+taken before the hash (io_uring fixed buffers, host memory registered for device DMA with
+cudaHostRegister). ``JUPYTER_GPU_WRITE_TRACKING=0`` switches tracking off.
 """
 
 from __future__ import annotations
@@ -80,6 +85,17 @@ class WriteTracker:
         self._unavailable: str | None = None
         self._digests: OrderedDict[tuple[int, int], bytes] = OrderedDict()
         self._regions = (ctypes.c_uint64 * (3 * _REGIONS))()
+        self._pid = os.getpid()
+        self._trusted_dir: str | None = None
+
+    def trust_deleted_files_in(self, directory: str | None) -> None:
+        """Private mappings of files deleted from ``directory`` may be tracked too.
+
+        For a pooled kernel's staging directory: a file there is written by the gateway,
+        closed, then mapped and unlinked by this kernel, so nothing can write it any more
+        except through this process's own page tables.
+        """
+        self._trusted_dir = directory.rstrip("/") + "/" if directory else None
 
     @property
     def available(self) -> bool:
@@ -136,6 +152,8 @@ class WriteTracker:
 
     def _open(self) -> str | None:
         """None once the userfaultfd and pagemap are open, else why they cannot be."""
+        if self._pid != os.getpid():
+            self._forget_parent()
         if self._uffd is not None or self._unavailable is not None:
             return self._unavailable
         number = _SYS_USERFAULTFD.get(platform.machine())
@@ -177,6 +195,27 @@ class WriteTracker:
         walk_end = struct.unpack_from("Q", arg, 32)[0]
         return found, walk_end
 
+    def _private(self, first: int, end: int) -> bool:
+        """Whether every page of [first, end) is in memory only this process can write."""
+        try:
+            mappings = _mappings()
+        except OSError:
+            return False
+        covered = first
+        for start, stop, perms, inode, path in sorted(mappings):
+            if stop <= covered or start >= end:
+                continue
+            if start > covered or perms[3:4] != "p":
+                return False
+            staged = (self._trusted_dir is not None and path.startswith(self._trusted_dir)
+                      and path.endswith(" (deleted)"))
+            if inode != 0 and not staged:
+                return False
+            covered = stop
+            if covered >= end:
+                return True
+        return False
+
     def _untouched(self, first: int, end: int) -> bool:
         try:
             found, _ = self._scan(first, end, 0, _PAGE_IS_WRITTEN, _PAGE_IS_WRITTEN)
@@ -184,9 +223,32 @@ class WriteTracker:
             return False
         return found == 0
 
+    def _forget_parent(self) -> None:
+        """In a forked child: the inherited descriptors act on the parent's memory."""
+        for fd in (self._uffd, self._pagemap):
+            if fd is not None:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+        self._uffd = self._pagemap = None
+        self._digests.clear()
+        self._pid = os.getpid()
+
     def _protect(self, first: int, end: int) -> bool:
-        """Register the pages for asynchronous write protection and protect all of them."""
+        """Register the pages for asynchronous write protection and protect all of them.
+
+        Only memory nothing else can write: private anonymous mappings (a write by another
+        process to shared memory, or to the file behind a file mapping, never touches our
+        page tables), and private mappings of files deleted from the trusted directory.
+        """
         assert self._uffd is not None
+        # Re-protecting these pages clears the record of writes any other cached buffer on
+        # them was relying on (a slice of an array, the array itself): those must go.
+        for key in [k for k in self._digests if k[0] < end and k[0] + k[1] > first]:
+            del self._digests[key]
+        if not self._private(first, end):
+            return False
         try:
             fcntl.ioctl(self._uffd, _UFFDIO_REGISTER,
                         bytearray(struct.pack("QQQQ", first, end - first, _UFFDIO_REGISTER_MODE_WP, 0)))
@@ -219,3 +281,17 @@ def _address(view: memoryview) -> int | None:
 
 #: One per process: the userfaultfd and the digests belong to the process's memory.
 tracker = WriteTracker()
+
+
+def _mappings() -> list[tuple[int, int, str, int, str]]:
+    """(start, end, permissions, inode, path) of every mapping of this process."""
+    found = []
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) < 5:
+                continue
+            start, _, stop = fields[0].partition("-")
+            path = fields[5].rstrip("\n") if len(fields) > 5 else ""
+            found.append((int(start, 16), int(stop, 16), fields[1], int(fields[4]), path))
+    return found

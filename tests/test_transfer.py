@@ -50,7 +50,7 @@ def test_arrays_rebuilt_on_received_bytes_are_writable() -> None:
 
 @pytest.fixture(params=["disk", "memory"])
 def staging_dir(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Path]:
-    """A staging directory on disk (mapped privately) or on /dev/shm (mapped shared)."""
+    """A staging directory on disk or in memory (/dev/shm): both are mapped privately."""
     if request.param == "disk":
         yield tmp_path
         return

@@ -7,6 +7,7 @@ import os
 import tempfile
 import threading
 from collections.abc import Iterator
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -106,20 +107,96 @@ def test_write_from_another_thread_is_seen(tracker: WriteTracker) -> None:
     assert tracker.digest(view_of(array), digest) != before
 
 
-@pytest.mark.parametrize("flags", [mmap.MAP_SHARED, mmap.MAP_PRIVATE])
-def test_file_mappings_are_tracked(tracker: WriteTracker, flags: int) -> None:
-    """How the GPU kernel maps values staged in a file: shared, or private (copy on write)."""
-    with tempfile.TemporaryFile(dir="/dev/shm" if os.path.isdir("/dev/shm") else None) as staged:
-        staged.truncate(TRACK_MIN_BYTES)
-        mapping = mmap.mmap(staged.fileno(), TRACK_MIN_BYTES, flags=flags)
+def staged_mapping(directory: str, flags: int) -> tuple[mmap.mmap, str]:
+    """A file like a pooled kernel's claimed upload: written, mapped, then unlinked."""
+    fd, path = tempfile.mkstemp(dir=directory)
+    try:
+        os.ftruncate(fd, TRACK_MIN_BYTES)
+        mapping = mmap.mmap(fd, TRACK_MIN_BYTES, flags=flags)
+    finally:
+        os.close(fd)
+    os.unlink(path)
+    return mapping, path
+
+
+def test_a_claimed_upload_in_the_trusted_directory_is_tracked(tracker: WriteTracker, tmp_path: Path) -> None:
+    tracker.trust_deleted_files_in(str(tmp_path))
+    mapping, _ = staged_mapping(str(tmp_path), mmap.MAP_PRIVATE)
     array = np.frombuffer(mapping, dtype=np.float64)
     digest = Counting()
     before = tracker.digest(view_of(array), digest)
-    assert tracker.digest(view_of(array), digest) == before
-    assert digest.reads == 1
+    assert tracker.digest(view_of(array), digest) == before and digest.reads == 1
     array[N // 2] = 3.0  # a page that was never faulted in
     assert tracker.digest(view_of(array), digest) != before
     del array
+
+
+@pytest.mark.parametrize("flags", [mmap.MAP_SHARED, mmap.MAP_PRIVATE])
+def test_file_mappings_anyone_else_could_write_are_hashed_every_time(tracker: WriteTracker, tmp_path: Path,
+                                                                     flags: int) -> None:
+    mapping, _ = staged_mapping(str(tmp_path), flags)  # no trusted directory: could be anyone's file
+    array = np.frombuffer(mapping, dtype=np.float64)
+    digest = Counting()
+    tracker.digest(view_of(array), digest)
+    tracker.digest(view_of(array), digest)
+    assert digest.reads == 2
+    del array
+
+
+def test_a_memmap_written_through_the_file_is_seen(tracker: WriteTracker, tmp_path: Path) -> None:
+    path = tmp_path / "data.bin"
+    path.write_bytes(b"\0" * TRACK_MIN_BYTES)
+    array = np.memmap(path, dtype=np.float64, mode="r+")
+    digest = Counting()
+    before = tracker.digest(view_of(array), digest)
+    with open(path, "r+b") as other_writer:  # as another process would
+        other_writer.seek(8 * 1000)
+        other_writer.write(b"\x01" * 8)
+    assert tracker.digest(view_of(array), digest) != before
+    del array
+
+
+def test_shared_memory_written_by_a_child_process_is_seen(tracker: WriteTracker) -> None:
+    shared = mmap.mmap(-1, TRACK_MIN_BYTES, flags=mmap.MAP_SHARED | mmap.MAP_ANONYMOUS)
+    array = np.frombuffer(shared, dtype=np.float64)
+    digest = Counting()
+    before = tracker.digest(view_of(array), digest)
+    pid = os.fork()
+    if pid == 0:  # the child writes the shared page and leaves at once
+        array[10] = 1.0
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert tracker.digest(view_of(array), digest) != before
+    del array
+
+
+def test_an_array_and_a_slice_of_it_do_not_hide_each_others_writes(tracker: WriteTracker) -> None:
+    array = np.zeros(N + N // 4)
+    digest = Counting()
+    before = tracker.digest(view_of(array), digest)
+    array[N // 8] = 1.0
+    tracker.digest(view_of(array[N // 16:]), digest)  # re-protects pages the whole array is on
+    assert tracker.digest(view_of(array), digest) != before
+
+
+def test_a_forked_child_sees_its_own_writes_and_leaves_the_parent_right(tracker: WriteTracker) -> None:
+    array = np.zeros(N)
+    digest = Counting()
+    before = tracker.digest(view_of(array), digest)
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        array[7] = 2.0  # the child's private copy
+        ok = tracker.digest(view_of(array), Counting()) == xxhash.xxh3_128(view_of(array)).digest()
+        os.write(write_end, b"1" if ok else b"0")
+        os._exit(0)
+    os.waitpid(pid, 0)
+    assert os.read(read_end, 1) == b"1"
+    os.close(read_end)
+    os.close(write_end)
+    assert tracker.digest(view_of(array), digest) == before  # the parent's array never changed
+    array[9] = 3.0
+    assert tracker.digest(view_of(array), digest) != before
 
 
 def test_fingerprint_is_the_same_with_and_without_tracking(tracker: WriteTracker,
