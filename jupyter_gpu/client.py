@@ -162,8 +162,10 @@ class GatewayClient:
                 body = reader.read(int(headers.get("content-length", "0") or 0))
                 raise _gateway_error(status, body)
             switched = True
-            sock.settimeout(timeout + len(view) / 50e6)  # a total for sendall: scale it with the size
-            sock.sendall(view)  # the gateway reads exactly len(view) bytes
+            # The gateway reads exactly len(view) bytes. Sent in slices, so that the timeout
+            # is for a stall, not for the whole (sendall's timeout is a total).
+            for offset in range(0, len(view), _UPLOAD_SLICE):
+                sock.sendall(view[offset : offset + _UPLOAD_SLICE])
             line = reader.readline(64 * 1024)
             result = json.loads(line) if line else {"message": "the gateway closed the upload", "reason": "lost"}
             if "upload" not in result:
@@ -176,6 +178,9 @@ class GatewayClient:
                                f"{type(exc).__name__}: {exc}", 0, "lost" if switched else "") from None
         finally:
             sock.close()
+
+
+_UPLOAD_SLICE = 64 * 2**20
 
 
 def _read_head(reader: Any) -> tuple[int, dict[str, str]]:

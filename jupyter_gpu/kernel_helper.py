@@ -11,6 +11,7 @@ from __future__ import annotations
 import ast
 import importlib
 import os
+import time
 import types
 from typing import Any
 
@@ -19,6 +20,7 @@ from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY
 from .transfer import STAGING_DIR_ENV, Assembler, split
 
 _ERROR_NAME = "__jupyter_gpu_push_error__"
+ABANDONED_UPLOAD_SECONDS = 120.0
 
 
 class PushError(RuntimeError):
@@ -69,6 +71,7 @@ class KernelHelper:
                 # The first part of a transfer carries the manifest; later parts only pieces.
                 self.push_error = None
                 self._values = data.get("values", [])
+                self._remove_abandoned_uploads()
             self._incoming.feed(data, list(msg.get("buffers") or []))
             if self._incoming.complete:
                 self._bind(self._values)
@@ -76,6 +79,23 @@ class KernelHelper:
         except Exception as exc:
             self.push_error = f"the GPU kernel could not take the pushed variables: {type(exc).__name__}: {exc}"
             self._incoming = Assembler(self._staging_dir)
+
+    def _remove_abandoned_uploads(self) -> None:
+        """Uploads no push message ever named (the client failed in between) go after a while;
+        one in progress is never this old (the gateway gives up on a stall after 30 s)."""
+        if self._staging_dir is None:
+            return
+        cutoff = time.time() - ABANDONED_UPLOAD_SECONDS
+        try:
+            entries = list(os.scandir(self._staging_dir))
+        except OSError:
+            return
+        for entry in entries:
+            try:
+                if entry.stat().st_mtime < cutoff:
+                    os.unlink(entry.path)
+            except OSError:
+                pass
 
     def _bind(self, values: list[dict[str, Any]]) -> None:
         ns = self.shell.user_ns

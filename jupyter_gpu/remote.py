@@ -97,9 +97,10 @@ def missing_local_modules() -> set[str]:
     return {name for name in _HEAVY_MODULES if importlib.util.find_spec(name) is None}
 
 
-#: Upload failures that are the answer (too large, no room, bad token, lost mid-way), as
-#: opposed to a gateway or proxy that does not do uploads at all.
-UPLOAD_REFUSALS = frozenset({"too_large", "no_space", "unauthorized", "upload_failed", "lost"})
+#: Upload failures that fail the cell (too large for the operator's limit, a bad token, a
+#: connection lost mid-way). Anything else (a gateway or proxy that does not do uploads, a
+#: full staging area, all upload slots busy) sends the values over the websocket instead.
+UPLOAD_REFUSALS = frozenset({"too_large", "unauthorized", "upload_failed", "lost"})
 
 
 class RemoteSession:
@@ -191,13 +192,15 @@ class RemoteSession:
             try:
                 staged[index] = self.client.upload(self.lease["kernel_id"], blob)
             except GatewayError as exc:
-                if exc.status == 404:  # the lease ended between cells: nothing ran yet
+                if exc.status == 404 and exc.reason == "not_found":  # the lease ended between cells
                     raise LeaseGone(str(exc)) from None
                 if exc.reason in UPLOAD_REFUSALS:
                     raise
-                # The gateway cannot stage, or something between us (a proxy without
-                # Upgrade support) would not let the upload through: the websocket carries it all.
-                self.uploads = False
+                # The gateway cannot stage now or at all, or something between us (a proxy
+                # without Upgrade support) would not let the upload through: the websocket
+                # carries the rest (and, for an unsupported gateway, everything from now on).
+                if exc.reason in ("unsupported", ""):
+                    self.uploads = False
                 break
         return staged
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import abc
 import asyncio
+import fcntl
 import logging
 import os
 import shutil
@@ -125,6 +126,7 @@ class LocalKernelBackend(KernelBackend):
         self._staging_parent = staging_root
         self._staging_enabled = staging
         self._staging_root: str | None = None
+        self._staging_lock = -1
         self._staging: dict[str, str] = {}
 
     def staging_dir(self, slot_id: str) -> str | None:
@@ -136,6 +138,10 @@ class LocalKernelBackend(KernelBackend):
             parent = self._staging_parent or default_staging_parent()
             remove_stale_staging(parent)
             self._staging_root = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent)
+            # Held for the gateway's life: whoever can take it knows this root is abandoned.
+            self._staging_lock = os.open(os.path.join(self._staging_root, STAGING_LOCK),
+                                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            fcntl.flock(self._staging_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         path = tempfile.mkdtemp(prefix=f"{slot_id}-", dir=self._staging_root)
         self._staging[slot_id] = path
         return path
@@ -231,30 +237,51 @@ class LocalKernelBackend(KernelBackend):
         self._zmq_context.destroy(linger=0)
         if self._staging_root is not None:
             shutil.rmtree(self._staging_root, ignore_errors=True)
+            os.close(self._staging_lock)
 
 
 STAGING_PREFIX = "jupyter-gpu-staging-"
+STAGING_LOCK = ".lock"
+
+
+#: A /dev/shm smaller than this (containers often get 64 MB) is not worth staging in.
+MIN_SHM_BYTES = 2**30
 
 
 def default_staging_parent() -> str:
-    """/dev/shm where it is writable (uploads are then memory the kernel maps), else the temp dir."""
+    """/dev/shm where it is writable and large (uploads are then memory the kernel maps),
+    else the temp dir."""
     shm = "/dev/shm"
-    return shm if os.path.isdir(shm) and os.access(shm, os.W_OK | os.X_OK) else tempfile.gettempdir()
+    try:
+        stat = os.statvfs(shm)
+        usable = os.access(shm, os.W_OK | os.X_OK) and stat.f_blocks * stat.f_frsize >= MIN_SHM_BYTES
+    except OSError:
+        usable = False
+    return shm if usable else tempfile.gettempdir()
 
 
 def remove_stale_staging(parent: str) -> None:
-    """Staging directories of gateways that died without cleaning up (named after their pid)."""
+    """Staging roots of gateways that died without cleaning up: their lock is free.
+
+    A lock, not the pid in the name: a live gateway in another pid namespace sharing
+    /dev/shm would look dead, and a reused pid would keep a dead one's root forever.
+    """
     try:
         names = os.listdir(parent)
     except OSError:
         return
     for name in names:
-        pid = name[len(STAGING_PREFIX):].split("-", 1)[0]
-        if not name.startswith(STAGING_PREFIX) or not pid.isdigit():
+        if not name.startswith(STAGING_PREFIX):
+            continue
+        root = os.path.join(parent, name)
+        try:
+            lock = os.open(os.path.join(root, STAGING_LOCK), os.O_RDWR | os.O_CLOEXEC)
+        except OSError:  # no lock yet (a gateway creating it this instant) or not ours to open
             continue
         try:
-            os.kill(int(pid), 0)
-        except ProcessLookupError:
-            shutil.rmtree(os.path.join(parent, name), ignore_errors=True)
-        except PermissionError:  # someone else's live gateway
-            pass
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:  # held: that gateway is alive
+            continue
+        finally:
+            os.close(lock)
+        shutil.rmtree(root, ignore_errors=True)

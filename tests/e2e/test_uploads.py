@@ -37,13 +37,13 @@ def staged_files(gateway: GatewayProcess) -> list[Path]:
     """Every file in the gateway's staging directories (named after its pid)."""
     assert gateway.proc is not None
     roots = [p for p in Path("/dev/shm").glob(f"jupyter-gpu-staging-{gateway.proc.pid}-*")]
-    return sorted(f for root in roots for f in root.rglob("*") if f.is_file())
+    return sorted(f for root in roots for f in root.glob("*/*") if f.is_file())
 
 
 def kernel_staging_dirs(gateway: GatewayProcess) -> list[Path]:
     assert gateway.proc is not None
     return sorted(d for root in Path("/dev/shm").glob(f"jupyter-gpu-staging-{gateway.proc.pid}-*")
-                  for d in root.iterdir())
+                  for d in root.iterdir() if d.is_dir())
 
 
 def client_for(gateway: GatewayProcess, user: str) -> GatewayClient:
@@ -221,3 +221,40 @@ def test_a_stalled_upload_does_not_hold_up_a_stopping_gateway(tmp_path: Path) ->
     finally:
         gateway.stop()
     assert not list(Path("/dev/shm").glob(f"jupyter-gpu-staging-{pid}-*"))  # nothing left in memory
+
+
+def open_upgrade(gateway: GatewayProcess, user: str, kernel_id: str, nbytes: int) -> socket.socket:
+    """An upload whose client answers the 101 and then sends nothing."""
+    url = urllib.parse.urlsplit(gateway.url)
+    sock = socket.create_connection((url.hostname or "", url.port or 80), timeout=30)
+    sock.sendall((f"GET /api/kernels/{kernel_id}/upload?nbytes={nbytes} HTTP/1.1\r\nHost: {url.netloc}\r\n"
+                  f"Authorization: token {gateway.tokens[user]}\r\nConnection: Upgrade\r\n"
+                  "Upgrade: jupyter-gpu-upload\r\n\r\n").encode())
+    assert b" 101 " in sock.recv(65536)
+    return sock
+
+
+def test_stalled_uploads_take_no_more_than_their_share_and_pushes_fall_back(upload_gateway: GatewayProcess) -> None:
+    kernel_id = granted_kernel(upload_gateway, "bob")
+    stalled = [open_upgrade(upload_gateway, "bob", kernel_id, 10_000_000) for _ in range(2)]
+    try:
+        with pytest.raises(GatewayError) as busy:
+            client_for(upload_gateway, "bob").upload(kernel_id, np.ones(5_000_000, dtype=np.uint8))
+        assert busy.value.status == 503 and busy.value.reason == "busy" and "at most 2" in str(busy.value)
+        # another user is not held up
+        alice_kernel = granted_kernel(upload_gateway, "alice")
+        assert client_for(upload_gateway, "alice").upload(alice_kernel, np.ones(5_000_000, dtype=np.uint8))
+        # and bob's own cell still runs, on a new lease: its value goes over the websocket
+        # (his two stalled uploads still hold both of his upload slots)
+        for lease in upload_gateway.get("bob", "/api/gpu/leases").body:
+            upload_gateway.delete("bob", f"/api/gpu/leases/{lease['id']}")
+        kernel = LocalKernel(kernel_env(upload_gateway, "bob"))
+        try:
+            kernel.run("%load_ext jupyter_gpu\nimport numpy as np\na = np.arange(2_000_000, dtype=np.float64)")
+            reply, outputs = kernel.run("%%gpu cpu\nprint(a.sum())")
+            assert reply["status"] == "ok" and streamed(outputs) == f"{float(sum(range(2_000_000)))}\n"
+        finally:
+            kernel.close()
+    finally:
+        for sock in stalled:
+            sock.close()
