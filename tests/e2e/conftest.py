@@ -28,14 +28,17 @@ def make_gateway(tmp: Path, *extra: str, users: tuple[str, ...] = USERS) -> Gate
     return GatewayProcess(tmp, args, tokens)
 
 
+def serve(tmp_path_factory: pytest.TempPathFactory, name: str, *extra: str) -> Iterator[GatewayProcess]:
+    """Body of a module-scoped gateway fixture: ``yield from serve(...)``."""
+    process = make_gateway(tmp_path_factory.mktemp(name), *extra).start()
+    yield process
+    process.stop()
+
+
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
     """A shared gateway: a100 x2 and h100 x1 emulated, two CPU slots, one warm kernel per type."""
-    process = make_gateway(
-        tmp_path_factory.mktemp("gateway"), "--inventory", "a100=2,h100=1", "--cpu-slots", "2", "--min-warm", "1"
-    ).start()
-    yield process
-    process.stop()
+    yield from serve(tmp_path_factory, "gateway", "--inventory", "a100=2,h100=1", "--cpu-slots", "2", "--min-warm", "1")
 
 
 @pytest.fixture(autouse=True)

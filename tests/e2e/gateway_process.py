@@ -16,7 +16,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from tornado.websocket import WebSocketClientConnection, websocket_connect
 
@@ -194,10 +194,10 @@ class KernelSocket:
                 self.ws.write_message(json.dumps(msg))
         return msg_id
 
-    def execute(self, code: str, allow_stdin: bool = False) -> str:
+    def execute(self, code: str, allow_stdin: bool = False, session: str | None = None) -> str:
         return self.send("shell", "execute_request", {"code": code, "silent": False, "store_history": True,
                                                       "user_expressions": {}, "allow_stdin": allow_stdin,
-                                                      "stop_on_error": True})
+                                                      "stop_on_error": True}, session=session)
 
     async def recv(self, timeout: float = 30.0) -> dict[str, Any] | None:
         """The next message as a dict with its ``buffers`` (None when the socket closed)."""
@@ -230,9 +230,10 @@ class KernelSocket:
                 return msg, seen
             seen.append(msg)
 
-    async def run(self, code: str, timeout: float = 60.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    async def run(self, code: str, timeout: float = 60.0,
+                  session: str | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Execute and collect this request's IOPub messages until its reply and idle both came."""
-        msg_id = self.execute(code)
+        msg_id = self.execute(code, session=session)
         return await self.collect(msg_id, timeout)
 
     async def collect(self, msg_id: str, timeout: float = 60.0) -> tuple[dict[str, Any], list[dict[str, Any]]]:
@@ -264,3 +265,30 @@ def stdout_text(outputs: list[dict[str, Any]]) -> str:
 
 def stream_text(outputs: list[dict[str, Any]], name: str) -> str:
     return "".join(m["content"]["text"] for m in outputs if m["msg_type"] == "stream" and m["content"]["name"] == name)
+
+
+T = TypeVar("T")
+
+
+def poll(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+    """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:.0f} s for {what}; last saw {value!r}")
+        time.sleep(interval)
+
+
+async def apoll(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
+    """``poll`` for async tests: the event loop keeps serving open websockets meanwhile."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"waited {timeout:.0f} s for {what}; last saw {value!r}")
+        await asyncio.sleep(interval)

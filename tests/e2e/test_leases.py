@@ -16,45 +16,18 @@ import sys
 import time
 import urllib.request
 import uuid
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from tornado.httpclient import HTTPClientError
 from tornado.websocket import websocket_connect
 
 from .conftest import make_gateway
-from .gateway_process import GatewayProcess, KernelSocket, pid_alive, stdout_text
-
-T = TypeVar("T")
+from .gateway_process import GatewayProcess, KernelSocket, apoll, pid_alive, poll, stdout_text
 
 # --- helpers ----------------------------------------------------------------------------------
-
-
-def poll(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """Call ``check`` until it returns something truthy; fail after ``timeout`` seconds."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:.0f} s for {what}; last saw {value!r}")
-        time.sleep(interval)
-
-
-async def apoll(check: Callable[[], T], timeout: float, what: str, interval: float = 0.1) -> T:
-    """``poll`` for async tests: the event loop keeps serving open websockets meanwhile."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"waited {timeout:.0f} s for {what}; last saw {value!r}")
-        await asyncio.sleep(interval)
 
 
 def granted(gateway: GatewayProcess, user: str, gpu: str = "cpu", **extra: Any) -> dict[str, Any]:

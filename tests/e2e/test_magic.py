@@ -19,7 +19,7 @@ import pytest
 from jupyter_client.manager import KernelManager
 from nbclient import NotebookClient
 
-from .conftest import make_gateway
+from .conftest import serve
 from .gateway_process import GatewayProcess
 
 NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
@@ -27,11 +27,7 @@ NOTEBOOKS = Path(__file__).parent.parent / "notebooks"
 
 @pytest.fixture(scope="module")
 def cpu_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    process = make_gateway(
-        tmp_path_factory.mktemp("magic"), "--inventory", "a100=1", "--cpu-slots", "3", "--min-warm", "2"
-    ).start()
-    yield process
-    process.stop()
+    yield from serve(tmp_path_factory, "magic", "--inventory", "a100=1", "--cpu-slots", "3", "--min-warm", "2")
 
 
 def kernel_env(gateway: GatewayProcess, user: str) -> dict[str, str]:

@@ -16,7 +16,7 @@ from tornado.websocket import websocket_connect
 from jupyter_gpu.protocol import KERNEL_WS_PROTOCOL_V1, serialize_ws_v1
 
 from .conftest import make_gateway
-from .gateway_process import GatewayProcess, KernelSocket, stdout_text, stream_text
+from .gateway_process import GatewayProcess, KernelSocket, apoll, stdout_text, stream_text
 
 #: The second gateway's limits: a replay buffer that a 2 s cell overflows, a 1 MB message cap.
 SMALL_REPLAY_BYTES = 2000
@@ -58,9 +58,8 @@ def granted(gateway: GatewayProcess, user: str, gpu: str = "cpu") -> dict[str, A
     return lease
 
 
-def execute_content(code: str) -> dict[str, Any]:
-    return {"code": code, "silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": False,
-            "stop_on_error": True}
+def kernel_idle(gateway: GatewayProcess, kernel_id: str) -> bool:
+    return bool(gateway.get("alice", f"/api/kernels/{kernel_id}").body["execution_state"] == "idle")
 
 
 def integers(text: str) -> list[int]:
@@ -159,16 +158,14 @@ async def run_and_hang_up(
     Stays away for 1 s (reconnecting mid-cell), or ``until_done`` until the cell has ended.
     """
     socket = await gateway.connect("alice", kernel_id)
-    msg_id = socket.send("shell", "execute_request", execute_content(COUNT_TO_19), session=header_session)
+    msg_id = socket.execute(COUNT_TO_19, session=header_session)
     last, seen = await socket.recv_until(is_stdout_of(msg_id, "4"), timeout=15)
     before = stdout_text([*seen, last])
     assert before.split() == ["0", "1", "2", "3", "4"]
     socket.close()
     await asyncio.sleep(1.0)  # the cell goes on printing into the replay buffer
-    deadline = time.monotonic() + 15
-    while until_done and gateway.get("alice", f"/api/kernels/{kernel_id}").body["execution_state"] != "idle":
-        assert time.monotonic() < deadline, "the cell did not finish"
-        await asyncio.sleep(0.1)
+    if until_done:
+        await apoll(lambda: kernel_idle(gateway, kernel_id), 15, "the cell to finish")
     return socket.session_id, msg_id, before
 
 
@@ -216,8 +213,7 @@ async def test_header_session_other_than_url_session_sees_output_once_and_reconn
     # which need not be the websocket's session_id; the kernel's replies carry the header's.
     lease = granted(gateway, "alice")
     socket = await gateway.connect("alice", lease["kernel_id"])
-    msg_id = socket.send("shell", "execute_request", execute_content("print('once')"), session="header-session")
-    reply, outputs = await socket.collect(msg_id, timeout=15)
+    reply, outputs = await socket.run("print('once')", timeout=15, session="header-session")
     assert reply["content"]["status"] == "ok"
     assert stdout_text(outputs) == "once\n"  # not once per session id the socket is known under
     socket.close()
@@ -230,8 +226,7 @@ async def test_header_session_other_than_url_session_sees_output_once_and_reconn
     reply, outputs = await socket.collect(msg_id, timeout=15)
     assert reply["content"]["status"] == "ok"
     assert integers(before + stdout_text(outputs)) == list(range(20))
-    msg_id = socket.send("shell", "execute_request", execute_content("print('again')"), session="header-session")
-    reply, outputs = await socket.collect(msg_id, timeout=15)
+    reply, outputs = await socket.run("print('again')", timeout=15, session="header-session")
     assert reply["content"]["status"] == "ok"
     assert stdout_text(outputs) == "again\n"
     socket.close()
@@ -249,10 +244,7 @@ async def test_replies_survive_an_overflowing_replay_buffer(small_gateway: Gatew
         second = socket.execute("for i in range(30): print(i, flush=True)")
         socket.close()  # frames are ordered: the gateway has both requests before the close
         await asyncio.sleep(1.0)
-        deadline = time.monotonic() + 15
-        while small_gateway.get("alice", f"/api/kernels/{lease['kernel_id']}").body["execution_state"] != "idle":
-            assert time.monotonic() < deadline, "the cells did not finish"
-            await asyncio.sleep(0.1)
+        await apoll(lambda: kernel_idle(small_gateway, lease["kernel_id"]), 15, "the cells to finish")
         socket = await small_gateway.connect("alice", lease["kernel_id"], session_id=socket.session_id)
         seen: list[dict[str, Any]] = []
         replies: dict[str, dict[str, Any]] = {}

@@ -18,8 +18,8 @@ import pytest
 
 from jupyter_gpu.client import GatewayClient, GatewayConfig, GatewayError
 
-from .conftest import make_gateway
-from .gateway_process import GatewayProcess
+from .conftest import make_gateway, serve
+from .gateway_process import GatewayProcess, poll
 from .test_magic import LocalKernel, kernel_env, streamed
 
 LIMIT = 100_000_000
@@ -27,10 +27,8 @@ LIMIT = 100_000_000
 
 @pytest.fixture(scope="module")
 def upload_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    process = make_gateway(tmp_path_factory.mktemp("uploads"), "--cpu-slots", "2", "--min-warm", "1",
-                           "--max-upload-size", str(LIMIT)).start()
-    yield process
-    process.stop()
+    yield from serve(tmp_path_factory, "uploads", "--cpu-slots", "2", "--min-warm", "1",
+                     "--max-upload-size", str(LIMIT))
 
 
 def staged_files(gateway: GatewayProcess) -> list[Path]:
@@ -162,10 +160,7 @@ def test_a_client_gone_mid_upload_leaves_nothing_and_the_kernel_carries_on(uploa
     assert status == 101
     answer = json.loads(reply)
     assert answer["reason"] == "upload_failed" and "5,000,000 of 20,000,000" in answer["message"]
-    deadline = time.monotonic() + 10
-    while staged_files(upload_gateway) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert staged_files(upload_gateway) == []
+    poll(lambda: not staged_files(upload_gateway), 10, "the half-uploaded file to be removed")
     # the same kernel takes the next upload
     upload = client_for(upload_gateway, "alice").upload(kernel_id, np.ones(5_000_000, dtype=np.uint8))
     assert [f.name for f in staged_files(upload_gateway)] == [upload]
@@ -177,10 +172,8 @@ def test_a_kernels_staging_directory_goes_with_its_lease(upload_gateway: Gateway
     assert any(f.parent.name.startswith(f"{kernel_id}-") for f in staged_files(upload_gateway))
     for each in upload_gateway.get("bob", "/api/gpu/leases").body:
         upload_gateway.delete("bob", f"/api/gpu/leases/{each['id']}")
-    deadline = time.monotonic() + 10
-    while any(d.name.startswith(f"{kernel_id}-") for d in kernel_staging_dirs(upload_gateway)):
-        assert time.monotonic() < deadline, "the staging directory outlived the lease"
-        time.sleep(0.05)
+    poll(lambda: not any(d.name.startswith(f"{kernel_id}-") for d in kernel_staging_dirs(upload_gateway)), 10,
+         "the kernel's staging directory to go with its lease")
 
 
 def test_a_large_value_changed_in_place_remotely_is_sent_again(upload_gateway: GatewayProcess) -> None:
