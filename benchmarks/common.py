@@ -12,6 +12,7 @@ import math
 import os
 import socket
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -57,6 +58,16 @@ def loopback_bytes() -> int:
             if name.strip() == "lo":
                 return int(rest.split()[8])  # transmit bytes
     return 0
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float) -> None:
+    """SIGTERM, and SIGKILL if it has not exited within ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def wait_until(predicate: Callable[[], bool], timeout: float, what: str, interval: float = 0.05) -> None:

@@ -25,6 +25,7 @@ from common import (
     LocalKernel,
     in_kernel_loop,
     rss_bytes,
+    stop_process,
     summarize,
     wait_until,
 )
@@ -96,12 +97,7 @@ class OurGateway:
         return rss_bytes(self.proc.pid)
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(60)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 60)
 
 
 def magic_kernel(gateway: OurGateway) -> LocalKernel:

@@ -21,7 +21,7 @@ from typing import Any
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from common import emit, free_port, summarize, wait_until
+from common import emit, free_port, stop_process, summarize, wait_until
 from wsclient import WsKernel, output_flood, rest, throughput, warm_roundtrips
 
 LIMITER_OFF = ["--ZMQChannelsWebsocketConnection.limit_rate=False"]
@@ -59,12 +59,7 @@ class KernelGateway:
         rest(self.base, self.token, "DELETE", f"/api/kernels/{kernel_id}")
 
     def stop(self) -> None:
-        self.proc.terminate()
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+        stop_process(self.proc, 30)
 
 
 async def cold_kernel(kg: KernelGateway) -> float:

@@ -31,7 +31,6 @@ UPLOAD_MIN_BYTES = 4 * 2**20
 #: The ``Upgrade`` token of an upload request; the gateway answers ``101`` and then reads
 #: exactly ``nbytes`` raw bytes, and writes back one JSON line.
 UPLOAD_PROTOCOL = "jupyter-gpu-upload"
-UPLOAD_ID_HEADER = "X-Jupyter-Gpu-Upload"
 #: Where a pooled kernel finds the files uploaded for it (set by the kernel backend).
 STAGING_DIR_ENV = "JUPYTER_GPU_STAGING_DIR"
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")

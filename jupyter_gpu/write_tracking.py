@@ -103,14 +103,10 @@ class WriteTracker:
 
     def digest(self, view: memoryview, compute: Callable[[memoryview], bytes]) -> bytes:
         """``compute(view)``, or the digest it gave last time if nothing wrote to ``view`` since."""
-        if view.nbytes < TRACK_MIN_BYTES or not view.c_contiguous:
+        span = _span(view)
+        if span is None:
             return compute(view)
-        address = _address(view)
-        if address is None:
-            return compute(view)
-        key = (address, view.nbytes)
-        first = address - address % _PAGE
-        end = -(-(address + view.nbytes) // _PAGE) * _PAGE
+        key, first, end = span
         with self._lock:
             if self._open() is not None:
                 return compute(view)
@@ -123,11 +119,7 @@ class WriteTracker:
             # behind, so the next call hashes again instead of trusting a torn digest.
             if not self._protect(first, end):
                 return compute(view)
-            result = compute(view)
-            self._digests[key] = result
-            while len(self._digests) > MAX_TRACKED:
-                self._digests.popitem(last=False)
-            return result
+            return self._store(key, compute(view))
 
     def remember(self, view: memoryview, digest: bytes) -> None:
         """Take ``digest`` as the digest of ``view`` from now on, until a page of it is written.
@@ -135,18 +127,19 @@ class WriteTracker:
         For a value just received with its digest (the sender hashed it): the receiver need
         not read it again to answer what it holds.
         """
-        if view.nbytes < TRACK_MIN_BYTES or not view.c_contiguous:
+        span = _span(view)
+        if span is None:
             return
-        address = _address(view)
-        if address is None:
-            return
-        first = address - address % _PAGE
-        end = -(-(address + view.nbytes) // _PAGE) * _PAGE
+        key, first, end = span
         with self._lock:
             if self._open() is None and self._protect(first, end):
-                self._digests[(address, view.nbytes)] = digest
-                while len(self._digests) > MAX_TRACKED:
-                    self._digests.popitem(last=False)
+                self._store(key, digest)
+
+    def _store(self, key: tuple[int, int], digest: bytes) -> bytes:
+        self._digests[key] = digest
+        while len(self._digests) > MAX_TRACKED:
+            self._digests.popitem(last=False)
+        return digest
 
     # --- the Linux side -----------------------------------------------------------------------
 
@@ -262,6 +255,18 @@ class WriteTracker:
             log.debug("cannot track writes to %#x-%#x: %s", first, end, exc)
             return False
         return True
+
+
+def _span(view: memoryview) -> tuple[tuple[int, int], int, int] | None:
+    """For a buffer worth tracking: its key (address, size) and the pages it lies on."""
+    if view.nbytes < TRACK_MIN_BYTES or not view.c_contiguous:
+        return None
+    address = _address(view)
+    if address is None:
+        return None
+    first = address - address % _PAGE
+    end = -(-(address + view.nbytes) // _PAGE) * _PAGE
+    return (address, view.nbytes), first, end
 
 
 def _address(view: memoryview) -> int | None:

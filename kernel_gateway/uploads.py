@@ -29,7 +29,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from jupyter_gpu.protocol import error_body
-from jupyter_gpu.transfer import UPLOAD_ID_HEADER, UPLOAD_PROTOCOL, new_upload_id
+from jupyter_gpu.transfer import UPLOAD_PROTOCOL, new_upload_id
 
 from .gateway import NotFound
 from .handlers import ApiError, ApiHandler
@@ -106,7 +106,7 @@ class UploadHandler(ApiHandler):
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         sock: socket.socket | None = None
         try:
-            sock = await self._switch_protocols(upload_id)
+            sock = await self._switch_protocols()
             _active.add(sock)
             await asyncio.get_running_loop().run_in_executor(_workers, _serve, sock, fd, path, nbytes, upload_id)
         except BaseException:
@@ -131,13 +131,12 @@ class UploadHandler(ApiHandler):
                                 "(GatewayApp.max_upload_size); push a smaller value", "too_large")
         return nbytes
 
-    async def _switch_protocols(self, upload_id: str) -> socket.socket:
+    async def _switch_protocols(self) -> socket.socket:
         """Answer 101 and take the connection's socket away from tornado."""
         self.clear_header("Content-Type")
         self.set_status(101)
         self.set_header("Upgrade", UPLOAD_PROTOCOL)
         self.set_header("Connection", "Upgrade")
-        self.set_header(UPLOAD_ID_HEADER, upload_id)
         self.finish()
         stream = self.detach()
         await stream.write(b"")  # the 101 is on the wire

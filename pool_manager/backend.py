@@ -123,6 +123,7 @@ class LocalKernelBackend(KernelBackend):
         self._managers: dict[str, AsyncKernelManager] = {}
         self._watcher: asyncio.Task[None] | None = None
         self._zmq_context = zmq.asyncio.Context()
+        self._kernel_arguments = kernel_arguments()  # reads package metadata: once, not per kernel
         self._staging_parent = staging_root
         self._staging_enabled = staging
         self._staging_root: str | None = None
@@ -165,7 +166,7 @@ class LocalKernelBackend(KernelBackend):
         manager = AsyncKernelManager(kernel_name=self.kernel_name, context=self._zmq_context)
         self._managers[request.slot_id] = manager
         try:
-            await manager.start_kernel(env=env, extra_arguments=kernel_arguments())
+            await manager.start_kernel(env=env, extra_arguments=self._kernel_arguments)
             await self._warm_up(manager)
         except Exception as exc:
             await self.kill_kernel(request.slot_id)
