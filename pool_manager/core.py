@@ -110,7 +110,6 @@ class PoolCore:
         self._actions: list[Action] = []
         self._backoff_until: dict[str, float] = {}
         self._start_seconds = 2.0  # moving estimate of a kernel start, for expected waits
-        self.decisions = 0
         self.types = sorted({device.gpu_type for device in self.devices.values()})
 
         # The queue: every queued lease has a place (a number; lower is earlier). All queued
@@ -130,7 +129,6 @@ class PoolCore:
         self._position: dict[str, int] = {}
         self._key_at: list[str] = []
         self._free: dict[str, list[int]] = {t: [] for t in self.types}
-        self._largest: dict[str, int] = {}
         # Per (type, node): devices in inventory order, and how many a multi-GPU lease could
         # take (unbound, or held by a spare kernel that may be preempted).
         self._node_devices: dict[tuple[str, str], list[str]] = {}
@@ -151,6 +149,12 @@ class PoolCore:
             histogram = self._nodes_with[node[0]]
             histogram.extend([0] * (len(keys) + 1 - len(histogram)))
             histogram[len(keys)] += 1
+        # What summaries() says of each type that never changes: healthy GPUs, memory, emulated.
+        self._type_facts: dict[str, tuple[int, int, bool]] = {}
+        for gpu_type in self.types:
+            healthy = [d for d in self.devices.values() if d.gpu_type == gpu_type and d.healthy]
+            self._type_facts[gpu_type] = (len(healthy), max((d.memory_mb for d in healthy), default=0),
+                                          any(d.emulated for d in healthy))
 
         # Slots: creation order, whether their GPUs may be preempted, single-GPU spares per
         # (type, state) as heaps of (creation number, slot id) checked lazily against _spare_of.
@@ -392,7 +396,7 @@ class PoolCore:
         rows = []
         queued_ids = self.queued_ids()
         for gpu_type in self.types:
-            devices = [d for d in self.devices.values() if d.gpu_type == gpu_type and d.healthy]
+            total, memory_mb, emulated = self._type_facts[gpu_type]
             leased = warm = 0
             for slot in self.slots.values():
                 if slot.gpu_type != gpu_type:
@@ -407,13 +411,13 @@ class PoolCore:
             rows.append(
                 TypeSummary(
                     gpu_type=gpu_type,
-                    total=len(devices),
-                    free=max(0, len(devices) - leased),
+                    total=total,
+                    free=max(0, total - leased),
                     warm=warm,
                     queued=queued,
                     leased=leased,
-                    memory_mb=max((d.memory_mb for d in devices), default=0),
-                    emulated=any(d.emulated for d in devices),
+                    memory_mb=memory_mb,
+                    emulated=emulated,
                 )
             )
         return rows
@@ -427,9 +431,7 @@ class PoolCore:
         key = tuple(choices)
         wanted = self._wanted.get(key)
         if wanted is None:
-            wanted = self._wanted[key] = frozenset(
-                t for choice in key for t in self.types if self._type_ok(choice.gpu_type, t)
-            )
+            wanted = self._wanted[key] = frozenset(t for choice in key for t in self._offered_for(choice.gpu_type))
         return wanted
 
     def _offered_for(self, wanted: str) -> list[str]:
@@ -451,7 +453,7 @@ class PoolCore:
         offered = ", ".join(self.types) or "none"
         problems = []
         for choice in choices:
-            types = [t for t in self.types if self._type_ok(choice.gpu_type, t)]
+            types = self._offered_for(choice.gpu_type)
             if not types:
                 problems.append(f"unknown GPU type {choice.gpu_type!r}: this gateway offers {offered}")
                 continue
@@ -471,13 +473,8 @@ class PoolCore:
             raise LeaseRequestError("; ".join(problems), reason)
 
     def _largest_node(self, gpu_type: str) -> int:
-        if gpu_type not in self._largest:
-            counts: dict[str, int] = {}
-            for device in self.devices.values():
-                if device.gpu_type == gpu_type and device.healthy:
-                    counts[device.node] = counts.get(device.node, 0) + 1
-            self._largest[gpu_type] = max(counts.values(), default=0)
-        return self._largest[gpu_type]
+        # The per-node histogram of usable GPUs is as long as the largest node's count, plus one.
+        return len(self._nodes_with[gpu_type]) - 1
 
     def _schedule(self) -> None:
         """Place queued leases in order, then top up the warm kernels.
@@ -497,7 +494,6 @@ class PoolCore:
             if wanted <= blocked:
                 continue  # this lease and every later one that wants these types: no-ops
             lease = self.leases[self._at_place[place]]
-            self.decisions += 1
             cap = self.policy.max_gpus_per_user
             room = cap - self.user_gpus(lease.user) - self._user_pending(lease.user) if cap else None
             if room is not None and min(c.count for c in lease.choices) > room:
@@ -617,17 +613,20 @@ class PoolCore:
         if slot.waiting_for or slot.start_requested:
             return
         slot.start_requested = True
-        indices = tuple(i for i in (self.devices[k].index for k in slot.devices) if i is not None)
-        self._actions.append(StartKernel(slot.id, slot.gpu_type, indices, slot.node))
+        self._actions.append(StartKernel(slot.id, slot.gpu_type, self._indices(slot), slot.node))
 
     def _assign(self, lease: Lease, slot: Slot, count: int) -> None:
         slot.lease_id = lease.id
         lease.slot_id = slot.id
         lease.gpu_type = slot.gpu_type
         lease.count = count
-        lease.gpu_indices = tuple(i for i in (self.devices[k].index for k in slot.devices) if i is not None)
+        lease.gpu_indices = self._indices(slot)
         self._touch(slot)
         self._stop_waiting(lease)
+
+    def _indices(self, slot: Slot) -> tuple[int, ...]:
+        """The slot's GPU indices (what CUDA_VISIBLE_DEVICES lists); CPU slots have none."""
+        return tuple(i for i in (self.devices[k].index for k in slot.devices) if i is not None)
 
     def _grant(self, lease: Lease, slot: Slot) -> None:
         now = self.clock()
