@@ -141,7 +141,10 @@ class KernelHelper:
         # What the kernel now holds under the names the client believes it knows: a cell
         # may have changed a pushed value in place (x.fill(0), model.fit(...)), and then
         # the client must send its own value again rather than trust its cache.
-        hashes = {name: self._fingerprint(ns[name]) if name in ns else None for name in pull.get("verify", [])}
+        # A value pulled just now was hashed as it was packed: not pickled a second time.
+        packed = {item["name"]: item["hash"] for item in items if item["kind"] == "pickle"}
+        hashes = {name: packed[name] if name in packed else self._fingerprint(ns[name]) if name in ns else None
+                  for name in pull.get("verify", [])}
         for data, pieces in split(buffers):
             if data["seq"] == 0:
                 data.update(values=items, hashes=hashes)

@@ -65,6 +65,11 @@ class RemoteResult:
         return str(self.data.get("text/plain", "<remote result>"))
 
 
+def error_from(content: dict[str, Any]) -> RemoteError:
+    """The remote exception of an ``error`` message or an error ``execute_reply``."""
+    return remote_error(content.get("ename", "Error"), content.get("evalue", ""), content.get("traceback", []))
+
+
 @dataclass
 class CellRelay:
     """Follows one execute request: its outputs, its reply, and the values pulled with it."""
@@ -97,8 +102,7 @@ class CellRelay:
             if msg_type == "execute_reply":
                 self.reply = content
                 if content.get("status") == "error" and self.error is None:
-                    self.error = remote_error(content.get("ename", "Error"), content.get("evalue", ""),
-                                              content.get("traceback", []))
+                    self.error = error_from(content)
             return
         if channel == "stdin":
             if msg_type == "input_request":
@@ -117,8 +121,7 @@ class CellRelay:
         elif msg_type == "clear_output":
             self.frontend.clear_output(bool(content.get("wait", False)))
         elif msg_type == "error":
-            self.error = remote_error(content.get("ename", "Error"), content.get("evalue", ""),
-                                      content.get("traceback", []))
+            self.error = error_from(content)
         elif msg_type in ("comm_open", "comm_msg", "comm_close"):
             if content.get("comm_id") == self.helper_comm_id:
                 data = content.get("data", {})

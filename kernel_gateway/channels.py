@@ -26,7 +26,7 @@ from jupyter_gpu.protocol import (
 )
 
 from .gateway import NotFound
-from .handlers import ApiError, AuthMixin
+from .handlers import ApiError, AuthMixin, not_found
 from .relay import TO_KERNEL_CHANNELS, KernelRelay, Part, RelayedMessage, make_message
 
 log = logging.getLogger(__name__)
@@ -109,15 +109,12 @@ class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
 
     async def get(self, kernel_id: str) -> None:
         self.user = self.authenticate()
-        try:
-            self.gateway.owned_kernel(self.user, kernel_id)
-        except NotFound:
-            raise ApiError(404, f"no kernel {kernel_id}", "not_found") from None
+        self.owned(kernel_id)
         self.session_id = self.get_argument("session_id", "") or uuid.uuid4().hex
         try:
             self.relay = await self.gateway.relay_for(kernel_id)
         except NotFound:  # its lease ended while we connected
-            raise ApiError(404, f"no kernel {kernel_id}", "not_found") from None
+            raise not_found(kernel_id) from None
         await super().get(kernel_id)
 
     def open(self, kernel_id: str) -> None:

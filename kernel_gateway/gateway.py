@@ -119,7 +119,11 @@ class Gateway:
         return row
 
     def leases_json(self, user: str, include_released: bool = False) -> list[dict[str, Any]]:
-        active = [self.describe(lease) for lease in self.service.core.leases.values() if lease.user == user]
+        mine = [lease for lease in self.service.core.leases.values() if lease.user == user]
+        # One NVML session for all of them (the sidebar polls this), not one per lease.
+        indices = sorted({i for lease in mine if self._real_gpus(lease) for i in lease.gpu_indices})
+        readings = gpu_status(indices) if indices else {}
+        active = [self.describe(lease, readings) for lease in mine]
         active.sort(key=lambda item: item["queued_at"])
         if include_released:
             active_ids = {item["id"] for item in active}
@@ -131,17 +135,23 @@ class Gateway:
         self.service.end_lease(lease.id, reason)
         return self.describe(lease)
 
-    def describe(self, lease: Lease) -> dict[str, Any]:
+    def _emulated(self, lease: Lease) -> bool:
+        core = self.service.core
+        slot = core.slots.get(lease.slot_id or "")
+        return slot is not None and any(core.devices[key].emulated for key in slot.devices)
+
+    def _real_gpus(self, lease: Lease) -> bool:
+        """Whether the lease holds real GPUs that NVML can report on."""
+        return bool(lease.state == GRANTED and lease.gpu_indices and lease.gpu_type != "cpu"
+                    and not self._emulated(lease))
+
+    def describe(self, lease: Lease, readings: dict[int, Any] | None = None) -> dict[str, Any]:
+        """The lease as the API shows it; ``readings``: NVML readings already taken, if any."""
         now = time.time()
         core = self.service.core
         price = self.pool.price(lease.gpu_type)
         gpu_seconds = lease.gpu_seconds(now)
-        emulated = any(
-            core.devices[key].emulated
-            for slot in [core.slots.get(lease.slot_id or "")]
-            if slot is not None
-            for key in slot.devices
-        )
+        emulated = self._emulated(lease)
         info: dict[str, Any] = {
             "id": lease.id,
             "state": lease.state,
@@ -167,9 +177,9 @@ class Gateway:
             # live NVML readings of the lease's GPUs; None where there is nothing real to read
             "gpu_status": None,
         }
-        real = lease.state == GRANTED and lease.gpu_indices and not emulated and lease.gpu_type != "cpu"
-        if real:
-            readings = gpu_status(list(lease.gpu_indices))
+        if self._real_gpus(lease):
+            if readings is None:
+                readings = gpu_status(list(lease.gpu_indices))
             info["gpu_status"] = [dict(readings[i], index=i) for i in lease.gpu_indices if i in readings] or None
         if lease.state == GRANTED:
             info["idle_remaining"] = (

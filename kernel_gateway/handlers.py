@@ -44,6 +44,7 @@ class AuthMixin:
 
     request: Any
     settings: dict[str, Any]
+    user: str
 
     def authenticate(self) -> str:
         auth: TokenAuthenticator = self.settings["authenticator"]
@@ -66,6 +67,17 @@ class AuthMixin:
     def gateway(self) -> Gateway:
         gateway: Gateway = self.settings["gateway"]
         return gateway
+
+    def owned(self, kernel_id: str) -> Any:
+        """The lease of the caller's kernel; anyone else's answers 404, as if it did not exist."""
+        try:
+            return self.gateway.owned_kernel(self.user, kernel_id)
+        except NotFound:
+            raise not_found(kernel_id) from None
+
+
+def not_found(kernel_id: str) -> ApiError:
+    return ApiError(404, f"no kernel {kernel_id}", "not_found")
 
 
 class ApiHandler(AuthMixin, web.RequestHandler):
@@ -230,12 +242,6 @@ class KernelHandler(ApiHandler):
         self.gateway.end_lease(self.user, lease.id, REASON_DELETED)
         self.set_status(204)
         self.finish()
-
-    def owned(self, kernel_id: str) -> Any:
-        try:
-            return self.gateway.owned_kernel(self.user, kernel_id)
-        except NotFound:
-            raise ApiError(404, f"no kernel {kernel_id}", "not_found") from None
 
 
 class KernelActionHandler(KernelHandler):

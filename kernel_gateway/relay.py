@@ -294,11 +294,6 @@ class KernelRelay:
             session = self.sessions[session_id] = ClientSession(session_id, self.replay_limit_bytes)
         session.attach(connection, self.session)
 
-    def detach(self, session_id: str, connection: ClientConnection) -> None:
-        session = self.sessions.get(session_id)
-        if session is not None:
-            session.detach(connection)
-
     def route(self, header_session: str, session_id: str) -> None:
         """Deliver replies to requests sent under ``header_session`` to client session ``session_id``.
 

@@ -31,7 +31,6 @@ from typing import Any
 from jupyter_gpu.protocol import error_body
 from jupyter_gpu.transfer import UPLOAD_PROTOCOL, new_upload_id
 
-from .gateway import NotFound
 from .handlers import ApiError, ApiHandler
 
 log = logging.getLogger(__name__)
@@ -71,10 +70,7 @@ def abort_uploads() -> None:
 
 class UploadHandler(ApiHandler):
     async def get(self, kernel_id: str) -> None:
-        try:
-            self.gateway.owned_kernel(self.user, kernel_id)
-        except NotFound:
-            raise ApiError(404, f"no kernel {kernel_id}", "not_found") from None
+        self.owned(kernel_id)
         if self.request.headers.get("Upgrade", "").lower() != UPLOAD_PROTOCOL:
             raise ApiError(400, f"an upload is a request with 'Connection: Upgrade' and 'Upgrade: {UPLOAD_PROTOCOL}', "
                                 "followed by the raw bytes once the gateway answered 101", "bad_request")
