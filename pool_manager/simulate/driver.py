@@ -150,8 +150,10 @@ class _Replay:
         session = notebook.session
         if self.policy.kind == DEDICATED and notebook.dedicated is not None:
             self.request(notebook, notebook.dedicated, NEVER)
-        if session.cells:
-            self.push(max(session.cells[0].start, self.now), "ask", notebook)
+        if session.cells and session.cells[0].start <= self.now:
+            self.ask(notebook)  # the notebook opens with a cell: no event in between
+        elif session.cells:
+            self.push(session.cells[0].start, "ask", notebook)
         else:
             self.push(session.end, "close", notebook)
 
