@@ -278,6 +278,11 @@ def test_cli_errors_name_the_value_and_the_fix(small_trace: Path, tmp_path: Path
     assert "line 2: field 'duration': 'ten'" in capsys.readouterr().err
     assert cli.main(["simulate", "--trace", str(small_trace), "--users", "5"]) == 2
     assert "--users 5 applies to --trace synthetic only" in capsys.readouterr().err
+    wide = write(tmp_path / "wide.csv", "user,start,duration,gpus,gpu_type\nalice,0,10,4,a100\n")
+    assert cli.main(["simulate", "--trace", str(wide), "--gpus-per-node", "2"]) == 2
+    assert "a cell asks for 4 a100 GPUs on one node but --gpus-per-node is 2" in capsys.readouterr().err
+    assert cli.main(["simulate", "--trace", str(wide), "--pool", "a100=3"]) == 2
+    assert "give at least a100=4" in capsys.readouterr().err
 
 
 def test_cli_plot_without_matplotlib_says_what_to_install(small_trace: Path, tmp_path: Path,

@@ -120,6 +120,10 @@ def _run(args: argparse.Namespace) -> int:
         raise ValueError(f"--warm must be 0 or more, got {args.warm}")
     prices = load_prices(args.prices)
     fixed = None if args.pool.strip().lower() == "auto" else _parse_pool(args.pool, workload, args.gpus_per_node)
+    for gpu_type in sorted(workload.gpu_types()):
+        if workload.largest_request(gpu_type) > args.gpus_per_node:
+            raise ValueError(f"a cell asks for {workload.largest_request(gpu_type)} {gpu_type} GPUs on one node but "
+                             f"--gpus-per-node is {args.gpus_per_node}: give at least that many")
     target = parse_duration(args.target_wait, "--target-wait")
     if args.plot is not None:
         _check_plot_path(args.plot)
@@ -216,11 +220,9 @@ def _parse_pool(text: str, workload: Workload, gpus_per_node: int) -> dict[str, 
             raise ValueError(f"the trace asks for {gpu_type} but --pool has only {', '.join(pool)}: "
                              f"add {gpu_type}=N or use --pool auto")
         largest = workload.largest_request(gpu_type)
-        fits = min(pool[gpu_type], gpus_per_node)
-        if largest > fits:
-            raise ValueError(f"a cell asks for {largest} {gpu_type} GPUs on one node but --pool {gpu_type}="
-                             f"{pool[gpu_type]} with --gpus-per-node {gpus_per_node} has nodes of at most {fits}: "
-                             f"give at least {largest}")
+        if largest > pool[gpu_type]:
+            raise ValueError(f"a cell asks for {largest} {gpu_type} GPUs but --pool {gpu_type}={pool[gpu_type]}: "
+                             f"give at least {gpu_type}={largest}")
     return pool
 
 
