@@ -21,7 +21,7 @@ from typing import Any
 from jupyter_gpu.protocol import REASON_DELETED, REASON_IDLE, GpuChoice
 
 from ..core import PoolCore, PoolPolicy
-from ..model import Device, KillKernel, Lease, LeaseEnded, LeaseGranted, StartKernel
+from ..model import Device, KillKernel, LeaseEnded, LeaseGranted, StartKernel
 from .policies import DEDICATED, PER_CELL, Policy
 from .workload import Session, Workload
 
@@ -242,11 +242,12 @@ class _Replay:
             elif isinstance(action, KillKernel):
                 self.push(self.now + self.timing.kernel_stop_s, "stopped", action.slot_id)
             elif isinstance(action, LeaseGranted):
-                self.granted_lease(action.lease)
+                self.granted_lease(action)
             elif isinstance(action, LeaseEnded):
-                self.ended_lease(action.lease)
+                self.ended_lease(action)
 
-    def granted_lease(self, lease: Lease) -> None:
+    def granted_lease(self, action: LeaseGranted) -> None:
+        lease = action.lease  # the lease as it was when granted
         assert lease.slot_id is not None and lease.gpu_type is not None
         self.granted[lease.id] = (lease.slot_id, lease.count, lease.gpu_type)
         self.out.grants += 1
@@ -255,7 +256,8 @@ class _Replay:
         if notebook.waiting is not None and notebook.waiting[1] == shape:
             self.begin(notebook, lease.id)
 
-    def ended_lease(self, lease: Lease) -> None:
+    def ended_lease(self, action: LeaseEnded) -> None:
+        lease = action.lease
         self.out.ended[lease.reason or "?"] += 1
         notebook, shape = self.owner.pop(lease.id)
         if notebook.leases.get(shape) == lease.id:
