@@ -113,6 +113,15 @@ def test_auto_pool_finds_the_smallest_pool_meeting_the_target() -> None:
     assert slow.floors == {"a100": 20.0} and slow.outcome.pool == {"a100": 1}
 
 
+def test_auto_pool_sizes_each_gpu_type_for_its_own_cells() -> None:
+    h100 = (GpuChoice("h100"),)
+    carol = Session("c", "carol", 0.0, 1000.0, (Cell(200.0, 100.0, h100),))
+    workload = Workload("two types", (*alternating().sessions, carol), "by hand")
+    sized = smallest_pool(workload, parse_policy("dedicated", 0), 10.0, TIMING)
+    assert sized.outcome.pool == {"a100": 2, "h100": 1}
+    assert sized.outcome.waits["h100"] == [0.0]
+
+
 def test_summary_prices_held_hours_and_the_pool() -> None:
     prices = load_prices("modal")
     row = summarize(run("per-cell", pool=2), alternating(), prices)

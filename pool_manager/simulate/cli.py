@@ -75,7 +75,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="adobe-sessions | adobe-training | synthetic | FILE (default: %(default)s)")
     parser.add_argument("--trace-dir", type=Path, help="where the named traces are")
     parser.add_argument("--users", type=int, help="synthetic only: number of users (default 100)")
-    parser.add_argument("--days", type=float, help="first D days of a trace, or D synthetic days (default 1)")
+    parser.add_argument("--days", type=float,
+                        help="first D days of a trace (default: all of it), or D synthetic days (default 1)")
     parser.add_argument("--seed", type=int, default=0, help="synthetic only: random seed (default: %(default)s)")
     parser.add_argument("--gpu-type", default="a100", help="type for traces that name none (default: %(default)s)")
     parser.add_argument("--pool", default="auto", help="TYPE=N,... or auto (default: %(default)s)")
