@@ -14,7 +14,7 @@ from typing import Any
 
 from .driver import Outcome, Timing, simulate
 from .metrics import summarize
-from .plot import PlotUnavailable, write_plot
+from .plot import PlotUnavailable, require_matplotlib, write_plot
 from .policies import DEFAULT_POLICIES, Policy, parse_duration, parse_policy
 from .prices import TABLES, Price, load_prices, price_for
 from .sizing import QUANTILE, smallest_pool
@@ -132,16 +132,9 @@ def _run(args: argparse.Namespace) -> int:
     outcomes: list[Outcome] = []
     rows = []
     for policy in policies:
-        floors: dict[str, float] = {}
-        if fixed is None:
-            sizing = smallest_pool(workload, policy, target, timing, args.warm, args.gpus_per_node)
-            outcome, floors = sizing.outcome, sizing.floors
-        else:
-            outcome = simulate(workload, policy, fixed, timing, args.warm, args.gpus_per_node)
+        outcome, floors = _replay(workload, policy, fixed, target, timing, args)
         outcomes.append(outcome)
-        row = summarize(outcome, workload, prices)
-        row["p99_floor_s"] = floors or None
-        rows.append(row)
+        rows.append({**summarize(outcome, workload, prices), "p99_floor_s": floors or None})
     elapsed = time.perf_counter() - started
     report = {
         "workload": {"name": workload.name, "source": workload.source, "sessions": len(workload.sessions),
@@ -164,6 +157,16 @@ def _run(args: argparse.Namespace) -> int:
         if args.plot is not None:
             print(f"plot written to {args.plot}")
     return 0
+
+
+def _replay(workload: Workload, policy: Policy, fixed: dict[str, int] | None, target: float, timing: Timing,
+            args: argparse.Namespace) -> tuple[Outcome, dict[str, float]]:
+    """One policy on the given pool, or on the smallest that meets the target (and the p99
+    floors of the types no pool brings under it)."""
+    if fixed is not None:
+        return simulate(workload, policy, fixed, timing, args.warm, args.gpus_per_node), {}
+    sizing = smallest_pool(workload, policy, target, timing, args.warm, args.gpus_per_node)
+    return sizing.outcome, sizing.floors
 
 
 def _workload(args: argparse.Namespace) -> Workload:
@@ -230,9 +233,7 @@ def _parse_pool(text: str, workload: Workload, gpus_per_node: int) -> dict[str, 
 def _check_plot_path(path: Path) -> None:
     if path.parent and not path.parent.exists():
         raise ValueError(f"--plot {path}: folder {path.parent} does not exist")
-    from .plot import _pyplot
-
-    _pyplot()  # fail before minutes of replays, not after
+    require_matplotlib()  # fail before minutes of replays, not after
 
 
 def _used_prices(prices: dict[str, Price], workload: Workload) -> list[Price]:

@@ -18,7 +18,8 @@ class PlotUnavailable(RuntimeError):
     """matplotlib is not installed."""
 
 
-def _pyplot() -> Any:
+def require_matplotlib() -> Any:
+    """pyplot, or a PlotUnavailable that says what to install."""
     try:
         import matplotlib
 
@@ -31,7 +32,7 @@ def _pyplot() -> Any:
 
 def write_plot(path: Path, title: str, outcomes: Sequence[Outcome], opened: float) -> None:
     """One panel per policy (GPUs over hours since the first notebook opened), one for waits."""
-    pyplot = _pyplot()
+    pyplot = require_matplotlib()
     rows = len(outcomes) + 1
     figure, axes = pyplot.subplots(rows, 1, figsize=(9, 1.7 * rows + 1.2), dpi=80,
                                    gridspec_kw={"height_ratios": [1] * len(outcomes) + [1.4]})

@@ -65,9 +65,5 @@ class Workload:
                   if choice.gpu_type == gpu_type)
         return max(counts, default=0)
 
-    def busy_seconds(self) -> float:
-        """GPU-seconds the cells themselves use: what no policy can go below."""
-        return sum(cell.duration * cell.gpus for s in self.sessions for cell in s.cells)
-
     def span(self) -> float:
         return max((s.end for s in self.sessions), default=0.0) - min((s.start for s in self.sessions), default=0.0)
