@@ -105,6 +105,10 @@ def main(argv: list[str] | None = None) -> int:
     except (TraceError, ValueError, PlotUnavailable) as exc:
         print(f"jupyter-gpu simulate: {exc}", file=sys.stderr)
         return 2
+    except BrokenPipeError:
+        # `jupyter-gpu simulate --json | head`: the reader left; say nothing more on a closed pipe.
+        sys.stdout = open(os.devnull, "w")  # interpreter shutdown would flush into the closed pipe
+        return 0
 
 
 def _run(args: argparse.Namespace) -> int:
