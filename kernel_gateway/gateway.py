@@ -31,7 +31,7 @@ from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted
 from pool_manager.service import PoolService
 
 from .metering import MeteringStore
-from .relay import KernelRelay
+from .relay import KernelRelay, RelayTotals
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +67,7 @@ class Gateway:
         self.replay_limit_bytes = replay_limit_bytes
         self.heartbeat_interval = heartbeat_interval
         self.relays: dict[str, KernelRelay] = {}
+        self.relay_totals = RelayTotals()
         self._relay_ready: dict[str, asyncio.Task[KernelRelay]] = {}
         self.zmq_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -246,6 +247,7 @@ class Gateway:
             self.zmq_context,
             self.replay_limit_bytes,
             on_activity=lambda busy: self.service.kernel_activity(kernel_id, busy),
+            totals=self.relay_totals,
         )
         try:
             await relay.connect()

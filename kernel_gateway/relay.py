@@ -45,6 +45,14 @@ class RelayedMessage:
         return sum(len(part) for part in self.parts)
 
 
+@dataclass(slots=True)
+class RelayTotals:
+    """Counts shared by all of a gateway's relays, so that they outlive each relay: a
+    Prometheus counter summed over the open relays alone fell when a lease ended."""
+
+    messages_relayed: int = 0
+
+
 class ClientConnection(Protocol):
     """What the relay needs of a websocket: send a message, close with a reason."""
 
@@ -221,6 +229,7 @@ class KernelRelay:
         context: zmq.Context[zmq.Socket[bytes]],
         replay_limit_bytes: int,
         on_activity: Callable[[bool], None],
+        totals: RelayTotals,
     ) -> None:
         self.kernel_id = kernel_id
         self.info = connection_info
@@ -235,7 +244,7 @@ class KernelRelay:
         self.sockets: dict[str, KernelSocket] = {}
         self.execution_state = "idle"
         self.in_flight: dict[str, tuple[str, bytes]] = {}  # execute msg_id -> (session, header)
-        self.messages_relayed = 0
+        self.totals = totals
         self._iopub_seen = asyncio.Event()
         self.closed = False
 
@@ -352,7 +361,7 @@ class KernelRelay:
             return
         if msg_type == "execute_reply":
             self.in_flight.pop(parent.get("msg_id", ""), None)
-        self.messages_relayed += 1
+        self.totals.messages_relayed += 1
         message = RelayedMessage(channel, header.get("msg_id", ""), msg_type, parts)
         if channel == "iopub":
             self._broadcast(message, parent_session)
