@@ -24,9 +24,10 @@ from pool_manager.service import PoolService
 from . import handlers as h
 from .auth import TokenAuthenticator
 from .channels import ChannelsHandler
+from .errors import ApiError
 from .gateway import Gateway
 from .metering import MeteringStore
-from .uploads import UploadHandler, abort_uploads
+from .uploads import UploadHandler
 
 log = logging.getLogger("jupyter_gpu.gateway")
 
@@ -77,7 +78,7 @@ def log_request(handler: web.RequestHandler) -> None:
 
 class NotFoundHandler(h.ApiHandler):
     def prepare(self) -> None:
-        raise h.ApiError(404, f"no such resource: {self.request.path}", "not_found")
+        raise ApiError(404, f"no such resource: {self.request.path}", "not_found")
 
 
 def is_loopback(ip: str) -> bool:
@@ -207,7 +208,6 @@ class GatewayApp(JupyterApp):
         await stopping.wait()
         log.info("stopping: ending leases and killing kernels")
         server.stop()
-        abort_uploads()
         await gateway.stop(REASON_GATEWAY_RESTART)
         log.info("stopped")
 

@@ -25,8 +25,9 @@ from jupyter_gpu.protocol import (
     ws_v1_prefix,
 )
 
+from .errors import ApiError
 from .gateway import NotFound
-from .handlers import ApiError, AuthMixin, not_found
+from .handlers import AuthMixin, not_found
 from .relay import TO_KERNEL_CHANNELS, KernelRelay, Part, RelayedMessage, make_message
 
 log = logging.getLogger(__name__)

@@ -24,18 +24,21 @@ from jupyter_gpu.protocol import (
     REASON_MAX_DURATION,
     RELEASED,
     GpuChoice,
+    Reason,
 )
 from pool_manager.inventory import gpu_status
 from pool_manager.manager import PoolManager
 from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted
 from pool_manager.service import PoolService
 
+from .errors import ApiError
 from .metering import MeteringStore
 from .relay import KernelRelay, RelayTotals
+from .upload_receiver import UploadReceiver
 
 log = logging.getLogger(__name__)
 
-CLOSE_REASONS = {
+CLOSE_REASONS: dict[str, str] = {
     REASON_IDLE: "lease ended: no execution for its idle timeout",
     REASON_DELETED: "lease ended: released by its owner",
     REASON_KERNEL_DIED: "lease ended: the kernel died",
@@ -44,8 +47,11 @@ CLOSE_REASONS = {
 }
 
 
-class NotFound(LookupError):
-    """A lease or kernel that does not exist for this user (others' look the same)."""
+class NotFound(ApiError, LookupError):
+    """A lease or kernel that does not exist for this user (others' look the same): 404."""
+
+    def __init__(self, name: str, what: str = "kernel") -> None:
+        super().__init__(404, f"no {what} {name}", Reason.NOT_FOUND)
 
 
 def iso(ts: float | None) -> str | None:
@@ -68,6 +74,7 @@ class Gateway:
         self.heartbeat_interval = heartbeat_interval
         self.relays: dict[str, KernelRelay] = {}
         self.relay_totals = RelayTotals()
+        self.uploads = UploadReceiver()
         self._relay_ready: dict[str, asyncio.Task[KernelRelay]] = {}
         self.zmq_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -84,6 +91,7 @@ class Gateway:
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
     async def stop(self, reason: str) -> None:
+        self.uploads.abort()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         for task in self._preconnecting:
@@ -107,7 +115,7 @@ class Gateway:
     def active_lease(self, user: str, lease_id: str) -> Lease:
         lease = self.service.core.leases.get(lease_id)
         if lease is None or lease.user != user:
-            raise NotFound(lease_id)
+            raise NotFound(lease_id, "lease")
         return lease
 
     def lease_json(self, user: str, lease_id: str) -> dict[str, Any]:
@@ -116,7 +124,7 @@ class Gateway:
             return self.describe(lease)
         row = self.metering.get(lease_id)
         if row is None or row["user"] != user:
-            raise NotFound(lease_id)
+            raise NotFound(lease_id, "lease")
         return row
 
     def leases_json(self, user: str, include_released: bool = False) -> list[dict[str, Any]]:
@@ -199,6 +207,15 @@ class Gateway:
     def staging_dir(self, kernel_id: str) -> str | None:
         """Where uploads for this kernel go (the kernel maps them from there), if anywhere."""
         return self.service.backend.staging_dir(kernel_id)
+
+    def upload_target(self, user: str, kernel_id: str, nbytes_text: str, limit: int) -> tuple[str, int]:
+        """Where an upload of ``nbytes_text`` bytes to the user's kernel goes, and its size,
+        once it is allowed and fits (raises NotFound or the ApiError that says why not)."""
+        self.owned_kernel(user, kernel_id)
+        staging = self.staging_dir(kernel_id)
+        nbytes = self.uploads.check(staging, nbytes_text, limit)
+        assert staging is not None  # check() refuses uploads without a staging area
+        return staging, nbytes
 
     def kernel_json(self, lease: Lease) -> dict[str, Any]:
         kernel_id = lease.slot_id or ""

@@ -21,6 +21,7 @@ from jupyter_gpu.protocol import (
 from pool_manager.core import LeaseRequestError
 
 from .auth import TokenAuthenticator, token_from_request
+from .errors import ApiError
 from .gateway import Gateway, NotFound, iso
 from .metrics import render_metrics
 
@@ -28,15 +29,6 @@ log = logging.getLogger(__name__)
 
 MAX_BODY_BYTES = 64 * 1024
 MAX_LONG_POLL = 300.0
-
-
-class ApiError(web.HTTPError):
-    """An error a client sees as ``{"message", "reason"}``."""
-
-    def __init__(self, status: int, message: str, reason: str) -> None:
-        super().__init__(status, message)
-        self.message = message
-        self.error_reason = reason
 
 
 class AuthMixin:
