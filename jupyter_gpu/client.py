@@ -78,6 +78,10 @@ class GatewayClient:
             reused = self._conn is not None
             conn = self._connection()
             conn.timeout = timeout or self.timeout
+            if conn.sock is not None:
+                # http.client applies .timeout only when it connects: a kept-alive socket
+                # keeps the timeout of the request that opened it.
+                conn.sock.settimeout(conn.timeout)
             try:
                 conn.request(method, self._parsed.path + path, body=payload, headers=headers)
                 response = conn.getresponse()
