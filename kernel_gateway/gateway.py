@@ -6,6 +6,7 @@ Handlers stay thin: they authenticate, call one method here and write its JSON.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -13,6 +14,7 @@ from typing import Any
 
 import zmq
 
+from jupyter_gpu import __version__
 from jupyter_gpu.protocol import (
     GRANTED,
     KERNELSPEC_PREFIX,
@@ -25,7 +27,10 @@ from jupyter_gpu.protocol import (
     RELEASED,
     GpuChoice,
     Reason,
+    SpecError,
+    parse_gpu_spec,
 )
+from pool_manager.core import LeaseRequestError
 from pool_manager.inventory import gpu_status
 from pool_manager.manager import PoolManager
 from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted
@@ -33,6 +38,7 @@ from pool_manager.service import PoolService
 
 from .errors import ApiError
 from .metering import MeteringStore
+from .metrics import render_metrics
 from .relay import KernelRelay, RelayTotals
 from .upload_receiver import UploadReceiver
 
@@ -102,6 +108,148 @@ class Gateway:
         await asyncio.gather(*self._closing, return_exceptions=True)
         self.zmq_context.destroy(linger=0)
         self.metering.close()
+
+    # --- one call per API request -------------------------------------------------------
+    # Handlers parse HTTP and call one of these; what they answer, or the ApiError that
+    # says why not, is decided here.
+
+    def api_json(self) -> dict[str, Any]:
+        return {"version": __version__, "started": iso(self.started_at)}
+
+    def types_json(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": s.gpu_type,
+                "total": s.total,
+                "free": s.free,
+                "warm": s.warm,
+                "queued": s.queued,
+                "memory_mb": s.memory_mb,
+                "price_per_gpu_hour": self.pool.price(s.gpu_type),
+                "emulated": s.emulated,
+            }
+            for s in self.service.core.summaries()
+        ]
+
+    def kernelspecs_json(self, name: str | None = None) -> dict[str, Any]:
+        """All kernelspecs (one per type), or the one called ``name``."""
+        specs = {}
+        for summary in self.service.core.summaries():
+            label = "CPU" if summary.gpu_type == "cpu" else f"{summary.gpu_type} GPU"
+            spec_name = KERNELSPEC_PREFIX + summary.gpu_type
+            specs[spec_name] = {
+                "name": spec_name,
+                "spec": {
+                    "argv": [],
+                    "display_name": f"Python 3 ({label}{', emulated' if summary.emulated else ''})",
+                    "language": "python",
+                    "metadata": {"jupyter_gpu": {"gpu_type": summary.gpu_type, "emulated": summary.emulated}},
+                },
+                "resources": {},
+            }
+        if name is None:
+            return {"default": next(iter(specs), ""), "kernelspecs": specs}
+        if name not in specs:
+            raise ApiError(404, f"no kernelspec {name!r}: offered are {', '.join(specs)}", Reason.NOT_FOUND)
+        return specs[name]
+
+    def parse_spec(self, spec: Any) -> tuple[GpuChoice, ...]:
+        if not isinstance(spec, str):
+            raise ApiError(400, f"'gpu' must be a string such as 'a100', 'a100:2', 'h100|a100' or 'any', got "
+                                f"{spec!r}", Reason.BAD_SPEC)
+        try:
+            return parse_gpu_spec(spec)
+        except SpecError as exc:
+            offered = ", ".join(self.service.core.types)
+            raise ApiError(400, f"{exc}; this gateway offers {offered}", Reason.BAD_SPEC) from None
+
+    def create_lease(self, user: str, gpu: Any, idle_timeout: Any, notebook: Any) -> Lease:
+        """A new lease for a request's fields, checked; granted or queued."""
+        choices = self.parse_spec(gpu)
+        if not isinstance(notebook, str) or len(notebook) > 1024:
+            raise ApiError(400, "'notebook' must be a string of at most 1024 characters", Reason.BAD_NOTEBOOK)
+        if idle_timeout is not None and (isinstance(idle_timeout, bool) or not isinstance(idle_timeout, int | float)):
+            raise ApiError(400, f"'idle_timeout' must be a number of seconds, got {idle_timeout!r}",
+                           Reason.BAD_IDLE_TIMEOUT)
+        try:
+            return self.request_lease(user, choices, idle_timeout, notebook)
+        except LeaseRequestError as exc:
+            raise ApiError(400, str(exc), exc.reason) from None
+
+    async def wait_for_lease(self, user: str, lease_id: str, seconds: float) -> dict[str, Any]:
+        """The lease, once it leaves the queue or ``seconds`` pass (a long poll)."""
+        if seconds > 0:
+            with contextlib.suppress(NotFound):
+                await self.service.wait_while_queued(self.active_lease(user, lease_id), seconds)
+        return self.lease_json(user, lease_id)
+
+    def release_lease(self, user: str, lease_id: str) -> dict[str, Any]:
+        """End (or cancel) the lease; one that ended already is answered as it is."""
+        try:
+            return self.end_lease(user, lease_id, REASON_DELETED)
+        except NotFound:
+            return self.lease_json(user, lease_id)
+
+    async def start_kernel(self, user: str, name: Any, timeout: float) -> dict[str, Any]:
+        """``POST /api/kernels`` of stock Jupyter clients: a kernelspec ``gpu-TYPE`` means a lease.
+
+        Waits up to ``timeout`` for a GPU. Cancelled (the client went away), it cancels the
+        lease: a GPU granted later would bill nobody's notebook.
+        """
+        name = name or KERNELSPEC_PREFIX + self.service.core.types[0]
+        if not isinstance(name, str) or not name.startswith(KERNELSPEC_PREFIX):
+            raise ApiError(400, f"unknown kernel name {name!r}: use gpu-TYPE, see /api/kernelspecs", Reason.BAD_SPEC)
+        gpu = name[len(KERNELSPEC_PREFIX) :]
+        lease = self.create_lease(user, gpu, None, "")
+        try:
+            await self.service.wait_while_queued(lease, timeout)
+        except asyncio.CancelledError:
+            with contextlib.suppress(NotFound):
+                self.end_lease(user, lease.id, Reason.CANCELLED)
+            raise
+        if lease.state == QUEUED:
+            info = self.describe(lease)
+            self.end_lease(user, lease.id, Reason.CANCELLED)
+            raise ApiError(
+                503,
+                f"no {gpu} free within {timeout:.0f} s (queue position {info['queue_position']}, about "
+                f"{info['expected_wait']:.0f} s): POST /api/gpu/leases to wait in the queue",
+                Reason.NO_CAPACITY,
+            )
+        try:
+            return self.kernel_json(self.owned_kernel(user, lease.slot_id or ""))
+        except NotFound:
+            why = f"the lease ended before its kernel was ready ({lease.reason})"
+            raise ApiError(503, why, Reason.LEASE_ENDED) from None
+
+    def user_kernel_json(self, user: str, kernel_id: str) -> dict[str, Any]:
+        return self.kernel_json(self.owned_kernel(user, kernel_id))
+
+    def shut_down_kernel(self, user: str, kernel_id: str) -> None:
+        """``DELETE /api/kernels/ID``: the kernel goes with its lease."""
+        self.end_lease(user, self.owned_kernel(user, kernel_id).id, REASON_DELETED)
+
+    async def kernel_action(self, user: str, kernel_id: str, action: str) -> None:
+        self.owned_kernel(user, kernel_id)
+        if action != "interrupt":
+            raise ApiError(
+                400,
+                "pooled kernels are single-use and cannot be restarted: DELETE the kernel (ends its lease) "
+                "and request a new one",
+                Reason.UNSUPPORTED,
+            )
+        await self.service.interrupt(kernel_id)
+
+    async def open_relay(self, user: str, kernel_id: str) -> KernelRelay:
+        """The relay of the user's kernel, for a websocket about to attach to it."""
+        self.owned_kernel(user, kernel_id)
+        return await self.relay_for(kernel_id)
+
+    def usage_json(self, user: str) -> dict[str, Any]:
+        return self.metering.usage(user)
+
+    def metrics_text(self) -> str:
+        return render_metrics(self)
 
     # --- leases ---------------------------------------------------------------------------
 

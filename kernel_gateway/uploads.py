@@ -29,9 +29,12 @@ from .upload_receiver import close_quietly, unlink_quietly
 
 
 class UploadHandler(ApiHandler):
+    auth_resource = "kernels"
+    auth_action = "execute"  # data goes into the kernel
+
     async def get(self, kernel_id: str) -> None:
         if self.request.headers.get("Upgrade", "").lower() != UPLOAD_PROTOCOL:
-            self.owned(kernel_id)
+            self.gateway.owned_kernel(self.user, kernel_id)
             raise ApiError(400, f"an upload is a request with 'Connection: Upgrade' and 'Upgrade: {UPLOAD_PROTOCOL}', "
                                 "followed by the raw bytes once the gateway answered 101", Reason.BAD_REQUEST)
         nbytes_text, limit = self.get_query_argument("nbytes", ""), self.settings.get("max_upload_bytes", 0)

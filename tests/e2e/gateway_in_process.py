@@ -20,7 +20,9 @@ from jupyter_gpu.client import GatewayClient, GatewayConfig
 from jupyter_gpu.protocol import REASON_GATEWAY_RESTART
 from kernel_gateway.app import make_app
 from kernel_gateway.auth import TokenAuthenticator
+from kernel_gateway.authorizer import Authorizer
 from kernel_gateway.gateway import Gateway
+from kernel_gateway.identity import IdentityProvider, TokenIdentityProvider
 from kernel_gateway.metering import MeteringStore
 from pool_manager.manager import PoolManager
 
@@ -55,13 +57,14 @@ class InProcessGateway:
 
 @asynccontextmanager
 async def gateway_in_process(tmp: Path, *, cpu_slots: int = 1, min_warm: int = 1,
+                             identity_provider: IdentityProvider | None = None, authorizer: Authorizer | None = None,
                              **settings: Any) -> AsyncIterator[InProcessGateway]:
     tmp.mkdir(parents=True, exist_ok=True)
     pool = PoolManager(cpu_slots=cpu_slots, min_warm=min_warm)
     gateway = Gateway(pool, pool.build_service(), MeteringStore(str(tmp / "usage.sqlite")), 2**20)
-    authenticator = settings.pop("authenticator", None) or TokenAuthenticator.single_user(TOKEN, "alice")
+    identity = identity_provider or TokenIdentityProvider(tokens=TokenAuthenticator.single_user(TOKEN, "alice"))
     settings = {"max_upload_bytes": 2**30, "kernel_request_timeout": 30.0, **settings}
-    app = make_app(gateway, authenticator, **settings)
+    app = make_app(gateway, identity, authorizer or Authorizer(), **settings)
     sockets = netutil.bind_sockets(0, address="127.0.0.1")
     server = httpserver.HTTPServer(app)
     server.add_sockets(sockets)
