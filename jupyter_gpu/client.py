@@ -20,7 +20,15 @@ from typing import Any
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from .protocol import KERNEL_WS_PROTOCOL_V1, TOKEN_ENV, URL_ENV, deserialize_ws_v1, serialize_ws_v1
+from .protocol import (
+    KERNEL_WS_PROTOCOL_V1,
+    TOKEN_ENV,
+    URL_ENV,
+    Reason,
+    deserialize_ws_v1,
+    error_body,
+    serialize_ws_v1,
+)
 from .transfer import UPLOAD_PROTOCOL
 
 
@@ -139,7 +147,7 @@ class GatewayClient:
         One HTTP/1.1 Upgrade request: the gateway checks token, kernel and size and answers
         101, then the raw bytes follow (sent from the buffer itself, no copy in Python) and
         the gateway writes back one JSON line once all of them are in the file. Raises
-        GatewayError, with ``reason == "unsupported"`` where the gateway cannot stage.
+        GatewayError, with ``reason == Reason.UNSUPPORTED`` where the gateway cannot stage.
         """
         view = memoryview(blob).cast("B")
         port = self._parsed.port or (443 if self._parsed.scheme == "https" else 80)
@@ -171,7 +179,7 @@ class GatewayClient:
             for offset in range(0, len(view), _UPLOAD_SLICE):
                 sock.sendall(view[offset : offset + _UPLOAD_SLICE])
             line = reader.readline(64 * 1024)
-            result = json.loads(line) if line else {"message": "the gateway closed the upload", "reason": "lost"}
+            result = json.loads(line) if line else error_body("the gateway closed the upload", Reason.LOST)
             if "upload" not in result:
                 raise GatewayError(result.get("message", "upload failed"), 500, result.get("reason", ""))
             return str(result["upload"])
@@ -179,7 +187,7 @@ class GatewayClient:
             # Before the 101 this is no answer from our gateway (a proxy in between?); after
             # it, the upload was lost mid-way.
             raise GatewayError(f"upload of {len(view)} bytes to the gateway at {self.config.url} failed: "
-                               f"{type(exc).__name__}: {exc}", 0, "lost" if switched else "") from None
+                               f"{type(exc).__name__}: {exc}", 0, Reason.LOST if switched else "") from None
         finally:
             sock.close()
 

@@ -21,7 +21,7 @@ from websockets.exceptions import ConnectionClosed
 from . import reaper, serialize, write_tracking
 from .client import GatewayClient, GatewayError
 from .outputs import CellRelay, Frontend
-from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY
+from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY, Reason
 from .transfer import UPLOAD_MIN_BYTES, split
 
 #: Libraries often present on GPU kernels but not in a notebook's CPU environment.
@@ -100,7 +100,7 @@ def missing_local_modules() -> set[str]:
 #: Upload failures that fail the cell (too large for the operator's limit, a bad token, a
 #: connection lost mid-way). Anything else (a gateway or proxy that does not do uploads, a
 #: full staging area, all upload slots busy) sends the values over the websocket instead.
-UPLOAD_REFUSALS = frozenset({"too_large", "unauthorized", "upload_failed", "lost"})
+UPLOAD_REFUSALS = frozenset({Reason.TOO_LARGE, Reason.UNAUTHORIZED, Reason.UPLOAD_FAILED, Reason.LOST})
 
 
 class RemoteSession:
@@ -192,14 +192,14 @@ class RemoteSession:
             try:
                 staged[index] = self.client.upload(self.lease["kernel_id"], blob)
             except GatewayError as exc:
-                if exc.status == 404 and exc.reason == "not_found":  # the lease ended between cells
+                if exc.status == 404 and exc.reason == Reason.NOT_FOUND:  # the lease ended between cells
                     raise LeaseGone(str(exc)) from None
                 if exc.reason in UPLOAD_REFUSALS:
                     raise
                 # The gateway cannot stage now or at all, or something between us (a proxy
                 # without Upgrade support) would not let the upload through: the websocket
                 # carries the rest (and, for an unsupported gateway, everything from now on).
-                if exc.reason in ("unsupported", ""):
+                if exc.reason in (Reason.UNSUPPORTED, ""):
                     self.uploads = False
                 break
         return staged

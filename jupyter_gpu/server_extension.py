@@ -21,7 +21,7 @@ from traitlets import Float, Unicode, default
 from traitlets.config import Configurable
 
 from .defaults import read_default_type, write_default_type
-from .protocol import TOKEN_ENV, URL_ENV, SpecError, error_body, parse_gpu_spec
+from .protocol import TOKEN_ENV, URL_ENV, Reason, SpecError, error_body, parse_gpu_spec
 
 API_PREFIX = "jupyter-gpu"
 
@@ -64,7 +64,7 @@ class JupyterGpu(Configurable):
                 503,
                 f"no gateway configured: start JupyterLab with {URL_ENV} and {TOKEN_ENV} set "
                 "(or c.JupyterGpu.gateway_url and c.JupyterGpu.gateway_token)",
-                "not_configured",
+                Reason.NOT_CONFIGURED,
             )
         request = HTTPRequest(
             self.url + path,
@@ -80,7 +80,7 @@ class JupyterGpu(Configurable):
                 502,
                 f"gateway at {self.url} does not answer ({exc}): is `jupyter-gpu gateway` running there? "
                 f"(set by {URL_ENV})",
-                "gateway_unreachable",
+                Reason.GATEWAY_UNREACHABLE,
             ) from None
         try:
             data = json.loads(response.body) if response.body else None
@@ -89,7 +89,7 @@ class JupyterGpu(Configurable):
                 502,
                 f"{self.url} answered {response.code} with something that is not JSON: is {URL_ENV} the "
                 "address of a jupyter-gpu gateway?",
-                "bad_gateway",
+                Reason.BAD_GATEWAY,
             ) from None
         if response.code >= 400:
             raise _gateway_error(response.code, data, self.url)
@@ -104,7 +104,7 @@ def _gateway_error(code: int, data: Any, url: str) -> GatewayUnavailable:
     """
     body = data if isinstance(data, dict) else {}
     message = str(body.get("message") or f"gateway at {url} answered {code}")
-    reason = str(body.get("reason") or "gateway_error")
+    reason = str(body.get("reason") or Reason.GATEWAY_ERROR)
     if code in (401, 403):
         return GatewayUnavailable(502, f"gateway at {url} refused this server's token: {message}", reason)
     return GatewayUnavailable(code if code < 500 else 502, message, reason)
@@ -182,12 +182,12 @@ class DefaultTypeHandler(GpuHandler):
             gpu_type = None
         if not isinstance(gpu_type, str):
             self.fail(GatewayUnavailable(400, 'send {"gpu_type": "a100"} (a type, a100:2, h100|a100 or any)',
-                                         "bad_spec"))
+                                         Reason.BAD_SPEC))
             return
         try:
             parse_gpu_spec(gpu_type)
         except SpecError as exc:
-            self.fail(GatewayUnavailable(400, f"{exc}", "bad_spec"))
+            self.fail(GatewayUnavailable(400, f"{exc}", Reason.BAD_SPEC))
             return
         write_default_type(gpu_type)
         self.reply({"gpu_type": read_default_type()})

@@ -17,7 +17,7 @@ from tornado import httpserver, netutil, web
 from traitlets import Bool, Float, Int, Type, Unicode, default
 
 from jupyter_gpu import __version__
-from jupyter_gpu.protocol import REASON_GATEWAY_RESTART, TOKEN_ENV
+from jupyter_gpu.protocol import TOKEN_ENV, Reason
 from pool_manager.manager import PoolManager
 from pool_manager.service import PoolService
 
@@ -231,7 +231,7 @@ class GatewayApp(JupyterApp):
         await stopping.wait()
         log.info("stopping: ending leases and killing kernels")
         server.stop()
-        await gateway.stop(REASON_GATEWAY_RESTART)
+        await gateway.stop(Reason.GATEWAY_RESTART)
         log.info("stopped")
 
 

@@ -19,11 +19,6 @@ from jupyter_gpu.protocol import (
     GRANTED,
     KERNELSPEC_PREFIX,
     QUEUED,
-    REASON_DELETED,
-    REASON_GATEWAY_RESTART,
-    REASON_IDLE,
-    REASON_KERNEL_DIED,
-    REASON_MAX_DURATION,
     RELEASED,
     GpuChoice,
     Reason,
@@ -45,11 +40,12 @@ from .upload_receiver import UploadReceiver
 log = logging.getLogger(__name__)
 
 CLOSE_REASONS: dict[str, str] = {
-    REASON_IDLE: "lease ended: no execution for its idle timeout",
-    REASON_DELETED: "lease ended: released by its owner",
-    REASON_KERNEL_DIED: "lease ended: the kernel died",
-    REASON_GATEWAY_RESTART: "lease ended: the gateway is stopping",
-    REASON_MAX_DURATION: "lease ended: it reached the operator's maximum duration",
+    Reason.IDLE: "lease ended: no execution for its idle timeout",
+    Reason.DELETED: "lease ended: released by its owner",
+    Reason.KERNEL_DIED: "lease ended: the kernel died",
+    Reason.GATEWAY_RESTART: "lease ended: the gateway is stopping",
+    Reason.MAX_DURATION: "lease ended: it reached the operator's maximum duration",
+    Reason.NODE_LOST: "lease ended: the machine its kernel ran on was lost",
 }
 
 
@@ -186,7 +182,7 @@ class Gateway:
     def release_lease(self, user: str, lease_id: str) -> dict[str, Any]:
         """End (or cancel) the lease; one that ended already is answered as it is."""
         try:
-            return self.end_lease(user, lease_id, REASON_DELETED)
+            return self.end_lease(user, lease_id, Reason.DELETED)
         except NotFound:
             return self.lease_json(user, lease_id)
 
@@ -227,7 +223,7 @@ class Gateway:
 
     def shut_down_kernel(self, user: str, kernel_id: str) -> None:
         """``DELETE /api/kernels/ID``: the kernel goes with its lease."""
-        self.end_lease(user, self.owned_kernel(user, kernel_id).id, REASON_DELETED)
+        self.end_lease(user, self.owned_kernel(user, kernel_id).id, Reason.DELETED)
 
     async def kernel_action(self, user: str, kernel_id: str, action: str) -> None:
         self.owned_kernel(user, kernel_id)
@@ -441,12 +437,12 @@ class Gateway:
             self.metering.record(lease, self.pool.price(lease.gpu_type))
             relay = self.relays.pop(lease.slot_id or "", None) if lease.granted_at is not None else None
             if relay is not None:
-                if lease.reason == REASON_KERNEL_DIED:
+                if lease.reason == Reason.KERNEL_DIED:
                     relay.kernel_died(
                         f"the kernel of lease {lease.id} ({lease.gpu_type}) died; the lease has ended. "
                         "Run the cell again for a fresh kernel."
                     )
-                code = 1011 if lease.reason == REASON_KERNEL_DIED else 1000
+                code = 1011 if lease.reason == Reason.KERNEL_DIED else 1000
                 why = CLOSE_REASONS.get(lease.reason or "", "")
                 task = asyncio.get_running_loop().create_task(relay.close(code, why))
                 self._closing.add(task)
