@@ -26,7 +26,8 @@ from jupyter_gpu.protocol import (
 )
 
 from .handlers import GatewayHandlerMixin
-from .relay import TO_KERNEL_CHANNELS, KernelRelay, Part, RelayedMessage, make_message
+from .relay import KernelRelay
+from .relay_state import TO_KERNEL_CHANNELS, Part, RelayedMessage, make_message
 
 log = logging.getLogger(__name__)
 
@@ -197,8 +198,7 @@ class ChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
     def on_close(self) -> None:
         relay = getattr(self, "relay", None)
         if relay is not None:
-            for session in list(relay.sessions.values()):
-                session.detach(self)
+            relay.detach(self)
 
     def check_origin(self, origin: str) -> bool:
         # Token auth, not cookies, guards this socket, so a foreign page gains nothing.

@@ -34,7 +34,8 @@ from pool_manager.service import PoolService
 from .errors import ApiError
 from .metering import MeteringStore
 from .metrics import render_metrics
-from .relay import KernelRelay, RelayTotals
+from .relay import KernelRelay
+from .relay_state import RelayTotals
 from .upload_receiver import UploadReceiver
 
 log = logging.getLogger(__name__)
