@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import time
 import types
+import urllib.parse
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -124,6 +125,14 @@ class RemoteSession:
         return str(self.lease["id"])
 
     @property
+    def engine_info(self) -> dict[str, str]:
+        """Where this session's cells run, for labelling their errors."""
+        # A lease names its node where the pool spans several; the local pool runs its
+        # kernels on the gateway's own machine.
+        node = self.lease.get("node") or urllib.parse.urlsplit(self.client.config.url).hostname or ""
+        return {"lease_id": self.lease_id, "gpu_type": str(self.lease.get("gpu_type") or ""), "node": str(node)}
+
+    @property
     def alive(self) -> bool:
         return not self.channel.closed
 
@@ -232,6 +241,8 @@ class RemoteSession:
             raise LeaseGone(self.channel.close_reason() or "the connection to the GPU kernel closed") from None
         relay = CellRelay(frontend, msg_id, helper_comm_id=self.comm_id)
         self._follow(relay, options.timeout)
+        if relay.error is not None:
+            relay.error.engine_info = self.engine_info
         if relay.error is not None or relay.timed_out:
             # Names the cell binds may or may not have been rebound before it stopped.
             for name in pull["names"]:

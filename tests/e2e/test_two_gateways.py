@@ -26,4 +26,3 @@ async def test_stopping_one_gateway_leaves_another_gateways_uploads_working(tmp_
         staging = second.gateway.staging_dir(lease["kernel_id"])
         assert staging is not None
         assert (Path(staging) / upload).read_bytes() == data.tobytes()
-        client.close()
