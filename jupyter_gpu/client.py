@@ -174,7 +174,6 @@ class GatewayClient:
     async def ainterrupt(self, kernel_id: str) -> None:
         await self.arequest("POST", f"/api/kernels/{kernel_id}/interrupt", {})
 
-    request = run_sync(arequest)
     types = run_sync(atypes)
     leases = run_sync(aleases)
     create_lease = run_sync(acreate_lease)
