@@ -61,6 +61,8 @@ def test_basics_notebook_runs_end_to_end(cpu_gateway: GatewayProcess) -> None:
     assert error.output_type == "error" and error.ename == "ZeroDivisionError"
     plain = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(error.traceback))
     assert "----> 2 1 / 0" in plain and "magic" not in plain  # the remote traceback, not the magic's
+    # labelled with where it ran, as ipyparallel labels an engine's errors
+    assert plain.startswith("[the cpu kernel of lease ") and " on node 127.0.0.1]" in plain.splitlines()[0]
     refused = texts(cells[9], "stderr")  # a UsageError: the cell failed before anything ran remotely
     assert "variable 'lock' (a _thread.lock) cannot be sent" in refused and "--no-push lock" in refused
     assert cells[10].outputs == []  # --no-push let it run
