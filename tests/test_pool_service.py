@@ -1,0 +1,89 @@
+"""The asyncio service around the pool core, with a backend standing in for remote nodes.
+
+The backend here starts no process: it plays a node that can vanish (its kill raises, as a
+departed node's does), which no local process can reproduce. The core and the service are
+the real ones.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+import pytest
+
+from jupyter_gpu.protocol import GRANTED, REASON_DELETED, REASON_GATEWAY_RESTART, parse_gpu_spec
+from pool_manager.backend import KernelBackend, KernelInfo
+from pool_manager.core import PoolCore, PoolPolicy
+from pool_manager.model import Device, StartKernel
+from pool_manager.service import PoolService
+
+pytestmark = pytest.mark.asyncio
+
+
+class NodeGoneError(RuntimeError):
+    pass
+
+
+class RemoteNodeBackend(KernelBackend):
+    """Kernels on a node that may depart: once it has, every kill raises."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.alive: set[str] = set()
+        self.departed = False
+
+    async def start_kernel(self, request: StartKernel) -> KernelInfo:
+        self.alive.add(request.slot_id)
+        return KernelInfo(request.slot_id, {})
+
+    async def kill_kernel(self, slot_id: str) -> None:
+        if self.departed:
+            raise NodeGoneError(f"node of {slot_id} is gone")
+        self.alive.discard(slot_id)
+
+    async def interrupt_kernel(self, slot_id: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        self.alive.clear()
+
+
+def make_service(spec: str = "a100", count: int = 1) -> tuple[PoolService, RemoteNodeBackend]:
+    ids = itertools.count(1)
+    devices = [Device(f"gpu-{i}", spec, i, "NVIDIA A100", 81920, True, "node-1") for i in range(count)]
+    core = PoolCore(devices, PoolPolicy(min_warm=0), clock=lambda: 0.0, new_id=lambda: f"id{next(ids)}")
+    backend = RemoteNodeBackend()
+    return PoolService(core, backend), backend
+
+
+async def settle(service: PoolService) -> None:
+    for _ in range(20):
+        await asyncio.sleep(0)
+    await asyncio.gather(*list(service._tasks), return_exceptions=True)
+
+
+async def test_a_kill_that_raises_returns_the_gpu_and_logs_the_traceback(caplog: pytest.LogCaptureFixture) -> None:
+    service, backend = make_service()
+    await service.start()
+    try:
+        first = service.request_lease("ada", parse_gpu_spec("a100"))
+        await settle(service)
+        assert first.state == GRANTED
+        backend.departed = True
+        with caplog.at_level(logging.ERROR, logger="pool_manager.service"):
+            service.end_lease(first.id, REASON_DELETED)
+            await settle(service)
+        failures = [r for r in caplog.records if "kill" in r.getMessage()]
+        assert failures and failures[0].exc_info is not None
+        assert isinstance(failures[0].exc_info[1], NodeGoneError)
+        # The GPU is back: the next user gets it instead of waiting forever.
+        assert service.core.summaries()[0].free == 1
+        backend.departed = False
+        second = service.request_lease("grace", parse_gpu_spec("a100"))
+        await settle(service)
+        assert second.state == GRANTED
+    finally:
+        backend.departed = False
+        await service.stop(REASON_GATEWAY_RESTART)
