@@ -164,7 +164,7 @@ class Gateway:
             "queue_position": core.queue_position(lease),
             "expected_wait": round(core.expected_wait(lease), 1) if lease.state == QUEUED else 0.0,
             "idle_timeout": lease.idle_timeout,
-            "idle_remaining": None,
+            "idle_remaining": core.idle_remaining(lease),
             "busy": lease.busy,
             "notebook": lease.notebook,
             "queued_at": lease.queued_at,
@@ -181,10 +181,6 @@ class Gateway:
             if readings is None:
                 readings = gpu_status(list(lease.gpu_indices))
             info["gpu_status"] = [dict(readings[i], index=i) for i in lease.gpu_indices if i in readings] or None
-        if lease.state == GRANTED:
-            info["idle_remaining"] = (
-                lease.idle_timeout if lease.busy else max(0.0, lease.last_activity + lease.idle_timeout - now)
-            )
         return info
 
     # --- kernels --------------------------------------------------------------------------

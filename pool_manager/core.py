@@ -98,11 +98,15 @@ class PoolCore:
         policy: PoolPolicy,
         clock: Callable[[], float],
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        wall_clock: Callable[[], float] | None = None,
     ) -> None:
+        """``clock`` is monotonic: every deadline counts on it. ``wall_clock`` (default: the same
+        clock, as a fake one in tests) stamps what is shown and metered."""
         # The devices are fixed for the life of the core: the indexes below are built once.
         self.devices: dict[str, Device] = {device.key: device for device in devices}
         self.policy = policy
         self.clock = clock
+        self.wall_clock = clock if wall_clock is None else wall_clock
         self.new_id = new_id
         self.slots: dict[str, Slot] = {}
         self.leases: dict[str, Lease] = {}  # active ones only: queued or granted
@@ -196,9 +200,13 @@ class PoolCore:
         if not idle > 0:
             raise LeaseRequestError(f"idle_timeout must be positive, got {idle_timeout!r}", "bad_idle_timeout")
         idle = min(idle, self.policy.max_idle_timeout)
-        now = self.clock()
         lease = Lease(
-            id=self.new_id(), user=user, choices=tuple(choices), idle_timeout=idle, queued_at=now, notebook=notebook
+            id=self.new_id(),
+            user=user,
+            choices=tuple(choices),
+            idle_timeout=idle,
+            queued_at=self.wall_clock(),
+            notebook=notebook,
         )
         self.leases[lease.id] = lease
         self._request_order[lease.id] = self._requests
@@ -226,7 +234,8 @@ class PoolCore:
         lease = self.leases.get(slot.lease_id)
         if lease is not None and lease.state == GRANTED:
             lease.busy = busy
-            lease.last_activity = self.clock()
+            lease.last_activity = self.wall_clock()
+            lease.active_mono = self.clock()
             if not busy:
                 self._arm_idle(lease)
 
@@ -290,7 +299,7 @@ class PoolCore:
             entry = heapq.heappop(self._deadlines)
             _, kind, lease_id = entry
             lease = self.leases.get(lease_id)
-            if lease is None or lease.state != GRANTED or lease.granted_at is None:
+            if lease is None or lease.state != GRANTED or lease.granted_mono is None:
                 self._idle_armed.discard(lease_id)
                 continue
             if self._expired(lease, now) is not None:
@@ -302,7 +311,7 @@ class PoolCore:
             elif lease.busy:
                 self._idle_armed.discard(lease_id)  # re-armed when the kernel goes idle
             else:
-                deadline = lease.last_activity + lease.idle_timeout
+                deadline = lease.active_mono + lease.idle_timeout
                 if deadline <= horizon:
                     again.append((deadline, _IDLE, lease_id))
                 else:
@@ -320,10 +329,10 @@ class PoolCore:
         self._schedule()
 
     def _expired(self, lease: Lease, now: float) -> str | None:
-        assert lease.granted_at is not None
-        if self.policy.max_lease_duration and now - lease.granted_at >= self.policy.max_lease_duration:
+        assert lease.granted_mono is not None
+        if self.policy.max_lease_duration and now - lease.granted_mono >= self.policy.max_lease_duration:
             return REASON_MAX_DURATION
-        if not lease.busy and now - lease.last_activity >= lease.idle_timeout:
+        if not lease.busy and now - lease.active_mono >= lease.idle_timeout:
             return REASON_IDLE
         return None
 
@@ -332,7 +341,7 @@ class PoolCore:
         an entry that comes due early is moved to the lease's deadline of that moment)."""
         if lease.id not in self._idle_armed:
             self._idle_armed.add(lease.id)
-            heapq.heappush(self._deadlines, (lease.last_activity + lease.idle_timeout, _IDLE, lease.id))
+            heapq.heappush(self._deadlines, (lease.active_mono + lease.idle_timeout, _IDLE, lease.id))
 
     def shutdown(self, reason: str) -> None:
         """End every lease and kill every kernel (the gateway is stopping)."""
@@ -380,10 +389,10 @@ class PoolCore:
         wanted = self._matching_types(lease.choices)
         frees: list[float] = []
         for other in self.leases.values():
-            if other.state == GRANTED and other.gpu_type in wanted and other.granted_at is not None:
-                end = (now if other.busy else other.last_activity) + other.idle_timeout
+            if other.state == GRANTED and other.gpu_type in wanted and other.granted_mono is not None:
+                end = (now if other.busy else other.active_mono) + other.idle_timeout
                 if self.policy.max_lease_duration:
-                    end = min(end, other.granted_at + self.policy.max_lease_duration)
+                    end = min(end, other.granted_mono + self.policy.max_lease_duration)
                 frees.extend([max(now, end)] * other.count)
         frees.sort()
         if not frees:
@@ -391,6 +400,14 @@ class PoolCore:
         position = max(1, self.queue_position(lease))
         index = min(len(frees), position * max(c.count for c in lease.choices)) - 1
         return frees[index] - now + self._start_seconds
+
+    def idle_remaining(self, lease: Lease) -> float | None:
+        """Seconds until a granted lease ends for idleness (its full timeout while busy)."""
+        if lease.state != GRANTED:
+            return None
+        if lease.busy:
+            return lease.idle_timeout
+        return max(0.0, lease.active_mono + lease.idle_timeout - self.clock())
 
     def summaries(self) -> list[TypeSummary]:
         rows = []
@@ -633,8 +650,8 @@ class PoolCore:
         slot.state = SlotState.LEASED
         self._touch(slot)
         lease.state = GRANTED
-        lease.granted_at = now
-        lease.last_activity = now
+        lease.granted_at = lease.last_activity = self.wall_clock()
+        lease.granted_mono = lease.active_mono = now
         self._dequeue(lease)
         if self.policy.max_lease_duration:
             heapq.heappush(self._deadlines, (now + self.policy.max_lease_duration, _MAX, lease.id))
@@ -645,7 +662,7 @@ class PoolCore:
     def _end(self, lease: Lease, reason: str) -> None:
         lease.state = RELEASED
         lease.reason = reason
-        lease.released_at = self.clock()
+        lease.released_at = self.wall_clock()
         lease.busy = False
         self.leases.pop(lease.id, None)
         self._request_order.pop(lease.id, None)

@@ -45,6 +45,7 @@ class Slot:
     node: str
     state: SlotState = SlotState.STARTING
     lease_id: str | None = None
+    #: on the core's monotonic clock
     created_at: float = 0.0
     #: slots that must finish stopping before this one may start (their GPUs move to it)
     waiting_for: set[str] = field(default_factory=set)
@@ -53,6 +54,14 @@ class Slot:
 
 @dataclass
 class Lease:
+    """A user's claim on GPUs, from its request until it ends.
+
+    Two clocks: ``queued_at``, ``granted_at``, ``released_at`` and ``last_activity`` are wall
+    time (epoch seconds: shown and metered); ``granted_mono`` and ``active_mono`` are the
+    core's monotonic clock, which the deadlines count on, so a step of the wall clock (NTP, a
+    resumed VM) neither expires nor stretches a lease.
+    """
+
     id: str
     user: str
     choices: tuple[GpuChoice, ...]
@@ -67,6 +76,8 @@ class Lease:
     granted_at: float | None = None
     released_at: float | None = None
     last_activity: float = 0.0
+    granted_mono: float | None = None
+    active_mono: float = 0.0
     busy: bool = False
     notebook: str = ""
 

@@ -695,3 +695,28 @@ def test_summaries_count_total_free_warm_and_queued_per_type() -> None:
 def test_summaries_say_real_gpus_are_not_emulated() -> None:
     core, _ = make_pool("a100=1")
     assert [r.emulated for r in core.summaries()] == [False]
+
+
+# --- clocks ------------------------------------------------------------------------------------
+
+
+def test_a_wall_clock_step_neither_expires_nor_stretches_a_lease() -> None:
+    clock, wall = FakeClock(), FakeClock()
+    wall.set(1_700_000_000)
+    core = PoolCore(inventory("a100=2"), PoolPolicy(min_warm=0), clock, wall_clock=wall)
+    lease = request(core, "alice", "a100", idle_timeout=600)
+    assert lease.slot_id is not None
+    core.kernel_ready(lease.slot_id)
+    core.pop_actions()
+    assert lease.granted_at == 1_700_000_000  # shown and metered in wall time
+
+    wall.set(1_700_000_000 + 3600)  # NTP (or a resumed VM) jumps an hour ahead
+    core.tick()
+    assert lease.state == GRANTED and ended(core.pop_actions()) == {}
+    assert core.idle_remaining(lease) == 600
+
+    wall.set(1_700_000_000 - 3600)  # and back
+    clock.set(600)
+    core.tick()
+    assert ended(core.pop_actions()) == {lease.id: REASON_IDLE}
+    assert lease.released_at == 1_700_000_000 - 3600
