@@ -119,7 +119,7 @@ class Gateway:
         return row
 
     def leases_json(self, user: str, include_released: bool = False) -> list[dict[str, Any]]:
-        mine = [lease for lease in self.service.core.leases.values() if lease.user == user]
+        mine = self.service.core.leases_of(user)
         # One NVML session for all of them (the sidebar polls this), not one per lease.
         indices = sorted({i for lease in mine if self._real_gpus(lease) for i in lease.gpu_indices})
         readings = gpu_status(indices) if indices else {}
@@ -213,8 +213,8 @@ class Gateway:
     def kernels_json(self, user: str) -> list[dict[str, Any]]:
         return [
             self.kernel_json(lease)
-            for lease in self.service.core.leases.values()
-            if lease.user == user and lease.state == GRANTED
+            for lease in self.service.core.leases_of(user)
+            if lease.state == GRANTED
         ]
 
     async def relay_for(self, kernel_id: str) -> KernelRelay:

@@ -128,6 +128,19 @@ class PoolCore:
         self._offered: dict[str, list[str]] = {}
         self._request_order: dict[str, int] = {}  # lease id -> n-th request (tick ends leases in this order)
         self._requests = 0
+        # What the API lists and summarises, so no question rescans every lease and slot:
+        # active leases per user (in request order), granted ones per type, queued places per
+        # set of wanted types (every queued lease, placed or not), and per type the GPUs
+        # leased or draining and the warm spares.
+        self._leases_of: dict[str, dict[str, Lease]] = {}
+        self._granted_of: dict[str, dict[str, Lease]] = {}
+        self._queued_by_wanted: dict[frozenset[str], list[int]] = {}
+        self._leased_gpus: dict[str, int] = {}
+        self._warm_count: dict[str, int] = {}
+        self._counted: dict[str, tuple[int, int]] = {}  # slot id -> (GPUs leased, warm spare) counted
+        self._holder_changes = 0  # grants, ends and activity: what expected waits depend on
+        self._frees_memo: dict[frozenset[str], list[float]] = {}
+        self._frees_memo_key: tuple[float, int] = (float("nan"), 0)
 
         # Devices: position in inventory order, free (healthy, unbound) positions per type.
         self._position: dict[str, int] = {}
@@ -209,6 +222,7 @@ class PoolCore:
             notebook=notebook,
         )
         self.leases[lease.id] = lease
+        self._leases_of.setdefault(user, {})[lease.id] = lease
         self._request_order[lease.id] = self._requests
         self._requests += 1
         self._enqueue(lease, front=False)
@@ -236,6 +250,7 @@ class PoolCore:
             lease.busy = busy
             lease.last_activity = self.wall_clock()
             lease.active_mono = self.clock()
+            self._holder_changes += 1
             if not busy:
                 self._arm_idle(lease)
 
@@ -366,14 +381,13 @@ class PoolCore:
         """1-based place among queued leases that compete for the same types; 0 if not queued."""
         if lease.state != QUEUED:
             return 0
+        place = self._place_of.get(lease.id)
+        if place is None:
+            return 0
         wanted = self._matching_types(lease.choices)
-        position = 1
-        for other_id in self.queued_ids():
-            if other_id == lease.id:
-                return position
-            if wanted & self._matching_types(self.leases[other_id].choices):
-                position += 1
-        return 0
+        return 1 + sum(
+            bisect.bisect_left(places, place) for other, places in self._queued_by_wanted.items() if wanted & other
+        )
 
     def expected_wait(self, lease: Lease) -> float:
         """Seconds until the lease is likely granted, assuming today's holders go idle now.
@@ -386,20 +400,34 @@ class PoolCore:
         if lease.slot_id is not None:
             slot = self.slots[lease.slot_id]
             return max(0.0, slot.created_at + self._start_seconds - now)
-        wanted = self._matching_types(lease.choices)
-        frees: list[float] = []
-        for other in self.leases.values():
-            if other.state == GRANTED and other.gpu_type in wanted and other.granted_mono is not None:
-                end = (now if other.busy else other.active_mono) + other.idle_timeout
-                if self.policy.max_lease_duration:
-                    end = min(end, other.granted_mono + self.policy.max_lease_duration)
-                frees.extend([max(now, end)] * other.count)
-        frees.sort()
+        frees = self._frees(self._matching_types(lease.choices), now)
         if not frees:
             return self._start_seconds
         position = max(1, self.queue_position(lease))
         index = min(len(frees), position * max(c.count for c in lease.choices)) - 1
         return frees[index] - now + self._start_seconds
+
+    def _frees(self, wanted: frozenset[str], now: float) -> list[float]:
+        """When each GPU of the wanted types frees at the latest, soonest first.
+
+        Kept until a holder changes or the clock moves: a listing asks once per lease and
+        the leases of one user mostly want the same types.
+        """
+        if self._frees_memo_key != (now, self._holder_changes):
+            self._frees_memo.clear()
+            self._frees_memo_key = (now, self._holder_changes)
+        frees = self._frees_memo.get(wanted)
+        if frees is None:
+            frees = []
+            for other in (lease for gpu_type in wanted for lease in self._granted_of.get(gpu_type, {}).values()):
+                assert other.granted_mono is not None
+                end = (now if other.busy else other.active_mono) + other.idle_timeout
+                if self.policy.max_lease_duration:
+                    end = min(end, other.granted_mono + self.policy.max_lease_duration)
+                frees.extend([max(now, end)] * other.count)
+            frees.sort()
+            self._frees_memo[wanted] = frees
+        return frees
 
     def idle_remaining(self, lease: Lease) -> float | None:
         """Seconds until a granted lease ends for idleness (its full timeout while busy)."""
@@ -411,20 +439,15 @@ class PoolCore:
 
     def summaries(self) -> list[TypeSummary]:
         rows = []
-        queued_ids = self.queued_ids()
+        queued_of: dict[str, int] = {}
+        for wanted, places in self._queued_by_wanted.items():
+            for gpu_type in wanted:
+                queued_of[gpu_type] = queued_of.get(gpu_type, 0) + len(places)
         for gpu_type in self.types:
             total, memory_mb, emulated = self._type_facts[gpu_type]
-            leased = warm = 0
-            for slot in self.slots.values():
-                if slot.gpu_type != gpu_type:
-                    continue
-                if slot.lease_id is not None or slot.state == SlotState.DRAINING:
-                    leased += len(slot.devices)
-                elif slot.state == SlotState.WARM:
-                    warm += 1
-            queued = sum(
-                1 for lease_id in queued_ids if gpu_type in self._matching_types(self.leases[lease_id].choices)
-            )
+            leased = self._leased_gpus.get(gpu_type, 0)
+            warm = self._warm_count.get(gpu_type, 0)
+            queued = queued_of.get(gpu_type, 0)
             rows.append(
                 TypeSummary(
                     gpu_type=gpu_type,
@@ -439,8 +462,12 @@ class PoolCore:
             )
         return rows
 
+    def leases_of(self, user: str) -> list[Lease]:
+        """The user's active (queued or granted) leases, in the order they were requested."""
+        return list(self._leases_of.get(user, {}).values())
+
     def user_gpus(self, user: str) -> int:
-        return sum(lease.count for lease in self.leases.values() if lease.user == user and lease.state == GRANTED)
+        return sum(lease.count for lease in self._leases_of.get(user, {}).values() if lease.state == GRANTED)
 
     # --- internals: the policy -----------------------------------------------------------
 
@@ -528,8 +555,8 @@ class PoolCore:
     def _user_pending(self, user: str) -> int:
         return sum(
             lease.count
-            for lease in self.leases.values()
-            if lease.user == user and lease.state == QUEUED and lease.slot_id is not None
+            for lease in self._leases_of.get(user, {}).values()
+            if lease.state == QUEUED and lease.slot_id is not None
         )
 
     def _place(self, lease: Lease, room: int | None, allowed: AbstractSet[str]) -> bool:
@@ -653,6 +680,8 @@ class PoolCore:
         lease.granted_at = lease.last_activity = self.wall_clock()
         lease.granted_mono = lease.active_mono = now
         self._dequeue(lease)
+        self._granted_of.setdefault(slot.gpu_type, {})[lease.id] = lease
+        self._holder_changes += 1
         if self.policy.max_lease_duration:
             heapq.heappush(self._deadlines, (now + self.policy.max_lease_duration, _MAX, lease.id))
         self._arm_idle(lease)
@@ -665,6 +694,13 @@ class PoolCore:
         lease.released_at = self.wall_clock()
         lease.busy = False
         self.leases.pop(lease.id, None)
+        mine = self._leases_of.get(lease.user)
+        if mine is not None:
+            mine.pop(lease.id, None)
+            if not mine:
+                del self._leases_of[lease.user]
+        if lease.gpu_type is not None and self._granted_of.get(lease.gpu_type, {}).pop(lease.id, None):
+            self._holder_changes += 1
         self._request_order.pop(lease.id, None)
         self._idle_armed.discard(lease.id)  # its heap entries are dropped when they come due
         self._dequeue(lease)
@@ -739,6 +775,7 @@ class PoolCore:
             self._queue.append(place)
         self._place_of[lease.id] = place
         self._at_place[place] = lease.id
+        bisect.insort(self._queued_by_wanted.setdefault(self._matching_types(lease.choices), []), place)
         if lease.slot_id is None:
             self._start_waiting(lease)
 
@@ -748,6 +785,7 @@ class PoolCore:
             return
         del self._at_place[place]
         _remove_sorted(self._queue, place)
+        _remove_sorted(self._queued_by_wanted[self._matching_types(lease.choices)], place)
         self._stop_waiting(lease, place)
 
     def _start_waiting(self, lease: Lease) -> None:
@@ -798,6 +836,12 @@ class PoolCore:
 
     def _touch(self, slot: Slot) -> None:
         """Re-file a slot whose state, lease or devices changed."""
+        taken = slot.lease_id is not None or slot.state == SlotState.DRAINING
+        counted = (len(slot.devices) if taken else 0, 1 if not taken and slot.state == SlotState.WARM else 0)
+        before = self._counted.get(slot.id, (0, 0))
+        if counted != before:
+            self._count(slot.gpu_type, counted[0] - before[0], counted[1] - before[1])
+            self._counted[slot.id] = counted
         preemptible = slot.lease_id is None and slot.state != SlotState.DRAINING
         if preemptible != self._preemptible.get(slot.id):
             step = 1 if preemptible else -1
@@ -821,7 +865,14 @@ class PoolCore:
             self._spare_of[slot.id] = spare
             heapq.heappush(self._spares.setdefault(spare, []), (self._slot_number[slot.id], slot.id))
 
+    def _count(self, gpu_type: str, leased: int, warm: int) -> None:
+        self._leased_gpus[gpu_type] = self._leased_gpus.get(gpu_type, 0) + leased
+        self._warm_count[gpu_type] = self._warm_count.get(gpu_type, 0) + warm
+
     def _untrack(self, slot: Slot) -> None:
+        leased, warm = self._counted.pop(slot.id, (0, 0))
+        if leased or warm:
+            self._count(slot.gpu_type, -leased, -warm)
         current = self._spare_of.pop(slot.id, None)
         if current is not None:
             self._spare_count[current] -= 1

@@ -720,3 +720,60 @@ def test_a_wall_clock_step_neither_expires_nor_stretches_a_lease() -> None:
     core.tick()
     assert ended(core.pop_actions()) == {lease.id: REASON_IDLE}
     assert lease.released_at == 1_700_000_000 - 3600
+
+
+# --- the indexes behind listings ---------------------------------------------------------------
+
+
+def rescanned(core: PoolCore) -> dict[str, object]:
+    """What the listings say, worked out the slow way: from every slot and lease."""
+    queued = [core.leases[i] for i in core.queued_ids()]
+    rows = {}
+    for gpu_type in core.types:
+        slots = [s for s in core.slots.values() if s.gpu_type == gpu_type]
+        leased = sum(len(s.devices) for s in slots if s.lease_id is not None or s.state.value == "draining")
+        warm = sum(1 for s in slots if s.lease_id is None and s.state.value == "warm")
+        waiting = sum(1 for lease in queued if gpu_type in core._matching_types(lease.choices))
+        rows[gpu_type] = (leased, warm, waiting)
+    positions = {}
+    for lease in queued:
+        wanted = core._matching_types(lease.choices)
+        ahead = queued[: queued.index(lease)]
+        positions[lease.id] = 1 + sum(1 for other in ahead if wanted & core._matching_types(other.choices))
+    users = {lease.user for lease in core.leases.values()}
+    mine = {user: [lease.id for lease in core.leases.values() if lease.user == user] for user in users}
+    return {"types": rows, "positions": positions, "mine": mine}
+
+
+def indexed(core: PoolCore) -> dict[str, object]:
+    rows = {r.gpu_type: (r.leased, r.warm, r.queued) for r in core.summaries()}
+    positions = {i: core.queue_position(core.leases[i]) for i in core.queued_ids()}
+    users = {lease.user for lease in core.leases.values()}
+    return {"types": rows, "positions": positions, "mine": {u: [x.id for x in core.leases_of(u)] for u in users}}
+
+
+def test_listings_from_the_indexes_match_a_rescan_through_a_random_day() -> None:
+    import random
+
+    rng = random.Random(7)
+    core, clock = make_pool("a100=4,h100=2,l4=2", min_warm=1, max_gpus_per_user=3)
+    specs = ["a100", "h100|a100", "l4", "a100:2", "any", "h100:2"]
+    for step in range(200):
+        clock.set(step)
+        roll = rng.random()
+        starting = [s for s in core.slots.values() if s.start_requested and s.state.value == "starting"]
+        draining = [s for s in core.slots.values() if s.state.value == "draining" and s.start_requested]
+        if roll < 0.35:
+            request(core, f"user{rng.randrange(4)}", rng.choice(specs), idle_timeout=rng.choice([5, 30]))
+        elif roll < 0.55 and starting:
+            core.kernel_ready(rng.choice(starting).id)
+        elif roll < 0.7 and draining:
+            core.kernel_stopped(rng.choice(draining).id)
+        elif roll < 0.8 and core.leases:
+            core.end_lease(rng.choice(sorted(core.leases)), REASON_DELETED)
+        elif roll < 0.85 and core.slots:
+            core.kernel_died(rng.choice(sorted(core.slots)))
+        else:
+            core.tick()
+        core.pop_actions()
+        assert indexed(core) == rescanned(core), f"step {step}"
