@@ -52,6 +52,11 @@ from .model import (
 log = logging.getLogger(__name__)
 
 
+#: LeaseRequestError.reason when the pool has no device at all (nothing found, none declared, no
+#: node joined yet): unlike a bad request, waiting for capacity may help.
+NO_CAPACITY = "no_capacity"
+
+
 class LeaseRequestError(ValueError):
     """A request that can never be granted; ``reason`` is a short machine-readable word."""
 
@@ -494,6 +499,12 @@ class PoolCore:
     def _check_satisfiable(self, choices: Sequence[GpuChoice]) -> None:
         if not choices:
             raise LeaseRequestError("no GPU type requested", "bad_spec")
+        if not self.types:
+            raise LeaseRequestError(
+                "this gateway offers no GPU type at the moment (no GPU found, no CPU slots, no node joined): "
+                "its operator can declare some (--inventory a100=2, --cpu-slots 2) or add a node",
+                NO_CAPACITY,
+            )
         offered = ", ".join(self.types) or "none"
         problems = []
         for choice in choices:

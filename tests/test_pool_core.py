@@ -23,7 +23,7 @@ from jupyter_gpu.protocol import (
     RELEASED,
     parse_gpu_spec,
 )
-from pool_manager.core import LeaseRequestError, PoolCore, PoolPolicy
+from pool_manager.core import NO_CAPACITY, LeaseRequestError, PoolCore, PoolPolicy
 from pool_manager.model import (
     Action,
     Device,
@@ -777,3 +777,12 @@ def test_listings_from_the_indexes_match_a_rescan_through_a_random_day() -> None
             core.tick()
         core.pop_actions()
         assert indexed(core) == rescanned(core), f"step {step}"
+
+
+def test_an_empty_pool_summarises_nothing_and_refuses_requests_as_no_capacity() -> None:
+    core = PoolCore([], PoolPolicy(), FakeClock())
+    core.tick()
+    assert core.summaries() == [] and core.pop_actions() == []
+    with pytest.raises(LeaseRequestError, match="no GPU type") as refused:
+        request(core, "alice", "any")
+    assert refused.value.reason == NO_CAPACITY
