@@ -697,7 +697,7 @@ class PoolCore:
             heapq.heappush(self._deadlines, (now + self.policy.max_lease_duration, _MAX, lease.id))
         self._arm_idle(lease)
         log.info("lease %s granted to %s: %s on %s", lease.id, lease.user, lease.gpu_type, lease.gpu_indices)
-        self._actions.append(LeaseGranted(lease))
+        self._actions.append(LeaseGranted(lease.snapshot()))
 
     def _end(self, lease: Lease, reason: str) -> None:
         lease.state = RELEASED
@@ -710,7 +710,8 @@ class PoolCore:
             mine.pop(lease.id, None)
             if not mine:
                 del self._leases_of[lease.user]
-        if lease.gpu_type is not None and self._granted_of.get(lease.gpu_type, {}).pop(lease.id, None):
+        holders = self._granted_of.get(lease.gpu_type or "")
+        if holders is not None and holders.pop(lease.id, None) is not None:
             self._holder_changes += 1
         self._request_order.pop(lease.id, None)
         self._idle_armed.discard(lease.id)  # its heap entries are dropped when they come due
@@ -733,7 +734,7 @@ class PoolCore:
         if lease.granted_at is None:
             lease.count = 0  # never held a GPU: nothing to meter
         log.info("lease %s of %s ended: %s", lease.id, lease.user, reason)
-        self._actions.append(LeaseEnded(lease))
+        self._actions.append(LeaseEnded(lease.snapshot()))
 
     def _forget_slot(self, slot: Slot, requeue: bool) -> None:
         for key in slot.devices:

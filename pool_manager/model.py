@@ -52,8 +52,27 @@ class Slot:
     start_requested: bool = False
 
 
+class _LeaseFacts:
+    """What a lease and a snapshot of it both answer."""
+
+    choices: tuple[GpuChoice, ...]
+    count: int
+    granted_at: float | None
+    released_at: float | None
+
+    @property
+    def spec(self) -> str:
+        return "|".join(str(choice) for choice in self.choices)
+
+    def gpu_seconds(self, now: float) -> float:
+        if self.granted_at is None:
+            return 0.0
+        end = self.released_at if self.released_at is not None else now
+        return max(0.0, end - self.granted_at) * self.count
+
+
 @dataclass
-class Lease:
+class Lease(_LeaseFacts):
     """A user's claim on GPUs, from its request until it ends.
 
     Two clocks: ``queued_at``, ``granted_at``, ``released_at`` and ``last_activity`` are wall
@@ -81,15 +100,47 @@ class Lease:
     busy: bool = False
     notebook: str = ""
 
-    @property
-    def spec(self) -> str:
-        return "|".join(str(choice) for choice in self.choices)
+    def snapshot(self) -> LeaseSnapshot:
+        return LeaseSnapshot(
+            id=self.id,
+            user=self.user,
+            choices=self.choices,
+            idle_timeout=self.idle_timeout,
+            queued_at=self.queued_at,
+            state=self.state,
+            reason=self.reason,
+            gpu_type=self.gpu_type,
+            count=self.count,
+            slot_id=self.slot_id,
+            gpu_indices=self.gpu_indices,
+            granted_at=self.granted_at,
+            released_at=self.released_at,
+            last_activity=self.last_activity,
+            busy=self.busy,
+            notebook=self.notebook,
+        )
 
-    def gpu_seconds(self, now: float) -> float:
-        if self.granted_at is None:
-            return 0.0
-        end = self.released_at if self.released_at is not None else now
-        return max(0.0, end - self.granted_at) * self.count
+
+@dataclass(frozen=True)
+class LeaseSnapshot(_LeaseFacts):
+    """A lease as it stood at one event: listeners read this, not the lease that moves on."""
+
+    id: str
+    user: str
+    choices: tuple[GpuChoice, ...]
+    idle_timeout: float
+    queued_at: float
+    state: str
+    reason: str | None
+    gpu_type: str | None
+    count: int
+    slot_id: str | None
+    gpu_indices: tuple[int, ...]
+    granted_at: float | None
+    released_at: float | None
+    last_activity: float
+    busy: bool
+    notebook: str
 
 
 # --- actions: what the core asks its service to do -------------------------------------
@@ -110,12 +161,12 @@ class KillKernel:
 
 @dataclass(frozen=True)
 class LeaseGranted:
-    lease: Lease
+    lease: LeaseSnapshot
 
 
 @dataclass(frozen=True)
 class LeaseEnded:
-    lease: Lease
+    lease: LeaseSnapshot
 
 
 Action = StartKernel | KillKernel | LeaseGranted | LeaseEnded

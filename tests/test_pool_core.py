@@ -786,3 +786,24 @@ def test_an_empty_pool_summarises_nothing_and_refuses_requests_as_no_capacity() 
     with pytest.raises(LeaseRequestError, match="no GPU type") as refused:
         request(core, "alice", "any")
     assert refused.value.reason == NO_CAPACITY
+
+
+def test_events_carry_the_lease_as_it_was_at_the_event() -> None:
+    import dataclasses
+
+    core, clock = make_pool("a100=1", min_warm=0)
+    lease = request(core, "alice", "a100")
+    assert lease.slot_id is not None
+    clock.set(5)
+    core.kernel_ready(lease.slot_id)
+    grant = next(a for a in core.pop_actions() if isinstance(a, LeaseGranted))
+    clock.set(9)
+    core.end_lease(lease.id, REASON_DELETED)
+    end = next(a for a in core.pop_actions() if isinstance(a, LeaseEnded))
+
+    # A listener that looks at the grant later still sees the grant, not the ended lease.
+    assert (grant.lease.state, grant.lease.reason, grant.lease.released_at) == (GRANTED, None, None)
+    assert (end.lease.state, end.lease.reason, end.lease.released_at) == (RELEASED, REASON_DELETED, 9)
+    assert grant.lease.gpu_seconds(100) == 95 and end.lease.gpu_seconds(100) == 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        grant.lease.state = RELEASED  # type: ignore[misc]
