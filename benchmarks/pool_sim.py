@@ -123,14 +123,14 @@ def listing(requests_count: int = 3000, users: int = 50, repeats: int = 20) -> d
         return len(mine)
 
     started = time.perf_counter()
-    described = [describe() for _ in range(repeats)][0]
+    counts = [describe() for _ in range(repeats)]
     describe_ms = (time.perf_counter() - started) / repeats * 1000
     started = time.perf_counter()
     for _ in range(repeats):
         core.summaries()
     summary_ms = (time.perf_counter() - started) / repeats * 1000
     return {"gpus": len(core.devices), "requests": requests_count, "queued": len(core.queued_ids()),
-            "leases_described": described, "describe_ms": describe_ms, "summaries_ms": summary_ms}
+            "leases_described": counts[0], "describe_ms": describe_ms, "summaries_ms": summary_ms}
 
 
 def simulate(count: int, time_limit: float = 300.0) -> dict[str, Any]:

@@ -1,21 +1,22 @@
 """The pool's policy as a sans-I/O state machine.
 
-Events go in as method calls (a lease request, a kernel that became warm, a tick of the
-clock); what must happen comes out of :meth:`PoolCore.pop_actions` (start or kill a kernel,
-a lease granted or ended). Nothing here touches a process, a socket or the real clock, so
-the same core runs the asyncio service, the trace simulator and millisecond tests.
+Events go in as method calls (a lease request, a kernel that became warm, a node that joined
+or was lost, a tick of the clock); what must happen comes out of :meth:`PoolCore.pop_actions`
+(start or kill a kernel, a lease granted or ended). Nothing here touches a process, a socket
+or the real clock, so the same core runs the asyncio service, the trace simulator and
+millisecond tests.
 
-Every event costs about the same however big the pool and its queue are: the core keeps
-indexes (free GPUs per type, spare kernels per type, usable GPUs per node, waiting leases
-per set of wanted types, a heap of lease deadlines) instead of rescanning all GPUs, slots
-and queued leases per event. The policy they serve is written once, in the methods below;
-the indexes only answer its questions faster (benchmarks/pool_sim.py: a month of a
-recorded workload, 100,000 requests over 1,000 GPUs).
+The policy is written once, in the methods below. What it asks of the pool is answered by
+indexes kept in their own modules, so every event costs about the same however big the pool
+and its queue are: :mod:`.placement` (devices, free GPUs per type, usable GPUs per node),
+:mod:`.queue` (the order of queued leases), :mod:`.slot_index` (spare kernels),
+:mod:`.lease_index` (leases per user and type), :mod:`.deadlines` (idle timeouts and maximum
+durations on the monotonic clock), and :mod:`.admission` (per-user limits)
+(benchmarks/pool_sim.py: a month of a recorded workload, 100,000 requests over 1,000 GPUs).
 """
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import logging
 import uuid
@@ -29,14 +30,16 @@ from jupyter_gpu.protocol import (
     GRANTED,
     QUEUED,
     REASON_CANCELLED,
-    REASON_IDLE,
     REASON_KERNEL_DIED,
-    REASON_MAX_DURATION,
+    REASON_NODE_LOST,
     RELEASED,
     GpuChoice,
     type_matches,
 )
 
+from .admission import Admission
+from .deadlines import Deadlines
+from .lease_index import LeaseIndex
 from .model import (
     Action,
     Device,
@@ -48,9 +51,11 @@ from .model import (
     SlotState,
     StartKernel,
 )
+from .placement import PlacementIndex
+from .queue import LeaseQueue, Wanted
+from .slot_index import SlotIndex
 
 log = logging.getLogger(__name__)
-
 
 #: LeaseRequestError.reason when the pool has no device at all (nothing found, none declared, no
 #: node joined yet): unlike a bad request, waiting for capacity may help.
@@ -74,7 +79,7 @@ class PoolPolicy:
     max_idle_timeout: float = 3600.0
     #: 0 means leases have no maximum duration
     max_lease_duration: float = 0.0
-    #: 0 means no per-user cap
+    #: 0 means no per-user cap (the default :class:`Admission` enforces it)
     max_gpus_per_user: int = 0
     #: after a kernel fails to start, wait this long before starting another of its type
     start_failure_backoff: float = 5.0
@@ -92,10 +97,6 @@ class TypeSummary:
     emulated: bool
 
 
-#: Deadlines in the tick heap: a lease's maximum duration, or its idle timeout.
-_MAX, _IDLE = 0, 1
-
-
 class PoolCore:
     def __init__(
         self,
@@ -104,93 +105,37 @@ class PoolCore:
         clock: Callable[[], float],
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
         wall_clock: Callable[[], float] | None = None,
+        admission: Admission | None = None,
     ) -> None:
-        """``clock`` is monotonic: every deadline counts on it. ``wall_clock`` (default: the same
-        clock, as a fake one in tests) stamps what is shown and metered."""
-        # The devices are fixed for the life of the core: the indexes below are built once.
-        self.devices: dict[str, Device] = {device.key: device for device in devices}
+        """``devices``: the pool at start (more join with :meth:`add_devices`). ``clock`` is
+        monotonic: every deadline counts on it. ``wall_clock`` (default: the same clock, as a
+        fake one in tests) stamps what is shown and metered. ``admission`` defaults to the
+        policy's per-user cap."""
         self.policy = policy
         self.clock = clock
         self.wall_clock = clock if wall_clock is None else wall_clock
         self.new_id = new_id
+        self.admission = Admission(policy.max_gpus_per_user) if admission is None else admission
         self.slots: dict[str, Slot] = {}
-        self.leases: dict[str, Lease] = {}  # active ones only: queued or granted
-        self._bound: dict[str, str] = {}  # device key -> slot id
+        self._placement = PlacementIndex()
+        self._queue = LeaseQueue()
+        self._slot_index = SlotIndex()
+        self._leases = LeaseIndex(policy.max_lease_duration)
+        self._deadlines = Deadlines(policy.max_lease_duration)
+        self.devices: dict[str, Device] = self._placement.devices
+        self.leases: dict[str, Lease] = self._leases.active  # active ones only: queued or granted
         self._actions: list[Action] = []
-        self._backoff_until: dict[str, float] = {}
+        self._backoff_until: dict[str, float] = {}  # type -> no kernel starts before (monotonic)
         self._start_seconds = 2.0  # moving estimate of a kernel start, for expected waits
-        self.types = sorted({device.gpu_type for device in self.devices.values()})
-
-        # The queue: every queued lease has a place (a number; lower is earlier). All queued
-        # leases in order, and per set of wanted types those still waiting for a slot.
-        self._place_of: dict[str, int] = {}  # lease id -> place
-        self._at_place: dict[int, str] = {}  # place -> lease id
-        self._queue: list[int] = []  # places of queued leases, sorted
-        self._waiting: dict[frozenset[str], list[int]] = {}  # wanted types -> sorted places, no slot yet
-        self._next_place = 0
-        self._front_place = -1  # a failed start puts its lease back in front of everyone
-        self._wanted: dict[tuple[GpuChoice, ...], frozenset[str]] = {}
-        self._offered: dict[str, list[str]] = {}
-        self._request_order: dict[str, int] = {}  # lease id -> n-th request (tick ends leases in this order)
-        self._requests = 0
-        # What the API lists and summarises, so no question rescans every lease and slot:
-        # active leases per user (in request order), granted ones per type, queued places per
-        # set of wanted types (every queued lease, placed or not), and per type the GPUs
-        # leased or draining and the warm spares.
-        self._leases_of: dict[str, dict[str, Lease]] = {}
-        self._granted_of: dict[str, dict[str, Lease]] = {}
-        self._queued_by_wanted: dict[frozenset[str], list[int]] = {}
-        self._leased_gpus: dict[str, int] = {}
-        self._warm_count: dict[str, int] = {}
-        self._counted: dict[str, tuple[int, int]] = {}  # slot id -> (GPUs leased, warm spare) counted
-        self._holder_changes = 0  # grants, ends and activity: what expected waits depend on
-        self._frees_memo: dict[frozenset[str], list[float]] = {}
-        self._frees_memo_key: tuple[float, int] = (float("nan"), 0)
-
-        # Devices: position in inventory order, free (healthy, unbound) positions per type.
-        self._position: dict[str, int] = {}
-        self._key_at: list[str] = []
-        self._free: dict[str, list[int]] = {t: [] for t in self.types}
-        # Per (type, node): devices in inventory order, and how many a multi-GPU lease could
-        # take (unbound, or held by a spare kernel that may be preempted).
-        self._node_devices: dict[tuple[str, str], list[str]] = {}
-        self._usable: dict[tuple[str, str], int] = {}
-        for position, device in enumerate(self.devices.values()):
-            self._position[device.key] = position
-            self._key_at.append(device.key)
-            if device.healthy:
-                self._free[device.gpu_type].append(position)
-                node = (device.gpu_type, device.node)
-                self._node_devices.setdefault(node, []).append(device.key)
-                self._usable[node] = self._usable.get(node, 0) + 1
-        self._nodes_of: dict[str, list[tuple[str, str]]] = {t: [] for t in self.types}
-        # per type: how many nodes have exactly k usable GPUs (a failing request looks no further)
-        self._nodes_with: dict[str, list[int]] = {t: [0] for t in self.types}
-        for node, keys in self._node_devices.items():
-            self._nodes_of[node[0]].append(node)
-            histogram = self._nodes_with[node[0]]
-            histogram.extend([0] * (len(keys) + 1 - len(histogram)))
-            histogram[len(keys)] += 1
-        # What summaries() says of each type that never changes: healthy GPUs, memory, emulated.
-        self._type_facts: dict[str, tuple[int, int, bool]] = {}
-        for gpu_type in self.types:
-            healthy = [d for d in self.devices.values() if d.gpu_type == gpu_type and d.healthy]
-            self._type_facts[gpu_type] = (len(healthy), max((d.memory_mb for d in healthy), default=0),
-                                          any(d.emulated for d in healthy))
-
-        # Slots: creation order, whether their GPUs may be preempted, single-GPU spares per
-        # (type, state) as heaps of (creation number, slot id) checked lazily against _spare_of.
-        self._slot_number: dict[str, int] = {}
-        self._slots_created = 0
-        self._preemptible: dict[str, bool] = {}
-        self._spare_of: dict[str, tuple[str, SlotState]] = {}
-        self._spares: dict[tuple[str, SlotState], list[tuple[int, str]]] = {}
-        self._spare_count: dict[tuple[str, SlotState], int] = {}
         self._waiters: dict[str, list[str]] = {}  # slot id -> slots waiting for it to stop
+        self._wanted: dict[tuple[GpuChoice, ...], Wanted] = {}
+        self._offered: dict[str, list[str]] = {}
+        self._placement.add(devices)
 
-        # Deadlines: (when, kind, lease id), checked against the lease when they come due.
-        self._deadlines: list[tuple[float, int, str]] = []
-        self._idle_armed: set[str] = set()
+    @property
+    def types(self) -> list[str]:
+        """Every GPU type the pool has had a device of, sorted (a type whose nodes all left stays)."""
+        return self._placement.types
 
     # --- outbox ------------------------------------------------------------------------
 
@@ -226,11 +171,8 @@ class PoolCore:
             queued_at=self.wall_clock(),
             notebook=notebook,
         )
-        self.leases[lease.id] = lease
-        self._leases_of.setdefault(user, {})[lease.id] = lease
-        self._request_order[lease.id] = self._requests
-        self._requests += 1
-        self._enqueue(lease, front=False)
+        self._leases.add(lease)
+        self._queue.enqueue(lease.id, self._matching_types(lease.choices), front=False, waiting=True)
         self._schedule()
         return lease
 
@@ -255,9 +197,9 @@ class PoolCore:
             lease.busy = busy
             lease.last_activity = self.wall_clock()
             lease.active_mono = self.clock()
-            self._holder_changes += 1
+            self._leases.activity()
             if not busy:
-                self._arm_idle(lease)
+                self._deadlines.arm_idle(lease)
 
     # --- events: kernels ----------------------------------------------------------------
 
@@ -308,39 +250,87 @@ class PoolCore:
         self._forget_slot(slot, requeue=False)
         self._schedule()
 
+    # --- events: membership -----------------------------------------------------------------
+
+    def add_devices(self, devices: Iterable[Device]) -> None:
+        """A node joined: its devices take leases at once, new types are offered, and warm
+        kernels start there as ``min_warm`` asks."""
+        if self._placement.add(devices):
+            self._types_changed()
+        self._schedule()
+
+    def remove_node(self, node: str, reason: str = REASON_NODE_LOST) -> list[Lease]:
+        """Every device of ``node`` leaves the pool; returns the leases that ended with ``reason``.
+
+        Leases granted there end. A queued lease whose kernel was starting there goes back to
+        its place in the queue (ahead of later requests) and may be placed elsewhere. The
+        node's slots are forgotten at once, without waiting for a kill; a KillKernel still goes
+        out for every kernel that was started, so the backend drops its handle and kills what
+        may still run (a node cut off by the network is not necessarily dead).
+        """
+        on_node = [slot for slot in self.slots.values() if slot.node == node]
+        # Those that wait for another to stop go first: forgetting the other would start them.
+        on_node.sort(key=lambda slot: not slot.waiting_for)
+        ended = []
+        for slot in on_node:
+            lease = self.leases.get(slot.lease_id) if slot.lease_id else None
+            if lease is not None and lease.state == GRANTED:
+                self._end(lease, reason)  # the slot drains: its KillKernel goes out here
+                ended.append(lease)
+            elif slot.start_requested and slot.state != SlotState.DRAINING:
+                self._actions.append(KillKernel(slot.id))
+        for slot in on_node:
+            if slot.id in self.slots:
+                self._forget_slot(slot, requeue=True)
+        self._placement.remove(node)
+        self._offered.clear()  # the largest node of a type may have changed; types stay offered
+        self._schedule()
+        return ended
+
+    def set_device_health(self, key: str, healthy: bool) -> None:
+        """A device turned unhealthy (no new kernel goes there) or healthy again.
+
+        A kernel that holds it for a lease keeps running (the lease's work goes on; if the GPU
+        is really gone the kernel dies and says so). Spare kernels on it are killed, and a
+        queued lease whose kernel was starting there goes back to its place in the queue.
+        """
+        if key not in self.devices:
+            raise KeyError(f"no device {key!r} in the pool")
+        self._placement.set_health(key, healthy)
+        holder = self.slots.get(self._placement.holder(key) or "")
+        if not healthy and holder is not None and holder.state != SlotState.DRAINING:
+            lease = self.leases.get(holder.lease_id) if holder.lease_id else None
+            if lease is None or lease.state != GRANTED:
+                self._evict(holder)
+        self._schedule()
+
+    def _evict(self, slot: Slot) -> None:
+        """Take back a slot no lease holds yet; its queued lease (if any) waits again."""
+        lease = self.leases.get(slot.lease_id) if slot.lease_id else None
+        if lease is not None:
+            slot.lease_id = None
+            self._unassign(lease)
+        if slot.start_requested:
+            slot.state = SlotState.DRAINING
+            self._touch(slot)
+            self._actions.append(KillKernel(slot.id))
+        else:
+            self._forget_slot(slot, requeue=False)
+
+    def _types_changed(self) -> None:
+        self._wanted.clear()
+        self._offered.clear()
+        self._queue.rekey(lambda lease_id: self._matching_types(self.leases[lease_id].choices))
+
+    # --- events: time -------------------------------------------------------------------------
+
     def tick(self) -> None:
         """Apply the deadlines that passed: idle timeouts, maximum durations, backoffs."""
         now = self.clock()
-        due: dict[str, Lease] = {}
-        again: list[tuple[float, int, str]] = []
-        # A little slack: `now - start >= timeout` can hold while `start + timeout` rounds above now.
-        horizon = now + 1e-9 * max(1.0, abs(now))
-        while self._deadlines and self._deadlines[0][0] <= horizon:
-            entry = heapq.heappop(self._deadlines)
-            _, kind, lease_id = entry
-            lease = self.leases.get(lease_id)
-            if lease is None or lease.state != GRANTED or lease.granted_mono is None:
-                self._idle_armed.discard(lease_id)
-                continue
-            if self._expired(lease, now) is not None:
-                due[lease.id] = lease
-                if kind == _IDLE:
-                    self._idle_armed.discard(lease_id)
-            elif kind == _MAX:
-                again.append(entry)  # within the slack, not yet due: look again next tick
-            elif lease.busy:
-                self._idle_armed.discard(lease_id)  # re-armed when the kernel goes idle
-            else:
-                deadline = lease.active_mono + lease.idle_timeout
-                if deadline <= horizon:
-                    again.append((deadline, _IDLE, lease_id))
-                else:
-                    heapq.heappush(self._deadlines, (deadline, _IDLE, lease_id))
-        for entry in again:
-            heapq.heappush(self._deadlines, entry)
+        due = self._deadlines.due(now, self.leases)
         # The same order as a scan of all leases would end them in: the order of the requests.
-        for lease in sorted(due.values(), key=lambda lease: self._request_order[lease.id]):
-            reason = self._expired(lease, now)
+        for lease in sorted(due, key=lambda lease: self._leases.order(lease.id)):
+            reason = self._deadlines.expired(lease, now)
             if reason is not None:
                 self._end(lease, reason)
         for gpu_type, until in list(self._backoff_until.items()):
@@ -348,20 +338,10 @@ class PoolCore:
                 del self._backoff_until[gpu_type]
         self._schedule()
 
-    def _expired(self, lease: Lease, now: float) -> str | None:
-        assert lease.granted_mono is not None
-        if self.policy.max_lease_duration and now - lease.granted_mono >= self.policy.max_lease_duration:
-            return REASON_MAX_DURATION
-        if not lease.busy and now - lease.active_mono >= lease.idle_timeout:
-            return REASON_IDLE
-        return None
-
-    def _arm_idle(self, lease: Lease) -> None:
-        """Make sure the lease's idle deadline is in the heap (one entry per lease is enough:
-        an entry that comes due early is moved to the lease's deadline of that moment)."""
-        if lease.id not in self._idle_armed:
-            self._idle_armed.add(lease.id)
-            heapq.heappush(self._deadlines, (lease.active_mono + lease.idle_timeout, _IDLE, lease.id))
+    def next_deadline(self) -> float | None:
+        """The earliest time (on :attr:`clock`) at which :meth:`tick` would change anything."""
+        lease_deadline = self._deadlines.next(self.leases)
+        return min((lease_deadline, *self._backoff_until.values()), key=_or_inf, default=None)
 
     def shutdown(self, reason: str) -> None:
         """End every lease and kill every kernel (the gateway is stopping)."""
@@ -380,19 +360,11 @@ class PoolCore:
 
     def queued_ids(self) -> list[str]:
         """Queued lease ids, first in line first."""
-        return [self._at_place[place] for place in self._queue]
+        return self._queue.ids()
 
     def queue_position(self, lease: Lease) -> int:
         """1-based place among queued leases that compete for the same types; 0 if not queued."""
-        if lease.state != QUEUED:
-            return 0
-        place = self._place_of.get(lease.id)
-        if place is None:
-            return 0
-        wanted = self._matching_types(lease.choices)
-        return 1 + sum(
-            bisect.bisect_left(places, place) for other, places in self._queued_by_wanted.items() if wanted & other
-        )
+        return self._queue.position(lease.id) if lease.state == QUEUED else 0
 
     def expected_wait(self, lease: Lease) -> float:
         """Seconds until the lease is likely granted, assuming today's holders go idle now.
@@ -405,34 +377,12 @@ class PoolCore:
         if lease.slot_id is not None:
             slot = self.slots[lease.slot_id]
             return max(0.0, slot.created_at + self._start_seconds - now)
-        frees = self._frees(self._matching_types(lease.choices), now)
+        frees = self._leases.frees(self._matching_types(lease.choices), now)
         if not frees:
             return self._start_seconds
         position = max(1, self.queue_position(lease))
         index = min(len(frees), position * max(c.count for c in lease.choices)) - 1
         return frees[index] - now + self._start_seconds
-
-    def _frees(self, wanted: frozenset[str], now: float) -> list[float]:
-        """When each GPU of the wanted types frees at the latest, soonest first.
-
-        Kept until a holder changes or the clock moves: a listing asks once per lease and
-        the leases of one user mostly want the same types.
-        """
-        if self._frees_memo_key != (now, self._holder_changes):
-            self._frees_memo.clear()
-            self._frees_memo_key = (now, self._holder_changes)
-        frees = self._frees_memo.get(wanted)
-        if frees is None:
-            frees = []
-            for other in (lease for gpu_type in wanted for lease in self._granted_of.get(gpu_type, {}).values()):
-                assert other.granted_mono is not None
-                end = (now if other.busy else other.active_mono) + other.idle_timeout
-                if self.policy.max_lease_duration:
-                    end = min(end, other.granted_mono + self.policy.max_lease_duration)
-                frees.extend([max(now, end)] * other.count)
-            frees.sort()
-            self._frees_memo[wanted] = frees
-        return frees
 
     def idle_remaining(self, lease: Lease) -> float | None:
         """Seconds until a granted lease ends for idleness (its full timeout while busy)."""
@@ -444,22 +394,17 @@ class PoolCore:
 
     def summaries(self) -> list[TypeSummary]:
         rows = []
-        queued_of: dict[str, int] = {}
-        for wanted, places in self._queued_by_wanted.items():
-            for gpu_type in wanted:
-                queued_of[gpu_type] = queued_of.get(gpu_type, 0) + len(places)
+        queued_of = self._queue.queued_per_type()
         for gpu_type in self.types:
-            total, memory_mb, emulated = self._type_facts[gpu_type]
-            leased = self._leased_gpus.get(gpu_type, 0)
-            warm = self._warm_count.get(gpu_type, 0)
-            queued = queued_of.get(gpu_type, 0)
+            total, memory_mb, emulated = self._placement.facts[gpu_type]
+            leased = self._slot_index.leased_gpus.get(gpu_type, 0)
             rows.append(
                 TypeSummary(
                     gpu_type=gpu_type,
                     total=total,
                     free=max(0, total - leased),
-                    warm=warm,
-                    queued=queued,
+                    warm=self._slot_index.warm.get(gpu_type, 0),
+                    queued=queued_of.get(gpu_type, 0),
                     leased=leased,
                     memory_mb=memory_mb,
                     emulated=emulated,
@@ -469,14 +414,20 @@ class PoolCore:
 
     def leases_of(self, user: str) -> list[Lease]:
         """The user's active (queued or granted) leases, in the order they were requested."""
-        return list(self._leases_of.get(user, {}).values())
+        return self._leases.of_user(user)
 
     def user_gpus(self, user: str) -> int:
-        return sum(lease.count for lease in self._leases_of.get(user, {}).values() if lease.state == GRANTED)
+        """GPUs the user holds now."""
+        return self._leases.held_by(user)
+
+    def unplaced(self) -> list[tuple[Wanted, list[Lease]]]:
+        """Per set of wanted types, the queued leases no slot is starting for, first in line
+        first: the demand the pool cannot meet now (what a scaler reads)."""
+        return [(wanted, [self.leases[i] for i in ids]) for wanted, ids in self._queue.waiting()]
 
     # --- internals: the policy -----------------------------------------------------------
 
-    def _matching_types(self, choices: Iterable[GpuChoice]) -> frozenset[str]:
+    def _matching_types(self, choices: Iterable[GpuChoice]) -> Wanted:
         key = tuple(choices)
         wanted = self._wanted.get(key)
         if wanted is None:
@@ -505,31 +456,25 @@ class PoolCore:
                 "its operator can declare some (--inventory a100=2, --cpu-slots 2) or add a node",
                 NO_CAPACITY,
             )
-        offered = ", ".join(self.types) or "none"
+        offered = ", ".join(self.types)
         problems = []
         for choice in choices:
             types = self._offered_for(choice.gpu_type)
             if not types:
                 problems.append(f"unknown GPU type {choice.gpu_type!r}: this gateway offers {offered}")
                 continue
-            most = max(self._largest_node(t) for t in types)
+            most = max(self._placement.largest_node(t) for t in types)
+            refusal = self.admission.refusal(choice)
             if choice.count > most:
                 problems.append(
                     f"{choice} asks for {choice.count} GPUs but no node has more than {most} of type "
                     f"{choice.gpu_type}: ask for at most {most}"
                 )
-            elif self.policy.max_gpus_per_user and choice.count > self.policy.max_gpus_per_user:
-                problems.append(
-                    f"{choice} asks for {choice.count} GPUs but each user may hold at most "
-                    f"{self.policy.max_gpus_per_user} (max_gpus_per_user)"
-                )
+            elif refusal is not None:
+                problems.append(refusal)
         if len(problems) == len(choices):
             reason = "unknown_type" if problems[0].startswith("unknown") else "too_many_gpus"
             raise LeaseRequestError("; ".join(problems), reason)
-
-    def _largest_node(self, gpu_type: str) -> int:
-        # The per-node histogram of usable GPUs is as long as the largest node's count, plus one.
-        return len(self._nodes_with[gpu_type]) - 1
 
     def _schedule(self) -> None:
         """Place queued leases in order, then top up the warm kernels.
@@ -541,39 +486,35 @@ class PoolCore:
         whole queue, without its cost when the queue is long.
         """
         blocked: set[str] = set()
-        heads = [(places[0], wanted) for wanted, places in self._waiting.items() if places]
+        queue = self._queue
+        heads = queue.heads()
         heapq.heapify(heads)
         everything = len(self.types)
+        admission = self.admission if self.admission.limits else None
         while heads and len(blocked) < everything:
             place, wanted = heapq.heappop(heads)
             if wanted <= blocked:
                 continue  # this lease and every later one that wants these types: no-ops
-            lease = self.leases[self._at_place[place]]
-            cap = self.policy.max_gpus_per_user
-            room = cap - self.user_gpus(lease.user) - self._user_pending(lease.user) if cap else None
+            lease = self.leases[queue.lease_at(place)]
+            room = None
+            if admission is not None:
+                holding = self._leases.held_by(lease.user) + self._leases.starting_for(lease.user)
+                room = admission.room(lease.user, holding)
             if room is not None and min(c.count for c in lease.choices) > room:
                 pass  # waits for its own user's leases, without holding up anyone else
             elif not self._place(lease, room, wanted - blocked):
                 # A fallback may still take a type nobody ahead waits for ("h100|a100"
                 # takes the a100 that frees while an earlier lease waits for the h100).
                 blocked |= wanted
-            places = self._waiting.get(wanted, [])
-            index = bisect.bisect_right(places, place)
-            if index < len(places):
-                heapq.heappush(heads, (places[index], wanted))
+            following = queue.waiting_after(wanted, place)
+            if following is not None:
+                heapq.heappush(heads, (following, wanted))
         self._top_up_warm(blocked)
-
-    def _user_pending(self, user: str) -> int:
-        return sum(
-            lease.count
-            for lease in self._leases_of.get(user, {}).values()
-            if lease.state == QUEUED and lease.slot_id is not None
-        )
 
     def _place(self, lease: Lease, room: int | None, allowed: AbstractSet[str]) -> bool:
         """Place the first choice that fits, on the ``allowed`` types only.
 
-        ``room`` is what the user's cap still allows (None: no cap).
+        ``room`` is what admission still allows the user (None: no limit).
         """
         for choice in lease.choices:
             if room is not None and choice.count > room:
@@ -589,18 +530,19 @@ class PoolCore:
         """A warm kernel of any matching type first ("a100" takes a warm a100-80gb rather than
         wait for an a100-40gb still starting), then a starting one, then a free GPU."""
         for gpu_type in types:
-            warm = self._first_spare(gpu_type, SlotState.WARM)
+            warm = self._slot_index.first_spare(gpu_type, SlotState.WARM)
             if warm is not None:
-                self._assign(lease, warm, 1)
-                self._grant(lease, warm)
+                slot = self.slots[warm]
+                self._assign(lease, slot, 1)
+                self._grant(lease, slot)
                 return True
         for gpu_type in types:
-            starting = self._first_spare(gpu_type, SlotState.STARTING)
+            starting = self._slot_index.first_spare(gpu_type, SlotState.STARTING)
             if starting is not None:
-                self._assign(lease, starting, 1)
+                self._assign(lease, self.slots[starting], 1)
                 return True
         for gpu_type in types:
-            free = self._free_devices(gpu_type, 1)
+            free = self._placement.free_devices(gpu_type, 1)
             if free and gpu_type not in self._backoff_until:
                 slot = self._new_slot(gpu_type, [free[0]])
                 self._assign(lease, slot, 1)
@@ -609,32 +551,16 @@ class PoolCore:
 
     def _place_multi(self, lease: Lease, gpu_type: str, count: int) -> bool:
         """All GPUs on one node: unbound ones first, then those of spare kernels, preempted."""
-        if gpu_type in self._backoff_until or not any(self._nodes_with[gpu_type][count:]):
+        if gpu_type in self._backoff_until:
             return False
-        # The node whose first usable GPU comes first in the inventory, among those with enough
-        # (nodes are listed by their first GPU, so none after the best so far can beat it).
-        best: tuple[str, str] | None = None
-        best_position = -1
-        for node in self._nodes_of[gpu_type]:
-            keys = self._node_devices[node]
-            if best is not None and self._position[keys[0]] > best_position:
-                break
-            if self._usable[node] < count:
-                continue
-            position = next(self._position[key] for key in keys if self._can_take(key))
-            if best is None or position < best_position:
-                best, best_position = node, position
-        if best is None:
+        chosen = self._placement.best_node(gpu_type, count)
+        if chosen is None:
             return False
-        usable = [self.devices[key] for key in self._node_devices[best] if self._can_take(key)]
-        # Prefer unbound GPUs; preempt warm kernels only for what is missing.
-        usable.sort(key=lambda d: d.key in self._bound)
-        chosen = usable[:count]
-        displaced = {self._bound[d.key] for d in chosen if d.key in self._bound}
+        displaced = {holder for d in chosen if (holder := self._placement.holder(d.key)) is not None}
         for slot_id in displaced:
             old = self.slots[slot_id]
             for key in old.devices:
-                self._unbind(key)
+                self._placement.unbind(key)
             old.devices = ()
             old.state = SlotState.DRAINING
             self._touch(old)
@@ -653,11 +579,10 @@ class PoolCore:
             waiting_for=set(waiting_for or ()),
         )
         self.slots[slot.id] = slot
-        self._slot_number[slot.id] = self._slots_created
-        self._slots_created += 1
-        self._preemptible[slot.id] = True  # no lease, not draining: what _touch would say
+        self._slot_index.add(slot)
+        self._placement.new_slot(slot.id)
         for device in devices:
-            self._bind(device.key, slot.id)
+            self._placement.bind(device.key, slot.id)
         for other in slot.waiting_for:
             self._waiters.setdefault(other, []).append(slot.id)
         self._touch(slot)
@@ -677,25 +602,32 @@ class PoolCore:
         lease.count = count
         lease.gpu_indices = self._indices(slot)
         self._touch(slot)
-        self._stop_waiting(lease)
+        self._queue.stop_waiting(lease.id)
+
+    def _unassign(self, lease: Lease) -> None:
+        """The queued lease's starting kernel is gone: it waits again, at its place."""
+        lease.slot_id = None
+        lease.gpu_type = None
+        lease.count = 0
+        lease.gpu_indices = ()
+        if lease.id in self._queue:
+            self._queue.start_waiting(lease.id)
+        else:
+            self._queue.enqueue(lease.id, self._matching_types(lease.choices), front=True, waiting=True)
 
     def _indices(self, slot: Slot) -> tuple[int, ...]:
         """The slot's GPU indices (what CUDA_VISIBLE_DEVICES lists); CPU slots have none."""
         return tuple(i for i in (self.devices[k].index for k in slot.devices) if i is not None)
 
     def _grant(self, lease: Lease, slot: Slot) -> None:
-        now = self.clock()
         slot.state = SlotState.LEASED
         self._touch(slot)
         lease.state = GRANTED
         lease.granted_at = lease.last_activity = self.wall_clock()
-        lease.granted_mono = lease.active_mono = now
-        self._dequeue(lease)
-        self._granted_of.setdefault(slot.gpu_type, {})[lease.id] = lease
-        self._holder_changes += 1
-        if self.policy.max_lease_duration:
-            heapq.heappush(self._deadlines, (now + self.policy.max_lease_duration, _MAX, lease.id))
-        self._arm_idle(lease)
+        lease.granted_mono = lease.active_mono = self.clock()
+        self._queue.dequeue(lease.id)
+        self._leases.granted(lease)
+        self._deadlines.granted(lease)
         log.info("lease %s granted to %s: %s on %s", lease.id, lease.user, lease.gpu_type, lease.gpu_indices)
         self._actions.append(LeaseGranted(lease.snapshot()))
 
@@ -704,18 +636,9 @@ class PoolCore:
         lease.reason = reason
         lease.released_at = self.wall_clock()
         lease.busy = False
-        self.leases.pop(lease.id, None)
-        mine = self._leases_of.get(lease.user)
-        if mine is not None:
-            mine.pop(lease.id, None)
-            if not mine:
-                del self._leases_of[lease.user]
-        holders = self._granted_of.get(lease.gpu_type or "")
-        if holders is not None and holders.pop(lease.id, None) is not None:
-            self._holder_changes += 1
-        self._request_order.pop(lease.id, None)
-        self._idle_armed.discard(lease.id)  # its heap entries are dropped when they come due
-        self._dequeue(lease)
+        self._leases.remove(lease)
+        self._deadlines.forget(lease.id)
+        self._queue.dequeue(lease.id)
         slot = self.slots.get(lease.slot_id) if lease.slot_id else None
         if slot is not None and slot.lease_id == lease.id:
             slot.lease_id = None
@@ -738,11 +661,12 @@ class PoolCore:
 
     def _forget_slot(self, slot: Slot, requeue: bool) -> None:
         for key in slot.devices:
-            if self._bound.get(key) == slot.id:
-                self._unbind(key)
+            if self._placement.holder(key) == slot.id:
+                self._placement.unbind(key)
         self.slots.pop(slot.id, None)
-        self._untrack(slot)
-        waiters = sorted(self._waiters.pop(slot.id, ()), key=lambda sid: self._slot_number.get(sid, -1))
+        self._slot_index.forget(slot)
+        self._placement.forget_slot(slot.id)
+        waiters = sorted(self._waiters.pop(slot.id, ()), key=self._slot_index.number)
         for other_id in waiters:
             other = self.slots.get(other_id)
             if other is None or slot.id not in other.waiting_for:
@@ -754,156 +678,24 @@ class PoolCore:
                 self._request_start(other)
         lease = self.leases.get(slot.lease_id) if slot.lease_id else None
         if lease is not None and requeue:
-            # Its kernel failed to start: back to the front of the queue, not to the end.
-            lease.slot_id = None
-            lease.gpu_type = None
-            lease.count = 0
-            lease.gpu_indices = ()
-            if lease.id in self._place_of:
-                self._start_waiting(lease)
-            else:
-                self._enqueue(lease, front=True)
+            # Its kernel failed to start: back to its place in the queue, not to the end.
+            self._unassign(lease)
 
     def _top_up_warm(self, blocked: set[str]) -> None:
         for gpu_type in self.types:
             if gpu_type in blocked or gpu_type in self._backoff_until:
                 continue
-            spare = self._spare_count.get((gpu_type, SlotState.WARM), 0) + self._spare_count.get(
-                (gpu_type, SlotState.STARTING), 0
-            )
-            missing = self.policy.min_warm - spare
+            missing = self.policy.min_warm - self._slot_index.spares(gpu_type)
             if missing > 0:
-                for device in self._free_devices(gpu_type, missing):
+                for device in self._placement.free_devices(gpu_type, missing):
                     self._new_slot(gpu_type, [device])
-
-    # --- internals: the indexes ----------------------------------------------------------
-
-    def _enqueue(self, lease: Lease, front: bool) -> None:
-        if front:
-            place, self._front_place = self._front_place, self._front_place - 1
-            self._queue.insert(0, place)
-        else:
-            place, self._next_place = self._next_place, self._next_place + 1
-            self._queue.append(place)
-        self._place_of[lease.id] = place
-        self._at_place[place] = lease.id
-        bisect.insort(self._queued_by_wanted.setdefault(self._matching_types(lease.choices), []), place)
-        if lease.slot_id is None:
-            self._start_waiting(lease)
-
-    def _dequeue(self, lease: Lease) -> None:
-        place = self._place_of.pop(lease.id, None)
-        if place is None:
-            return
-        del self._at_place[place]
-        _remove_sorted(self._queue, place)
-        _remove_sorted(self._queued_by_wanted[self._matching_types(lease.choices)], place)
-        self._stop_waiting(lease, place)
-
-    def _start_waiting(self, lease: Lease) -> None:
-        """A queued lease without a slot: the scheduler looks at it."""
-        places = self._waiting.setdefault(self._matching_types(lease.choices), [])
-        place = self._place_of[lease.id]
-        index = bisect.bisect_left(places, place)
-        if index == len(places) or places[index] != place:
-            places.insert(index, place)
-
-    def _stop_waiting(self, lease: Lease, place: int | None = None) -> None:
-        place = self._place_of.get(lease.id) if place is None else place
-        if place is not None:
-            places = self._waiting.get(self._matching_types(lease.choices))
-            if places:
-                _remove_sorted(places, place)
-
-    def _free_devices(self, gpu_type: str, limit: int) -> list[Device]:
-        """The first ``limit`` healthy, unbound devices of the type, in inventory order."""
-        return [self.devices[self._key_at[p]] for p in self._free.get(gpu_type, [])[:limit]]
-
-    def _bind(self, key: str, slot_id: str) -> None:
-        self._bound[key] = slot_id
-        device = self.devices[key]
-        _remove_sorted(self._free[device.gpu_type], self._position[key])
-        if not self._preemptible[slot_id]:
-            self._add_usable(device, -1)
-
-    def _unbind(self, key: str) -> None:
-        slot_id = self._bound.pop(key)
-        device = self.devices[key]
-        if device.healthy:
-            bisect.insort(self._free[device.gpu_type], self._position[key])
-            if not self._preemptible.get(slot_id, True):
-                self._add_usable(device, 1)
-
-    def _add_usable(self, device: Device, step: int) -> None:
-        node = (device.gpu_type, device.node)
-        histogram = self._nodes_with[device.gpu_type]
-        histogram[self._usable[node]] -= 1
-        self._usable[node] += step
-        histogram[self._usable[node]] += 1
-
-    def _can_take(self, key: str) -> bool:
-        """What a multi-GPU lease may use: an unbound GPU, or one held by a spare kernel."""
-        holder = self._bound.get(key)
-        return holder is None or self._preemptible.get(holder, True)
 
     def _touch(self, slot: Slot) -> None:
         """Re-file a slot whose state, lease or devices changed."""
-        taken = slot.lease_id is not None or slot.state == SlotState.DRAINING
-        counted = (len(slot.devices) if taken else 0, 1 if not taken and slot.state == SlotState.WARM else 0)
-        before = self._counted.get(slot.id, (0, 0))
-        if counted != before:
-            self._count(slot.gpu_type, counted[0] - before[0], counted[1] - before[1])
-            self._counted[slot.id] = counted
         preemptible = slot.lease_id is None and slot.state != SlotState.DRAINING
-        if preemptible != self._preemptible.get(slot.id):
-            step = 1 if preemptible else -1
-            for key in slot.devices:
-                if self._bound.get(key) == slot.id:
-                    self._add_usable(self.devices[key], step)
-            self._preemptible[slot.id] = preemptible
-        spare = (
-            (slot.gpu_type, slot.state)
-            if slot.lease_id is None and len(slot.devices) == 1 and slot.state in (SlotState.WARM, SlotState.STARTING)
-            else None
-        )
-        current = self._spare_of.get(slot.id)
-        if spare == current:
-            return
-        if current is not None:
-            self._spare_count[current] -= 1
-            del self._spare_of[slot.id]
-        if spare is not None:
-            self._spare_count[spare] = self._spare_count.get(spare, 0) + 1
-            self._spare_of[slot.id] = spare
-            heapq.heappush(self._spares.setdefault(spare, []), (self._slot_number[slot.id], slot.id))
-
-    def _count(self, gpu_type: str, leased: int, warm: int) -> None:
-        self._leased_gpus[gpu_type] = self._leased_gpus.get(gpu_type, 0) + leased
-        self._warm_count[gpu_type] = self._warm_count.get(gpu_type, 0) + warm
-
-    def _untrack(self, slot: Slot) -> None:
-        leased, warm = self._counted.pop(slot.id, (0, 0))
-        if leased or warm:
-            self._count(slot.gpu_type, -leased, -warm)
-        current = self._spare_of.pop(slot.id, None)
-        if current is not None:
-            self._spare_count[current] -= 1
-        self._preemptible.pop(slot.id, None)
-        self._slot_number.pop(slot.id, None)
-
-    def _first_spare(self, gpu_type: str, state: SlotState) -> Slot | None:
-        """The oldest unleased single-GPU slot of the type in that state."""
-        key = (gpu_type, state)
-        heap = self._spares.get(key)
-        while heap:
-            number, slot_id = heap[0]
-            if self._spare_of.get(slot_id) == key and self._slot_number.get(slot_id) == number:
-                return self.slots[slot_id]
-            heapq.heappop(heap)  # no longer a spare of this kind (or filed again later)
-        return None
+        self._placement.set_preemptible(slot.id, slot.devices, preemptible)
+        self._slot_index.touch(slot)
 
 
-def _remove_sorted(values: list[int], value: int) -> None:
-    index = bisect.bisect_left(values, value)
-    if index < len(values) and values[index] == value:
-        del values[index]
+def _or_inf(value: float | None) -> float:
+    return float("inf") if value is None else value

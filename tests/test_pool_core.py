@@ -807,3 +807,13 @@ def test_events_carry_the_lease_as_it_was_at_the_event() -> None:
     assert grant.lease.gpu_seconds(100) == 95 and end.lease.gpu_seconds(100) == 4
     with pytest.raises(dataclasses.FrozenInstanceError):
         grant.lease.state = RELEASED  # type: ignore[misc]
+
+
+def test_a_snapshot_has_exactly_the_fields_of_a_lease() -> None:
+    import dataclasses
+
+    from pool_manager.model import LeaseSnapshot
+
+    assert [f.name for f in dataclasses.fields(LeaseSnapshot)] == [f.name for f in dataclasses.fields(Lease)]
+    lease = Lease("l1", "alice", tuple(parse_gpu_spec("a100")), 10.0, 5.0)
+    assert dataclasses.asdict(lease.snapshot()) == dataclasses.asdict(lease)
