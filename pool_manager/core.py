@@ -457,24 +457,31 @@ class PoolCore:
                 NO_CAPACITY,
             )
         offered = ", ".join(self.types)
-        problems = []
+        problems: list[tuple[str, str]] = []  # (message, reason)
         for choice in choices:
             types = self._offered_for(choice.gpu_type)
             if not types:
-                problems.append(f"unknown GPU type {choice.gpu_type!r}: this gateway offers {offered}")
+                problems.append((f"unknown GPU type {choice.gpu_type!r}: this gateway offers {offered}",
+                                 "unknown_type"))
                 continue
             most = max(self._placement.largest_node(t) for t in types)
             refusal = self.admission.refusal(choice)
-            if choice.count > most:
-                problems.append(
+            if most == 0:
+                problems.append((
+                    f"no node with {choice.gpu_type} GPUs is in the pool right now (all left): "
+                    "try again later or ask for another type",
+                    NO_CAPACITY,
+                ))
+            elif choice.count > most:
+                problems.append((
                     f"{choice} asks for {choice.count} GPUs but no node has more than {most} of type "
-                    f"{choice.gpu_type}: ask for at most {most}"
-                )
+                    f"{choice.gpu_type}: ask for at most {most}",
+                    "too_many_gpus",
+                ))
             elif refusal is not None:
-                problems.append(refusal)
+                problems.append((refusal, "too_many_gpus"))
         if len(problems) == len(choices):
-            reason = "unknown_type" if problems[0].startswith("unknown") else "too_many_gpus"
-            raise LeaseRequestError("; ".join(problems), reason)
+            raise LeaseRequestError("; ".join(message for message, _ in problems), problems[0][1])
 
     def _schedule(self) -> None:
         """Place queued leases in order, then top up the warm kernels.

@@ -24,17 +24,21 @@ Listener = Callable[[Action], None]
 
 
 class PoolService:
-    def __init__(self, core: PoolCore, backend: KernelBackend, tick_interval: float = 0.25) -> None:
+    def __init__(self, core: PoolCore, backend: KernelBackend) -> None:
         self.core = core
         self.backend = backend
-        self.tick_interval = tick_interval
         self.kernels: dict[str, KernelInfo] = {}
         self.listeners: list[Listener] = []
         self._starting: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed: dict[str, asyncio.Event] = {}
         self._ticker: asyncio.Task[None] | None = None
+        # The ticker sleeps until the core's next deadline; an event that brings a deadline
+        # closer (a grant, a kernel going idle) wakes it to sleep again for the shorter time.
+        self._wake = asyncio.Event()
+        self._sleeping_until: float | None = None
         self.kernel_starts = 0
+        self.ticks = 0
 
     async def start(self) -> None:
         self.backend.watch(self._on_kernel_death)
@@ -68,6 +72,7 @@ class PoolService:
 
     def kernel_activity(self, kernel_id: str, busy: bool) -> None:
         self.core.kernel_activity(kernel_id, busy)
+        self._deadline_may_have_moved()
 
     async def interrupt(self, kernel_id: str) -> None:
         await self.backend.interrupt_kernel(kernel_id)
@@ -109,6 +114,12 @@ class PoolService:
                     listener(action)
                 except Exception:  # one listener's bug must not stop the pool
                     log.exception("pool listener failed on %s", action)
+        self._deadline_may_have_moved()
+
+    def _deadline_may_have_moved(self) -> None:
+        deadline = self.core.next_deadline()
+        if deadline is not None and (self._sleeping_until is None or deadline < self._sleeping_until):
+            self._wake.set()
 
     def _spawn(self, coro: object, starting_slot: str | None = None) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -151,9 +162,22 @@ class PoolService:
         self._run_actions()
 
     async def _tick_forever(self) -> None:
+        """Tick when the core's next deadline comes, and not in between."""
         while True:
-            await asyncio.sleep(self.tick_interval)
+            self._wake.clear()
+            self._sleeping_until = self.core.next_deadline()
+            if self._sleeping_until is None:
+                await self._wake.wait()
+                continue  # a deadline appeared: sleep until it
             try:
+                # at least a millisecond: a deadline within rounding of now must not spin the loop
+                await asyncio.wait_for(self._wake.wait(), max(0.001, self._sleeping_until - self.core.clock()))
+                continue  # woken by a nearer deadline: sleep again, for less
+            except TimeoutError:
+                pass
+            self._sleeping_until = None
+            try:
+                self.ticks += 1
                 self.core.tick()
                 self._run_actions()
             except Exception:  # the clock must keep ticking whatever one tick hit

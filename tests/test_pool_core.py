@@ -20,6 +20,7 @@ from jupyter_gpu.protocol import (
     REASON_IDLE,
     REASON_KERNEL_DIED,
     REASON_MAX_DURATION,
+    REASON_NODE_LOST,
     RELEASED,
     parse_gpu_spec,
 )
@@ -752,31 +753,63 @@ def indexed(core: PoolCore) -> dict[str, object]:
     return {"types": rows, "positions": positions, "mine": {u: [x.id for x in core.leases_of(u)] for u in users}}
 
 
+def placement_rescanned(core: PoolCore) -> dict[str, object]:
+    """Free GPUs per type and usable GPUs per node, worked out from every device and slot."""
+    held = {key: slot for slot in core.slots.values() for key in slot.devices}
+    free = {t: [k for k, d in core.devices.items() if d.gpu_type == t and d.healthy and k not in held]
+            for t in core.types}
+    usable: dict[tuple[str, str], int] = {}
+    for key, device in core.devices.items():
+        slot = held.get(key)
+        if device.healthy and (slot is None or (slot.lease_id is None and slot.state.value != "draining")):
+            usable[(device.gpu_type, device.node)] = usable.get((device.gpu_type, device.node), 0) + 1
+    return {"free": free, "usable": {k: v for k, v in usable.items() if v}}
+
+
+def placement_indexed(core: PoolCore) -> dict[str, object]:
+    placement = core._placement
+    free = {t: [d.key for d in placement.free_devices(t, 10**6)] for t in core.types}
+    return {"free": free, "usable": {k: v for k, v in placement._usable.items() if v}}
+
+
 def test_listings_from_the_indexes_match_a_rescan_through_a_random_day() -> None:
     import random
 
     rng = random.Random(7)
-    core, clock = make_pool("a100=4,h100=2,l4=2", min_warm=1, max_gpus_per_user=3)
+    core, clock = node_pool(node("n0", "a100", 4), node("n1", "h100", 2), node("n2", "l4", 2),
+                            min_warm=1, max_gpus_per_user=3)
     specs = ["a100", "h100|a100", "l4", "a100:2", "any", "h100:2"]
-    for step in range(200):
+    joined = itertools.count(3)
+    for step in range(300):
         clock.set(step)
         roll = rng.random()
         starting = [s for s in core.slots.values() if s.start_requested and s.state.value == "starting"]
         draining = [s for s in core.slots.values() if s.state.value == "draining" and s.start_requested]
-        if roll < 0.35:
-            request(core, f"user{rng.randrange(4)}", rng.choice(specs), idle_timeout=rng.choice([5, 30]))
-        elif roll < 0.55 and starting:
+        nodes = sorted({d.node for d in core.devices.values()})
+        if roll < 0.3:
+            try:
+                request(core, f"user{rng.randrange(4)}", rng.choice(specs), idle_timeout=rng.choice([5, 30]))
+            except LeaseRequestError as refused:
+                assert refused.reason in ("no_capacity", "too_many_gpus")  # the nodes of a type left
+        elif roll < 0.5 and starting:
             core.kernel_ready(rng.choice(starting).id)
-        elif roll < 0.7 and draining:
+        elif roll < 0.65 and draining:
             core.kernel_stopped(rng.choice(draining).id)
-        elif roll < 0.8 and core.leases:
+        elif roll < 0.72 and core.leases:
             core.end_lease(rng.choice(sorted(core.leases)), REASON_DELETED)
-        elif roll < 0.85 and core.slots:
+        elif roll < 0.75 and core.slots:
             core.kernel_died(rng.choice(sorted(core.slots)))
+        elif roll < 0.79:
+            core.add_devices(node(f"n{next(joined)}", rng.choice(["a100", "h100", "l4"]), rng.choice([1, 2, 4])))
+        elif roll < 0.82 and nodes:
+            core.remove_node(rng.choice(nodes))
+        elif roll < 0.87 and core.devices:
+            core.set_device_health(rng.choice(sorted(core.devices)), rng.random() < 0.5)
         else:
             core.tick()
         core.pop_actions()
         assert indexed(core) == rescanned(core), f"step {step}"
+        assert placement_indexed(core) == placement_rescanned(core), f"step {step}"
 
 
 def test_an_empty_pool_summarises_nothing_and_refuses_requests_as_no_capacity() -> None:
@@ -817,3 +850,139 @@ def test_a_snapshot_has_exactly_the_fields_of_a_lease() -> None:
     assert [f.name for f in dataclasses.fields(LeaseSnapshot)] == [f.name for f in dataclasses.fields(Lease)]
     lease = Lease("l1", "alice", tuple(parse_gpu_spec("a100")), 10.0, 5.0)
     assert dataclasses.asdict(lease.snapshot()) == dataclasses.asdict(lease)
+
+
+# --- membership: nodes join and leave, devices fail ----------------------------------------------
+
+
+def node(name: str, gpu_type: str, count: int, first_index: int = 0) -> list[Device]:
+    return [
+        Device(f"{name}-{i}", gpu_type, first_index + i, f"NVIDIA {gpu_type.upper()}", 81920, True, name)
+        for i in range(count)
+    ]
+
+
+def node_pool(*nodes: list[Device], **policy: Any) -> tuple[PoolCore, FakeClock]:
+    clock = FakeClock()
+    ids = itertools.count(1)
+    devices = [device for devices in nodes for device in devices]
+    return PoolCore(devices, PoolPolicy(**policy), clock, new_id=lambda: f"id{next(ids)}"), clock
+
+
+def test_a_joining_node_takes_the_queue_and_brings_its_type() -> None:
+    core, _ = node_pool(node("n1", "a100", 1), min_warm=0)
+    hold(core, "alice", "a100")
+    waiting = request(core, "bob", "a100")
+    any_gpu = request(core, "carol", "any")
+    with pytest.raises(LeaseRequestError, match="unknown GPU type 'h100'"):
+        request(core, "dave", "h100")
+    assert core.pop_actions() == []
+
+    core.add_devices(node("n2", "a100", 1) + node("n3", "h100", 1))
+    started = {s.node: s for s in starts(core.pop_actions())}
+    assert core.types == ["a100", "h100"]
+    assert waiting.slot_id == started["n2"].slot_id
+    assert any_gpu.slot_id == started["n3"].slot_id  # "any" now matches the type that joined
+    assert summary(core, "h100")["total"] == 1
+    request(core, "dave", "h100")  # offered now: queued, not refused
+
+
+def test_a_joining_node_gets_its_warm_kernels() -> None:
+    core, _ = node_pool(node("n1", "a100", 1), min_warm=1)
+    warm_up(core)
+    core.add_devices(node("n2", "l4", 2))
+    assert [(s.gpu_type, s.node) for s in starts(core.pop_actions())] == [("l4", "n2")]
+
+
+def test_a_lost_node_ends_its_leases_and_its_waiting_lease_is_placed_elsewhere() -> None:
+    core, _ = node_pool(node("n1", "a100", 2), node("n2", "a100", 1), min_warm=0)
+    on_n1 = hold(core, "alice", "a100")
+    second = hold(core, "bob", "a100")
+    assert {core.slots[x.slot_id or ""].node for x in (on_n1, second)} == {"n1"}
+    starting = request(core, "carol", "a100")  # a kernel starts for it on n2
+    first_slot = starting.slot_id
+    assert first_slot is not None and core.slots[first_slot].node == "n2"
+    queued = request(core, "dave", "a100")
+    core.pop_actions()
+
+    ended_leases = core.remove_node("n2")
+    actions = core.pop_actions()
+    assert ended_leases == []  # nothing was granted there
+    assert kills(actions) == [first_slot]  # the backend drops what it started there
+    assert starting.state == QUEUED and starting.slot_id is None
+    assert core.queued_ids() == [starting.id, queued.id]  # carol keeps her place ahead of dave
+
+    lost = core.remove_node("n1", REASON_NODE_LOST)
+    actions = core.pop_actions()
+    assert {x.id for x in lost} == {on_n1.id, second.id}
+    assert ended(actions) == {on_n1.id: REASON_NODE_LOST, second.id: REASON_NODE_LOST}
+    assert sorted(kills(actions)) == sorted([on_n1.slot_id, second.slot_id])
+    assert starts(actions) == [] and core.slots == {}
+    assert summary(core, "a100") == {"total": 0, "free": 0, "warm": 0, "queued": 2, "emulated": False}
+
+    core.add_devices(node("n3", "a100", 1))  # a replacement joins: the first in line gets it
+    assert [s.node for s in starts(core.pop_actions())] == ["n3"] and starting.slot_id is not None
+
+
+def test_a_lost_node_never_starts_the_multi_gpu_kernel_that_waited_there() -> None:
+    core, _ = node_pool(node("n1", "a100", 2), node("n2", "a100", 2), min_warm=1)
+    warm_up(core)
+    big = request(core, "alice", "a100:2")  # preempts the warm kernel on n1, waits for it to stop
+    assert big.slot_id is not None and core.slots[big.slot_id].waiting_for
+    core.pop_actions()
+    core.remove_node("n1")
+    actions = core.pop_actions()
+    assert all(s.node == "n2" for s in starts(actions))
+    assert big.state == QUEUED and (big.slot_id is None or core.slots[big.slot_id].node == "n2")
+
+
+def test_an_unhealthy_device_gets_no_kernel_and_its_spare_is_killed() -> None:
+    core, _ = node_pool(node("n1", "a100", 2), min_warm=1)
+    (warm,) = warm_up(core)
+    key = core.slots[warm.slot_id].devices[0]
+    core.set_device_health(key, False)
+    actions = core.pop_actions()
+    assert kills(actions) == [warm.slot_id]
+    assert [s.gpu_indices for s in starts(actions)] == [(1,)]  # the replacement goes to the healthy GPU
+    core.kernel_stopped(warm.slot_id)
+    assert summary(core, "a100")["total"] == 1
+
+    core.set_device_health(key, True)
+    assert summary(core, "a100")["total"] == 2
+    held = hold(core, "alice", "a100:2")
+    assert held.count == 2
+
+
+def test_an_unhealthy_device_under_a_lease_keeps_the_lease_running() -> None:
+    core, _ = node_pool(node("n1", "a100", 1), min_warm=0)
+    lease = hold(core, "alice", "a100")
+    core.set_device_health("n1-0", False)
+    assert core.pop_actions() == [] and lease.state == GRANTED
+    release(core, lease)
+    assert core.pop_actions() == [] and summary(core, "a100")["total"] == 0
+
+
+def test_a_device_that_joins_twice_is_refused_by_name() -> None:
+    core, _ = node_pool(node("n1", "a100", 1))
+    with pytest.raises(ValueError, match="n1-0"):
+        core.add_devices(node("n1", "a100", 1))
+
+
+def test_next_deadline_is_the_earliest_idle_end_or_backoff() -> None:
+    core, clock = node_pool(node("n1", "a100", 2), min_warm=0, start_failure_backoff=5)
+    assert core.next_deadline() is None
+    lease = hold(core, "alice", "a100", idle_timeout=30)
+    assert core.next_deadline() == 30
+    assert lease.slot_id is not None
+    clock.set(10)
+    core.kernel_activity(lease.slot_id, busy=True)
+    assert core.next_deadline() is None  # a busy kernel keeps its lease: nothing is due
+    core.kernel_activity(lease.slot_id, busy=False)
+    assert core.next_deadline() == 40
+    failing = request(core, "bob", "a100")
+    assert failing.slot_id is not None
+    core.kernel_failed(failing.slot_id)
+    assert core.next_deadline() == 15  # the backoff of the failed start ends first
+    clock.set(15)
+    core.tick()
+    assert core.next_deadline() == 40

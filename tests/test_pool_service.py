@@ -10,10 +10,11 @@ from __future__ import annotations
 import asyncio
 import itertools
 import logging
+import time
 
 import pytest
 
-from jupyter_gpu.protocol import GRANTED, REASON_DELETED, REASON_GATEWAY_RESTART, parse_gpu_spec
+from jupyter_gpu.protocol import GRANTED, REASON_DELETED, REASON_GATEWAY_RESTART, REASON_IDLE, parse_gpu_spec
 from pool_manager.backend import KernelBackend, KernelInfo
 from pool_manager.core import PoolCore, PoolPolicy
 from pool_manager.model import Device, StartKernel
@@ -86,4 +87,51 @@ async def test_a_kill_that_raises_returns_the_gpu_and_logs_the_traceback(caplog:
         assert second.state == GRANTED
     finally:
         backend.departed = False
+        await service.stop(REASON_GATEWAY_RESTART)
+
+
+def make_timed_service(count: int = 1) -> tuple[PoolService, RemoteNodeBackend]:
+    ids = itertools.count(1)
+    devices = [Device(f"gpu-{i}", "a100", i, "NVIDIA A100", 81920, True, "node-1") for i in range(count)]
+    core = PoolCore(devices, PoolPolicy(min_warm=0), clock=time.monotonic, wall_clock=time.time,
+                    new_id=lambda: f"id{next(ids)}")
+    backend = RemoteNodeBackend()
+    return PoolService(core, backend), backend
+
+
+async def test_the_service_ticks_at_the_deadlines_and_not_in_between() -> None:
+    service, _ = make_timed_service()
+    await service.start()
+    try:
+        await asyncio.sleep(0.3)
+        assert service.ticks == 0  # nothing due: no tick at all
+        lease = service.request_lease("ada", parse_gpu_spec("a100"), idle_timeout=0.4)
+        await settle(service)
+        assert lease.state == GRANTED and lease.granted_at is not None
+        granted = time.monotonic()
+        while lease.state == GRANTED and time.monotonic() - granted < 5:
+            await asyncio.sleep(0.01)
+        assert lease.reason == REASON_IDLE
+        assert 0.4 <= time.monotonic() - granted < 1.0  # ended at its deadline, give or take the loop
+        assert service.ticks <= 2  # one at the deadline (two if the timer fires a hair early)
+    finally:
+        await service.stop(REASON_GATEWAY_RESTART)
+
+
+async def test_activity_pushes_the_idle_deadline_back() -> None:
+    service, _ = make_timed_service()
+    await service.start()
+    try:
+        lease = service.request_lease("ada", parse_gpu_spec("a100"), idle_timeout=0.3)
+        await settle(service)
+        assert lease.slot_id is not None
+        service.kernel_activity(lease.slot_id, busy=True)
+        await asyncio.sleep(0.5)
+        assert lease.state == GRANTED  # busy past its idle timeout
+        service.kernel_activity(lease.slot_id, busy=False)
+        went_idle = time.monotonic()
+        while lease.state == GRANTED and time.monotonic() - went_idle < 5:
+            await asyncio.sleep(0.01)
+        assert lease.reason == REASON_IDLE and 0.3 <= time.monotonic() - went_idle < 0.9
+    finally:
         await service.stop(REASON_GATEWAY_RESTART)
