@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-from jupyter_gpu.protocol import QUEUED, GpuChoice
+from jupyter_gpu.protocol import QUEUED, REASON_NODE_LOST, GpuChoice
 
 from .backend import KernelBackend, KernelInfo
 from .core import PoolCore
-from .model import Action, KillKernel, Lease, LeaseEnded, LeaseGranted, StartKernel
+from .model import Action, Device, KillKernel, Lease, LeaseEnded, LeaseGranted, StartKernel
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +73,23 @@ class PoolService:
     def kernel_activity(self, kernel_id: str, busy: bool) -> None:
         self.core.kernel_activity(kernel_id, busy)
         self._deadline_may_have_moved()
+
+    # --- membership, from the backend that sees nodes come and go ----------------------------
+
+    def add_devices(self, devices: Iterable[Device]) -> None:
+        self.core.add_devices(devices)
+        self._run_actions()
+
+    def remove_node(self, node: str, reason: str = REASON_NODE_LOST) -> list[Lease]:
+        """The node is gone: its leases end (listeners hear LeaseEnded), its kernels are
+        forgotten, and the kills the backend still gets may raise (they are logged)."""
+        ended = self.core.remove_node(node, reason)
+        self._run_actions()
+        return ended
+
+    def set_device_health(self, key: str, healthy: bool) -> None:
+        self.core.set_device_health(key, healthy)
+        self._run_actions()
 
     async def interrupt(self, kernel_id: str) -> None:
         await self.backend.interrupt_kernel(kernel_id)

@@ -14,10 +14,17 @@ import time
 
 import pytest
 
-from jupyter_gpu.protocol import GRANTED, REASON_DELETED, REASON_GATEWAY_RESTART, REASON_IDLE, parse_gpu_spec
+from jupyter_gpu.protocol import (
+    GRANTED,
+    REASON_DELETED,
+    REASON_GATEWAY_RESTART,
+    REASON_IDLE,
+    REASON_NODE_LOST,
+    parse_gpu_spec,
+)
 from pool_manager.backend import KernelBackend, KernelInfo
 from pool_manager.core import PoolCore, PoolPolicy
-from pool_manager.model import Device, StartKernel
+from pool_manager.model import Action, Device, LeaseEnded, StartKernel
 from pool_manager.service import PoolService
 
 pytestmark = pytest.mark.asyncio
@@ -133,5 +140,33 @@ async def test_activity_pushes_the_idle_deadline_back() -> None:
         while lease.state == GRANTED and time.monotonic() - went_idle < 5:
             await asyncio.sleep(0.01)
         assert lease.reason == REASON_IDLE and 0.3 <= time.monotonic() - went_idle < 0.9
+    finally:
+        await service.stop(REASON_GATEWAY_RESTART)
+
+
+async def test_a_lost_node_ends_its_lease_for_the_listeners_and_a_new_node_serves_the_next() -> None:
+    service, backend = make_service()
+    ended_for: list[str | None] = []
+
+    def listener(action: Action) -> None:
+        if isinstance(action, LeaseEnded):
+            ended_for.append(action.lease.reason)
+
+    service.listeners.append(listener)
+    await service.start()
+    try:
+        lease = service.request_lease("ada", parse_gpu_spec("a100"))
+        await settle(service)
+        backend.departed = True  # its kill will raise, as a departed node's does
+        assert service.remove_node("node-1") == [lease]
+        await settle(service)
+        assert ended_for == [REASON_NODE_LOST] and lease.reason == REASON_NODE_LOST
+        assert service.core.slots == {} and service.kernels == {}
+
+        backend.departed = False
+        service.add_devices([Device("gpu-9", "a100", 9, "NVIDIA A100", 81920, True, "node-2")])
+        after = service.request_lease("grace", parse_gpu_spec("a100"))
+        await settle(service)
+        assert after.state == GRANTED and after.gpu_indices == (9,)
     finally:
         await service.stop(REASON_GATEWAY_RESTART)
