@@ -51,7 +51,7 @@ from .model import (
     SlotState,
     StartKernel,
 )
-from .placement import PlacementIndex
+from .placement import NodeUse, PlacementIndex
 from .queue import LeaseQueue, Wanted
 from .slot_index import SlotIndex
 
@@ -420,10 +420,29 @@ class PoolCore:
         """GPUs the user holds now."""
         return self._leases.held_by(user)
 
-    def unplaced(self) -> list[tuple[Wanted, list[Lease]]]:
-        """Per set of wanted types, the queued leases no slot is starting for, first in line
-        first: the demand the pool cannot meet now (what a scaler reads)."""
-        return [(wanted, [self.leases[i] for i in ids]) for wanted, ids in self._queue.waiting()]
+    def unmet_demand(self) -> dict[str, int]:
+        """GPUs per type that queued leases wait for with no kernel starting for them: what more
+        nodes would serve (what a :class:`~pool_manager.scaler.Scaler` reads).
+
+        A lease counts towards the first offered type of its first choice that names one and
+        that admission allows; one held back only by its own user's limit is no demand (more
+        nodes would not help).
+        """
+        demand: dict[str, int] = {}
+        for _, lease_ids in self._queue.waiting():
+            for lease_id in lease_ids:
+                lease = self.leases[lease_id]
+                room = self._room(lease.user)
+                for choice in lease.choices:
+                    types = self._offered_for(choice.gpu_type)
+                    if types and (room is None or choice.count <= room):
+                        demand[types[0]] = demand.get(types[0], 0) + choice.count
+                        break
+        return demand
+
+    def node_use(self) -> dict[str, list[NodeUse]]:
+        """Per type, its nodes in the order they joined and how much of each is in use."""
+        return {gpu_type: self._placement.node_use(gpu_type) for gpu_type in self.types}
 
     # --- internals: the policy -----------------------------------------------------------
 
@@ -497,16 +516,13 @@ class PoolCore:
         heads = queue.heads()
         heapq.heapify(heads)
         everything = len(self.types)
-        admission = self.admission if self.admission.limits else None
+        limited = self.admission.limits
         while heads and len(blocked) < everything:
             place, wanted = heapq.heappop(heads)
             if wanted <= blocked:
                 continue  # this lease and every later one that wants these types: no-ops
             lease = self.leases[queue.lease_at(place)]
-            room = None
-            if admission is not None:
-                holding = self._leases.held_by(lease.user) + self._leases.starting_for(lease.user)
-                room = admission.room(lease.user, holding)
+            room = self._room(lease.user) if limited else None
             if room is not None and min(c.count for c in lease.choices) > room:
                 pass  # waits for its own user's leases, without holding up anyone else
             elif not self._place(lease, room, wanted - blocked):
@@ -517,6 +533,13 @@ class PoolCore:
             if following is not None:
                 heapq.heappush(heads, (following, wanted))
         self._top_up_warm(blocked)
+
+    def _room(self, user: str) -> int | None:
+        """GPUs admission still allows the user (None: no limit); kernels starting for their
+        queued leases count as held."""
+        if not self.admission.limits:
+            return None
+        return self.admission.room(user, self._leases.held_by(user) + self._leases.starting_for(user))
 
     def _place(self, lease: Lease, room: int | None, allowed: AbstractSet[str]) -> bool:
         """Place the first choice that fits, on the ``allowed`` types only.

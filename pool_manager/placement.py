@@ -13,12 +13,27 @@ from __future__ import annotations
 
 import bisect
 from collections.abc import Iterable
+from dataclasses import dataclass
 
 from .model import Device
 from .sorted_list import remove_sorted
 
 #: (GPU type, node name): a node's devices of one type
 NodeKey = tuple[str, str]
+
+
+@dataclass(frozen=True)
+class NodeUse:
+    """One node's GPUs of one type: how many are healthy, how many no lease holds (free, or
+    held by a spare kernel). ``idle``: nothing of any user runs there."""
+
+    node: str
+    healthy: int
+    usable: int
+
+    @property
+    def idle(self) -> bool:
+        return self.usable == self.healthy
 
 
 class PlacementIndex:
@@ -172,6 +187,13 @@ class PlacementIndex:
         # Prefer unbound GPUs; preempt warm kernels only for what is missing.
         usable.sort(key=lambda d: d.key in self._bound)
         return usable[:count]
+
+    def node_use(self, gpu_type: str) -> list[NodeUse]:
+        """The type's nodes in the order they joined, with their healthy and usable GPUs."""
+        return [
+            NodeUse(node, len(self._node_devices[(gpu_type, node)]), self._usable[(gpu_type, node)])
+            for _, node in self._nodes_of.get(gpu_type, [])
+        ]
 
     # --- binding devices to slots -----------------------------------------------------------
 
