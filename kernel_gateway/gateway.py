@@ -160,7 +160,7 @@ class Gateway:
             "gpu_type": lease.gpu_type,
             "count": lease.count,
             "gpu_indices": list(lease.gpu_indices),
-            "kernel_id": lease.slot_id if lease.state == GRANTED else None,
+            "kernel_id": lease.kernel_id if lease.state == GRANTED else None,
             "queue_position": core.queue_position(lease),
             "expected_wait": round(core.expected_wait(lease), 1) if lease.state == QUEUED else 0.0,
             "idle_timeout": lease.idle_timeout,
@@ -196,7 +196,7 @@ class Gateway:
         return self.service.backend.staging_dir(kernel_id)
 
     def kernel_json(self, lease: Lease) -> dict[str, Any]:
-        kernel_id = lease.slot_id or ""
+        kernel_id = lease.kernel_id or ""
         relay = self.relays.get(kernel_id)
         connections = sum(len(s.connections) for s in relay.sessions.values()) if relay else 0
         return {
@@ -262,13 +262,13 @@ class Gateway:
             self.metering.record(action.lease, self.pool.price(action.lease.gpu_type))
             # Connect to the kernel now, while the client reads the grant: its first
             # websocket then finds IOPub already subscribed.
-            task = asyncio.get_running_loop().create_task(self._preconnect(action.lease.slot_id or ""))
+            task = asyncio.get_running_loop().create_task(self._preconnect(action.lease.kernel_id or ""))
             self._preconnecting.add(task)
             task.add_done_callback(self._preconnecting.discard)
         elif isinstance(action, LeaseEnded):
             lease = action.lease
             self.metering.record(lease, self.pool.price(lease.gpu_type))
-            relay = self.relays.pop(lease.slot_id or "", None) if lease.granted_at is not None else None
+            relay = self.relays.pop(lease.kernel_id or "", None) if lease.granted_at is not None else None
             if relay is not None:
                 if lease.reason == REASON_KERNEL_DIED:
                     relay.kernel_died(

@@ -209,7 +209,7 @@ class KernelsHandler(ApiHandler):
                 "no_capacity",
             )
         try:
-            kernel = self.gateway.owned_kernel(self.user, lease.slot_id or "")
+            kernel = self.gateway.owned_kernel(self.user, lease.kernel_id or "")
         except NotFound:
             why = f"the lease ended before its kernel was ready ({lease.reason})"
             raise ApiError(503, why, "lease_ended") from None

@@ -128,6 +128,7 @@ class PoolCore:
         self._backoff_until: dict[str, float] = {}  # type -> no kernel starts before (monotonic)
         self._start_seconds = 2.0  # moving estimate of a kernel start, for expected waits
         self._waiters: dict[str, list[str]] = {}  # slot id -> slots waiting for it to stop
+        self._slot_of_kernel: dict[str, str] = {}  # kernel id -> slot id
         self._wanted: dict[tuple[GpuChoice, ...], Wanted] = {}
         self._offered: dict[str, list[str]] = {}
         self._placement.add(devices)
@@ -278,7 +279,7 @@ class PoolCore:
                 self._end(lease, reason)  # the slot drains: its KillKernel goes out here
                 ended.append(lease)
             elif slot.start_requested and slot.state != SlotState.DRAINING:
-                self._actions.append(KillKernel(slot.id))
+                self._kill(slot)
         for slot in on_node:
             if slot.id in self.slots:
                 self._forget_slot(slot, requeue=True)
@@ -313,7 +314,7 @@ class PoolCore:
         if slot.start_requested:
             slot.state = SlotState.DRAINING
             self._touch(slot)
-            self._actions.append(KillKernel(slot.id))
+            self._kill(slot)
         else:
             self._forget_slot(slot, requeue=False)
 
@@ -353,7 +354,7 @@ class PoolCore:
             elif slot.state != SlotState.DRAINING:
                 slot.state = SlotState.DRAINING
                 self._touch(slot)
-                self._actions.append(KillKernel(slot.id))
+                self._kill(slot)
         self.policy = PoolPolicy(**{**self.policy.__dict__, "min_warm": 0})
 
     # --- queries ------------------------------------------------------------------------
@@ -415,6 +416,15 @@ class PoolCore:
     def leases_of(self, user: str) -> list[Lease]:
         """The user's active (queued or granted) leases, in the order they were requested."""
         return self._leases.of_user(user)
+
+    def slot_for_kernel(self, kernel_id: str) -> str | None:
+        """The slot a live kernel runs in (None once it is gone)."""
+        return self._slot_of_kernel.get(kernel_id)
+
+    def lease_for_kernel(self, kernel_id: str) -> Lease | None:
+        """The active lease that holds the kernel, if any."""
+        slot = self.slots.get(self._slot_of_kernel.get(kernel_id, ""))
+        return self.leases.get(slot.lease_id) if slot is not None and slot.lease_id else None
 
     def user_gpus(self, user: str) -> int:
         """GPUs the user holds now."""
@@ -594,7 +604,7 @@ class PoolCore:
             old.devices = ()
             old.state = SlotState.DRAINING
             self._touch(old)
-            self._actions.append(KillKernel(slot_id))
+            self._kill(old)
         slot = self._new_slot(gpu_type, chosen, waiting_for=displaced)
         self._assign(lease, slot, count)
         return True
@@ -623,7 +633,9 @@ class PoolCore:
         if slot.waiting_for or slot.start_requested:
             return
         slot.start_requested = True
-        self._actions.append(StartKernel(slot.id, slot.gpu_type, self._indices(slot), slot.node))
+        slot.kernel_id = self.new_id()
+        self._slot_of_kernel[slot.kernel_id] = slot.id
+        self._actions.append(StartKernel(slot.id, slot.gpu_type, self._indices(slot), slot.node, slot.kernel_id))
 
     def _assign(self, lease: Lease, slot: Slot, count: int) -> None:
         slot.lease_id = lease.id
@@ -645,6 +657,10 @@ class PoolCore:
         else:
             self._queue.enqueue(lease.id, self._matching_types(lease.choices), front=True, waiting=True)
 
+    def _kill(self, slot: Slot) -> None:
+        assert slot.kernel_id is not None, f"slot {slot.id} has no kernel to kill"  # only started ones
+        self._actions.append(KillKernel(slot.id, slot.kernel_id))
+
     def _indices(self, slot: Slot) -> tuple[int, ...]:
         """The slot's GPU indices (what CUDA_VISIBLE_DEVICES lists); CPU slots have none."""
         return tuple(i for i in (self.devices[k].index for k in slot.devices) if i is not None)
@@ -653,6 +669,7 @@ class PoolCore:
         slot.state = SlotState.LEASED
         self._touch(slot)
         lease.state = GRANTED
+        lease.kernel_id = slot.kernel_id
         lease.granted_at = lease.last_activity = self.wall_clock()
         lease.granted_mono = lease.active_mono = self.clock()
         self._queue.dequeue(lease.id)
@@ -682,7 +699,7 @@ class PoolCore:
                 pass
             elif slot.state != SlotState.DRAINING:
                 slot.state = SlotState.DRAINING
-                self._actions.append(KillKernel(slot.id))
+                self._kill(slot)
             self._touch(slot)
         if lease.granted_at is None:
             lease.count = 0  # never held a GPU: nothing to meter
@@ -694,6 +711,7 @@ class PoolCore:
             if self._placement.holder(key) == slot.id:
                 self._placement.unbind(key)
         self.slots.pop(slot.id, None)
+        self._slot_of_kernel.pop(slot.kernel_id or "", None)
         self._slot_index.forget(slot)
         self._placement.forget_slot(slot.id)
         waiters = sorted(self._waiters.pop(slot.id, ()), key=self._slot_index.number)

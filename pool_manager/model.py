@@ -34,9 +34,11 @@ class SlotState(enum.Enum):
 
 @dataclass
 class Slot:
-    """One kernel process and the devices it is pinned to. Slot id == kernel id.
+    """Devices set aside for one kernel process, and that kernel.
 
-    Kernels are single-use, so a slot lives exactly as long as its kernel.
+    Kernels are single-use, so a slot has at most one kernel; ``kernel_id`` (the process's
+    identity, what the API and the backend name it by) is given when its start is asked for.
+    The slot id stays internal to the pool.
     """
 
     id: str
@@ -50,6 +52,7 @@ class Slot:
     #: slots that must finish stopping before this one may start (their GPUs move to it)
     waiting_for: set[str] = field(default_factory=set)
     start_requested: bool = False
+    kernel_id: str | None = None
 
 
 class _LeaseFacts:
@@ -91,6 +94,8 @@ class Lease(_LeaseFacts):
     gpu_type: str | None = None
     count: int = 0
     slot_id: str | None = None
+    #: the kernel it holds, once granted
+    kernel_id: str | None = None
     gpu_indices: tuple[int, ...] = ()
     granted_at: float | None = None
     released_at: float | None = None
@@ -123,6 +128,7 @@ class LeaseSnapshot(_LeaseFacts):
     gpu_type: str | None
     count: int
     slot_id: str | None
+    kernel_id: str | None
     gpu_indices: tuple[int, ...]
     granted_at: float | None
     released_at: float | None
@@ -142,11 +148,14 @@ class StartKernel:
     gpu_type: str
     gpu_indices: tuple[int, ...]
     node: str
+    #: the new kernel's identity: the backend keys the process by it
+    kernel_id: str
 
 
 @dataclass(frozen=True)
 class KillKernel:
     slot_id: str
+    kernel_id: str
 
 
 @dataclass(frozen=True)

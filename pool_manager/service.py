@@ -27,9 +27,9 @@ class PoolService:
     def __init__(self, core: PoolCore, backend: KernelBackend) -> None:
         self.core = core
         self.backend = backend
-        self.kernels: dict[str, KernelInfo] = {}
+        self.kernels: dict[str, KernelInfo] = {}  # by kernel id
         self.listeners: list[Listener] = []
-        self._starting: dict[str, asyncio.Task[None]] = {}
+        self._starting: dict[str, asyncio.Task[None]] = {}  # kernel id -> its start
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed: dict[str, asyncio.Event] = {}
         self._ticker: asyncio.Task[None] | None = None
@@ -71,7 +71,9 @@ class PoolService:
         return lease
 
     def kernel_activity(self, kernel_id: str, busy: bool) -> None:
-        self.core.kernel_activity(kernel_id, busy)
+        slot_id = self.core.slot_for_kernel(kernel_id)
+        if slot_id is not None:
+            self.core.kernel_activity(slot_id, busy)
         self._deadline_may_have_moved()
 
     # --- membership, from the backend that sees nodes come and go ----------------------------
@@ -111,17 +113,16 @@ class PoolService:
                 return
 
     def lease_for_kernel(self, kernel_id: str) -> Lease | None:
-        slot = self.core.slots.get(kernel_id)
-        return self.core.leases.get(slot.lease_id) if slot and slot.lease_id else None
+        return self.core.lease_for_kernel(kernel_id)
 
     # --- carrying out actions ------------------------------------------------------------
 
     def _run_actions(self) -> None:
         for action in self.core.pop_actions():
             if isinstance(action, StartKernel):
-                self._spawn(self._start_kernel(action), action.slot_id)
+                self._spawn(self._start_kernel(action), action.kernel_id)
             elif isinstance(action, KillKernel):
-                self._spawn(self._kill_kernel(action.slot_id))
+                self._spawn(self._kill_kernel(action))
             elif isinstance(action, LeaseGranted | LeaseEnded):
                 event = self._changed.pop(action.lease.id, None)
                 if event is not None:
@@ -138,13 +139,13 @@ class PoolService:
         if deadline is not None and (self._sleeping_until is None or deadline < self._sleeping_until):
             self._wake.set()
 
-    def _spawn(self, coro: object, starting_slot: str | None = None) -> None:
+    def _spawn(self, coro: object, starting_kernel: str | None = None) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        if starting_slot is not None:
-            self._starting[starting_slot] = task
-            task.add_done_callback(lambda _: self._starting.pop(starting_slot, None))
+        if starting_kernel is not None:
+            self._starting[starting_kernel] = task
+            task.add_done_callback(lambda _: self._starting.pop(starting_kernel, None))
 
     async def _start_kernel(self, action: StartKernel) -> None:
         began = time.monotonic()
@@ -155,27 +156,29 @@ class PoolService:
             log.error("%s", exc)
             self.core.kernel_failed(action.slot_id)
         else:
-            self.kernels[action.slot_id] = info
+            self.kernels[action.kernel_id] = info
             self.core.kernel_ready(action.slot_id, time.monotonic() - began)
         self._run_actions()
 
-    async def _kill_kernel(self, slot_id: str) -> None:
-        starting = self._starting.get(slot_id)
+    async def _kill_kernel(self, action: KillKernel) -> None:
+        starting = self._starting.get(action.kernel_id)
         if starting is not None:
             await asyncio.gather(starting, return_exceptions=True)  # kill what it started
         try:
-            await self.backend.kill_kernel(slot_id)
+            await self.backend.kill_kernel(action.kernel_id)
         except Exception:
             # A departed node raises here. Its kernel is as gone as it will ever be: the slot
             # must still leave DRAINING, or its GPUs never return to the pool.
-            log.exception("kill of kernel %s failed; its GPUs return to the pool anyway", slot_id)
-        self.kernels.pop(slot_id, None)
-        self.core.kernel_stopped(slot_id)
+            log.exception("kill of kernel %s failed; its GPUs return to the pool anyway", action.kernel_id)
+        self.kernels.pop(action.kernel_id, None)
+        self.core.kernel_stopped(action.slot_id)
         self._run_actions()
 
-    def _on_kernel_death(self, slot_id: str) -> None:
-        self.kernels.pop(slot_id, None)
-        self.core.kernel_died(slot_id)
+    def _on_kernel_death(self, kernel_id: str) -> None:
+        self.kernels.pop(kernel_id, None)
+        slot_id = self.core.slot_for_kernel(kernel_id)
+        if slot_id is not None:
+            self.core.kernel_died(slot_id)
         self._run_actions()
 
     async def _tick_forever(self) -> None:

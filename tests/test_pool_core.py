@@ -986,3 +986,27 @@ def test_next_deadline_is_the_earliest_idle_end_or_backoff() -> None:
     clock.set(15)
     core.tick()
     assert core.next_deadline() == 40
+
+
+# --- kernel ids -------------------------------------------------------------------------------------
+
+
+def test_each_kernel_start_gets_its_own_kernel_id_apart_from_the_slot() -> None:
+    core, _ = make_pool("a100=1", min_warm=0)
+    lease = request(core, "alice", "a100")
+    (start,) = starts(core.pop_actions())
+    assert start.kernel_id != start.slot_id
+    assert core.lease_for_kernel(start.kernel_id) is lease and core.slot_for_kernel(start.kernel_id) == start.slot_id
+    core.kernel_ready(start.slot_id)
+    assert lease.kernel_id == start.kernel_id  # what the API reports and the backend keys by
+
+    core.end_lease(lease.id, REASON_DELETED)
+    (kill,) = [a for a in core.pop_actions() if isinstance(a, KillKernel)]
+    assert (kill.slot_id, kill.kernel_id) == (start.slot_id, start.kernel_id)
+    core.kernel_stopped(kill.slot_id)
+    assert core.lease_for_kernel(start.kernel_id) is None and core.slot_for_kernel(start.kernel_id) is None
+
+    second = request(core, "bob", "a100")
+    (restart,) = starts(core.pop_actions())
+    assert restart.kernel_id not in (start.kernel_id, start.slot_id)  # kernels are never reused
+    assert core.lease_for_kernel(restart.kernel_id) is second

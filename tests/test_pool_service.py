@@ -43,15 +43,15 @@ class RemoteNodeBackend(KernelBackend):
         self.departed = False
 
     async def start_kernel(self, request: StartKernel) -> KernelInfo:
-        self.alive.add(request.slot_id)
-        return KernelInfo(request.slot_id, {})
+        self.alive.add(request.kernel_id)
+        return KernelInfo(request.kernel_id, {})
 
-    async def kill_kernel(self, slot_id: str) -> None:
+    async def kill_kernel(self, kernel_id: str) -> None:
         if self.departed:
-            raise NodeGoneError(f"node of {slot_id} is gone")
-        self.alive.discard(slot_id)
+            raise NodeGoneError(f"node of {kernel_id} is gone")
+        self.alive.discard(kernel_id)
 
-    async def interrupt_kernel(self, slot_id: str) -> None:
+    async def interrupt_kernel(self, kernel_id: str) -> None:
         pass
 
     async def close(self) -> None:
@@ -131,11 +131,11 @@ async def test_activity_pushes_the_idle_deadline_back() -> None:
     try:
         lease = service.request_lease("ada", parse_gpu_spec("a100"), idle_timeout=0.3)
         await settle(service)
-        assert lease.slot_id is not None
-        service.kernel_activity(lease.slot_id, busy=True)
+        assert lease.kernel_id is not None
+        service.kernel_activity(lease.kernel_id, busy=True)
         await asyncio.sleep(0.5)
         assert lease.state == GRANTED  # busy past its idle timeout
-        service.kernel_activity(lease.slot_id, busy=False)
+        service.kernel_activity(lease.kernel_id, busy=False)
         went_idle = time.monotonic()
         while lease.state == GRANTED and time.monotonic() - went_idle < 5:
             await asyncio.sleep(0.01)
