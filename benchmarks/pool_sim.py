@@ -25,8 +25,8 @@ How it becomes 100,000 lease requests over 1,000 GPUs of 4 types:
 The clock is fake: the core runs as fast as it can; the simulated month takes seconds.
 ``decisions`` are the events fed to the core (request, kernel ready, kernel stopped,
 activity, release, tick): each one is a call that updates the pool and places what it can.
-Idle timeouts are applied by a ``tick()`` at each lease's idle deadline (the service ticks
-every 0.25 s; ticking between deadlines changes nothing).
+Idle timeouts are applied by a ``tick()`` at each lease's idle deadline, as the service does
+(it sleeps until ``core.next_deadline()``; ticking between deadlines changes nothing).
 
 ``listing`` measures what the sidebar polls, on the same 1,000 GPUs after 3,000 requests
 arrived at once (50 users, 60 leases each): one user's leases described as the API does
