@@ -110,7 +110,7 @@ class Lease(_LeaseFacts):
         # path): a frozen dataclass's __init__ would set each field through object.__setattr__.
         # LeaseSnapshot declares exactly Lease's fields (tests/test_pool_core.py checks).
         snapshot = object.__new__(LeaseSnapshot)
-        object.__setattr__(snapshot, "__dict__", dict(self.__dict__))
+        snapshot.__dict__.update(self.__dict__)
         return snapshot
 
 

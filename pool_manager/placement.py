@@ -44,7 +44,8 @@ class PlacementIndex:
         self._key_at: dict[int, str] = {}
         self._free: dict[str, list[int]] = {}  # type -> positions of healthy, unbound devices, sorted
         self._bound: dict[str, str] = {}  # device key -> slot id
-        self._preemptible: dict[str, bool] = {}  # slot id -> whether a multi-GPU lease may take its GPUs
+        #: slot id -> whether a multi-GPU lease may take its GPUs (no lease, not draining)
+        self.preemptible: dict[str, bool] = {}
         self._keys_on: dict[str, list[str]] = {}  # node name -> its device keys
         # Per (type, node): healthy devices in inventory order, and how many a multi-GPU lease
         # could take (unbound, or held by a spare kernel that may be preempted).
@@ -152,7 +153,8 @@ class PlacementIndex:
         return [self.devices[self._key_at[p]] for p in self._free.get(gpu_type, [])[:limit]]
 
     def largest_node(self, gpu_type: str) -> int:
-        return len(self._nodes_with.get(gpu_type, [0])) - 1
+        histogram = self._nodes_with.get(gpu_type)
+        return 0 if histogram is None else len(histogram) - 1
 
     def holder(self, key: str) -> str | None:
         return self._bound.get(key)
@@ -160,7 +162,7 @@ class PlacementIndex:
     def can_take(self, key: str) -> bool:
         """What a multi-GPU lease may use: an unbound GPU, or one held by a spare kernel."""
         holder = self._bound.get(key)
-        return holder is None or self._preemptible.get(holder, True)
+        return holder is None or self.preemptible.get(holder, True)
 
     def best_node(self, gpu_type: str, count: int) -> list[Device] | None:
         """``count`` GPUs on one node, unbound ones first, or None where no node has room.
@@ -198,17 +200,17 @@ class PlacementIndex:
     # --- binding devices to slots -----------------------------------------------------------
 
     def new_slot(self, slot_id: str) -> None:
-        self._preemptible[slot_id] = True  # no lease, not draining
+        self.preemptible[slot_id] = True  # no lease, not draining
 
     def forget_slot(self, slot_id: str) -> None:
-        self._preemptible.pop(slot_id, None)
+        self.preemptible.pop(slot_id, None)
 
     def bind(self, key: str, slot_id: str) -> None:
         self._bound[key] = slot_id
         device = self.devices[key]
         if device.healthy:
             remove_sorted(self._free[device.gpu_type], self._position[key])
-            if not self._preemptible[slot_id]:
+            if not self.preemptible[slot_id]:
                 self._add_usable(device, -1)
 
     def unbind(self, key: str) -> None:
@@ -216,17 +218,17 @@ class PlacementIndex:
         device = self.devices[key]
         if device.healthy:
             bisect.insort(self._free[device.gpu_type], self._position[key])
-            if not self._preemptible.get(slot_id, True):
+            if not self.preemptible.get(slot_id, True):
                 self._add_usable(device, 1)
 
     def set_preemptible(self, slot_id: str, keys: Iterable[str], preemptible: bool) -> None:
-        if preemptible == self._preemptible.get(slot_id):
+        if preemptible == self.preemptible.get(slot_id):
             return
         step = 1 if preemptible else -1
         for key in keys:
             if self._bound.get(key) == slot_id and self.devices[key].healthy:
                 self._add_usable(self.devices[key], step)
-        self._preemptible[slot_id] = preemptible
+        self.preemptible[slot_id] = preemptible
 
     def _add_usable(self, device: Device, step: int) -> None:
         node = (device.gpu_type, device.node)

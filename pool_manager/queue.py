@@ -10,6 +10,7 @@ front of everyone.
 from __future__ import annotations
 
 import bisect
+import heapq
 from collections.abc import Callable, Iterator
 
 from .sorted_list import remove_sorted
@@ -22,8 +23,9 @@ class LeaseQueue:
         self._place_of: dict[str, int] = {}  # lease id -> place
         self._at_place: dict[int, str] = {}  # place -> lease id
         self._wanted_of: dict[str, Wanted] = {}  # lease id -> the types it matches
-        self._order: list[int] = []  # every place, sorted
-        self._queued: dict[Wanted, list[int]] = {}  # wanted -> sorted places
+        # wanted -> sorted places; the whole queue in order is their merge (asked for rarely,
+        # while one sorted list of every place would cost a move of its tail per grant)
+        self._queued: dict[Wanted, list[int]] = {}
         self._waiting: dict[Wanted, list[int]] = {}  # wanted -> sorted places of those without a slot
         self._next_place = 0
         self._front_place = -1
@@ -32,19 +34,17 @@ class LeaseQueue:
         return lease_id in self._place_of
 
     def __len__(self) -> int:
-        return len(self._order)
+        return len(self._place_of)
 
     def ids(self) -> list[str]:
         """Queued lease ids, first in line first."""
-        return [self._at_place[place] for place in self._order]
+        return [self._at_place[place] for place in heapq.merge(*self._queued.values())]
 
     def enqueue(self, lease_id: str, wanted: Wanted, front: bool, waiting: bool) -> None:
         if front:
             place, self._front_place = self._front_place, self._front_place - 1
-            self._order.insert(0, place)
         else:
             place, self._next_place = self._next_place, self._next_place + 1
-            self._order.append(place)
         self._place_of[lease_id] = place
         self._at_place[place] = lease_id
         self._wanted_of[lease_id] = wanted
@@ -58,7 +58,6 @@ class LeaseQueue:
             return
         wanted = self._wanted_of.pop(lease_id)
         del self._at_place[place]
-        remove_sorted(self._order, place)
         remove_sorted(self._queued[wanted], place)
         remove_sorted(self._waiting.get(wanted, []), place)
 
@@ -114,9 +113,10 @@ class LeaseQueue:
     def rekey(self, wanted_of: Callable[[str], Wanted]) -> None:
         """The offered types changed: file every queued lease under what it matches now."""
         waiting = {self._at_place[place] for places in self._waiting.values() for place in places}
+        order = list(heapq.merge(*self._queued.values()))
         self._queued.clear()
         self._waiting.clear()
-        for place in self._order:
+        for place in order:
             lease_id = self._at_place[place]
             wanted = self._wanted_of[lease_id] = wanted_of(lease_id)
             self._queued.setdefault(wanted, []).append(place)
