@@ -83,6 +83,7 @@ REASON_CANCELLED = Reason.CANCELLED
 REASON_KERNEL_DIED = Reason.KERNEL_DIED
 REASON_GATEWAY_RESTART = Reason.GATEWAY_RESTART
 REASON_MAX_DURATION = Reason.MAX_DURATION
+REASON_NODE_LOST = Reason.NODE_LOST
 
 #: The comm target of the kernel-side helper, and the line that loads it at warm-up.
 HELPER_COMM_TARGET = "jupyter_gpu"

@@ -16,6 +16,7 @@ import zmq
 
 from jupyter_gpu import __version__
 from jupyter_gpu.protocol import (
+    ANY_TYPE,
     GRANTED,
     KERNELSPEC_PREFIX,
     QUEUED,
@@ -25,7 +26,7 @@ from jupyter_gpu.protocol import (
     SpecError,
     parse_gpu_spec,
 )
-from pool_manager.core import LeaseRequestError
+from pool_manager.core import NO_CAPACITY, LeaseRequestError
 from pool_manager.inventory import gpu_status
 from pool_manager.manager import PoolManager
 from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted
@@ -171,7 +172,7 @@ class Gateway:
         try:
             return self.request_lease(user, choices, idle_timeout, notebook)
         except LeaseRequestError as exc:
-            raise ApiError(400, str(exc), exc.reason) from None
+            raise ApiError(503 if exc.reason == NO_CAPACITY else 400, str(exc), exc.reason) from None
 
     async def wait_for_lease(self, user: str, lease_id: str, seconds: float) -> dict[str, Any]:
         """The lease, once it leaves the queue or ``seconds`` pass (a long poll)."""
@@ -193,7 +194,8 @@ class Gateway:
         Waits up to ``timeout`` for a GPU. Cancelled (the client went away), it cancels the
         lease: a GPU granted later would bill nobody's notebook.
         """
-        name = name or KERNELSPEC_PREFIX + self.service.core.types[0]
+        # An empty pool has no first type: "any" then gets the core's clear refusal, not an IndexError.
+        name = name or KERNELSPEC_PREFIX + next(iter(self.service.core.types), ANY_TYPE)
         if not isinstance(name, str) or not name.startswith(KERNELSPEC_PREFIX):
             raise ApiError(400, f"unknown kernel name {name!r}: use gpu-TYPE, see /api/kernelspecs", Reason.BAD_SPEC)
         gpu = name[len(KERNELSPEC_PREFIX) :]
@@ -214,7 +216,7 @@ class Gateway:
                 Reason.NO_CAPACITY,
             )
         try:
-            return self.kernel_json(self.owned_kernel(user, lease.slot_id or ""))
+            return self.kernel_json(self.owned_kernel(user, lease.kernel_id or ""))
         except NotFound:
             why = f"the lease ended before its kernel was ready ({lease.reason})"
             raise ApiError(503, why, Reason.LEASE_ENDED) from None
@@ -273,7 +275,7 @@ class Gateway:
         return row
 
     def leases_json(self, user: str, include_released: bool = False) -> list[dict[str, Any]]:
-        mine = [lease for lease in self.service.core.leases.values() if lease.user == user]
+        mine = self.service.core.leases_of(user)
         # One NVML session for all of them (the sidebar polls this), not one per lease.
         indices = sorted({i for lease in mine if self._real_gpus(lease) for i in lease.gpu_indices})
         readings = gpu_status(indices) if indices else {}
@@ -314,11 +316,11 @@ class Gateway:
             "gpu_type": lease.gpu_type,
             "count": lease.count,
             "gpu_indices": list(lease.gpu_indices),
-            "kernel_id": lease.slot_id if lease.state == GRANTED else None,
+            "kernel_id": lease.kernel_id if lease.state == GRANTED else None,
             "queue_position": core.queue_position(lease),
             "expected_wait": round(core.expected_wait(lease), 1) if lease.state == QUEUED else 0.0,
             "idle_timeout": lease.idle_timeout,
-            "idle_remaining": None,
+            "idle_remaining": core.idle_remaining(lease),
             "busy": lease.busy,
             "notebook": lease.notebook,
             "queued_at": lease.queued_at,
@@ -335,10 +337,6 @@ class Gateway:
             if readings is None:
                 readings = gpu_status(list(lease.gpu_indices))
             info["gpu_status"] = [dict(readings[i], index=i) for i in lease.gpu_indices if i in readings] or None
-        if lease.state == GRANTED:
-            info["idle_remaining"] = (
-                lease.idle_timeout if lease.busy else max(0.0, lease.last_activity + lease.idle_timeout - now)
-            )
         return info
 
     # --- kernels --------------------------------------------------------------------------
@@ -363,7 +361,7 @@ class Gateway:
         return staging, nbytes
 
     def kernel_json(self, lease: Lease) -> dict[str, Any]:
-        kernel_id = lease.slot_id or ""
+        kernel_id = lease.kernel_id or ""
         relay = self.relays.get(kernel_id)
         connections = sum(len(s.connections) for s in relay.sessions.values()) if relay else 0
         return {
@@ -380,8 +378,8 @@ class Gateway:
     def kernels_json(self, user: str) -> list[dict[str, Any]]:
         return [
             self.kernel_json(lease)
-            for lease in self.service.core.leases.values()
-            if lease.user == user and lease.state == GRANTED
+            for lease in self.service.core.leases_of(user)
+            if lease.state == GRANTED
         ]
 
     async def relay_for(self, kernel_id: str) -> KernelRelay:
@@ -430,13 +428,13 @@ class Gateway:
             self.metering.record(action.lease, self.pool.price(action.lease.gpu_type))
             # Connect to the kernel now, while the client reads the grant: its first
             # websocket then finds IOPub already subscribed.
-            task = asyncio.get_running_loop().create_task(self._preconnect(action.lease.slot_id or ""))
+            task = asyncio.get_running_loop().create_task(self._preconnect(action.lease.kernel_id or ""))
             self._preconnecting.add(task)
             task.add_done_callback(self._preconnecting.discard)
         elif isinstance(action, LeaseEnded):
             lease = action.lease
             self.metering.record(lease, self.pool.price(lease.gpu_type))
-            relay = self.relays.pop(lease.slot_id or "", None) if lease.granted_at is not None else None
+            relay = self.relays.pop(lease.kernel_id or "", None) if lease.granted_at is not None else None
             if relay is not None:
                 if lease.reason == Reason.KERNEL_DIED:
                     relay.kernel_died(

@@ -65,7 +65,7 @@ class PoolManager(LoggingConfigurable):
             max_lease_duration=self.max_lease_duration,
             max_gpus_per_user=self.max_gpus_per_user,
         )
-        core = PoolCore(devices, policy, clock=time.time)
+        core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time)
         # Every pooled kernel loads the helper that receives pushed variables and sends
         # bound ones back; the operator's warm-up code runs after it.
         warmup = "\n".join(code for code in (HELPER_BOOT, self.warmup_code) if code)
