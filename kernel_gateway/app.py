@@ -25,6 +25,7 @@ from . import handlers as h
 from .auth import TokenAuthenticator
 from .channels import ChannelsHandler
 from .gateway import Gateway
+from .info import InfoHandler
 from .metering import MeteringStore
 from .uploads import UploadHandler, abort_uploads
 
@@ -52,6 +53,7 @@ def make_app(gateway: Gateway, authenticator: TokenAuthenticator, **settings: An
         (r"/api/gpu/leases/?", h.LeasesHandler),
         (rf"/api/gpu/leases/{lease}/?", h.LeaseHandler),
         (r"/api/gpu/usage/?", h.UsageHandler),
+        (r"/api/gpu/info/?", InfoHandler),
         (r"/metrics", h.MetricsHandler),
     ]
     return web.Application(
@@ -135,6 +137,10 @@ class GatewayApp(JupyterApp):
         "max-lease-duration": "PoolManager.max_lease_duration",
         "max-gpus-per-user": "PoolManager.max_gpus_per_user",
         "warmup-code": "PoolManager.warmup_code",
+        "sandbox": "PoolManager.sandbox",
+        "kernel-uids": "PoolManager.kernel_uids",
+        "kernel-memory": "PoolManager.kernel_memory",
+        "kernel-cpus": "PoolManager.kernel_cpus",
         "log-level": "Application.log_level",
         "config": "JupyterApp.config_file",
     }
@@ -153,11 +159,18 @@ class GatewayApp(JupyterApp):
         try:  # configuration errors: one clear line, no traceback
             authenticator = self.authenticator()
             pool = PoolManager(parent=self)
-            service = pool.build_service()
+            service = pool.build_service(hidden=self.state_paths())
         except ValueError as exc:
             self.log.critical("%s", exc)
             self.exit(2)
         asyncio.run(self.serve(authenticator, pool, service))
+
+    def state_paths(self) -> list[str]:
+        """What no kernel may see: the database, the users file, the gateway's config and runtime."""
+        users = self.users or default_users_file()
+        paths = [str(Path(self.db).parent), users, jupyter_config_dir(), self.runtime_dir,
+                 *map(str, self.loaded_config_files)]
+        return [os.path.abspath(p) for p in paths if p]
 
     def authenticator(self) -> TokenAuthenticator:
         users = self.users or (default_users_file() if os.path.exists(default_users_file()) else "")

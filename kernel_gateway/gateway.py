@@ -22,6 +22,7 @@ from jupyter_gpu.protocol import (
     REASON_IDLE,
     REASON_KERNEL_DIED,
     REASON_MAX_DURATION,
+    REASON_OOM,
     RELEASED,
     GpuChoice,
 )
@@ -41,7 +42,10 @@ CLOSE_REASONS = {
     REASON_KERNEL_DIED: "lease ended: the kernel died",
     REASON_GATEWAY_RESTART: "lease ended: the gateway is stopping",
     REASON_MAX_DURATION: "lease ended: it reached the operator's maximum duration",
+    REASON_OOM: "lease ended: the kernel ran out of memory",
 }
+#: Ends that kill the kernel under a running cell: its clients hear why.
+DEATHS = {REASON_KERNEL_DIED: "died", REASON_OOM: "went past its memory limit and was killed"}
 
 
 class NotFound(LookupError):
@@ -274,12 +278,13 @@ class Gateway:
             self.metering.record(lease, self.pool.price(lease.gpu_type))
             relay = self.relays.pop(lease.slot_id or "", None) if lease.granted_at is not None else None
             if relay is not None:
-                if lease.reason == REASON_KERNEL_DIED:
+                death = DEATHS.get(lease.reason or "")
+                if death is not None:
                     relay.kernel_died(
-                        f"the kernel of lease {lease.id} ({lease.gpu_type}) died; the lease has ended. "
+                        f"the kernel of lease {lease.id} ({lease.gpu_type}) {death}; the lease has ended. "
                         "Run the cell again for a fresh kernel."
                     )
-                code = 1011 if lease.reason == REASON_KERNEL_DIED else 1000
+                code = 1011 if death is not None else 1000
                 why = CLOSE_REASONS.get(lease.reason or "", "")
                 task = asyncio.get_running_loop().create_task(relay.close(code, why))
                 self._closing.add(task)

@@ -273,6 +273,7 @@ class TypesHandler(ApiHandler):
                     "memory_mb": s.memory_mb,
                     "price_per_gpu_hour": self.gateway.pool.price(s.gpu_type),
                     "emulated": s.emulated,
+                    "isolation": self.gateway.pool.isolation.summary,
                 }
                 for s in core.summaries()
             ]

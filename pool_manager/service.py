@@ -140,9 +140,9 @@ class PoolService:
         self.core.kernel_stopped(slot_id)
         self._run_actions()
 
-    def _on_kernel_death(self, slot_id: str) -> None:
+    def _on_kernel_death(self, slot_id: str, reason: str | None = None) -> None:
         self.kernels.pop(slot_id, None)
-        self.core.kernel_died(slot_id)
+        self.core.kernel_died(slot_id, reason)
         self._run_actions()
 
     async def _tick_forever(self) -> None:
