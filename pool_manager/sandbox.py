@@ -70,7 +70,7 @@ def parse_memory(text: str) -> int:
     """``'64G'`` -> bytes; ``''`` or ``'0'`` -> 0 (no limit)."""
     if not text.strip():
         return 0
-    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)i?B?\s*", text.upper())
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMGT]?)I?B?\s*", text.upper())
     if not match:
         raise ValueError(f"kernel memory {text!r} is not a size: write e.g. '64G', '512M' or '' for no limit")
     return int(float(match.group(1)) * UNITS[match.group(2)])
@@ -392,16 +392,17 @@ class Sandbox:
             made.add(path)
             return out
 
+        # /tmp and /dev/shm are the kernel's own, in memory (so they count against its limit);
+        # first, so that a Python environment below /tmp is bound over it, not hidden by it
+        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
+                 "--perms", "1777", "--tmpfs", "/dev/shm"]
+        made |= {"/proc", "/dev", "/tmp", "/dev/shm"}
         for path in self.read_only:
             if os.path.islink(path) and os.path.dirname(path) == "/":
                 args += ["--symlink", os.readlink(path), path]
                 made.add(path)
             elif os.path.exists(path):
                 args += [*parents(path), "--ro-bind", path, path]
-        # /tmp and /dev/shm are the kernel's own, in memory (so they count against its limit)
-        args += ["--proc", "/proc", "--dev", "/dev", "--perms", "1777", "--tmpfs", "/tmp",
-                 "--perms", "1777", "--tmpfs", "/dev/shm"]
-        made |= {"/proc", "/dev", "/tmp", "/dev/shm"}
         args += self._masks()  # before the kernel's own directories, which may lie below a mask
         if self.real_gpus:
             nodes = [f"/dev/nvidia{i}" for i in gpu_indices] + list(NVIDIA_SHARED_NODES)
@@ -422,9 +423,16 @@ class Sandbox:
                 continue
             if os.path.isdir(path) and not any(ro.startswith(path.rstrip("/") + "/") for ro in self.read_only):
                 masks += ["--tmpfs", path]
-            elif os.path.isfile(path):
-                masks += ["--ro-bind", "/dev/null", path]
+            elif os.path.isfile(path):  # (/dev/null would be a device node, refused on a nodev mount)
+                masks += ["--ro-bind", str(self._empty_file()), path]
         return masks
+
+    def _empty_file(self) -> Path:
+        assert self._root is not None
+        empty = self._root / "empty"
+        if not empty.exists():
+            empty.touch(0o444)
+        return empty
 
     def close(self) -> None:
         if self._root is not None:
