@@ -13,6 +13,7 @@ import os
 import re
 import secrets
 import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -104,6 +105,7 @@ class OurGateway:
 
     def stop(self) -> None:
         stop_process(self.proc, 60)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # its database, config and log: nothing to keep
 
 
 def magic_kernel(gateway: OurGateway) -> LocalKernel:
