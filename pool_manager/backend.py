@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import fcntl
 import logging
 import os
 import shutil
@@ -26,6 +25,7 @@ from jupyter_gpu.transfer import STAGING_DIR_ENV
 
 from .model import StartKernel
 from .sandbox import KernelSandbox, Sandbox
+from .scratch import locked_root
 
 log = logging.getLogger(__name__)
 
@@ -147,12 +147,7 @@ class LocalKernelBackend(KernelBackend):
         """A private directory (0700) for this kernel's uploads, in memory where possible."""
         if self._staging_root is None:
             parent = self._staging_parent or default_staging_parent()
-            remove_stale_staging(parent)
-            self._staging_root = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent)
-            # Held for the gateway's life: whoever can take it knows this root is abandoned.
-            self._staging_lock = os.open(os.path.join(self._staging_root, STAGING_LOCK),
-                                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(self._staging_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._staging_root, self._staging_lock = locked_root(parent, STAGING_PREFIX)
         path = tempfile.mkdtemp(prefix=f"{slot_id}-", dir=self._staging_root)
         self._staging[slot_id] = path
         return path
@@ -272,23 +267,25 @@ class LocalKernelBackend(KernelBackend):
 class SandboxedKernelManager(AsyncKernelManager):
     """jupyter_client's manager with the kernel started in its sandbox.
 
-    Its connection file and ZMQ sockets (unix sockets, not loopback ports) live in the
-    kernel's private runtime directory.
+    Its connection file lives in the kernel's private runtime directory, and so do its ZMQ
+    sockets (unix sockets, not loopback ports) when ``local_sockets``: a Ray slot actor whose
+    gateway is on another node passes False and keeps TCP (with CurveZMQ) instead.
     """
 
-    def __init__(self, sandbox: Sandbox, kernel: KernelSandbox, gpu_indices: tuple[int, ...], **kwargs: Any) -> None:
+    def __init__(self, sandbox: Sandbox, kernel: KernelSandbox, gpu_indices: tuple[int, ...],
+                 local_sockets: bool = True, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.sandbox = sandbox
         self.kernel_sandbox = kernel
         self.gpu_indices = gpu_indices
         self.connection_file = kernel.connection_file
-        if sandbox.enabled:
+        if sandbox.enabled and local_sockets:
             self.transport = "ipc"
             self.ip = str(kernel.runtime / "zmq")
+        if sandbox.enabled and self.kernel_spec is not None:
             # SIGINT would reach only bubblewrap (the kernel has a session of its own) and end
             # it; the kernel interrupts itself on an interrupt_request instead.
-            if self.kernel_spec is not None:
-                self.kernel_spec.interrupt_mode = "message"
+            self.kernel_spec.interrupt_mode = "message"
 
     def write_connection_file(self, **kwargs: Any) -> None:
         super().write_connection_file(**kwargs)
@@ -300,7 +297,6 @@ class SandboxedKernelManager(AsyncKernelManager):
 
 
 STAGING_PREFIX = "jupyter-gpu-staging-"
-STAGING_LOCK = ".lock"
 
 
 #: A /dev/shm smaller than this (containers often get 64 MB) is not worth staging in.
@@ -317,30 +313,3 @@ def default_staging_parent() -> str:
     except OSError:
         usable = False
     return shm if usable else tempfile.gettempdir()
-
-
-def remove_stale_staging(parent: str) -> None:
-    """Staging roots of gateways that died without cleaning up: their lock is free.
-
-    A lock, not the pid in the name: a live gateway in another pid namespace sharing
-    /dev/shm would look dead, and a reused pid would keep a dead one's root forever.
-    """
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(STAGING_PREFIX):
-            continue
-        root = os.path.join(parent, name)
-        try:
-            lock = os.open(os.path.join(root, STAGING_LOCK), os.O_RDWR | os.O_CLOEXEC)
-        except OSError:  # no lock yet (a gateway creating it this instant) or not ours to open
-            continue
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: that gateway is alive
-            continue
-        finally:
-            os.close(lock)
-        shutil.rmtree(root, ignore_errors=True)

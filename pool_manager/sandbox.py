@@ -23,6 +23,7 @@ Nothing here touches asyncio or the pool: a Ray slot actor builds the same comma
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import pwd
 import re
@@ -38,8 +39,10 @@ from pathlib import Path
 from typing import Any
 
 from .cgroups import CgroupError, CgroupLimiter, KernelCgroup, KernelLimits
+from .scratch import locked_root
 
 SANDBOX_MODES = ("auto", "required", "off")
+KERNELS_PREFIX = "jupyter-gpu-kernels-"
 
 #: Kept from the gateway's environment; everything else (tokens, cloud credentials, the
 #: gateway's own settings) is the gateway's business, not a user's kernel's.
@@ -58,6 +61,8 @@ JOIN_SCRIPT = 'while [ "$1" != -- ]; do echo $$ > "$1" || exit 126; shift; done;
 
 #: Without root, bubblewrap needs a user namespace of its own to mount anything.
 _USERNS = ("--unshare-user",) if os.geteuid() != 0 else ()
+
+MAX_UIDS = 65536
 
 UNITS = {"": 1, "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
 
@@ -79,8 +84,9 @@ def parse_memory(text: str) -> int:
 def parse_uid_range(text: str) -> range:
     """``'60000-60999'`` -> range(60000, 61000)."""
     match = re.fullmatch(r"\s*(\d+)\s*-\s*(\d+)\s*", text)
-    if not match or not 0 < int(match.group(1)) <= int(match.group(2)):
-        raise ValueError(f"kernel uids {text!r} is not a range of unprivileged uids: write e.g. '60000-60999'")
+    if not match or not 0 < int(match.group(1)) <= int(match.group(2)) < int(match.group(1)) + MAX_UIDS:
+        raise ValueError(f"kernel uids {text!r} is not a range of unprivileged uids (at most {MAX_UIDS:,}): "
+                         "write e.g. '60000-60999'")
     return range(int(match.group(1)), int(match.group(2)) + 1)
 
 
@@ -164,24 +170,51 @@ class KernelSandbox:
 
 
 class UidPool:
-    """Unprivileged uids for kernels; the least recently used is handed out first."""
+    """Unprivileged uids for kernels: each held by one running kernel of this machine at a time.
 
-    def __init__(self, uids: range) -> None:
-        taken = {uid for uid in uids if _uid_exists(uid)} if len(uids) <= 65536 else set()
-        self._free = deque(uid for uid in uids if uid not in taken)
+    A uid is held with a lock file in ``lock_dir``, so every gateway and every Ray slot actor
+    of the machine hands each uid to one kernel at a time; the least recently used goes first.
+    Uids of real accounts are skipped.
+    """
+
+    def __init__(self, uids: range, lock_dir: str | None = None) -> None:
+        self._free = deque(uids)
         self._range = uids
+        self._lock_dir = Path(lock_dir or default_uid_lock_dir())
+        self._lock_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._held: dict[int, int] = {}  # uid -> its lock's file descriptor
         self._lock = threading.Lock()  # a Ray actor may start kernels from threads
 
     def take(self) -> int:
         with self._lock:
-            if not self._free:
-                raise RuntimeError(f"no free kernel uid in {self._range.start}-{self._range.stop - 1}: every one "
-                                   "runs a kernel. Widen --kernel-uids")
-            return self._free.popleft()
+            for _ in range(len(self._free)):
+                uid = self._free.popleft()
+                if _uid_exists(uid):
+                    continue  # never again
+                lock = os.open(self._lock_dir / str(uid), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except OSError:  # another gateway's kernel has it
+                    os.close(lock)
+                    self._free.append(uid)
+                    continue
+                self._held[uid] = lock
+                return uid
+        raise RuntimeError(f"no free kernel uid in {self._range.start}-{self._range.stop - 1}: every one runs a "
+                           "kernel. Widen --kernel-uids")
 
     def give_back(self, uid: int) -> None:
         with self._lock:
-            self._free.append(uid)
+            lock = self._held.pop(uid, None)
+            if lock is not None:
+                os.close(lock)
+                self._free.append(uid)
+
+
+def default_uid_lock_dir() -> str:
+    """Shared by every gateway of the machine: /run where root can write, else the temp dir."""
+    parent = "/run" if os.access("/run", os.W_OK) else tempfile.gettempdir()
+    return os.path.join(parent, "jupyter-gpu-kernel-uids")
 
 
 def _uid_exists(uid: int) -> bool:
@@ -244,6 +277,7 @@ class Sandbox:
         self.real_gpus = real_gpus
         self._parent_dir = parent_dir
         self._root: Path | None = None
+        self._root_lock = -1
 
     @property
     def enabled(self) -> bool:
@@ -315,13 +349,13 @@ class Sandbox:
     def prepare(self, kernel_id: str, staging_dir: str | None) -> KernelSandbox:
         """Directories, uid and control group for a new kernel."""
         if self._root is None:
-            # 0700 (mkdtemp): bubblewrap binds each kernel's own directory into its sandbox
-            self._root = Path(tempfile.mkdtemp(prefix="jupyter-gpu-kernels-", dir=self._parent_dir))
+            # 0700: bubblewrap binds each kernel's own directory into its sandbox
+            path, self._root_lock = locked_root(self._parent_dir or tempfile.gettempdir(), KERNELS_PREFIX)
+            self._root = Path(path)
         uid = self.uids.take() if self.uids is not None else None
-        root = self._root / kernel_id
-        kernel = KernelSandbox(kernel_id, root, uid, uid, staging_dir=staging_dir)
+        kernel = KernelSandbox(kernel_id, self._root / kernel_id, uid, uid, staging_dir=staging_dir)
         try:
-            for directory in (root, kernel.home, kernel.runtime):
+            for directory in (kernel.root, kernel.home, kernel.runtime):
                 directory.mkdir(mode=0o700)
                 kernel.give(str(directory))
             if staging_dir is not None:
@@ -437,6 +471,7 @@ class Sandbox:
     def close(self) -> None:
         if self._root is not None:
             shutil.rmtree(self._root, ignore_errors=True)
+            os.close(self._root_lock)
         if self.limiter is not None:
             self.limiter.close()
 
