@@ -107,9 +107,9 @@ class Isolation:
     def summary(self) -> str:
         """One short line, e.g. ``bubblewrap, own uid, pid+mount namespaces, memory 64 GiB (cgroup v1)``."""
         if self.mechanism == "none":
-            return "none: kernels run as the gateway's user and can read each other's files"
-        parts = [self.mechanism, "own uid" if self.uid_separation else "gateway's uid",
-                 "pid+mount namespaces"]
+            parts = ["none: kernels run as the gateway's user and can read each other's files"]
+        else:
+            parts = [self.mechanism, "own uid" if self.uid_separation else "gateway's uid", "pid+mount namespaces"]
         limits = []
         if self.memory_limit_bytes:
             limits.append(f"memory {_size(self.memory_limit_bytes)}")
@@ -229,7 +229,10 @@ def _uid_exists(uid: int) -> bool:
 def python_paths() -> list[str]:
     """Where the kernel's Python lives: the interpreter's prefixes and every import path."""
     paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
-    paths += [p for p in sys.path if p]
+    # `python -m` puts the gateway's working directory first on its path (an operator's home,
+    # say): the kernel starts in its own home and has no use for it
+    cwd = os.getcwd()
+    paths += [p for p in sys.path if p and os.path.abspath(p) != cwd]
     paths += os.environ.get("PYTHONPATH", "").split(os.pathsep)
     found = []
     for path in paths:

@@ -107,6 +107,29 @@ print(json.dumps({{"module": helper_module.VALUE, "db": read({str(site / "state"
 
 
 @needs_bwrap
+def test_the_gateways_working_directory_is_not_exposed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # `python -m jupyter_gpu.cli gateway` started in an operator's home puts it on sys.path
+    home = tmp_path / "operator"
+    home.mkdir()
+    (home / "id_rsa").write_text("private key")
+    monkeypatch.chdir(home)
+    monkeypatch.setattr(sys, "path", [str(home), *sys.path])
+    sandbox = Sandbox.probe("required", parent_dir=str(tmp_path))
+    try:
+        seen = run_inside(sandbox, f"""
+import json
+try:
+    found = open({str(home / "id_rsa")!r}).read()
+except OSError as exc:
+    found = type(exc).__name__
+print(json.dumps({{"key": found}}))
+""")
+    finally:
+        sandbox.close()
+    assert seen == {"key": "FileNotFoundError"}
+
+
+@needs_bwrap
 def test_a_cpu_limit_holds_a_busy_kernel_to_its_share(tmp_path: Path) -> None:
     try:
         CgroupLimiter.probe(KernelLimits(cpus=0.05)).close()
