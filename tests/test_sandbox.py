@@ -20,7 +20,9 @@ import pytest
 from pool_manager.cgroups import CgroupError, CgroupLimiter, KernelLimits
 from pool_manager.sandbox import Sandbox, UidPool, parse_memory, parse_uid_range
 
-needs_bwrap = pytest.mark.skipif(shutil.which("bwrap") is None, reason="needs bubblewrap (apt-get install bubblewrap)")
+#: Why bubblewrap cannot sandbox here ('' where it can): not installed, or no namespaces.
+NO_SANDBOX = "; ".join(Sandbox.probe("auto").isolation.warnings) if shutil.which("bwrap") else "no bubblewrap"
+needs_bwrap = pytest.mark.skipif(bool(NO_SANDBOX), reason=NO_SANDBOX)
 
 
 def test_sizes_and_uid_ranges_parse_and_bad_ones_say_what_to_write() -> None:
