@@ -47,6 +47,7 @@ class Reason(StrEnum):
     GATEWAY_RESTART = "gateway_restart"
     MAX_DURATION = "max_duration"
     NODE_LOST = "node_lost"
+    OOM = "oom"  # the kernel went past its memory limit
     # why the gateway refused a request
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
@@ -84,6 +85,7 @@ REASON_KERNEL_DIED = Reason.KERNEL_DIED
 REASON_GATEWAY_RESTART = Reason.GATEWAY_RESTART
 REASON_MAX_DURATION = Reason.MAX_DURATION
 REASON_NODE_LOST = Reason.NODE_LOST
+REASON_OOM = Reason.OOM
 
 #: The comm target of the kernel-side helper, and the line that loads it at warm-up.
 HELPER_COMM_TARGET = "jupyter_gpu"

@@ -28,6 +28,7 @@ from .channels import ChannelsHandler
 from .errors import ApiError
 from .gateway import Gateway
 from .identity import IdentityProvider, TokenIdentityProvider
+from .info import InfoHandler
 from .metering import MeteringStore
 from .uploads import UploadHandler
 
@@ -57,6 +58,7 @@ def make_app(
         (r"/api/gpu/leases/?", h.LeasesHandler),
         (rf"/api/gpu/leases/{lease}/?", h.LeaseHandler),
         (r"/api/gpu/usage/?", h.UsageHandler),
+        (r"/api/gpu/info/?", InfoHandler),
         (r"/metrics", h.MetricsHandler),
     ]
     return web.Application(
@@ -153,6 +155,10 @@ class GatewayApp(JupyterApp):
         "max-lease-duration": "PoolManager.max_lease_duration",
         "max-gpus-per-user": "PoolManager.max_gpus_per_user",
         "warmup-code": "PoolManager.warmup_code",
+        "sandbox": "PoolManager.sandbox",
+        "kernel-uids": "PoolManager.kernel_uids",
+        "kernel-memory": "PoolManager.kernel_memory",
+        "kernel-cpus": "PoolManager.kernel_cpus",
         "log-level": "Application.log_level",
         "config": "JupyterApp.config_file",
     }
@@ -171,7 +177,7 @@ class GatewayApp(JupyterApp):
         try:  # configuration errors: one clear line, no traceback
             identity_provider = self.identity_provider()
             pool = PoolManager(parent=self)
-            service = pool.build_service()
+            service = pool.build_service(hidden=self.state_paths())
         except ValueError as exc:
             self.log.critical("%s", exc)
             self.exit(2)
@@ -181,6 +187,13 @@ class GatewayApp(JupyterApp):
         """The configured provider, holding the gateway's own tokens (any provider may accept them)."""
         provider: IdentityProvider = self.identity_provider_class(parent=self, tokens=self.authenticator())
         return provider
+
+    def state_paths(self) -> list[str]:
+        """What no kernel may see: the database, the users file, the gateway's config and runtime."""
+        users = self.users or default_users_file()
+        paths = [str(Path(self.db).parent), users, jupyter_config_dir(), self.runtime_dir,
+                 *map(str, self.loaded_config_files)]
+        return [os.path.abspath(p) for p in paths if p]
 
     def authenticator(self) -> TokenAuthenticator:
         users = self.users or (default_users_file() if os.path.exists(default_users_file()) else "")

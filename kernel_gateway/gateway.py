@@ -48,7 +48,10 @@ CLOSE_REASONS: dict[str, str] = {
     Reason.GATEWAY_RESTART: "lease ended: the gateway is stopping",
     Reason.MAX_DURATION: "lease ended: it reached the operator's maximum duration",
     Reason.NODE_LOST: "lease ended: the machine its kernel ran on was lost",
+    Reason.OOM: "lease ended: the kernel ran out of memory",
 }
+#: Ends that kill the kernel under a running cell: its clients hear why.
+DEATHS: dict[str, str] = {Reason.KERNEL_DIED: "died", Reason.OOM: "went past its memory limit and was killed"}
 
 
 class NotFound(ApiError, LookupError):
@@ -125,6 +128,7 @@ class Gateway:
                 "memory_mb": s.memory_mb,
                 "price_per_gpu_hour": self.pool.price(s.gpu_type),
                 "emulated": s.emulated,
+                "isolation": self.pool.isolation.summary,
             }
             for s in self.service.core.summaries()
         ]
@@ -436,12 +440,13 @@ class Gateway:
             self.metering.record(lease, self.pool.price(lease.gpu_type))
             relay = self.relays.pop(lease.kernel_id or "", None) if lease.granted_at is not None else None
             if relay is not None:
-                if lease.reason == Reason.KERNEL_DIED:
+                death = DEATHS.get(lease.reason or "")
+                if death is not None:
                     relay.kernel_died(
-                        f"the kernel of lease {lease.id} ({lease.gpu_type}) died; the lease has ended. "
+                        f"the kernel of lease {lease.id} ({lease.gpu_type}) {death}; the lease has ended. "
                         "Run the cell again for a fresh kernel."
                     )
-                code = 1011 if lease.reason == Reason.KERNEL_DIED else 1000
+                code = 1011 if death is not None else 1000
                 why = CLOSE_REASONS.get(lease.reason or "", "")
                 task = asyncio.get_running_loop().create_task(relay.close(code, why))
                 self._closing.add(task)

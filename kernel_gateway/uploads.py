@@ -46,6 +46,9 @@ class UploadHandler(ApiHandler):
         upload_id = new_upload_id()
         path = os.path.join(staging, upload_id)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        owner = os.stat(staging)
+        if owner.st_uid != os.geteuid():  # a sandboxed kernel's own uid: the file is its to read, no one else's
+            os.fchown(fd, owner.st_uid, owner.st_gid)
         try:
             sock = await self._switch_protocols()
             await self.gateway.uploads.receive(sock, fd, path, nbytes, upload_id)

@@ -233,7 +233,8 @@ class PoolCore:
         self._forget_slot(slot, requeue=True)
         self._schedule()
 
-    def kernel_died(self, slot_id: str) -> None:
+    def kernel_died(self, slot_id: str, reason: str | None = None) -> None:
+        """A kernel ended by itself; ``reason`` where the backend knows why (``oom``)."""
         slot = self.slots.get(slot_id)
         if slot is None:
             return
@@ -244,7 +245,7 @@ class PoolCore:
         if lease is not None:
             slot.lease_id = None
             self._touch(slot)
-            self._end(lease, REASON_KERNEL_DIED)
+            self._end(lease, reason or REASON_KERNEL_DIED)
         self._forget_slot(slot, requeue=False)
         self._schedule()
 

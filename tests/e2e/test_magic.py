@@ -254,8 +254,9 @@ def test_value_of_a_module_missing_locally_stays_remote_and_is_used_there(local_
 
 
 def test_new_takes_a_fresh_lease_and_kernel(local_kernel: LocalKernel) -> None:
-    local_kernel.run("%%gpu cpu\nimport os\nfirst = os.getpid()")
-    local_kernel.run("%%gpu cpu --new\nimport os\nsecond = os.getpid()")
+    # the kernel's id, not its pid: every sandboxed kernel is pid 2 in its own namespace
+    local_kernel.run("%%gpu cpu\nimport os\nfirst = os.environ['JUPYTER_GPU_SLOT']")
+    local_kernel.run("%%gpu cpu --new\nimport os\nsecond = os.environ['JUPYTER_GPU_SLOT']")
     _, outputs = local_kernel.run("print(first != second)")
     assert streamed(outputs) == "True\n"
 
