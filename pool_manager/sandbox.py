@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
 import pwd
 import re
@@ -229,11 +230,12 @@ def _uid_exists(uid: int) -> bool:
 def python_paths() -> list[str]:
     """Where the kernel's Python lives: the interpreter's prefixes and every import path."""
     paths = [sys.prefix, sys.base_prefix, sys.exec_prefix, os.path.dirname(os.path.realpath(sys.executable))]
-    # `python -m` puts the gateway's working directory first on its path (an operator's home,
-    # say): the kernel starts in its own home and has no use for it
-    cwd = os.getcwd()
-    paths += [p for p in sys.path if p and os.path.abspath(p) != cwd]
-    paths += os.environ.get("PYTHONPATH", "").split(os.pathsep)
+    # Asked of the kernel's interpreter itself, started outside the gateway's working directory:
+    # the gateway's own sys.path begins with that directory under `python -m` (an operator's
+    # home, say), which the kernel has no use for, while a path that .pth files or PYTHONPATH
+    # add (an editable install of this very checkout) must stay importable even when it is
+    # that same directory.
+    paths += kernel_import_paths()
     found = []
     for path in paths:
         if not path:
@@ -243,6 +245,15 @@ def python_paths() -> list[str]:
             path = os.path.dirname(path)
         if os.path.isdir(path):
             found.append(path)
+    return found
+
+
+def kernel_import_paths() -> list[str]:
+    """sys.path of a fresh interpreter like the kernel's, without the entry for its working directory."""
+    probe = "import json, sys; print(json.dumps(sys.path[1:]))"
+    result = subprocess.run([sys.executable, "-c", probe], cwd="/", capture_output=True, text=True, timeout=60,
+                            check=True)
+    found: list[str] = json.loads(result.stdout)
     return found
 
 
