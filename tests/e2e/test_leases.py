@@ -55,18 +55,19 @@ def warm(gateway: GatewayProcess, gpu_type: str) -> int:
     return int(types[gpu_type]["warm"])
 
 
-async def kernel_pid(gateway: GatewayProcess, socket: KernelSocket) -> int:
+async def kernel_pid(gateway: GatewayProcess, socket: KernelSocket, kernel_id: str) -> int:
     """The host pid of the gateway's child that runs this kernel.
 
-    In a sandbox the kernel's own pid is its namespace's (2), so find the child that names its
-    slot (bubblewrap binds the kernel's directory); without one, that pid is the host's.
+    In a sandbox the kernel's own pid is its namespace's (2), so find the child whose command
+    line names the kernel (bubblewrap binds the kernel's directory, named by its kernel id);
+    without one, that pid is the host's.
     """
-    reply, outputs = await socket.run("import os; print(os.environ['JUPYTER_GPU_SLOT'], os.getpid())")
+    reply, outputs = await socket.run("import os; print(os.getpid())")
     assert reply["content"]["status"] == "ok", reply
-    slot, pid = stdout_text(outputs).split()
+    pid = stdout_text(outputs).strip()
     for child in gateway.kernel_pids():
         try:
-            if slot.encode() in Path(f"/proc/{child}/cmdline").read_bytes():
+            if kernel_id.encode() in Path(f"/proc/{child}/cmdline").read_bytes():
                 return child
         except OSError:
             continue
@@ -266,7 +267,7 @@ async def test_idle_leases_end_their_kernel_dies_and_a_warm_one_returns(gateway:
     untouched = granted(gateway, "alice", "a100", idle_timeout=2)
     vanished = granted(gateway, "alice", "h100", idle_timeout=2)
     socket = await gateway.connect("alice", vanished["kernel_id"])
-    pid = await kernel_pid(gateway, socket)
+    pid = await kernel_pid(gateway, socket, vanished["kernel_id"])
     assert pid in gateway.kernel_pids()
     socket.close()  # the client goes away without a DELETE
 
