@@ -19,6 +19,7 @@ from traitlets import Bool, Float, Int, Unicode, default
 from jupyter_gpu import __version__
 from jupyter_gpu.protocol import REASON_GATEWAY_RESTART, TOKEN_ENV
 from pool_manager.manager import PoolManager
+from pool_manager.ray_pool import RayPool
 from pool_manager.service import PoolService
 
 from . import handlers as h
@@ -26,6 +27,7 @@ from .auth import TokenAuthenticator
 from .channels import ChannelsHandler
 from .gateway import Gateway
 from .metering import MeteringStore
+from .nodes import NodesHandler
 from .uploads import UploadHandler, abort_uploads
 
 log = logging.getLogger("jupyter_gpu.gateway")
@@ -51,6 +53,7 @@ def make_app(gateway: Gateway, authenticator: TokenAuthenticator, **settings: An
         (r"/api/gpu/types/?", h.TypesHandler),
         (r"/api/gpu/leases/?", h.LeasesHandler),
         (rf"/api/gpu/leases/{lease}/?", h.LeaseHandler),
+        (r"/api/gpu/nodes/?", NodesHandler),
         (r"/api/gpu/usage/?", h.UsageHandler),
         (r"/metrics", h.MetricsHandler),
     ]
@@ -94,7 +97,7 @@ class GatewayApp(JupyterApp):
     version = __version__
     description = "Serve a pool of warm GPU kernels over the Jupyter kernel API."
     config_file_name = Unicode("jupyter_gpu_config")
-    classes = [PoolManager]
+    classes = [PoolManager, RayPool]
 
     ip = Unicode("127.0.0.1", help="Address to listen on. Anything but loopback requires tokens.").tag(config=True)
     port = Int(8765, help="Port to listen on (0 picks a free one and logs it).").tag(config=True)
@@ -135,6 +138,7 @@ class GatewayApp(JupyterApp):
         "max-lease-duration": "PoolManager.max_lease_duration",
         "max-gpus-per-user": "PoolManager.max_gpus_per_user",
         "warmup-code": "PoolManager.warmup_code",
+        "ray": "RayPool.address",
         "log-level": "Application.log_level",
         "config": "JupyterApp.config_file",
     }

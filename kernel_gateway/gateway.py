@@ -140,6 +140,11 @@ class Gateway:
         slot = core.slots.get(lease.slot_id or "")
         return slot is not None and any(core.devices[key].emulated for key in slot.devices)
 
+    def _node(self, lease: Lease) -> str | None:
+        """The machine the lease's kernel runs on (``local`` on one machine; an address on Ray)."""
+        slot = self.service.core.slots.get(lease.slot_id or "")
+        return slot.node if slot is not None else None
+
     def _real_gpus(self, lease: Lease) -> bool:
         """Whether the lease holds real GPUs that NVML can report on."""
         return bool(lease.state == GRANTED and lease.gpu_indices and lease.gpu_type != "cpu"
@@ -174,6 +179,7 @@ class Gateway:
             "price_per_gpu_hour": price,
             "cost": round(gpu_seconds / 3600 * price, 6),
             "emulated": emulated,
+            "node": self._node(lease),
             # live NVML readings of the lease's GPUs; None where there is nothing real to read
             "gpu_status": None,
         }

@@ -113,8 +113,14 @@ class LocalKernelBackend(KernelBackend):
         poll_interval: float = 0.2,
         staging_root: str | None = None,
         staging: bool = True,
+        ip: str = "127.0.0.1",
+        transport_encryption: str = "disabled",
     ) -> None:
         super().__init__()
+        #: where the kernel listens; a Ray node binds its own address so the gateway can reach it
+        self.ip = ip
+        #: CurveZMQ ('required' for kernels on other machines; see jupyter_client's KernelManager)
+        self.transport_encryption = transport_encryption
         self.kernel_name = kernel_name
         self.warmup_code = warmup_code
         self.startup_timeout = startup_timeout
@@ -163,7 +169,8 @@ class LocalKernelBackend(KernelBackend):
             env[STAGING_DIR_ENV] = self._new_staging_dir(request.slot_id)
         # One ZMQ context for all kernel managers: each would otherwise start its own I/O
         # thread and allocator arenas, which stay with the gateway process after the kernel.
-        manager = AsyncKernelManager(kernel_name=self.kernel_name, context=self._zmq_context)
+        manager = AsyncKernelManager(kernel_name=self.kernel_name, context=self._zmq_context, ip=self.ip,
+                                     transport_encryption=self.transport_encryption)
         self._managers[request.slot_id] = manager
         try:
             await manager.start_kernel(env=env, extra_arguments=self._kernel_arguments)

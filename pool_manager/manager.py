@@ -12,6 +12,7 @@ from jupyter_gpu.protocol import HELPER_BOOT
 from .backend import LocalKernelBackend
 from .core import PoolCore, PoolPolicy
 from .inventory import build_inventory
+from .ray_pool import RayPool
 from .service import PoolService
 
 
@@ -57,7 +58,6 @@ class PoolManager(LoggingConfigurable):
         return prices.get(base, float(self.default_price))
 
     def build_service(self) -> PoolService:
-        devices = build_inventory(self.inventory or None, self.cpu_slots, self.log)
         policy = PoolPolicy(
             min_warm=self.min_warm,
             idle_timeout=self.idle_timeout,
@@ -65,10 +65,14 @@ class PoolManager(LoggingConfigurable):
             max_lease_duration=self.max_lease_duration,
             max_gpus_per_user=self.max_gpus_per_user,
         )
-        core = PoolCore(devices, policy, clock=time.time)
         # Every pooled kernel loads the helper that receives pushed variables and sends
         # bound ones back; the operator's warm-up code runs after it.
         warmup = "\n".join(code for code in (HELPER_BOOT, self.warmup_code) if code)
+        ray_pool = RayPool(parent=self)
+        if ray_pool.address:  # the GPUs are a Ray cluster's: nodes join and leave
+            return ray_pool.build_service(policy, self.kernel_name, warmup)
+        devices = build_inventory(self.inventory or None, self.cpu_slots, self.log)
+        core = PoolCore(devices, policy, clock=time.time)
         backend = LocalKernelBackend(
             kernel_name=self.kernel_name,
             warmup_code=warmup,
