@@ -40,8 +40,11 @@ class RayPool(LoggingConfigurable):
         help="CurveZMQ between the gateway and kernels on other machines: 'required' (default), 'auto' "
         "or 'disabled' (jupyter_client's KernelManager.transport_encryption).",
     ).tag(config=True)
+    # Ray's defaults (3 s, 10 s, 5) see a killed node after ~13 s and a silent one after ~50 s.
+    # These see a killed node (its port refuses at once) after ~5 s and a silent one after
+    # ~10 s, and still let a busy but live node answer late four times in a row.
     health_check_period_ms = Int(1000, help="Ray GCS: how often each node is health-checked.").tag(config=True)
-    health_check_timeout_ms = Int(1000, help="Ray GCS: how long one health check may take.").tag(config=True)
+    health_check_timeout_ms = Int(2000, help="Ray GCS: how long one health check may take.").tag(config=True)
     health_check_failure_threshold = Int(
         5, help="Ray GCS: failed checks in a row after which a node counts as dead."
     ).tag(config=True)

@@ -18,13 +18,13 @@ import pytest
 from e2e.gateway_process import GatewayProcess
 
 from kernel_gateway.auth import add_user
+from pool_manager.ray_pool import RayPool
 
 from .netns_cluster import NamespaceCluster, namespaces_unavailable
 
 USERS = ("alice", "bob")
-#: node loss noticed within about 3.5 s (the product default is tuned for at most 15 s)
-TEST_HEALTH_CHECK = {"health_check_period_ms": 500, "health_check_timeout_ms": 500,
-                     "health_check_failure_threshold": 5}
+#: the product's own settings (RayPool's defaults): the head is started with them
+TEST_HEALTH_CHECK = RayPool().system_config()
 
 
 @dataclass
@@ -42,8 +42,7 @@ def ray_gateway(cluster: NamespaceCluster, tmp: Path, *extra: str) -> GatewayPro
     tokens = {name: add_user(str(users_file), name) for name in USERS}
     config = tmp / "config"
     config.mkdir(exist_ok=True)
-    settings = "\n".join(f"c.RayPool.{key} = {value}" for key, value in TEST_HEALTH_CHECK.items())
-    (config / "jupyter_gpu_config.py").write_text(settings + "\nc.RayPool.poll_interval = 0.25\n")
+    (config / "jupyter_gpu_config.py").write_text("c.RayPool.poll_interval = 0.25\n")
     args = ["--users", str(users_file), "--db", str(tmp / "usage.sqlite"), "--ray", cluster.head_address,
             "--cpu-slots", "0", *extra]
     with mock.patch.dict(os.environ, cluster.env("gw"), clear=True):

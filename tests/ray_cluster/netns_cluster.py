@@ -22,6 +22,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -50,6 +51,36 @@ def namespaces_unavailable() -> str | None:
     except ImportError:
         return 'Ray is not installed: pip install "jupyter-gpu[ray]" to run the Ray cluster tests'
     return None
+
+
+#: ``ray start`` flag -> (the port file the raylet waits for, the fixed port). Each node has its
+#: own network namespace, so fixed ports never collide.
+AGENT_PORTS = {
+    "dashboard-agent-listen-port": ("dashboard_agent_listen_port", 52365),
+    "dashboard-agent-grpc-port": ("metrics_agent_port", 52366),
+    "metrics-export-port": ("metrics_export_port", 52367),
+    "runtime-env-agent-port": ("runtime_env_agent_port", 52368),
+}
+
+
+def _announce_agent_ports(temp_dir: Path, node_id: str, stop: threading.Event) -> None:
+    """Write the agent port files the raylet waits for, before the agents themselves can.
+
+    The raylet gives its Python agents ~15 s to write their ports and aborts otherwise, and
+    `ray start` gives the node 30 s; on a 2-core machine busy with other work the agents take
+    longer just to import. The ports are fixed (``AGENT_PORTS``), so the files can be written
+    as soon as the session directory exists; the agents bind those ports when they are up
+    and rewrite the same files.
+    """
+    while not stop.is_set():
+        for session in temp_dir.glob("session_2*"):
+            for file_name, port in AGENT_PORTS.values():
+                path = session / f"{file_name}_{node_id}"
+                if not path.exists():
+                    staging = path.with_suffix(".tmp")
+                    staging.write_text(str(port))
+                    staging.rename(path)
+        stop.wait(0.05)
 
 
 @dataclass
@@ -122,9 +153,10 @@ class NamespaceCluster:
         )
         return env
 
-    def run_in(self, name: str, *command: str, timeout: float = 120.0) -> subprocess.CompletedProcess[str]:
+    def run_in(self, name: str, *command: str, timeout: float = 180.0,
+               env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
         node = self.nodes[name]
-        return subprocess.run(["ip", "netns", "exec", node.namespace, *command], env=self.env(name),
+        return subprocess.run(["ip", "netns", "exec", node.namespace, *command], env={**self.env(name), **(env or {})},
                               capture_output=True, text=True, timeout=timeout)
 
     @staticmethod
@@ -168,9 +200,19 @@ class NamespaceCluster:
                 command.append(f"--system-config={json.dumps(self.health_check)}")
         else:
             command.append(f"--address={self.head_address}")
+        command += [f"--{flag}={port}" for flag, (_, port) in AGENT_PORTS.items()]
         began = time.monotonic()
-        for attempt in range(1, attempts + 1):
-            done = self.run_in(name, *self._first(command))
+        for _ in range(attempts):
+            node_id = secrets.token_hex(28)
+            temp_dir = self.root / f"ray-{name}"
+            stop = threading.Event()
+            writer = threading.Thread(target=_announce_agent_ports, args=(temp_dir, node_id, stop), daemon=True)
+            writer.start()
+            try:
+                done = self.run_in(name, *self._first(command), env={"RAY_OVERRIDE_NODE_ID_FOR_TESTING": node_id})
+            finally:
+                stop.set()
+                writer.join()
             if done.returncode == 0:
                 node.ray_started = True
                 return time.monotonic() - began

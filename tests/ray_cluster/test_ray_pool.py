@@ -6,6 +6,7 @@ Tests run in order on one shared cluster (see conftest); the node-loss test goes
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 from e2e.gateway_process import poll, stdout_text
@@ -20,6 +21,15 @@ def types_of(testbed: RayTestbed) -> dict[str, dict[str, object]]:
     return {t["name"]: t for t in testbed.gateway.get("alice", "/api/gpu/types").body}
 
 
+def granted(testbed: RayTestbed, user: str, gpu: str) -> dict[str, Any]:
+    """A granted lease (waiting while the type's warm kernel is still being replaced)."""
+    lease = testbed.gateway.lease(user, gpu)
+    if lease["state"] == "queued":
+        lease = testbed.gateway.get(user, f"/api/gpu/leases/{lease['id']}?wait=60").body
+    assert lease["state"] == "granted", lease
+    return lease
+
+
 def test_types_list_the_cluster_gpus_as_emulated(testbed: RayTestbed) -> None:
     types = types_of(testbed)
     assert set(types) == {"a100", "h100"}
@@ -32,8 +42,7 @@ def test_types_list_the_cluster_gpus_as_emulated(testbed: RayTestbed) -> None:
 @pytest.mark.parametrize(("gpu", "node"), [("h100", "n2"), ("a100", "n1")])
 async def test_kernel_runs_on_the_node_of_its_gpu_type(testbed: RayTestbed, gpu: str, node: str) -> None:
     gateway = testbed.gateway
-    lease = gateway.lease("alice", gpu)
-    assert lease["state"] == "granted", lease
+    lease = granted(testbed, "alice", gpu)
     socket = await gateway.connect("alice", lease["kernel_id"])
     try:
         reply, outputs = await socket.run("import os; x = 1; print(os.getpid(), os.environ['CUDA_VISIBLE_DEVICES'])")
@@ -52,7 +61,7 @@ async def test_kernel_runs_on_the_node_of_its_gpu_type(testbed: RayTestbed, gpu:
 @pytest.mark.asyncio
 async def test_kernel_traffic_is_curve_encrypted(testbed: RayTestbed) -> None:
     gateway = testbed.gateway
-    lease = gateway.lease("alice", "h100")
+    lease = granted(testbed, "alice", "h100")
     socket = await gateway.connect("alice", lease["kernel_id"])
     try:
         # ipykernel's own sockets say whether they run as CurveZMQ servers.
@@ -65,9 +74,9 @@ async def test_kernel_traffic_is_curve_encrypted(testbed: RayTestbed) -> None:
 
 def test_released_kernel_is_replaced_by_a_warm_one_on_its_node(testbed: RayTestbed) -> None:
     gateway = testbed.gateway
-    lease = gateway.lease("alice", "h100")
+    lease = granted(testbed, "alice", "h100")
     gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
     poll(lambda: types_of(testbed)["h100"]["warm"] == 1, 30, "a fresh warm h100 kernel")
-    again = gateway.lease("bob", "h100")
+    again = granted(testbed, "bob", "h100")
     assert again["kernel_id"] != lease["kernel_id"]
     gateway.delete("bob", f"/api/gpu/leases/{again['id']}")
