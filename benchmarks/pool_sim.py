@@ -25,8 +25,12 @@ How it becomes 100,000 lease requests over 1,000 GPUs of 4 types:
 The clock is fake: the core runs as fast as it can; the simulated month takes seconds.
 ``decisions`` are the events fed to the core (request, kernel ready, kernel stopped,
 activity, release, tick): each one is a call that updates the pool and places what it can.
-Idle timeouts are applied by a ``tick()`` at each lease's idle deadline (the service ticks
-every 0.25 s; ticking between deadlines changes nothing).
+Idle timeouts are applied by a ``tick()`` at each lease's idle deadline, as the service does
+(it sleeps until ``core.next_deadline()``; ticking between deadlines changes nothing).
+
+``listing`` measures what the sidebar polls, on the same 1,000 GPUs after 3,000 requests
+arrived at once (50 users, 60 leases each): one user's leases described as the API does
+(queue position and expected wait of each) and the per-type summary.
 """
 
 from __future__ import annotations
@@ -43,7 +47,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from jupyter_gpu.protocol import GpuChoice  # noqa: E402
+from jupyter_gpu.protocol import QUEUED, GpuChoice, parse_gpu_spec  # noqa: E402
 from pool_manager.core import PoolCore, PoolPolicy  # noqa: E402
 from pool_manager.model import Device, KillKernel, LeaseEnded, LeaseGranted, StartKernel  # noqa: E402
 
@@ -95,6 +99,38 @@ def requests(count: int, seed: int = 0) -> list[tuple[float, int, str, tuple[Gpu
         out.append((arrival, number, f"user{copy}-{job % 300}", choices, int(row["duration"]) * 60.0, job % 2 == 0))
     out.sort()
     return out
+
+
+def listing(requests_count: int = 3000, users: int = 50, repeats: int = 20) -> dict[str, Any]:
+    """Milliseconds to describe one user's leases and to summarise the types, mid-rush."""
+    ids = iter(range(10**9))
+    now = [0.0]
+    core = PoolCore(inventory(), PoolPolicy(min_warm=1), clock=lambda: now[0], new_id=lambda: f"l{next(ids)}")
+    specs = [parse_gpu_spec(s) for s in ("a100", "h100|a100", "l4|a10g", "a10g", "any", "a100:8", "l4:4")]
+    for number in range(requests_count):
+        core.request_lease(f"user{number % users}", specs[number % len(specs)])
+        for action in core.pop_actions():
+            if isinstance(action, StartKernel):
+                core.kernel_ready(action.slot_id)
+
+    def describe() -> int:
+        now[0] += 1.0  # each poll at its own time: nothing carried over from the last one
+        mine = core.leases_of("user7")
+        for lease in mine:
+            core.queue_position(lease)
+            if lease.state == QUEUED:
+                core.expected_wait(lease)
+        return len(mine)
+
+    started = time.perf_counter()
+    counts = [describe() for _ in range(repeats)]
+    describe_ms = (time.perf_counter() - started) / repeats * 1000
+    started = time.perf_counter()
+    for _ in range(repeats):
+        core.summaries()
+    summary_ms = (time.perf_counter() - started) / repeats * 1000
+    return {"gpus": len(core.devices), "requests": requests_count, "queued": len(core.queued_ids()),
+            "leases_described": counts[0], "describe_ms": describe_ms, "summaries_ms": summary_ms}
 
 
 def simulate(count: int, time_limit: float = 300.0) -> dict[str, Any]:
@@ -192,6 +228,7 @@ def simulate(count: int, time_limit: float = 300.0) -> dict[str, Any]:
         "queue_wait_median_s": sorted(waits)[len(waits) // 2] if waits else None,
         "queue_wait_p99_s": sorted(waits)[int(0.99 * (len(waits) - 1))] if waits else None,
         "trace_load_s": load_seconds,
+        "listing": listing(),
     }
 
 

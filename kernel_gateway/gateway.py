@@ -22,6 +22,7 @@ from jupyter_gpu.protocol import (
     REASON_IDLE,
     REASON_KERNEL_DIED,
     REASON_MAX_DURATION,
+    REASON_NODE_LOST,
     RELEASED,
     GpuChoice,
 )
@@ -41,6 +42,7 @@ CLOSE_REASONS = {
     REASON_KERNEL_DIED: "lease ended: the kernel died",
     REASON_GATEWAY_RESTART: "lease ended: the gateway is stopping",
     REASON_MAX_DURATION: "lease ended: it reached the operator's maximum duration",
+    REASON_NODE_LOST: "lease ended: the machine its kernel ran on was lost",
 }
 
 
@@ -119,7 +121,7 @@ class Gateway:
         return row
 
     def leases_json(self, user: str, include_released: bool = False) -> list[dict[str, Any]]:
-        mine = [lease for lease in self.service.core.leases.values() if lease.user == user]
+        mine = self.service.core.leases_of(user)
         # One NVML session for all of them (the sidebar polls this), not one per lease.
         indices = sorted({i for lease in mine if self._real_gpus(lease) for i in lease.gpu_indices})
         readings = gpu_status(indices) if indices else {}
@@ -165,11 +167,11 @@ class Gateway:
             "gpu_type": lease.gpu_type,
             "count": lease.count,
             "gpu_indices": list(lease.gpu_indices),
-            "kernel_id": lease.slot_id if lease.state == GRANTED else None,
+            "kernel_id": lease.kernel_id if lease.state == GRANTED else None,
             "queue_position": core.queue_position(lease),
             "expected_wait": round(core.expected_wait(lease), 1) if lease.state == QUEUED else 0.0,
             "idle_timeout": lease.idle_timeout,
-            "idle_remaining": None,
+            "idle_remaining": core.idle_remaining(lease),
             "busy": lease.busy,
             "notebook": lease.notebook,
             "queued_at": lease.queued_at,
@@ -187,10 +189,6 @@ class Gateway:
             if readings is None:
                 readings = gpu_status(list(lease.gpu_indices))
             info["gpu_status"] = [dict(readings[i], index=i) for i in lease.gpu_indices if i in readings] or None
-        if lease.state == GRANTED:
-            info["idle_remaining"] = (
-                lease.idle_timeout if lease.busy else max(0.0, lease.last_activity + lease.idle_timeout - now)
-            )
         return info
 
     # --- kernels --------------------------------------------------------------------------
@@ -206,7 +204,7 @@ class Gateway:
         return self.service.backend.staging_dir(kernel_id)
 
     def kernel_json(self, lease: Lease) -> dict[str, Any]:
-        kernel_id = lease.slot_id or ""
+        kernel_id = lease.kernel_id or ""
         relay = self.relays.get(kernel_id)
         connections = sum(len(s.connections) for s in relay.sessions.values()) if relay else 0
         return {
@@ -223,8 +221,8 @@ class Gateway:
     def kernels_json(self, user: str) -> list[dict[str, Any]]:
         return [
             self.kernel_json(lease)
-            for lease in self.service.core.leases.values()
-            if lease.user == user and lease.state == GRANTED
+            for lease in self.service.core.leases_of(user)
+            if lease.state == GRANTED
         ]
 
     async def relay_for(self, kernel_id: str) -> KernelRelay:
@@ -272,20 +270,26 @@ class Gateway:
             self.metering.record(action.lease, self.pool.price(action.lease.gpu_type))
             # Connect to the kernel now, while the client reads the grant: its first
             # websocket then finds IOPub already subscribed.
-            task = asyncio.get_running_loop().create_task(self._preconnect(action.lease.slot_id or ""))
+            task = asyncio.get_running_loop().create_task(self._preconnect(action.lease.kernel_id or ""))
             self._preconnecting.add(task)
             task.add_done_callback(self._preconnecting.discard)
         elif isinstance(action, LeaseEnded):
             lease = action.lease
             self.metering.record(lease, self.pool.price(lease.gpu_type))
-            relay = self.relays.pop(lease.slot_id or "", None) if lease.granted_at is not None else None
+            relay = self.relays.pop(lease.kernel_id or "", None) if lease.granted_at is not None else None
             if relay is not None:
                 if lease.reason == REASON_KERNEL_DIED:
                     relay.kernel_died(
                         f"the kernel of lease {lease.id} ({lease.gpu_type}) died; the lease has ended. "
                         "Run the cell again for a fresh kernel."
                     )
-                code = 1011 if lease.reason == REASON_KERNEL_DIED else 1000
+                elif lease.reason == REASON_NODE_LOST:
+                    relay.kernel_died(
+                        f"the machine running the kernel of lease {lease.id} ({lease.gpu_type}) was lost, and "
+                        "every variable that lived only there with it; the lease has ended. Run the cell again "
+                        "for a fresh kernel."
+                    )
+                code = 1011 if lease.reason in (REASON_KERNEL_DIED, REASON_NODE_LOST) else 1000
                 why = CLOSE_REASONS.get(lease.reason or "", "")
                 task = asyncio.get_running_loop().create_task(relay.close(code, why))
                 self._closing.add(task)

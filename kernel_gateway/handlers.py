@@ -10,6 +10,7 @@ from typing import Any
 from tornado import web
 
 from jupyter_gpu.protocol import (
+    ANY_TYPE,
     KERNELSPEC_PREFIX,
     QUEUED,
     REASON_CANCELLED,
@@ -18,7 +19,7 @@ from jupyter_gpu.protocol import (
     error_body,
     parse_gpu_spec,
 )
-from pool_manager.core import LeaseRequestError
+from pool_manager.core import NO_CAPACITY, LeaseRequestError
 
 from .auth import TokenAuthenticator, token_from_request
 from .gateway import Gateway, NotFound, iso
@@ -188,7 +189,8 @@ class KernelsHandler(ApiHandler):
     async def post(self) -> None:
         # Stock Jupyter clients start kernels by name: a kernelspec gpu-TYPE means a lease.
         body = self.json_body()
-        name = body.get("name") or KERNELSPEC_PREFIX + self.gateway.service.core.types[0]
+        # An empty pool has no first type: "any" then gets the core's clear refusal, not an IndexError.
+        name = body.get("name") or KERNELSPEC_PREFIX + next(iter(self.gateway.service.core.types), ANY_TYPE)
         if not isinstance(name, str) or not name.startswith(KERNELSPEC_PREFIX):
             raise ApiError(400, f"unknown kernel name {name!r}: use gpu-TYPE, see /api/kernelspecs", "bad_spec")
         choices = lease_choices(name[len(KERNELSPEC_PREFIX) :], self.gateway)
@@ -207,7 +209,7 @@ class KernelsHandler(ApiHandler):
                 "no_capacity",
             )
         try:
-            kernel = self.gateway.owned_kernel(self.user, lease.slot_id or "")
+            kernel = self.gateway.owned_kernel(self.user, lease.kernel_id or "")
         except NotFound:
             why = f"the lease ended before its kernel was ready ({lease.reason})"
             raise ApiError(503, why, "lease_ended") from None
@@ -230,7 +232,7 @@ def request_lease(gateway: Gateway, user: str, choices: Any, idle_timeout: Any, 
     try:
         return gateway.request_lease(user, choices, idle_timeout, notebook)
     except LeaseRequestError as exc:
-        raise ApiError(400, str(exc), exc.reason) from None
+        raise ApiError(503 if exc.reason == NO_CAPACITY else 400, str(exc), exc.reason) from None
 
 
 class KernelHandler(ApiHandler):

@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from jupyter_gpu.protocol import GRANTED, QUEUED, REASON_GATEWAY_RESTART, RELEASED
-from pool_manager.model import Lease
+from pool_manager.model import Lease, LeaseSnapshot
 
 _SCHEMA_VERSION = 1
 
@@ -89,7 +89,7 @@ class MeteringStore:
             self._conn.executescript(_SCHEMA)
             self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
-    def record(self, lease: Lease, price_per_gpu_hour: float) -> None:
+    def record(self, lease: Lease | LeaseSnapshot, price_per_gpu_hour: float) -> None:
         """Insert the lease on first sight, else update what changes as it moves through its states."""
         params = {
             "id": lease.id,

@@ -62,7 +62,7 @@ class KernelStartError(RuntimeError):
 class KernelInfo:
     """What the gateway needs to talk to a started kernel."""
 
-    slot_id: str
+    kernel_id: str
     connection_info: dict[str, Any]
 
 
@@ -70,10 +70,10 @@ class KernelBackend(abc.ABC):
     """The seam between pool policy and kernel placement."""
 
     def __init__(self) -> None:
-        self._on_death: Callable[[str], None] = lambda slot_id: None
+        self._on_death: Callable[[str], None] = lambda kernel_id: None
 
     def watch(self, on_death: Callable[[str], None]) -> None:
-        """Register who hears about kernels that died without being killed."""
+        """Register who hears (by kernel id) about kernels that died without being killed."""
         self._on_death = on_death
 
     @abc.abstractmethod
@@ -81,18 +81,18 @@ class KernelBackend(abc.ABC):
         """Start a kernel pinned to ``request.gpu_indices``, run the warm-up code, return it."""
 
     @abc.abstractmethod
-    async def kill_kernel(self, slot_id: str) -> None:
+    async def kill_kernel(self, kernel_id: str) -> None:
         """Kill the kernel and wait until its process is gone (unknown ids are ignored)."""
 
     @abc.abstractmethod
-    async def interrupt_kernel(self, slot_id: str) -> None:
+    async def interrupt_kernel(self, kernel_id: str) -> None:
         """Interrupt whatever the kernel is executing (SIGINT for ipykernel)."""
 
     @abc.abstractmethod
     async def close(self) -> None:
         """Kill every kernel this backend started."""
 
-    def staging_dir(self, slot_id: str) -> str | None:
+    def staging_dir(self, kernel_id: str) -> str | None:
         """A directory the gateway may write uploads into and this kernel maps them from.
 
         None (the default) where the gateway and the kernel share no file system: pushed
@@ -136,10 +136,10 @@ class LocalKernelBackend(KernelBackend):
         self._staging_lock = -1
         self._staging: dict[str, str] = {}
 
-    def staging_dir(self, slot_id: str) -> str | None:
-        return self._staging.get(slot_id)
+    def staging_dir(self, kernel_id: str) -> str | None:
+        return self._staging.get(kernel_id)
 
-    def _new_staging_dir(self, slot_id: str) -> str:
+    def _new_staging_dir(self, kernel_id: str) -> str:
         """A private directory (0700) for this kernel's uploads, in memory where possible."""
         if self._staging_root is None:
             parent = self._staging_parent or default_staging_parent()
@@ -149,8 +149,8 @@ class LocalKernelBackend(KernelBackend):
             self._staging_lock = os.open(os.path.join(self._staging_root, STAGING_LOCK),
                                          os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             fcntl.flock(self._staging_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        path = tempfile.mkdtemp(prefix=f"{slot_id}-", dir=self._staging_root)
-        self._staging[slot_id] = path
+        path = tempfile.mkdtemp(prefix=f"{kernel_id}-", dir=self._staging_root)
+        self._staging[kernel_id] = path
         return path
 
     async def start_kernel(self, request: StartKernel) -> KernelInfo:
@@ -166,24 +166,24 @@ class LocalKernelBackend(KernelBackend):
         env["JUPYTER_GPU_TYPE"] = request.gpu_type
         env["JUPYTER_GPU_SLOT"] = request.slot_id
         if self._staging_enabled:
-            env[STAGING_DIR_ENV] = self._new_staging_dir(request.slot_id)
+            env[STAGING_DIR_ENV] = self._new_staging_dir(request.kernel_id)
         # One ZMQ context for all kernel managers: each would otherwise start its own I/O
         # thread and allocator arenas, which stay with the gateway process after the kernel.
         manager = AsyncKernelManager(kernel_name=self.kernel_name, context=self._zmq_context, ip=self.ip,
                                      transport_encryption=self.transport_encryption)
-        self._managers[request.slot_id] = manager
+        self._managers[request.kernel_id] = manager
         try:
             await manager.start_kernel(env=env, extra_arguments=self._kernel_arguments)
             await self._warm_up(manager)
         except Exception as exc:
-            await self.kill_kernel(request.slot_id)
+            await self.kill_kernel(request.kernel_id)
             raise KernelStartError(f"kernel for {request.gpu_type} {request.gpu_indices} did not start: {exc}") from exc
         self._ensure_watcher()
         connection_info = dict(manager.get_connection_info(session=False))
         # The kernel read its ports and key at start; a file left on disk would let any
         # other kernel of this machine read them and drive this one.
         manager.cleanup_connection_file()
-        return KernelInfo(slot_id=request.slot_id, connection_info=connection_info)
+        return KernelInfo(kernel_id=request.kernel_id, connection_info=connection_info)
 
     async def _warm_up(self, manager: AsyncKernelManager) -> None:
         client = manager.client()
@@ -200,20 +200,20 @@ class LocalKernelBackend(KernelBackend):
         finally:
             client.stop_channels()
 
-    async def kill_kernel(self, slot_id: str) -> None:
-        staging = self._staging.pop(slot_id, None)
+    async def kill_kernel(self, kernel_id: str) -> None:
+        staging = self._staging.pop(kernel_id, None)
         if staging is not None:  # uploads nobody claimed; claimed ones are unlinked already
             shutil.rmtree(staging, ignore_errors=True)
-        manager = self._managers.pop(slot_id, None)
+        manager = self._managers.pop(kernel_id, None)
         if manager is None:
             return
         try:
             await manager.shutdown_kernel(now=True)
         except Exception:  # the process may already be gone; cleanup is best effort
-            log.debug("kill of kernel %s raised", slot_id, exc_info=True)
+            log.debug("kill of kernel %s raised", kernel_id, exc_info=True)
 
-    async def interrupt_kernel(self, slot_id: str) -> None:
-        manager = self._managers.get(slot_id)
+    async def interrupt_kernel(self, kernel_id: str) -> None:
+        manager = self._managers.get(kernel_id)
         if manager is not None:
             await manager.interrupt_kernel()
 
@@ -226,20 +226,20 @@ class LocalKernelBackend(KernelBackend):
         # jupyter_client's own restarter would restart a kernel we want dead instead.
         while self._managers:
             await asyncio.sleep(self.poll_interval)
-            for slot_id, manager in list(self._managers.items()):
+            for kernel_id, manager in list(self._managers.items()):
                 try:
                     alive = not manager.has_kernel or await manager.is_alive()
                 except Exception:  # one odd kernel must not blind the watcher to all others
-                    log.exception("could not check kernel %s", slot_id)
+                    log.exception("could not check kernel %s", kernel_id)
                     continue
                 # kill_kernel removes a kernel before killing it: a deliberate kill is no death
-                if not alive and self._managers.get(slot_id) is manager:
-                    log.warning("kernel %s died", slot_id)
-                    await self.kill_kernel(slot_id)
-                    self._on_death(slot_id)
+                if not alive and self._managers.get(kernel_id) is manager:
+                    log.warning("kernel %s died", kernel_id)
+                    await self.kill_kernel(kernel_id)
+                    self._on_death(kernel_id)
 
     async def close(self) -> None:
-        await asyncio.gather(*(self.kill_kernel(slot_id) for slot_id in list(self._managers)))
+        await asyncio.gather(*(self.kill_kernel(kernel_id) for kernel_id in list(self._managers)))
         if self._watcher is not None:
             self._watcher.cancel()
         self._zmq_context.destroy(linger=0)

@@ -1,21 +1,22 @@
 """The pool's policy as a sans-I/O state machine.
 
-Events go in as method calls (a lease request, a kernel that became warm, a tick of the
-clock); what must happen comes out of :meth:`PoolCore.pop_actions` (start or kill a kernel,
-a lease granted or ended). Nothing here touches a process, a socket or the real clock, so
-the same core runs the asyncio service, the trace simulator and millisecond tests.
+Events go in as method calls (a lease request, a kernel that became warm, a node that joined
+or was lost, a tick of the clock); what must happen comes out of :meth:`PoolCore.pop_actions`
+(start or kill a kernel, a lease granted or ended). Nothing here touches a process, a socket
+or the real clock, so the same core runs the asyncio service, the trace simulator and
+millisecond tests.
 
-Every event costs about the same however big the pool and its queue are: the core keeps
-indexes (free GPUs per type, spare kernels per type, usable GPUs per node, waiting leases
-per set of wanted types, a heap of lease deadlines) instead of rescanning all GPUs, slots
-and queued leases per event. The policy they serve is written once, in the methods below;
-the indexes only answer its questions faster (benchmarks/pool_sim.py: a month of a
-recorded workload, 100,000 requests over 1,000 GPUs).
+The policy is written once, in the methods below. What it asks of the pool is answered by
+indexes kept in their own modules, so every event costs about the same however big the pool
+and its queue are: :mod:`.placement` (devices, free GPUs per type, usable GPUs per node),
+:mod:`.queue` (the order of queued leases), :mod:`.slot_index` (spare kernels),
+:mod:`.lease_index` (leases per user and type), :mod:`.deadlines` (idle timeouts and maximum
+durations on the monotonic clock), and :mod:`.admission` (per-user limits)
+(benchmarks/pool_sim.py: a month of a recorded workload, 100,000 requests over 1,000 GPUs).
 """
 
 from __future__ import annotations
 
-import bisect
 import heapq
 import logging
 import uuid
@@ -29,14 +30,16 @@ from jupyter_gpu.protocol import (
     GRANTED,
     QUEUED,
     REASON_CANCELLED,
-    REASON_IDLE,
     REASON_KERNEL_DIED,
-    REASON_MAX_DURATION,
+    REASON_NODE_LOST,
     RELEASED,
     GpuChoice,
     type_matches,
 )
 
+from .admission import Admission
+from .deadlines import Deadlines
+from .lease_index import LeaseIndex
 from .model import (
     Action,
     Device,
@@ -48,8 +51,19 @@ from .model import (
     SlotState,
     StartKernel,
 )
+from .placement import NodeUse, PlacementIndex
+from .queue import LeaseQueue, Wanted
+from .slot_index import SlotIndex
+
+# Enum members read through their class cost ~0.3 us each (an EnumType attribute lookup);
+# the hot paths below read them from module constants instead.
+_STARTING, _WARM, _LEASED, _DRAINING = SlotState.STARTING, SlotState.WARM, SlotState.LEASED, SlotState.DRAINING
 
 log = logging.getLogger(__name__)
+
+#: LeaseRequestError.reason when the pool has no device at all (nothing found, none declared, no
+#: node joined yet): unlike a bad request, waiting for capacity may help.
+NO_CAPACITY = "no_capacity"
 
 
 class LeaseRequestError(ValueError):
@@ -69,7 +83,7 @@ class PoolPolicy:
     max_idle_timeout: float = 3600.0
     #: 0 means leases have no maximum duration
     max_lease_duration: float = 0.0
-    #: 0 means no per-user cap
+    #: 0 means no per-user cap (the default :class:`Admission` enforces it)
     max_gpus_per_user: int = 0
     #: after a kernel fails to start, wait this long before starting another of its type
     start_failure_backoff: float = 5.0
@@ -87,10 +101,6 @@ class TypeSummary:
     emulated: bool
 
 
-#: Deadlines in the tick heap: a lease's maximum duration, or its idle timeout.
-_MAX, _IDLE = 0, 1
-
-
 class PoolCore:
     def __init__(
         self,
@@ -98,77 +108,39 @@ class PoolCore:
         policy: PoolPolicy,
         clock: Callable[[], float],
         new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        wall_clock: Callable[[], float] | None = None,
+        admission: Admission | None = None,
     ) -> None:
-        # The devices are fixed for the life of the core: the indexes below are built once.
-        self.devices: dict[str, Device] = {device.key: device for device in devices}
+        """``devices``: the pool at start (more join with :meth:`add_devices`). ``clock`` is
+        monotonic: every deadline counts on it. ``wall_clock`` (default: the same clock, as a
+        fake one in tests) stamps what is shown and metered. ``admission`` defaults to the
+        policy's per-user cap."""
         self.policy = policy
         self.clock = clock
+        self.wall_clock = clock if wall_clock is None else wall_clock
         self.new_id = new_id
+        self.admission = Admission(policy.max_gpus_per_user) if admission is None else admission
         self.slots: dict[str, Slot] = {}
-        self.leases: dict[str, Lease] = {}  # active ones only: queued or granted
-        self._bound: dict[str, str] = {}  # device key -> slot id
+        self._placement = PlacementIndex()
+        self._queue = LeaseQueue()
+        self._slot_index = SlotIndex()
+        self._leases = LeaseIndex(policy.max_lease_duration)
+        self._deadlines = Deadlines(policy.max_lease_duration)
+        self.devices: dict[str, Device] = self._placement.devices
+        self.leases: dict[str, Lease] = self._leases.active  # active ones only: queued or granted
         self._actions: list[Action] = []
-        self._backoff_until: dict[str, float] = {}
+        self._backoff_until: dict[str, float] = {}  # type -> no kernel starts before (monotonic)
         self._start_seconds = 2.0  # moving estimate of a kernel start, for expected waits
-        self.types = sorted({device.gpu_type for device in self.devices.values()})
-
-        # The queue: every queued lease has a place (a number; lower is earlier). All queued
-        # leases in order, and per set of wanted types those still waiting for a slot.
-        self._place_of: dict[str, int] = {}  # lease id -> place
-        self._at_place: dict[int, str] = {}  # place -> lease id
-        self._queue: list[int] = []  # places of queued leases, sorted
-        self._waiting: dict[frozenset[str], list[int]] = {}  # wanted types -> sorted places, no slot yet
-        self._next_place = 0
-        self._front_place = -1  # a failed start puts its lease back in front of everyone
-        self._wanted: dict[tuple[GpuChoice, ...], frozenset[str]] = {}
-        self._offered: dict[str, list[str]] = {}
-        self._request_order: dict[str, int] = {}  # lease id -> n-th request (tick ends leases in this order)
-        self._requests = 0
-
-        # Devices: position in inventory order, free (healthy, unbound) positions per type.
-        self._position: dict[str, int] = {}
-        self._key_at: list[str] = []
-        self._free: dict[str, list[int]] = {t: [] for t in self.types}
-        # Per (type, node): devices in inventory order, and how many a multi-GPU lease could
-        # take (unbound, or held by a spare kernel that may be preempted).
-        self._node_devices: dict[tuple[str, str], list[str]] = {}
-        self._usable: dict[tuple[str, str], int] = {}
-        for position, device in enumerate(self.devices.values()):
-            self._position[device.key] = position
-            self._key_at.append(device.key)
-            if device.healthy:
-                self._free[device.gpu_type].append(position)
-                node = (device.gpu_type, device.node)
-                self._node_devices.setdefault(node, []).append(device.key)
-                self._usable[node] = self._usable.get(node, 0) + 1
-        self._nodes_of: dict[str, list[tuple[str, str]]] = {t: [] for t in self.types}
-        # per type: how many nodes have exactly k usable GPUs (a failing request looks no further)
-        self._nodes_with: dict[str, list[int]] = {t: [0] for t in self.types}
-        for node, keys in self._node_devices.items():
-            self._nodes_of[node[0]].append(node)
-            histogram = self._nodes_with[node[0]]
-            histogram.extend([0] * (len(keys) + 1 - len(histogram)))
-            histogram[len(keys)] += 1
-        # What summaries() says of each type that never changes: healthy GPUs, memory, emulated.
-        self._type_facts: dict[str, tuple[int, int, bool]] = {}
-        for gpu_type in self.types:
-            healthy = [d for d in self.devices.values() if d.gpu_type == gpu_type and d.healthy]
-            self._type_facts[gpu_type] = (len(healthy), max((d.memory_mb for d in healthy), default=0),
-                                          any(d.emulated for d in healthy))
-
-        # Slots: creation order, whether their GPUs may be preempted, single-GPU spares per
-        # (type, state) as heaps of (creation number, slot id) checked lazily against _spare_of.
-        self._slot_number: dict[str, int] = {}
-        self._slots_created = 0
-        self._preemptible: dict[str, bool] = {}
-        self._spare_of: dict[str, tuple[str, SlotState]] = {}
-        self._spares: dict[tuple[str, SlotState], list[tuple[int, str]]] = {}
-        self._spare_count: dict[tuple[str, SlotState], int] = {}
         self._waiters: dict[str, list[str]] = {}  # slot id -> slots waiting for it to stop
+        self._slot_of_kernel: dict[str, str] = {}  # kernel id -> slot id
+        self._wanted: dict[tuple[GpuChoice, ...], Wanted] = {}
+        self._offered: dict[str, list[str]] = {}
+        self._placement.add(devices)
 
-        # Deadlines: (when, kind, lease id), checked against the lease when they come due.
-        self._deadlines: list[tuple[float, int, str]] = []
-        self._idle_armed: set[str] = set()
+    @property
+    def types(self) -> list[str]:
+        """Every GPU type the pool has had a device of, sorted (a type whose nodes all left stays)."""
+        return self._placement.types
 
     # --- outbox ------------------------------------------------------------------------
 
@@ -196,14 +168,16 @@ class PoolCore:
         if not idle > 0:
             raise LeaseRequestError(f"idle_timeout must be positive, got {idle_timeout!r}", "bad_idle_timeout")
         idle = min(idle, self.policy.max_idle_timeout)
-        now = self.clock()
         lease = Lease(
-            id=self.new_id(), user=user, choices=tuple(choices), idle_timeout=idle, queued_at=now, notebook=notebook
+            id=self.new_id(),
+            user=user,
+            choices=tuple(choices),
+            idle_timeout=idle,
+            queued_at=self.wall_clock(),
+            notebook=notebook,
         )
-        self.leases[lease.id] = lease
-        self._request_order[lease.id] = self._requests
-        self._requests += 1
-        self._enqueue(lease, front=False)
+        self._leases.add(lease)
+        self._queue.enqueue(lease.id, self._matching_types(lease.choices), front=False, waiting=True)
         self._schedule()
         return lease
 
@@ -226,15 +200,18 @@ class PoolCore:
         lease = self.leases.get(slot.lease_id)
         if lease is not None and lease.state == GRANTED:
             lease.busy = busy
-            lease.last_activity = self.clock()
+            lease.active_mono = now = self.clock()
+            # one clock call where both clocks are one (tests, the simulator): this is hot
+            lease.last_activity = now if self.wall_clock is self.clock else self.wall_clock()
+            self._leases.activity()
             if not busy:
-                self._arm_idle(lease)
+                self._deadlines.arm_idle(lease)
 
     # --- events: kernels ----------------------------------------------------------------
 
     def kernel_ready(self, slot_id: str, start_seconds: float | None = None) -> None:
         slot = self.slots.get(slot_id)
-        if slot is None or slot.state != SlotState.STARTING:
+        if slot is None or slot.state != _STARTING:
             return
         if start_seconds is not None:
             self._start_seconds = 0.8 * self._start_seconds + 0.2 * start_seconds
@@ -243,7 +220,7 @@ class PoolCore:
         if lease is not None:
             self._grant(lease, slot)
         else:
-            slot.state = SlotState.WARM
+            slot.state = _WARM
             self._touch(slot)
         self._schedule()
 
@@ -260,7 +237,7 @@ class PoolCore:
         slot = self.slots.get(slot_id)
         if slot is None:
             return
-        if slot.state == SlotState.STARTING:
+        if slot.state == _STARTING:
             self.kernel_failed(slot_id)
             return
         lease = self.leases.get(slot.lease_id) if slot.lease_id else None
@@ -279,39 +256,86 @@ class PoolCore:
         self._forget_slot(slot, requeue=False)
         self._schedule()
 
+    # --- events: membership -----------------------------------------------------------------
+
+    def add_devices(self, devices: Iterable[Device]) -> None:
+        """A node joined: its devices take leases at once, new types are offered, and warm
+        kernels start there as ``min_warm`` asks."""
+        if self._placement.add(devices):
+            self._types_changed()
+        self._schedule()
+
+    def remove_node(self, node: str, reason: str = REASON_NODE_LOST) -> list[Lease]:
+        """Every device of ``node`` leaves the pool; returns the leases that ended with ``reason``.
+
+        Leases granted there end. A queued lease whose kernel was starting there goes back to
+        its place in the queue (ahead of later requests) and may be placed elsewhere. The
+        node's slots are forgotten at once, without waiting for a kill; a KillKernel still goes
+        out for every kernel that was started, so the backend drops its handle and kills what
+        may still run (a node cut off by the network is not necessarily dead).
+        """
+        on_node = [slot for slot in self.slots.values() if slot.node == node]
+        # Those that wait for another to stop go first: forgetting the other would start them.
+        on_node.sort(key=lambda slot: not slot.waiting_for)
+        ended = []
+        for slot in on_node:
+            lease = self.leases.get(slot.lease_id) if slot.lease_id else None
+            if lease is not None and lease.state == GRANTED:
+                self._end(lease, reason)  # the slot drains: its KillKernel goes out here
+                ended.append(lease)
+            elif slot.start_requested and slot.state != _DRAINING:
+                self._kill(slot)
+        for slot in on_node:
+            if slot.id in self.slots:
+                self._forget_slot(slot, requeue=True)
+        self._placement.remove(node)  # its types stay offered: nodes of them may join again
+        self._schedule()
+        return ended
+
+    def set_device_health(self, key: str, healthy: bool) -> None:
+        """A device turned unhealthy (no new kernel goes there) or healthy again.
+
+        A kernel that holds it for a lease keeps running (the lease's work goes on; if the GPU
+        is really gone the kernel dies and says so). Spare kernels on it are killed, and a
+        queued lease whose kernel was starting there goes back to its place in the queue.
+        """
+        if key not in self.devices:
+            raise KeyError(f"no device {key!r} in the pool")
+        self._placement.set_health(key, healthy)
+        holder = self.slots.get(self._placement.holder(key) or "")
+        if not healthy and holder is not None and holder.state != _DRAINING:
+            lease = self.leases.get(holder.lease_id) if holder.lease_id else None
+            if lease is None or lease.state != GRANTED:
+                self._evict(holder)
+        self._schedule()
+
+    def _evict(self, slot: Slot) -> None:
+        """Take back a slot no lease holds yet; its queued lease (if any) waits again."""
+        lease = self.leases.get(slot.lease_id) if slot.lease_id else None
+        if lease is not None:
+            slot.lease_id = None
+            self._unassign(lease)
+        if slot.start_requested:
+            slot.state = _DRAINING
+            self._touch(slot)
+            self._kill(slot)
+        else:
+            self._forget_slot(slot, requeue=False)
+
+    def _types_changed(self) -> None:
+        self._wanted.clear()
+        self._offered.clear()
+        self._queue.rekey(lambda lease_id: self._matching_types(self.leases[lease_id].choices))
+
+    # --- events: time -------------------------------------------------------------------------
+
     def tick(self) -> None:
         """Apply the deadlines that passed: idle timeouts, maximum durations, backoffs."""
         now = self.clock()
-        due: dict[str, Lease] = {}
-        again: list[tuple[float, int, str]] = []
-        # A little slack: `now - start >= timeout` can hold while `start + timeout` rounds above now.
-        horizon = now + 1e-9 * max(1.0, abs(now))
-        while self._deadlines and self._deadlines[0][0] <= horizon:
-            entry = heapq.heappop(self._deadlines)
-            _, kind, lease_id = entry
-            lease = self.leases.get(lease_id)
-            if lease is None or lease.state != GRANTED or lease.granted_at is None:
-                self._idle_armed.discard(lease_id)
-                continue
-            if self._expired(lease, now) is not None:
-                due[lease.id] = lease
-                if kind == _IDLE:
-                    self._idle_armed.discard(lease_id)
-            elif kind == _MAX:
-                again.append(entry)  # within the slack, not yet due: look again next tick
-            elif lease.busy:
-                self._idle_armed.discard(lease_id)  # re-armed when the kernel goes idle
-            else:
-                deadline = lease.last_activity + lease.idle_timeout
-                if deadline <= horizon:
-                    again.append((deadline, _IDLE, lease_id))
-                else:
-                    heapq.heappush(self._deadlines, (deadline, _IDLE, lease_id))
-        for entry in again:
-            heapq.heappush(self._deadlines, entry)
+        due = self._deadlines.due(now, self.leases)
         # The same order as a scan of all leases would end them in: the order of the requests.
-        for lease in sorted(due.values(), key=lambda lease: self._request_order[lease.id]):
-            reason = self._expired(lease, now)
+        for lease in sorted(due, key=lambda lease: self._leases.order(lease.id)):
+            reason = self._deadlines.expired(lease, now)
             if reason is not None:
                 self._end(lease, reason)
         for gpu_type, until in list(self._backoff_until.items()):
@@ -319,20 +343,10 @@ class PoolCore:
                 del self._backoff_until[gpu_type]
         self._schedule()
 
-    def _expired(self, lease: Lease, now: float) -> str | None:
-        assert lease.granted_at is not None
-        if self.policy.max_lease_duration and now - lease.granted_at >= self.policy.max_lease_duration:
-            return REASON_MAX_DURATION
-        if not lease.busy and now - lease.last_activity >= lease.idle_timeout:
-            return REASON_IDLE
-        return None
-
-    def _arm_idle(self, lease: Lease) -> None:
-        """Make sure the lease's idle deadline is in the heap (one entry per lease is enough:
-        an entry that comes due early is moved to the lease's deadline of that moment)."""
-        if lease.id not in self._idle_armed:
-            self._idle_armed.add(lease.id)
-            heapq.heappush(self._deadlines, (lease.last_activity + lease.idle_timeout, _IDLE, lease.id))
+    def next_deadline(self) -> float | None:
+        """The earliest time (on :attr:`clock`) at which :meth:`tick` would change anything."""
+        lease_deadline = self._deadlines.next(self.leases)
+        return min((lease_deadline, *self._backoff_until.values()), key=_or_inf, default=None)
 
     def shutdown(self, reason: str) -> None:
         """End every lease and kill every kernel (the gateway is stopping)."""
@@ -341,30 +355,21 @@ class PoolCore:
         for slot in list(self.slots.values()):
             if not slot.start_requested:
                 self._forget_slot(slot, requeue=False)
-            elif slot.state != SlotState.DRAINING:
-                slot.state = SlotState.DRAINING
+            elif slot.state != _DRAINING:
+                slot.state = _DRAINING
                 self._touch(slot)
-                self._actions.append(KillKernel(slot.id))
+                self._kill(slot)
         self.policy = PoolPolicy(**{**self.policy.__dict__, "min_warm": 0})
 
     # --- queries ------------------------------------------------------------------------
 
     def queued_ids(self) -> list[str]:
         """Queued lease ids, first in line first."""
-        return [self._at_place[place] for place in self._queue]
+        return self._queue.ids()
 
     def queue_position(self, lease: Lease) -> int:
         """1-based place among queued leases that compete for the same types; 0 if not queued."""
-        if lease.state != QUEUED:
-            return 0
-        wanted = self._matching_types(lease.choices)
-        position = 1
-        for other_id in self.queued_ids():
-            if other_id == lease.id:
-                return position
-            if wanted & self._matching_types(self.leases[other_id].choices):
-                position += 1
-        return 0
+        return self._queue.position(lease.id) if lease.state == QUEUED else 0
 
     def expected_wait(self, lease: Lease) -> float:
         """Seconds until the lease is likely granted, assuming today's holders go idle now.
@@ -377,44 +382,34 @@ class PoolCore:
         if lease.slot_id is not None:
             slot = self.slots[lease.slot_id]
             return max(0.0, slot.created_at + self._start_seconds - now)
-        wanted = self._matching_types(lease.choices)
-        frees: list[float] = []
-        for other in self.leases.values():
-            if other.state == GRANTED and other.gpu_type in wanted and other.granted_at is not None:
-                end = (now if other.busy else other.last_activity) + other.idle_timeout
-                if self.policy.max_lease_duration:
-                    end = min(end, other.granted_at + self.policy.max_lease_duration)
-                frees.extend([max(now, end)] * other.count)
-        frees.sort()
+        frees = self._leases.frees(self._matching_types(lease.choices), now)
         if not frees:
             return self._start_seconds
         position = max(1, self.queue_position(lease))
         index = min(len(frees), position * max(c.count for c in lease.choices)) - 1
         return frees[index] - now + self._start_seconds
 
+    def idle_remaining(self, lease: Lease) -> float | None:
+        """Seconds until a granted lease ends for idleness (its full timeout while busy)."""
+        if lease.state != GRANTED:
+            return None
+        if lease.busy:
+            return lease.idle_timeout
+        return max(0.0, lease.active_mono + lease.idle_timeout - self.clock())
+
     def summaries(self) -> list[TypeSummary]:
         rows = []
-        queued_ids = self.queued_ids()
+        queued_of = self._queue.queued_per_type()
         for gpu_type in self.types:
-            total, memory_mb, emulated = self._type_facts[gpu_type]
-            leased = warm = 0
-            for slot in self.slots.values():
-                if slot.gpu_type != gpu_type:
-                    continue
-                if slot.lease_id is not None or slot.state == SlotState.DRAINING:
-                    leased += len(slot.devices)
-                elif slot.state == SlotState.WARM:
-                    warm += 1
-            queued = sum(
-                1 for lease_id in queued_ids if gpu_type in self._matching_types(self.leases[lease_id].choices)
-            )
+            total, memory_mb, emulated = self._placement.facts[gpu_type]
+            leased = self._slot_index.leased_gpus.get(gpu_type, 0)
             rows.append(
                 TypeSummary(
                     gpu_type=gpu_type,
                     total=total,
                     free=max(0, total - leased),
-                    warm=warm,
-                    queued=queued,
+                    warm=self._slot_index.warm.get(gpu_type, 0),
+                    queued=queued_of.get(gpu_type, 0),
                     leased=leased,
                     memory_mb=memory_mb,
                     emulated=emulated,
@@ -422,12 +417,50 @@ class PoolCore:
             )
         return rows
 
+    def leases_of(self, user: str) -> list[Lease]:
+        """The user's active (queued or granted) leases, in the order they were requested."""
+        return self._leases.of_user(user)
+
+    def slot_for_kernel(self, kernel_id: str) -> str | None:
+        """The slot a live kernel runs in (None once it is gone)."""
+        return self._slot_of_kernel.get(kernel_id)
+
+    def lease_for_kernel(self, kernel_id: str) -> Lease | None:
+        """The active lease that holds the kernel, if any."""
+        slot = self.slots.get(self._slot_of_kernel.get(kernel_id, ""))
+        return self.leases.get(slot.lease_id) if slot is not None and slot.lease_id else None
+
     def user_gpus(self, user: str) -> int:
-        return sum(lease.count for lease in self.leases.values() if lease.user == user and lease.state == GRANTED)
+        """GPUs the user holds now."""
+        return self._leases.held_by(user)
+
+    def unmet_demand(self) -> dict[str, int]:
+        """GPUs per type that queued leases wait for with no kernel starting for them: what more
+        nodes would serve (what a :class:`~pool_manager.scaler.Scaler` reads).
+
+        A lease counts towards the first offered type of its first choice that names one and
+        that admission allows; one held back only by its own user's limit is no demand (more
+        nodes would not help).
+        """
+        demand: dict[str, int] = {}
+        for _, lease_ids in self._queue.waiting():
+            for lease_id in lease_ids:
+                lease = self.leases[lease_id]
+                room = self._room(lease.user)
+                for choice in lease.choices:
+                    types = self._offered_for(choice.gpu_type)
+                    if types and (room is None or choice.count <= room):
+                        demand[types[0]] = demand.get(types[0], 0) + choice.count
+                        break
+        return demand
+
+    def node_use(self) -> dict[str, list[NodeUse]]:
+        """Per type, its nodes in the order they joined and how much of each is in use."""
+        return {gpu_type: self._placement.node_use(gpu_type) for gpu_type in self.types}
 
     # --- internals: the policy -----------------------------------------------------------
 
-    def _matching_types(self, choices: Iterable[GpuChoice]) -> frozenset[str]:
+    def _matching_types(self, choices: Iterable[GpuChoice]) -> Wanted:
         key = tuple(choices)
         wanted = self._wanted.get(key)
         if wanted is None:
@@ -450,31 +483,37 @@ class PoolCore:
     def _check_satisfiable(self, choices: Sequence[GpuChoice]) -> None:
         if not choices:
             raise LeaseRequestError("no GPU type requested", "bad_spec")
-        offered = ", ".join(self.types) or "none"
-        problems = []
+        if not self.types:
+            raise LeaseRequestError(
+                "this gateway offers no GPU type at the moment (no GPU found, no CPU slots, no node joined): "
+                "its operator can declare some (--inventory a100=2, --cpu-slots 2) or add a node",
+                NO_CAPACITY,
+            )
+        offered = ", ".join(self.types)
+        problems: list[tuple[str, str]] = []  # (message, reason)
         for choice in choices:
             types = self._offered_for(choice.gpu_type)
             if not types:
-                problems.append(f"unknown GPU type {choice.gpu_type!r}: this gateway offers {offered}")
+                problems.append((f"unknown GPU type {choice.gpu_type!r}: this gateway offers {offered}",
+                                 "unknown_type"))
                 continue
-            most = max(self._largest_node(t) for t in types)
-            if choice.count > most:
-                problems.append(
+            most = max(self._placement.largest_node(t) for t in types)
+            if most == 0:
+                problems.append((
+                    f"no node with {choice.gpu_type} GPUs is in the pool right now (all left): "
+                    "try again later or ask for another type",
+                    NO_CAPACITY,
+                ))
+            elif choice.count > most:
+                problems.append((
                     f"{choice} asks for {choice.count} GPUs but no node has more than {most} of type "
-                    f"{choice.gpu_type}: ask for at most {most}"
-                )
-            elif self.policy.max_gpus_per_user and choice.count > self.policy.max_gpus_per_user:
-                problems.append(
-                    f"{choice} asks for {choice.count} GPUs but each user may hold at most "
-                    f"{self.policy.max_gpus_per_user} (max_gpus_per_user)"
-                )
+                    f"{choice.gpu_type}: ask for at most {most}",
+                    "too_many_gpus",
+                ))
+            elif (refusal := self.admission.refusal(choice)) is not None:
+                problems.append((refusal, "too_many_gpus"))
         if len(problems) == len(choices):
-            reason = "unknown_type" if problems[0].startswith("unknown") else "too_many_gpus"
-            raise LeaseRequestError("; ".join(problems), reason)
-
-    def _largest_node(self, gpu_type: str) -> int:
-        # The per-node histogram of usable GPUs is as long as the largest node's count, plus one.
-        return len(self._nodes_with[gpu_type]) - 1
+            raise LeaseRequestError("; ".join(message for message, _ in problems), problems[0][1])
 
     def _schedule(self) -> None:
         """Place queued leases in order, then top up the warm kernels.
@@ -486,39 +525,39 @@ class PoolCore:
         whole queue, without its cost when the queue is long.
         """
         blocked: set[str] = set()
-        heads = [(places[0], wanted) for wanted, places in self._waiting.items() if places]
+        queue = self._queue
+        heads = queue.heads()
         heapq.heapify(heads)
         everything = len(self.types)
+        limited = self.admission.limits
         while heads and len(blocked) < everything:
             place, wanted = heapq.heappop(heads)
             if wanted <= blocked:
                 continue  # this lease and every later one that wants these types: no-ops
-            lease = self.leases[self._at_place[place]]
-            cap = self.policy.max_gpus_per_user
-            room = cap - self.user_gpus(lease.user) - self._user_pending(lease.user) if cap else None
+            lease = self.leases[queue.lease_at(place)]
+            room = self._room(lease.user) if limited else None
             if room is not None and min(c.count for c in lease.choices) > room:
                 pass  # waits for its own user's leases, without holding up anyone else
             elif not self._place(lease, room, wanted - blocked):
                 # A fallback may still take a type nobody ahead waits for ("h100|a100"
                 # takes the a100 that frees while an earlier lease waits for the h100).
                 blocked |= wanted
-            places = self._waiting.get(wanted, [])
-            index = bisect.bisect_right(places, place)
-            if index < len(places):
-                heapq.heappush(heads, (places[index], wanted))
+            following = queue.waiting_after(wanted, place)
+            if following is not None:
+                heapq.heappush(heads, (following, wanted))
         self._top_up_warm(blocked)
 
-    def _user_pending(self, user: str) -> int:
-        return sum(
-            lease.count
-            for lease in self.leases.values()
-            if lease.user == user and lease.state == QUEUED and lease.slot_id is not None
-        )
+    def _room(self, user: str) -> int | None:
+        """GPUs admission still allows the user (None: no limit); kernels starting for their
+        queued leases count as held."""
+        if not self.admission.limits:
+            return None
+        return self.admission.room(user, self._leases.held_by(user) + self._leases.starting_for(user))
 
     def _place(self, lease: Lease, room: int | None, allowed: AbstractSet[str]) -> bool:
         """Place the first choice that fits, on the ``allowed`` types only.
 
-        ``room`` is what the user's cap still allows (None: no cap).
+        ``room`` is what admission still allows the user (None: no limit).
         """
         for choice in lease.choices:
             if room is not None and choice.count > room:
@@ -534,18 +573,19 @@ class PoolCore:
         """A warm kernel of any matching type first ("a100" takes a warm a100-80gb rather than
         wait for an a100-40gb still starting), then a starting one, then a free GPU."""
         for gpu_type in types:
-            warm = self._first_spare(gpu_type, SlotState.WARM)
+            warm = self._slot_index.first_spare(gpu_type, _WARM)
             if warm is not None:
-                self._assign(lease, warm, 1)
-                self._grant(lease, warm)
+                slot = self.slots[warm]
+                self._assign(lease, slot, 1)
+                self._grant(lease, slot)
                 return True
         for gpu_type in types:
-            starting = self._first_spare(gpu_type, SlotState.STARTING)
+            starting = self._slot_index.first_spare(gpu_type, _STARTING)
             if starting is not None:
-                self._assign(lease, starting, 1)
+                self._assign(lease, self.slots[starting], 1)
                 return True
         for gpu_type in types:
-            free = self._free_devices(gpu_type, 1)
+            free = self._placement.free_devices(gpu_type, 1)
             if free and gpu_type not in self._backoff_until:
                 slot = self._new_slot(gpu_type, [free[0]])
                 self._assign(lease, slot, 1)
@@ -554,36 +594,20 @@ class PoolCore:
 
     def _place_multi(self, lease: Lease, gpu_type: str, count: int) -> bool:
         """All GPUs on one node: unbound ones first, then those of spare kernels, preempted."""
-        if gpu_type in self._backoff_until or not any(self._nodes_with[gpu_type][count:]):
+        if gpu_type in self._backoff_until:
             return False
-        # The node whose first usable GPU comes first in the inventory, among those with enough
-        # (nodes are listed by their first GPU, so none after the best so far can beat it).
-        best: tuple[str, str] | None = None
-        best_position = -1
-        for node in self._nodes_of[gpu_type]:
-            keys = self._node_devices[node]
-            if best is not None and self._position[keys[0]] > best_position:
-                break
-            if self._usable[node] < count:
-                continue
-            position = next(self._position[key] for key in keys if self._can_take(key))
-            if best is None or position < best_position:
-                best, best_position = node, position
-        if best is None:
+        chosen = self._placement.best_node(gpu_type, count)
+        if chosen is None:
             return False
-        usable = [self.devices[key] for key in self._node_devices[best] if self._can_take(key)]
-        # Prefer unbound GPUs; preempt warm kernels only for what is missing.
-        usable.sort(key=lambda d: d.key in self._bound)
-        chosen = usable[:count]
-        displaced = {self._bound[d.key] for d in chosen if d.key in self._bound}
+        displaced = {holder for d in chosen if (holder := self._placement.holder(d.key)) is not None}
         for slot_id in displaced:
             old = self.slots[slot_id]
             for key in old.devices:
-                self._unbind(key)
+                self._placement.unbind(key)
             old.devices = ()
-            old.state = SlotState.DRAINING
+            old.state = _DRAINING
             self._touch(old)
-            self._actions.append(KillKernel(slot_id))
+            self._kill(old)
         slot = self._new_slot(gpu_type, chosen, waiting_for=displaced)
         self._assign(lease, slot, count)
         return True
@@ -598,11 +622,10 @@ class PoolCore:
             waiting_for=set(waiting_for or ()),
         )
         self.slots[slot.id] = slot
-        self._slot_number[slot.id] = self._slots_created
-        self._slots_created += 1
-        self._preemptible[slot.id] = True  # no lease, not draining: what _touch would say
+        self._slot_index.add(slot)
+        self._placement.new_slot(slot.id)
         for device in devices:
-            self._bind(device.key, slot.id)
+            self._placement.bind(device.key, slot.id)
         for other in slot.waiting_for:
             self._waiters.setdefault(other, []).append(slot.id)
         self._touch(slot)
@@ -613,7 +636,9 @@ class PoolCore:
         if slot.waiting_for or slot.start_requested:
             return
         slot.start_requested = True
-        self._actions.append(StartKernel(slot.id, slot.gpu_type, self._indices(slot), slot.node))
+        slot.kernel_id = self.new_id()
+        self._slot_of_kernel[slot.kernel_id] = slot.id
+        self._actions.append(StartKernel(slot.id, slot.gpu_type, self._indices(slot), slot.node, slot.kernel_id))
 
     def _assign(self, lease: Lease, slot: Slot, count: int) -> None:
         slot.lease_id = lease.id
@@ -622,35 +647,48 @@ class PoolCore:
         lease.count = count
         lease.gpu_indices = self._indices(slot)
         self._touch(slot)
-        self._stop_waiting(lease)
+        self._queue.stop_waiting(lease.id)
+
+    def _unassign(self, lease: Lease) -> None:
+        """The queued lease's starting kernel is gone: it waits again, at its place."""
+        lease.slot_id = None
+        lease.gpu_type = None
+        lease.count = 0
+        lease.gpu_indices = ()
+        if lease.id in self._queue:
+            self._queue.start_waiting(lease.id)
+        else:
+            self._queue.enqueue(lease.id, self._matching_types(lease.choices), front=True, waiting=True)
+
+    def _kill(self, slot: Slot) -> None:
+        assert slot.kernel_id is not None, f"slot {slot.id} has no kernel to kill"  # only started ones
+        self._actions.append(KillKernel(slot.id, slot.kernel_id))
 
     def _indices(self, slot: Slot) -> tuple[int, ...]:
         """The slot's GPU indices (what CUDA_VISIBLE_DEVICES lists); CPU slots have none."""
         return tuple(i for i in (self.devices[k].index for k in slot.devices) if i is not None)
 
     def _grant(self, lease: Lease, slot: Slot) -> None:
-        now = self.clock()
-        slot.state = SlotState.LEASED
+        slot.state = _LEASED
         self._touch(slot)
         lease.state = GRANTED
-        lease.granted_at = now
-        lease.last_activity = now
-        self._dequeue(lease)
-        if self.policy.max_lease_duration:
-            heapq.heappush(self._deadlines, (now + self.policy.max_lease_duration, _MAX, lease.id))
-        self._arm_idle(lease)
+        lease.kernel_id = slot.kernel_id
+        lease.granted_mono = lease.active_mono = now = self.clock()
+        lease.granted_at = lease.last_activity = now if self.wall_clock is self.clock else self.wall_clock()
+        self._queue.dequeue(lease.id)
+        self._leases.granted(lease)
+        self._deadlines.granted(lease)
         log.info("lease %s granted to %s: %s on %s", lease.id, lease.user, lease.gpu_type, lease.gpu_indices)
-        self._actions.append(LeaseGranted(lease))
+        self._actions.append(LeaseGranted(lease.snapshot()))
 
     def _end(self, lease: Lease, reason: str) -> None:
         lease.state = RELEASED
         lease.reason = reason
-        lease.released_at = self.clock()
+        lease.released_at = self.wall_clock()
         lease.busy = False
-        self.leases.pop(lease.id, None)
-        self._request_order.pop(lease.id, None)
-        self._idle_armed.discard(lease.id)  # its heap entries are dropped when they come due
-        self._dequeue(lease)
+        self._leases.remove(lease)
+        self._deadlines.forget(lease.id)
+        self._queue.dequeue(lease.id)
         slot = self.slots.get(lease.slot_id) if lease.slot_id else None
         if slot is not None and slot.lease_id == lease.id:
             slot.lease_id = None
@@ -659,171 +697,58 @@ class PoolCore:
             if not slot.start_requested:
                 # Still waiting for the kernels it preempted: their GPUs stay taken until those
                 # stopped, then the slot is dropped instead of started (see _forget_slot).
-                slot.state = SlotState.DRAINING
-            elif slot.state == SlotState.STARTING and len(slot.devices) == 1 and lease.granted_at is None:
+                slot.state = _DRAINING
+            elif slot.state == _STARTING and len(slot.devices) == 1 and lease.granted_at is None:
                 pass
-            elif slot.state != SlotState.DRAINING:
-                slot.state = SlotState.DRAINING
-                self._actions.append(KillKernel(slot.id))
+            elif slot.state != _DRAINING:
+                slot.state = _DRAINING
+                self._kill(slot)
             self._touch(slot)
         if lease.granted_at is None:
             lease.count = 0  # never held a GPU: nothing to meter
         log.info("lease %s of %s ended: %s", lease.id, lease.user, reason)
-        self._actions.append(LeaseEnded(lease))
+        self._actions.append(LeaseEnded(lease.snapshot()))
 
     def _forget_slot(self, slot: Slot, requeue: bool) -> None:
         for key in slot.devices:
-            if self._bound.get(key) == slot.id:
-                self._unbind(key)
+            if self._placement.holder(key) == slot.id:
+                self._placement.unbind(key)
         self.slots.pop(slot.id, None)
-        self._untrack(slot)
-        waiters = sorted(self._waiters.pop(slot.id, ()), key=lambda sid: self._slot_number.get(sid, -1))
+        self._slot_of_kernel.pop(slot.kernel_id or "", None)
+        self._slot_index.forget(slot)
+        self._placement.forget_slot(slot.id)
+        waiters = sorted(self._waiters.pop(slot.id, ()), key=self._slot_index.number)
         for other_id in waiters:
             other = self.slots.get(other_id)
             if other is None or slot.id not in other.waiting_for:
                 continue
             other.waiting_for.discard(slot.id)
-            if other.state == SlotState.DRAINING and not other.waiting_for:
+            if other.state == _DRAINING and not other.waiting_for:
                 self._forget_slot(other, requeue=False)  # its lease ended while it waited
             else:
                 self._request_start(other)
         lease = self.leases.get(slot.lease_id) if slot.lease_id else None
         if lease is not None and requeue:
-            # Its kernel failed to start: back to the front of the queue, not to the end.
-            lease.slot_id = None
-            lease.gpu_type = None
-            lease.count = 0
-            lease.gpu_indices = ()
-            if lease.id in self._place_of:
-                self._start_waiting(lease)
-            else:
-                self._enqueue(lease, front=True)
+            # Its kernel failed to start: back to its place in the queue, not to the end.
+            self._unassign(lease)
 
     def _top_up_warm(self, blocked: set[str]) -> None:
-        for gpu_type in self.types:
+        spares = self._slot_index.spare_total  # read on every event: no method call per type
+        for gpu_type in self._placement.types:
             if gpu_type in blocked or gpu_type in self._backoff_until:
                 continue
-            spare = self._spare_count.get((gpu_type, SlotState.WARM), 0) + self._spare_count.get(
-                (gpu_type, SlotState.STARTING), 0
-            )
-            missing = self.policy.min_warm - spare
+            missing = self.policy.min_warm - spares.get(gpu_type, 0)
             if missing > 0:
-                for device in self._free_devices(gpu_type, missing):
+                for device in self._placement.free_devices(gpu_type, missing):
                     self._new_slot(gpu_type, [device])
-
-    # --- internals: the indexes ----------------------------------------------------------
-
-    def _enqueue(self, lease: Lease, front: bool) -> None:
-        if front:
-            place, self._front_place = self._front_place, self._front_place - 1
-            self._queue.insert(0, place)
-        else:
-            place, self._next_place = self._next_place, self._next_place + 1
-            self._queue.append(place)
-        self._place_of[lease.id] = place
-        self._at_place[place] = lease.id
-        if lease.slot_id is None:
-            self._start_waiting(lease)
-
-    def _dequeue(self, lease: Lease) -> None:
-        place = self._place_of.pop(lease.id, None)
-        if place is None:
-            return
-        del self._at_place[place]
-        _remove_sorted(self._queue, place)
-        self._stop_waiting(lease, place)
-
-    def _start_waiting(self, lease: Lease) -> None:
-        """A queued lease without a slot: the scheduler looks at it."""
-        places = self._waiting.setdefault(self._matching_types(lease.choices), [])
-        place = self._place_of[lease.id]
-        index = bisect.bisect_left(places, place)
-        if index == len(places) or places[index] != place:
-            places.insert(index, place)
-
-    def _stop_waiting(self, lease: Lease, place: int | None = None) -> None:
-        place = self._place_of.get(lease.id) if place is None else place
-        if place is not None:
-            places = self._waiting.get(self._matching_types(lease.choices))
-            if places:
-                _remove_sorted(places, place)
-
-    def _free_devices(self, gpu_type: str, limit: int) -> list[Device]:
-        """The first ``limit`` healthy, unbound devices of the type, in inventory order."""
-        return [self.devices[self._key_at[p]] for p in self._free.get(gpu_type, [])[:limit]]
-
-    def _bind(self, key: str, slot_id: str) -> None:
-        self._bound[key] = slot_id
-        device = self.devices[key]
-        _remove_sorted(self._free[device.gpu_type], self._position[key])
-        if not self._preemptible[slot_id]:
-            self._add_usable(device, -1)
-
-    def _unbind(self, key: str) -> None:
-        slot_id = self._bound.pop(key)
-        device = self.devices[key]
-        if device.healthy:
-            bisect.insort(self._free[device.gpu_type], self._position[key])
-            if not self._preemptible.get(slot_id, True):
-                self._add_usable(device, 1)
-
-    def _add_usable(self, device: Device, step: int) -> None:
-        node = (device.gpu_type, device.node)
-        histogram = self._nodes_with[device.gpu_type]
-        histogram[self._usable[node]] -= 1
-        self._usable[node] += step
-        histogram[self._usable[node]] += 1
-
-    def _can_take(self, key: str) -> bool:
-        """What a multi-GPU lease may use: an unbound GPU, or one held by a spare kernel."""
-        holder = self._bound.get(key)
-        return holder is None or self._preemptible.get(holder, True)
 
     def _touch(self, slot: Slot) -> None:
         """Re-file a slot whose state, lease or devices changed."""
-        preemptible = slot.lease_id is None and slot.state != SlotState.DRAINING
-        if preemptible != self._preemptible.get(slot.id):
-            step = 1 if preemptible else -1
-            for key in slot.devices:
-                if self._bound.get(key) == slot.id:
-                    self._add_usable(self.devices[key], step)
-            self._preemptible[slot.id] = preemptible
-        spare = (
-            (slot.gpu_type, slot.state)
-            if slot.lease_id is None and len(slot.devices) == 1 and slot.state in (SlotState.WARM, SlotState.STARTING)
-            else None
-        )
-        current = self._spare_of.get(slot.id)
-        if spare == current:
-            return
-        if current is not None:
-            self._spare_count[current] -= 1
-            del self._spare_of[slot.id]
-        if spare is not None:
-            self._spare_count[spare] = self._spare_count.get(spare, 0) + 1
-            self._spare_of[slot.id] = spare
-            heapq.heappush(self._spares.setdefault(spare, []), (self._slot_number[slot.id], slot.id))
-
-    def _untrack(self, slot: Slot) -> None:
-        current = self._spare_of.pop(slot.id, None)
-        if current is not None:
-            self._spare_count[current] -= 1
-        self._preemptible.pop(slot.id, None)
-        self._slot_number.pop(slot.id, None)
-
-    def _first_spare(self, gpu_type: str, state: SlotState) -> Slot | None:
-        """The oldest unleased single-GPU slot of the type in that state."""
-        key = (gpu_type, state)
-        heap = self._spares.get(key)
-        while heap:
-            number, slot_id = heap[0]
-            if self._spare_of.get(slot_id) == key and self._slot_number.get(slot_id) == number:
-                return self.slots[slot_id]
-            heapq.heappop(heap)  # no longer a spare of this kind (or filed again later)
-        return None
+        preemptible = slot.lease_id is None and slot.state != _DRAINING
+        if preemptible != self._placement.preemptible.get(slot.id):
+            self._placement.set_preemptible(slot.id, slot.devices, preemptible)
+        self._slot_index.touch(slot)
 
 
-def _remove_sorted(values: list[int], value: int) -> None:
-    index = bisect.bisect_left(values, value)
-    if index < len(values) and values[index] == value:
-        del values[index]
+def _or_inf(value: float | None) -> float:
+    return float("inf") if value is None else value

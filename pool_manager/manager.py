@@ -72,7 +72,7 @@ class PoolManager(LoggingConfigurable):
         if ray_pool.address:  # the GPUs are a Ray cluster's: nodes join and leave
             return ray_pool.build_service(policy, self.kernel_name, warmup)
         devices = build_inventory(self.inventory or None, self.cpu_slots, self.log)
-        core = PoolCore(devices, policy, clock=time.time)
+        core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time)
         backend = LocalKernelBackend(
             kernel_name=self.kernel_name,
             warmup_code=warmup,

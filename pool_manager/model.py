@@ -34,9 +34,11 @@ class SlotState(enum.Enum):
 
 @dataclass
 class Slot:
-    """One kernel process and the devices it is pinned to. Slot id == kernel id.
+    """Devices set aside for one kernel process, and that kernel.
 
-    Kernels are single-use, so a slot lives exactly as long as its kernel.
+    Kernels are single-use, so a slot has at most one kernel; ``kernel_id`` (the process's
+    identity, what the API and the backend name it by) is given when its start is asked for.
+    The slot id stays internal to the pool.
     """
 
     id: str
@@ -45,30 +47,21 @@ class Slot:
     node: str
     state: SlotState = SlotState.STARTING
     lease_id: str | None = None
+    #: on the core's monotonic clock
     created_at: float = 0.0
     #: slots that must finish stopping before this one may start (their GPUs move to it)
     waiting_for: set[str] = field(default_factory=set)
     start_requested: bool = False
+    kernel_id: str | None = None
 
 
-@dataclass
-class Lease:
-    id: str
-    user: str
+class _LeaseFacts:
+    """What a lease and a snapshot of it both answer."""
+
     choices: tuple[GpuChoice, ...]
-    idle_timeout: float
-    queued_at: float
-    state: str = QUEUED
-    reason: str | None = None
-    gpu_type: str | None = None
-    count: int = 0
-    slot_id: str | None = None
-    gpu_indices: tuple[int, ...] = ()
-    granted_at: float | None = None
-    released_at: float | None = None
-    last_activity: float = 0.0
-    busy: bool = False
-    notebook: str = ""
+    count: int
+    granted_at: float | None
+    released_at: float | None
 
     @property
     def spec(self) -> str:
@@ -81,6 +74,71 @@ class Lease:
         return max(0.0, end - self.granted_at) * self.count
 
 
+@dataclass
+class Lease(_LeaseFacts):
+    """A user's claim on GPUs, from its request until it ends.
+
+    Two clocks: ``queued_at``, ``granted_at``, ``released_at`` and ``last_activity`` are wall
+    time (epoch seconds: shown and metered); ``granted_mono`` and ``active_mono`` are the
+    core's monotonic clock, which the deadlines count on, so a step of the wall clock (NTP, a
+    resumed VM) neither expires nor stretches a lease.
+    """
+
+    id: str
+    user: str
+    choices: tuple[GpuChoice, ...]
+    idle_timeout: float
+    queued_at: float
+    state: str = QUEUED
+    reason: str | None = None
+    gpu_type: str | None = None
+    count: int = 0
+    slot_id: str | None = None
+    #: the kernel it holds, once granted
+    kernel_id: str | None = None
+    gpu_indices: tuple[int, ...] = ()
+    granted_at: float | None = None
+    released_at: float | None = None
+    last_activity: float = 0.0
+    granted_mono: float | None = None
+    active_mono: float = 0.0
+    busy: bool = False
+    notebook: str = ""
+
+    def snapshot(self) -> LeaseSnapshot:
+        # A copy of the field values in one step (the core takes two per lease, on its hot
+        # path): a frozen dataclass's __init__ would set each field through object.__setattr__.
+        # LeaseSnapshot declares exactly Lease's fields (tests/test_pool_core.py checks).
+        snapshot = object.__new__(LeaseSnapshot)
+        snapshot.__dict__.update(self.__dict__)
+        return snapshot
+
+
+@dataclass(frozen=True)
+class LeaseSnapshot(_LeaseFacts):
+    """A lease as it stood at one event: listeners read this, not the lease that moves on."""
+
+    id: str
+    user: str
+    choices: tuple[GpuChoice, ...]
+    idle_timeout: float
+    queued_at: float
+    state: str
+    reason: str | None
+    gpu_type: str | None
+    count: int
+    slot_id: str | None
+    kernel_id: str | None
+    gpu_indices: tuple[int, ...]
+    granted_at: float | None
+    released_at: float | None
+    last_activity: float
+    granted_mono: float | None
+    active_mono: float
+    busy: bool
+    notebook: str
+
+
 # --- actions: what the core asks its service to do -------------------------------------
 
 
@@ -90,21 +148,24 @@ class StartKernel:
     gpu_type: str
     gpu_indices: tuple[int, ...]
     node: str
+    #: the new kernel's identity: the backend keys the process by it
+    kernel_id: str
 
 
 @dataclass(frozen=True)
 class KillKernel:
     slot_id: str
+    kernel_id: str
 
 
 @dataclass(frozen=True)
 class LeaseGranted:
-    lease: Lease
+    lease: LeaseSnapshot
 
 
 @dataclass(frozen=True)
 class LeaseEnded:
-    lease: Lease
+    lease: LeaseSnapshot
 
 
 Action = StartKernel | KillKernel | LeaseGranted | LeaseEnded

@@ -31,15 +31,15 @@ class RayKernelBackend(KernelBackend):
         self.nodes = nodes
         self.settings = settings
         self.stop_timeout = stop_timeout
-        #: who hears of a slot whose actor went away (rather than its kernel dying inside
+        #: who hears of a kernel whose actor went away (rather than the kernel dying inside
         #: it): the node may be lost, which membership decides; by default a kernel death
-        self.on_actor_lost: Callable[[str, str], None] = lambda slot_id, node: self._on_death(slot_id)
+        self.on_actor_lost: Callable[[str, str], None] = lambda kernel_id, node: self._on_death(kernel_id)
         self._actors: dict[str, Any] = {}  # slot id -> actor handle
         self._node_of: dict[str, str] = {}  # slot id -> node address
         self._watchers: dict[str, asyncio.Task[None]] = {}
 
-    def node_of(self, slot_id: str) -> str | None:
-        return self._node_of.get(slot_id)
+    def node_of(self, kernel_id: str) -> str | None:
+        return self._node_of.get(kernel_id)
 
     async def start_kernel(self, request: StartKernel) -> KernelInfo:
         node = self.nodes.by_address(request.node)
@@ -54,54 +54,54 @@ class RayKernelBackend(KernelBackend):
         if request.gpu_indices and node.accelerator:
             options["accelerator_type"] = node.accelerator
         actor = KernelSlotActor.options(**options).remote(self.settings)
-        self._actors[request.slot_id] = actor
-        self._node_of[request.slot_id] = request.node
+        self._actors[request.kernel_id] = actor
+        self._node_of[request.kernel_id] = request.node
         try:
             info: KernelInfo = await asyncio.wait_for(
                 _awaitable(actor.start.remote(request)), self.settings.startup_timeout + 30
             )
         except Exception as exc:
-            await self.kill_kernel(request.slot_id)
+            await self.kill_kernel(request.kernel_id)
             raise KernelStartError(
                 f"kernel for {request.gpu_type} {request.gpu_indices} on node {request.node} did not start: {exc}"
             ) from exc
-        if self._actors.get(request.slot_id) is not actor:  # killed while it started
-            raise KernelStartError(f"kernel {request.slot_id} was stopped while it started")
-        task = asyncio.get_running_loop().create_task(self._watch(request.slot_id, actor))
-        self._watchers[request.slot_id] = task
+        if self._actors.get(request.kernel_id) is not actor:  # killed while it started
+            raise KernelStartError(f"kernel {request.kernel_id} was stopped while it started")
+        task = asyncio.get_running_loop().create_task(self._watch(request.kernel_id, actor))
+        self._watchers[request.kernel_id] = task
         return info
 
-    async def _watch(self, slot_id: str, actor: Any) -> None:
+    async def _watch(self, kernel_id: str, actor: Any) -> None:
         """Wait for the kernel to die inside its actor, or for the actor itself to go."""
         try:
             await _awaitable(actor.wait_until_died.remote())
             alone = True
         except Exception:  # RayActorError and kin: the actor went, maybe with its node
             alone = False
-        if self._actors.get(slot_id) is not actor:
+        if self._actors.get(kernel_id) is not actor:
             return  # killed on purpose meanwhile
-        node = self._node_of.get(slot_id, "")
-        self._forget(slot_id)
+        node = self._node_of.get(kernel_id, "")
+        self._forget(kernel_id)
         if alone:
-            log.warning("kernel %s on node %s died", slot_id, node)
+            log.warning("kernel %s on node %s died", kernel_id, node)
             await self._stop_actor(actor)
-            self._on_death(slot_id)
+            self._on_death(kernel_id)
         else:
-            log.warning("the actor of kernel %s on node %s went away", slot_id, node)
-            self.on_actor_lost(slot_id, node)
+            log.warning("the actor of kernel %s on node %s went away", kernel_id, node)
+            self.on_actor_lost(kernel_id, node)
 
-    def _forget(self, slot_id: str) -> Any:
-        self._node_of.pop(slot_id, None)
-        watcher = self._watchers.pop(slot_id, None)
+    def _forget(self, kernel_id: str) -> Any:
+        self._node_of.pop(kernel_id, None)
+        watcher = self._watchers.pop(kernel_id, None)
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()
-        return self._actors.pop(slot_id, None)
+        return self._actors.pop(kernel_id, None)
 
     def forget_node(self, node: str) -> list[str]:
-        """Drop the slots of a lost node without waiting on them (their actors are gone); returns their ids."""
-        gone = [slot_id for slot_id, address in self._node_of.items() if address == node]
-        for slot_id in gone:
-            actor = self._forget(slot_id)
+        """Drop the kernels of a lost node without waiting on them (their actors are gone); returns their ids."""
+        gone = [kernel_id for kernel_id, address in self._node_of.items() if address == node]
+        for kernel_id in gone:
+            actor = self._forget(kernel_id)
             with contextlib.suppress(Exception):
                 ray.kill(actor, no_restart=True)
         return gone
@@ -114,18 +114,18 @@ class RayKernelBackend(KernelBackend):
         with contextlib.suppress(Exception):
             ray.kill(actor, no_restart=True)
 
-    async def kill_kernel(self, slot_id: str) -> None:
-        actor = self._forget(slot_id)
+    async def kill_kernel(self, kernel_id: str) -> None:
+        actor = self._forget(kernel_id)
         if actor is not None:
             await self._stop_actor(actor)
 
-    async def interrupt_kernel(self, slot_id: str) -> None:
-        actor = self._actors.get(slot_id)
+    async def interrupt_kernel(self, kernel_id: str) -> None:
+        actor = self._actors.get(kernel_id)
         if actor is not None:
             await asyncio.wait_for(_awaitable(actor.interrupt.remote()), self.stop_timeout)
 
     async def close(self) -> None:
-        await asyncio.gather(*(self.kill_kernel(slot_id) for slot_id in list(self._actors)))
+        await asyncio.gather(*(self.kill_kernel(kernel_id) for kernel_id in list(self._actors)))
 
 
 def _awaitable(ref: Any) -> Any:

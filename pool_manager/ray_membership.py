@@ -65,26 +65,23 @@ class RayPoolService(PoolService):
 
     def apply(self, changes: NodeChanges) -> None:
         for node in changes.lost:
-            slots = self.ray_backend.forget_node(node.address)
-            ended = self.core.remove_node(node.address)
-            for slot_id in slots:
-                self.kernels.pop(slot_id, None)
+            kernels = self.ray_backend.forget_node(node.address)
+            ended = self.remove_node(node.address)
             log.warning("node %s (%s) lost: %d lease(s) ended, %d kernel(s) gone",
-                        node.address, node.node_id[:12], len(ended), len(slots))
+                        node.address, node.node_id[:12], len(ended), len(kernels))
         joined: list[Device] = [device for node in changes.joined for device in devices_of(node)]
         if joined:
-            self.core.add_devices(joined)
+            self.add_devices(joined)
             for node in changes.joined:
                 log.info("node %s joined: %d x %s%s", node.address, node.gpus, node.gpu_type,
                          " (emulated)" if node.emulated else "")
-        self._run_actions()
 
-    def _on_actor_lost(self, slot_id: str, node: str) -> None:
+    def _on_actor_lost(self, kernel_id: str, node: str) -> None:
         """An actor went without its kernel saying so: a lost node, or the actor alone died."""
-        self._spawn(self._settle_actor_loss(slot_id, node))
+        self._spawn(self._settle_actor_loss(kernel_id, node))
 
-    async def _settle_actor_loss(self, slot_id: str, node: str) -> None:
+    async def _settle_actor_loss(self, kernel_id: str, node: str) -> None:
         # Ray fails a dead node's actors when it marks the node dead: read the table again.
         await self.refresh_nodes()
-        if slot_id in self.core.slots and self.nodes.by_address(node) is not None:
-            self._on_kernel_death(slot_id)
+        if self.core.slot_for_kernel(kernel_id) is not None and self.nodes.by_address(node) is not None:
+            self._on_kernel_death(kernel_id)

@@ -99,7 +99,7 @@ class RayPool(LoggingConfigurable):
         devices = [device for node in nodes.update(_read_nodes()).joined for device in devices_of(node)]
         settings = SlotSettings(kernel_name=kernel_name, warmup_code=warmup_code,
                                 transport_encryption=self.transport_encryption)
-        core = PoolCore(devices, policy, clock=time.time)
+        core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time)
         backend = RayKernelBackend(nodes, settings)
         return RayPoolService(core, backend, read_nodes=_read_nodes, poll_interval=self.poll_interval)
 

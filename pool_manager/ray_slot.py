@@ -44,21 +44,21 @@ class KernelSlot:
             ip=self.node_ip,
             transport_encryption=settings.transport_encryption,
         )
-        self.slot_id = ""
+        self.kernel_id = ""
         self._died = asyncio.Event()
-        self.backend.watch(lambda slot_id: self._died.set())
+        self.backend.watch(lambda kernel_id: self._died.set())
 
     async def start(self, request: StartKernel) -> KernelInfo:
-        self.slot_id = request.slot_id
+        self.kernel_id = request.kernel_id
         return await self.backend.start_kernel(request)
 
     async def interrupt(self) -> None:
-        await self.backend.interrupt_kernel(self.slot_id)
+        await self.backend.interrupt_kernel(self.kernel_id)
 
     async def wait_until_died(self) -> str:
         """Returns when the kernel died on its own (not killed through :meth:`stop`)."""
         await self._died.wait()
-        return self.slot_id
+        return self.kernel_id
 
     async def stop(self) -> None:
         await self.backend.close()

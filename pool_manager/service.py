@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
-from jupyter_gpu.protocol import QUEUED, GpuChoice
+from jupyter_gpu.protocol import QUEUED, REASON_NODE_LOST, GpuChoice
 
 from .backend import KernelBackend, KernelInfo
 from .core import PoolCore
-from .model import Action, KillKernel, Lease, LeaseEnded, LeaseGranted, StartKernel
+from .model import Action, Device, KillKernel, Lease, LeaseEnded, LeaseGranted, StartKernel
 
 log = logging.getLogger(__name__)
 
@@ -24,17 +24,21 @@ Listener = Callable[[Action], None]
 
 
 class PoolService:
-    def __init__(self, core: PoolCore, backend: KernelBackend, tick_interval: float = 0.25) -> None:
+    def __init__(self, core: PoolCore, backend: KernelBackend) -> None:
         self.core = core
         self.backend = backend
-        self.tick_interval = tick_interval
-        self.kernels: dict[str, KernelInfo] = {}
+        self.kernels: dict[str, KernelInfo] = {}  # by kernel id
         self.listeners: list[Listener] = []
-        self._starting: dict[str, asyncio.Task[None]] = {}
+        self._starting: dict[str, asyncio.Task[None]] = {}  # kernel id -> its start
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed: dict[str, asyncio.Event] = {}
         self._ticker: asyncio.Task[None] | None = None
+        # The ticker sleeps until the core's next deadline; an event that brings a deadline
+        # closer (a grant, a kernel going idle) wakes it to sleep again for the shorter time.
+        self._wake = asyncio.Event()
+        self._sleeping_until: float | None = None
         self.kernel_starts = 0
+        self.ticks = 0
 
     async def start(self) -> None:
         self.backend.watch(self._on_kernel_death)
@@ -67,7 +71,27 @@ class PoolService:
         return lease
 
     def kernel_activity(self, kernel_id: str, busy: bool) -> None:
-        self.core.kernel_activity(kernel_id, busy)
+        slot_id = self.core.slot_for_kernel(kernel_id)
+        if slot_id is not None:
+            self.core.kernel_activity(slot_id, busy)
+        self._deadline_may_have_moved()
+
+    # --- membership, from the backend that sees nodes come and go ----------------------------
+
+    def add_devices(self, devices: Iterable[Device]) -> None:
+        self.core.add_devices(devices)
+        self._run_actions()
+
+    def remove_node(self, node: str, reason: str = REASON_NODE_LOST) -> list[Lease]:
+        """The node is gone: its leases end (listeners hear LeaseEnded), its kernels are
+        forgotten, and the kills the backend still gets may raise (they are logged)."""
+        ended = self.core.remove_node(node, reason)
+        self._run_actions()
+        return ended
+
+    def set_device_health(self, key: str, healthy: bool) -> None:
+        self.core.set_device_health(key, healthy)
+        self._run_actions()
 
     async def interrupt(self, kernel_id: str) -> None:
         await self.backend.interrupt_kernel(kernel_id)
@@ -89,17 +113,16 @@ class PoolService:
                 return
 
     def lease_for_kernel(self, kernel_id: str) -> Lease | None:
-        slot = self.core.slots.get(kernel_id)
-        return self.core.leases.get(slot.lease_id) if slot and slot.lease_id else None
+        return self.core.lease_for_kernel(kernel_id)
 
     # --- carrying out actions ------------------------------------------------------------
 
     def _run_actions(self) -> None:
         for action in self.core.pop_actions():
             if isinstance(action, StartKernel):
-                self._spawn(self._start_kernel(action), action.slot_id)
+                self._spawn(self._start_kernel(action), action.kernel_id)
             elif isinstance(action, KillKernel):
-                self._spawn(self._kill_kernel(action.slot_id))
+                self._spawn(self._kill_kernel(action))
             elif isinstance(action, LeaseGranted | LeaseEnded):
                 event = self._changed.pop(action.lease.id, None)
                 if event is not None:
@@ -109,14 +132,20 @@ class PoolService:
                     listener(action)
                 except Exception:  # one listener's bug must not stop the pool
                     log.exception("pool listener failed on %s", action)
+        self._deadline_may_have_moved()
 
-    def _spawn(self, coro: object, starting_slot: str | None = None) -> None:
+    def _deadline_may_have_moved(self) -> None:
+        deadline = self.core.next_deadline()
+        if deadline is not None and (self._sleeping_until is None or deadline < self._sleeping_until):
+            self._wake.set()
+
+    def _spawn(self, coro: object, starting_kernel: str | None = None) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        if starting_slot is not None:
-            self._starting[starting_slot] = task
-            task.add_done_callback(lambda _: self._starting.pop(starting_slot, None))
+        if starting_kernel is not None:
+            self._starting[starting_kernel] = task
+            task.add_done_callback(lambda _: self._starting.pop(starting_kernel, None))
 
     async def _start_kernel(self, action: StartKernel) -> None:
         began = time.monotonic()
@@ -127,28 +156,48 @@ class PoolService:
             log.error("%s", exc)
             self.core.kernel_failed(action.slot_id)
         else:
-            self.kernels[action.slot_id] = info
+            self.kernels[action.kernel_id] = info
             self.core.kernel_ready(action.slot_id, time.monotonic() - began)
         self._run_actions()
 
-    async def _kill_kernel(self, slot_id: str) -> None:
-        starting = self._starting.get(slot_id)
+    async def _kill_kernel(self, action: KillKernel) -> None:
+        starting = self._starting.get(action.kernel_id)
         if starting is not None:
             await asyncio.gather(starting, return_exceptions=True)  # kill what it started
-        await self.backend.kill_kernel(slot_id)
-        self.kernels.pop(slot_id, None)
-        self.core.kernel_stopped(slot_id)
+        try:
+            await self.backend.kill_kernel(action.kernel_id)
+        except Exception:
+            # A departed node raises here. Its kernel is as gone as it will ever be: the slot
+            # must still leave DRAINING, or its GPUs never return to the pool.
+            log.exception("kill of kernel %s failed; its GPUs return to the pool anyway", action.kernel_id)
+        self.kernels.pop(action.kernel_id, None)
+        self.core.kernel_stopped(action.slot_id)
         self._run_actions()
 
-    def _on_kernel_death(self, slot_id: str) -> None:
-        self.kernels.pop(slot_id, None)
-        self.core.kernel_died(slot_id)
+    def _on_kernel_death(self, kernel_id: str) -> None:
+        self.kernels.pop(kernel_id, None)
+        slot_id = self.core.slot_for_kernel(kernel_id)
+        if slot_id is not None:
+            self.core.kernel_died(slot_id)
         self._run_actions()
 
     async def _tick_forever(self) -> None:
+        """Tick when the core's next deadline comes, and not in between."""
         while True:
-            await asyncio.sleep(self.tick_interval)
+            self._wake.clear()
+            self._sleeping_until = self.core.next_deadline()
+            if self._sleeping_until is None:
+                await self._wake.wait()
+                continue  # a deadline appeared: sleep until it
             try:
+                # at least a millisecond: a deadline within rounding of now must not spin the loop
+                await asyncio.wait_for(self._wake.wait(), max(0.001, self._sleeping_until - self.core.clock()))
+                continue  # woken by a nearer deadline: sleep again, for less
+            except TimeoutError:
+                pass
+            self._sleeping_until = None
+            try:
+                self.ticks += 1
                 self.core.tick()
                 self._run_actions()
             except Exception:  # the clock must keep ticking whatever one tick hit

@@ -20,10 +20,11 @@ from jupyter_gpu.protocol import (
     REASON_IDLE,
     REASON_KERNEL_DIED,
     REASON_MAX_DURATION,
+    REASON_NODE_LOST,
     RELEASED,
     parse_gpu_spec,
 )
-from pool_manager.core import LeaseRequestError, PoolCore, PoolPolicy
+from pool_manager.core import NO_CAPACITY, LeaseRequestError, PoolCore, PoolPolicy
 from pool_manager.model import (
     Action,
     Device,
@@ -695,3 +696,317 @@ def test_summaries_count_total_free_warm_and_queued_per_type() -> None:
 def test_summaries_say_real_gpus_are_not_emulated() -> None:
     core, _ = make_pool("a100=1")
     assert [r.emulated for r in core.summaries()] == [False]
+
+
+# --- clocks ------------------------------------------------------------------------------------
+
+
+def test_a_wall_clock_step_neither_expires_nor_stretches_a_lease() -> None:
+    clock, wall = FakeClock(), FakeClock()
+    wall.set(1_700_000_000)
+    core = PoolCore(inventory("a100=2"), PoolPolicy(min_warm=0), clock, wall_clock=wall)
+    lease = request(core, "alice", "a100", idle_timeout=600)
+    assert lease.slot_id is not None
+    core.kernel_ready(lease.slot_id)
+    core.pop_actions()
+    assert lease.granted_at == 1_700_000_000  # shown and metered in wall time
+
+    wall.set(1_700_000_000 + 3600)  # NTP (or a resumed VM) jumps an hour ahead
+    core.tick()
+    assert lease.state == GRANTED and ended(core.pop_actions()) == {}
+    assert core.idle_remaining(lease) == 600
+
+    wall.set(1_700_000_000 - 3600)  # and back
+    clock.set(600)
+    core.tick()
+    assert ended(core.pop_actions()) == {lease.id: REASON_IDLE}
+    assert lease.released_at == 1_700_000_000 - 3600
+
+
+# --- the indexes behind listings ---------------------------------------------------------------
+
+
+def rescanned(core: PoolCore) -> dict[str, object]:
+    """What the listings say, worked out the slow way: from every slot and lease."""
+    queued = [core.leases[i] for i in core.queued_ids()]
+    rows = {}
+    for gpu_type in core.types:
+        slots = [s for s in core.slots.values() if s.gpu_type == gpu_type]
+        leased = sum(len(s.devices) for s in slots if s.lease_id is not None or s.state.value == "draining")
+        warm = sum(1 for s in slots if s.lease_id is None and s.state.value == "warm")
+        waiting = sum(1 for lease in queued if gpu_type in core._matching_types(lease.choices))
+        rows[gpu_type] = (leased, warm, waiting)
+    positions = {}
+    for lease in queued:
+        wanted = core._matching_types(lease.choices)
+        ahead = queued[: queued.index(lease)]
+        positions[lease.id] = 1 + sum(1 for other in ahead if wanted & core._matching_types(other.choices))
+    users = {lease.user for lease in core.leases.values()}
+    mine = {user: [lease.id for lease in core.leases.values() if lease.user == user] for user in users}
+    return {"types": rows, "positions": positions, "mine": mine}
+
+
+def indexed(core: PoolCore) -> dict[str, object]:
+    rows = {r.gpu_type: (r.leased, r.warm, r.queued) for r in core.summaries()}
+    positions = {i: core.queue_position(core.leases[i]) for i in core.queued_ids()}
+    users = {lease.user for lease in core.leases.values()}
+    return {"types": rows, "positions": positions, "mine": {u: [x.id for x in core.leases_of(u)] for u in users}}
+
+
+def placement_rescanned(core: PoolCore) -> dict[str, object]:
+    """Free GPUs per type and usable GPUs per node, worked out from every device and slot."""
+    held = {key: slot for slot in core.slots.values() for key in slot.devices}
+    free = {t: [k for k, d in core.devices.items() if d.gpu_type == t and d.healthy and k not in held]
+            for t in core.types}
+    usable: dict[tuple[str, str], int] = {}
+    for key, device in core.devices.items():
+        slot = held.get(key)
+        if device.healthy and (slot is None or (slot.lease_id is None and slot.state.value != "draining")):
+            usable[(device.gpu_type, device.node)] = usable.get((device.gpu_type, device.node), 0) + 1
+    return {"free": free, "usable": {k: v for k, v in usable.items() if v}}
+
+
+def placement_indexed(core: PoolCore) -> dict[str, object]:
+    placement = core._placement
+    free = {t: [d.key for d in placement.free_devices(t, 10**6)] for t in core.types}
+    return {"free": free, "usable": {k: v for k, v in placement._usable.items() if v}}
+
+
+def test_listings_from_the_indexes_match_a_rescan_through_a_random_day() -> None:
+    import random
+
+    rng = random.Random(7)
+    core, clock = node_pool(node("n0", "a100", 4), node("n1", "h100", 2), node("n2", "l4", 2),
+                            min_warm=1, max_gpus_per_user=3)
+    specs = ["a100", "h100|a100", "l4", "a100:2", "any", "h100:2"]
+    joined = itertools.count(3)
+    for step in range(300):
+        clock.set(step)
+        roll = rng.random()
+        starting = [s for s in core.slots.values() if s.start_requested and s.state.value == "starting"]
+        draining = [s for s in core.slots.values() if s.state.value == "draining" and s.start_requested]
+        nodes = sorted({d.node for d in core.devices.values()})
+        if roll < 0.3:
+            try:
+                request(core, f"user{rng.randrange(4)}", rng.choice(specs), idle_timeout=rng.choice([5, 30]))
+            except LeaseRequestError as refused:
+                assert refused.reason in ("no_capacity", "too_many_gpus")  # the nodes of a type left
+        elif roll < 0.5 and starting:
+            core.kernel_ready(rng.choice(starting).id)
+        elif roll < 0.65 and draining:
+            core.kernel_stopped(rng.choice(draining).id)
+        elif roll < 0.72 and core.leases:
+            core.end_lease(rng.choice(sorted(core.leases)), REASON_DELETED)
+        elif roll < 0.75 and core.slots:
+            core.kernel_died(rng.choice(sorted(core.slots)))
+        elif roll < 0.79:
+            core.add_devices(node(f"n{next(joined)}", rng.choice(["a100", "h100", "l4"]), rng.choice([1, 2, 4])))
+        elif roll < 0.82 and nodes:
+            core.remove_node(rng.choice(nodes))
+        elif roll < 0.87 and core.devices:
+            core.set_device_health(rng.choice(sorted(core.devices)), rng.random() < 0.5)
+        else:
+            core.tick()
+        core.pop_actions()
+        assert indexed(core) == rescanned(core), f"step {step}"
+        assert placement_indexed(core) == placement_rescanned(core), f"step {step}"
+
+
+def test_an_empty_pool_summarises_nothing_and_refuses_requests_as_no_capacity() -> None:
+    core = PoolCore([], PoolPolicy(), FakeClock())
+    core.tick()
+    assert core.summaries() == [] and core.pop_actions() == []
+    with pytest.raises(LeaseRequestError, match="no GPU type") as refused:
+        request(core, "alice", "any")
+    assert refused.value.reason == NO_CAPACITY
+
+
+def test_events_carry_the_lease_as_it_was_at_the_event() -> None:
+    import dataclasses
+
+    core, clock = make_pool("a100=1", min_warm=0)
+    lease = request(core, "alice", "a100")
+    assert lease.slot_id is not None
+    clock.set(5)
+    core.kernel_ready(lease.slot_id)
+    grant = next(a for a in core.pop_actions() if isinstance(a, LeaseGranted))
+    clock.set(9)
+    core.end_lease(lease.id, REASON_DELETED)
+    end = next(a for a in core.pop_actions() if isinstance(a, LeaseEnded))
+
+    # A listener that looks at the grant later still sees the grant, not the ended lease.
+    assert (grant.lease.state, grant.lease.reason, grant.lease.released_at) == (GRANTED, None, None)
+    assert (end.lease.state, end.lease.reason, end.lease.released_at) == (RELEASED, REASON_DELETED, 9)
+    assert grant.lease.gpu_seconds(100) == 95 and end.lease.gpu_seconds(100) == 4
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        grant.lease.state = RELEASED  # type: ignore[misc]
+
+
+def test_a_snapshot_has_exactly_the_fields_of_a_lease() -> None:
+    import dataclasses
+
+    from pool_manager.model import LeaseSnapshot
+
+    assert [f.name for f in dataclasses.fields(LeaseSnapshot)] == [f.name for f in dataclasses.fields(Lease)]
+    lease = Lease("l1", "alice", tuple(parse_gpu_spec("a100")), 10.0, 5.0)
+    assert dataclasses.asdict(lease.snapshot()) == dataclasses.asdict(lease)
+
+
+# --- membership: nodes join and leave, devices fail ----------------------------------------------
+
+
+def node(name: str, gpu_type: str, count: int, first_index: int = 0) -> list[Device]:
+    return [
+        Device(f"{name}-{i}", gpu_type, first_index + i, f"NVIDIA {gpu_type.upper()}", 81920, True, name)
+        for i in range(count)
+    ]
+
+
+def node_pool(*nodes: list[Device], **policy: Any) -> tuple[PoolCore, FakeClock]:
+    clock = FakeClock()
+    ids = itertools.count(1)
+    devices = [device for devices in nodes for device in devices]
+    return PoolCore(devices, PoolPolicy(**policy), clock, new_id=lambda: f"id{next(ids)}"), clock
+
+
+def test_a_joining_node_takes_the_queue_and_brings_its_type() -> None:
+    core, _ = node_pool(node("n1", "a100", 1), min_warm=0)
+    hold(core, "alice", "a100")
+    waiting = request(core, "bob", "a100")
+    any_gpu = request(core, "carol", "any")
+    with pytest.raises(LeaseRequestError, match="unknown GPU type 'h100'"):
+        request(core, "dave", "h100")
+    assert core.pop_actions() == []
+
+    core.add_devices(node("n2", "a100", 1) + node("n3", "h100", 1))
+    started = {s.node: s for s in starts(core.pop_actions())}
+    assert core.types == ["a100", "h100"]
+    assert waiting.slot_id == started["n2"].slot_id
+    assert any_gpu.slot_id == started["n3"].slot_id  # "any" now matches the type that joined
+    assert summary(core, "h100")["total"] == 1
+    request(core, "dave", "h100")  # offered now: queued, not refused
+
+
+def test_a_joining_node_gets_its_warm_kernels() -> None:
+    core, _ = node_pool(node("n1", "a100", 1), min_warm=1)
+    warm_up(core)
+    core.add_devices(node("n2", "l4", 2))
+    assert [(s.gpu_type, s.node) for s in starts(core.pop_actions())] == [("l4", "n2")]
+
+
+def test_a_lost_node_ends_its_leases_and_its_waiting_lease_is_placed_elsewhere() -> None:
+    core, _ = node_pool(node("n1", "a100", 2), node("n2", "a100", 1), min_warm=0)
+    on_n1 = hold(core, "alice", "a100")
+    second = hold(core, "bob", "a100")
+    assert {core.slots[x.slot_id or ""].node for x in (on_n1, second)} == {"n1"}
+    starting = request(core, "carol", "a100")  # a kernel starts for it on n2
+    first_slot = starting.slot_id
+    assert first_slot is not None and core.slots[first_slot].node == "n2"
+    queued = request(core, "dave", "a100")
+    core.pop_actions()
+
+    ended_leases = core.remove_node("n2")
+    actions = core.pop_actions()
+    assert ended_leases == []  # nothing was granted there
+    assert kills(actions) == [first_slot]  # the backend drops what it started there
+    assert starting.state == QUEUED and starting.slot_id is None
+    assert core.queued_ids() == [starting.id, queued.id]  # carol keeps her place ahead of dave
+
+    lost = core.remove_node("n1", REASON_NODE_LOST)
+    actions = core.pop_actions()
+    assert {x.id for x in lost} == {on_n1.id, second.id}
+    assert ended(actions) == {on_n1.id: REASON_NODE_LOST, second.id: REASON_NODE_LOST}
+    assert sorted(kills(actions)) == sorted([on_n1.slot_id, second.slot_id])
+    assert starts(actions) == [] and core.slots == {}
+    assert summary(core, "a100") == {"total": 0, "free": 0, "warm": 0, "queued": 2, "emulated": False}
+
+    core.add_devices(node("n3", "a100", 1))  # a replacement joins: the first in line gets it
+    assert [s.node for s in starts(core.pop_actions())] == ["n3"] and starting.slot_id is not None
+
+
+def test_a_lost_node_never_starts_the_multi_gpu_kernel_that_waited_there() -> None:
+    core, _ = node_pool(node("n1", "a100", 2), node("n2", "a100", 2), min_warm=1)
+    warm_up(core)
+    big = request(core, "alice", "a100:2")  # preempts the warm kernel on n1, waits for it to stop
+    assert big.slot_id is not None and core.slots[big.slot_id].waiting_for
+    core.pop_actions()
+    core.remove_node("n1")
+    actions = core.pop_actions()
+    assert all(s.node == "n2" for s in starts(actions))
+    assert big.state == QUEUED and (big.slot_id is None or core.slots[big.slot_id].node == "n2")
+
+
+def test_an_unhealthy_device_gets_no_kernel_and_its_spare_is_killed() -> None:
+    core, _ = node_pool(node("n1", "a100", 2), min_warm=1)
+    (warm,) = warm_up(core)
+    key = core.slots[warm.slot_id].devices[0]
+    core.set_device_health(key, False)
+    actions = core.pop_actions()
+    assert kills(actions) == [warm.slot_id]
+    assert [s.gpu_indices for s in starts(actions)] == [(1,)]  # the replacement goes to the healthy GPU
+    core.kernel_stopped(warm.slot_id)
+    assert summary(core, "a100")["total"] == 1
+
+    core.set_device_health(key, True)
+    assert summary(core, "a100")["total"] == 2
+    held = hold(core, "alice", "a100:2")
+    assert held.count == 2
+
+
+def test_an_unhealthy_device_under_a_lease_keeps_the_lease_running() -> None:
+    core, _ = node_pool(node("n1", "a100", 1), min_warm=0)
+    lease = hold(core, "alice", "a100")
+    core.set_device_health("n1-0", False)
+    assert core.pop_actions() == [] and lease.state == GRANTED
+    release(core, lease)
+    assert core.pop_actions() == [] and summary(core, "a100")["total"] == 0
+
+
+def test_a_device_that_joins_twice_is_refused_by_name() -> None:
+    core, _ = node_pool(node("n1", "a100", 1))
+    with pytest.raises(ValueError, match="n1-0"):
+        core.add_devices(node("n1", "a100", 1))
+
+
+def test_next_deadline_is_the_earliest_idle_end_or_backoff() -> None:
+    core, clock = node_pool(node("n1", "a100", 2), min_warm=0, start_failure_backoff=5)
+    assert core.next_deadline() is None
+    lease = hold(core, "alice", "a100", idle_timeout=30)
+    assert core.next_deadline() == 30
+    assert lease.slot_id is not None
+    clock.set(10)
+    core.kernel_activity(lease.slot_id, busy=True)
+    assert core.next_deadline() is None  # a busy kernel keeps its lease: nothing is due
+    core.kernel_activity(lease.slot_id, busy=False)
+    assert core.next_deadline() == 40
+    failing = request(core, "bob", "a100")
+    assert failing.slot_id is not None
+    core.kernel_failed(failing.slot_id)
+    assert core.next_deadline() == 15  # the backoff of the failed start ends first
+    clock.set(15)
+    core.tick()
+    assert core.next_deadline() == 40
+
+
+# --- kernel ids -------------------------------------------------------------------------------------
+
+
+def test_each_kernel_start_gets_its_own_kernel_id_apart_from_the_slot() -> None:
+    core, _ = make_pool("a100=1", min_warm=0)
+    lease = request(core, "alice", "a100")
+    (start,) = starts(core.pop_actions())
+    assert start.kernel_id != start.slot_id
+    assert core.lease_for_kernel(start.kernel_id) is lease and core.slot_for_kernel(start.kernel_id) == start.slot_id
+    core.kernel_ready(start.slot_id)
+    assert lease.kernel_id == start.kernel_id  # what the API reports and the backend keys by
+
+    core.end_lease(lease.id, REASON_DELETED)
+    (kill,) = [a for a in core.pop_actions() if isinstance(a, KillKernel)]
+    assert (kill.slot_id, kill.kernel_id) == (start.slot_id, start.kernel_id)
+    core.kernel_stopped(kill.slot_id)
+    assert core.lease_for_kernel(start.kernel_id) is None and core.slot_for_kernel(start.kernel_id) is None
+
+    second = request(core, "bob", "a100")
+    (restart,) = starts(core.pop_actions())
+    assert restart.kernel_id not in (start.kernel_id, start.slot_id)  # kernels are never reused
+    assert core.lease_for_kernel(restart.kernel_id) is second

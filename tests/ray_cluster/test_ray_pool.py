@@ -5,7 +5,10 @@ Tests run in order on one shared cluster (see conftest); the node-loss test goes
 
 from __future__ import annotations
 
+import asyncio
 import os
+import time
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -80,3 +83,83 @@ def test_released_kernel_is_replaced_by_a_warm_one_on_its_node(testbed: RayTestb
     again = granted(testbed, "bob", "h100")
     assert again["kernel_id"] != lease["kernel_id"]
     gateway.delete("bob", f"/api/gpu/leases/{again['id']}")
+
+
+def test_nodes_are_listed_with_their_gpus(testbed: RayTestbed) -> None:
+    nodes = {(n["node"], n["gpu_type"]): n for n in testbed.gateway.get("alice", "/api/gpu/nodes").body}
+    assert set(nodes) == {("10.77.0.11", "a100"), ("10.77.0.12", "h100")}
+    assert nodes[("10.77.0.11", "a100")]["total"] == 2 and nodes[("10.77.0.11", "a100")]["emulated"] is True
+    lease = granted(testbed, "alice", "h100")
+    try:
+        assert lease["node"] == "10.77.0.12"
+    finally:
+        testbed.gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
+
+
+@pytest.mark.asyncio
+async def test_a_machine_that_joins_adds_its_gpus_and_runs_kernels(testbed: RayTestbed) -> None:
+    cluster, gateway = testbed.cluster, testbed.gateway
+    cluster.add_machine("n3", 13)
+    cluster.start_ray("n3", {"l4": 1})  # returns once Ray has registered the node
+    seen = time.monotonic()
+    poll(lambda: types_of(testbed).get("l4", {}).get("total") == 1, 10, "the new node's l4 listed")
+    print(f"l4 of the joining node listed {time.monotonic() - seen:.1f} s after Ray registered it")
+    lease = granted(testbed, "alice", "l4")
+    socket = await gateway.connect("alice", lease["kernel_id"])
+    try:
+        _, outputs = await socket.run("import os; print(os.getpid())")
+        assert os.stat(f"/proc/{stdout_text(outputs).strip()}/ns/net").st_ino == cluster.netns_inode("n3")
+    finally:
+        socket.close()
+        gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
+
+
+@pytest.mark.asyncio
+async def test_a_killed_machine_ends_its_lease_with_node_lost(testbed: RayTestbed) -> None:
+    cluster, gateway = testbed.cluster, testbed.gateway
+    lease = granted(testbed, "alice", "h100")
+    socket = await gateway.connect("alice", lease["kernel_id"])
+    try:
+        reply, _ = await socket.run("import time; y = 41")
+        assert reply["content"]["status"] == "ok"
+        running = socket.execute("time.sleep(120)")
+        await asyncio.sleep(0.5)  # the cell is running on n2
+        killed = time.monotonic()
+        assert cluster.kill_machine("n2") > 0
+        reply, _ = await socket.collect(running, timeout=30)
+        waited = time.monotonic() - killed
+    finally:
+        socket.close()
+    # The cell fails saying why, within the 15 s the product promises.
+    assert reply["content"]["ename"] == "KernelDied" and "was lost" in reply["content"]["evalue"]
+    assert waited < 15, waited
+    print(f"lease on the killed node ended {waited:.1f} s after kill -9")
+    ended = gateway.get("alice", f"/api/gpu/leases/{lease['id']}").body
+    assert ended["state"] == "released" and ended["reason"] == "node_lost"
+    # Nothing stays behind for the dead node: no GPU, no kernel, no lease.
+    assert types_of(testbed)["h100"]["total"] == 0
+    assert all(n["node"] != "10.77.0.12" for n in gateway.get("alice", "/api/gpu/nodes").body)
+    assert gateway.get("alice", "/api/kernels").body == []
+    assert cluster.pids("n2") == []
+
+
+def test_gateway_stop_leaves_no_kernel_or_actor_on_any_node(testbed: RayTestbed) -> None:
+    assert kernel_processes(testbed), "warm kernels should be running before the stop"
+    testbed.gateway.stop()
+    poll(lambda: not kernel_processes(testbed), 30, "every kernel and slot actor gone from every node")
+
+
+def kernel_processes(testbed: RayTestbed) -> list[str]:
+    """Kernels and slot actors still running on any node (their command lines)."""
+    found = []
+    for name in ("n1", "n2", "n3"):
+        if name not in testbed.cluster.nodes:
+            continue
+        for pid in testbed.cluster.pids(name):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "ipykernel" in cmdline or "KernelSlot" in cmdline:
+                found.append(f"{name}: {cmdline[:80]}")
+    return found
