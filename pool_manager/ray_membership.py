@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -28,13 +29,20 @@ class RayPoolService(PoolService):
     """The pool service plus the watch on Ray's node table."""
 
     def __init__(
-        self, core: PoolCore, backend: RayKernelBackend, read_nodes: NodeRows, poll_interval: float = 0.5
+        self,
+        core: PoolCore,
+        backend: RayKernelBackend,
+        read_nodes: NodeRows,
+        poll_interval: float = 0.5,
+        node_loss_grace: float = 11.0,
     ) -> None:
         super().__init__(core, backend)
         self.ray_backend = backend
         self.nodes = backend.nodes
         self.read_nodes = read_nodes
         self.poll_interval = poll_interval
+        #: how long Ray may take to declare a node dead (RayPool.node_loss_seconds())
+        self.node_loss_grace = node_loss_grace
         self._membership: asyncio.Task[None] | None = None
         backend.on_actor_lost = self._on_actor_lost
 
@@ -81,7 +89,12 @@ class RayPoolService(PoolService):
         self._spawn(self._settle_actor_loss(kernel_id, node))
 
     async def _settle_actor_loss(self, kernel_id: str, node: str) -> None:
-        # Ray fails a dead node's actors when it marks the node dead: read the table again.
-        await self.refresh_nodes()
+        # A killed machine breaks the actor's connection at once, seconds before Ray's health
+        # check declares the node dead: give Ray that long to say so (the lease then ends as
+        # node_lost, by refresh_nodes) before calling it the death of this kernel alone.
+        deadline = time.monotonic() + self.node_loss_grace
+        while self.nodes.by_address(node) is not None and time.monotonic() < deadline:
+            await asyncio.sleep(self.poll_interval)
+            await self.refresh_nodes()
         if self.core.slot_for_kernel(kernel_id) is not None and self.nodes.by_address(node) is not None:
             self._on_kernel_death(kernel_id)

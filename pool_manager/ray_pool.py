@@ -66,14 +66,20 @@ class RayPool(LoggingConfigurable):
                  log_to_driver=False, configure_logging=False)
         self._check_health_settings()
 
-    def _check_health_settings(self) -> None:
-        """Ray's GCS settings are the cluster's, fixed when its head started: say what they mean."""
+    def _cluster_health_settings(self) -> dict[str, int] | None:
+        """The cluster's GCS health check settings, as the driver got them at ray.init."""
         try:
             from ray._raylet import Config  # type: ignore[attr-defined]
 
-            actual = {key: int(getattr(Config, key)()) for key in HEALTH_CHECK_KEYS}
+            return {key: int(getattr(Config, key)()) for key in HEALTH_CHECK_KEYS}
         except Exception:  # a private API: without it we can only state our wish
             log.debug("could not read Ray's health check settings", exc_info=True)
+            return None
+
+    def _check_health_settings(self) -> None:
+        """Ray's GCS settings are the cluster's, fixed when its head started: say what they mean."""
+        actual = self._cluster_health_settings()
+        if actual is None:
             return
         wanted = self.node_loss_seconds()
         seen = self.node_loss_seconds(actual)
@@ -101,7 +107,8 @@ class RayPool(LoggingConfigurable):
                                 transport_encryption=self.transport_encryption)
         core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time)
         backend = RayKernelBackend(nodes, settings)
-        return RayPoolService(core, backend, read_nodes=_read_nodes, poll_interval=self.poll_interval)
+        return RayPoolService(core, backend, read_nodes=_read_nodes, poll_interval=self.poll_interval,
+                              node_loss_grace=self.node_loss_seconds(self._cluster_health_settings()))
 
 
 def _read_nodes() -> list[dict[str, Any]]:
