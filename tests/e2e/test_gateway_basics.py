@@ -68,3 +68,13 @@ def test_settings_come_from_jupyter_gpu_config_py(tmp_path: Path) -> None:
         assert [(t["name"], t["price_per_gpu_hour"], t["warm"]) for t in types] == [("v100", 0.5, 0)]
     finally:
         process.stop()
+
+
+def test_nodes_list_the_one_local_machine_and_leases_name_it(gateway: GatewayProcess) -> None:
+    rows = gateway.get("alice", "/api/gpu/nodes").body
+    assert {(r["node"], r["gpu_type"], r["total"]) for r in rows} == {
+        ("local", "a100", 2), ("local", "h100", 1), ("local", "cpu", 2)}
+    lease = gateway.lease("alice", "h100")
+    assert lease["node"] == "local"
+    held = {r["gpu_type"]: r["free"] for r in gateway.get("alice", "/api/gpu/nodes").body}
+    assert held["h100"] == 0
