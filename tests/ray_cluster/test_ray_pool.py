@@ -85,6 +85,24 @@ def test_released_kernel_is_replaced_by_a_warm_one_on_its_node(testbed: RayTestb
     gateway.delete("bob", f"/api/gpu/leases/{again['id']}")
 
 
+@pytest.mark.asyncio
+async def test_interrupt_reaches_a_kernel_on_another_machine(testbed: RayTestbed) -> None:
+    gateway = testbed.gateway
+    lease = granted(testbed, "alice", "a100")
+    socket = await gateway.connect("alice", lease["kernel_id"])
+    try:
+        msg_id = socket.execute("import time; print('sleeping', flush=True); time.sleep(60)")
+        await socket.recv_until(lambda m: m["msg_type"] == "stream" and "sleeping" in m["content"]["text"], 30)
+        assert gateway.post("alice", f"/api/kernels/{lease['kernel_id']}/interrupt").status == 204
+        reply, _ = await socket.collect(msg_id, timeout=20)
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        reply, outputs = await socket.run("print(6 * 7)")
+        assert stdout_text(outputs) == "42\n"
+    finally:
+        socket.close()
+        gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
+
+
 def test_nodes_are_listed_with_their_gpus(testbed: RayTestbed) -> None:
     nodes = {(n["node"], n["gpu_type"]): n for n in testbed.gateway.get("alice", "/api/gpu/nodes").body}
     assert set(nodes) == {("10.77.0.11", "a100"), ("10.77.0.12", "h100")}
