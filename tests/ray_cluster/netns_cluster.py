@@ -159,11 +159,17 @@ class NamespaceCluster:
         return subprocess.run(["ip", "netns", "exec", node.namespace, *command], env={**self.env(name), **(env or {})},
                               capture_output=True, text=True, timeout=timeout)
 
+    def _renice(self, name: str) -> None:
+        """Back to normal priority once up: kernels started there later compete fairly."""
+        for pid in self.pids(name):
+            with contextlib.suppress(OSError):
+                os.setpriority(os.PRIO_PROCESS, pid, 0)
+
     @staticmethod
     def _first(command: list[str]) -> list[str]:
         """Ahead of other work on the machine: `ray start` gives a node 30 s to come up, and
         its half-dozen Python services (each importing aiohttp, grpc, ...) miss that on a
-        busy 2-core machine. Root may raise priority; the processes idle once started."""
+        busy 2-core machine. Root may raise priority; it is lowered again once the node is up."""
         return ["nice", "-n", "-15", *command] if os.geteuid() == 0 else command
 
     def pids(self, name: str) -> list[int]:
@@ -215,6 +221,7 @@ class NamespaceCluster:
                 writer.join()
             if done.returncode == 0:
                 node.ray_started = True
+                self._renice(name)
                 return time.monotonic() - began
             # `ray start` gives a node 30 s to register; on a loaded 2-core machine its Python
             # agents can take longer to import. Clear the half-started node and try again.
