@@ -9,6 +9,7 @@ transport encryption, and answers the gateway's kill, interrupt and "tell me whe
 from __future__ import annotations
 
 import asyncio
+import signal
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +51,10 @@ class KernelSlot:
 
     async def start(self, request: StartKernel) -> KernelInfo:
         self.kernel_id = request.kernel_id
+        # Ray runs an async actor's methods on a thread that blocks signals, and a child
+        # inherits its parent thread's mask: the kernel would never see the SIGINT of an
+        # interrupt. Unblock them in the thread that starts it.
+        signal.pthread_sigmask(signal.SIG_SETMASK, set())
         return await self.backend.start_kernel(request)
 
     async def interrupt(self) -> None:
