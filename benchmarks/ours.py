@@ -12,6 +12,8 @@ import asyncio
 import os
 import re
 import secrets
+import shlex
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +37,10 @@ READY = re.compile(r"listening at (http://127\.0\.0\.1:\d+)")
 CELL = "x = 1"
 
 
+#: Extra gateway options for a comparison run, e.g. ``--sandbox off`` against the default.
+GATEWAY_ARGS_ENV = "JUPYTER_GPU_BENCH_GATEWAY_ARGS"
+
+
 class OurGateway:
     """``jupyter-gpu gateway`` on port 0 of 127.0.0.1, serving ``cpu`` kernels, one user."""
 
@@ -47,7 +53,8 @@ class OurGateway:
                "JUPYTER_DATA_DIR": os.path.join(self.tmp, "data"), "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jupyter_gpu.cli", "gateway", "--port", "0", "--db",
-             os.path.join(self.tmp, "usage.sqlite"), "--cpu-slots", str(cpu_slots), "--min-warm", str(min_warm)],
+             os.path.join(self.tmp, "usage.sqlite"), "--cpu-slots", str(cpu_slots), "--min-warm", str(min_warm),
+             *shlex.split(os.environ.get(GATEWAY_ARGS_ENV, ""))],
             stdout=log, stderr=subprocess.STDOUT, env=env, cwd=self.tmp,
         )
         self.url = ""
@@ -98,6 +105,7 @@ class OurGateway:
 
     def stop(self) -> None:
         stop_process(self.proc, 60)
+        shutil.rmtree(self.tmp, ignore_errors=True)  # its database, config and log: nothing to keep
 
 
 def magic_kernel(gateway: OurGateway) -> LocalKernel:

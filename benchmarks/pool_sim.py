@@ -23,10 +23,13 @@ How it becomes 100,000 lease requests over 1,000 GPUs of 4 types:
   type; a kernel takes 30 s to start and 2 s to stop.
 
 The clock is fake: the core runs as fast as it can; the simulated month takes seconds.
-``decisions`` are the events fed to the core (request, kernel ready, kernel stopped,
-activity, release, tick): each one is a call that updates the pool and places what it can.
-Idle timeouts are applied by a ``tick()`` at each lease's idle deadline, as the service does
-(it sleeps until ``core.next_deadline()``; ticking between deadlines changes nothing).
+The replay is ``jupyter-gpu simulate``'s (``pool_manager.simulate``): each request is a
+one-cell session under the ``idle:10m`` policy; one that releases explicitly closes its
+session a minute after its cell, one that does not keeps it open past the idle timeout.
+``decisions`` are the calls into the core (request, kernel ready, kernel stopped, activity,
+release, tick): each one updates the pool and places what it can. Idle timeouts are applied
+by a ``tick()`` at each lease's idle deadline, as the service does (it sleeps until
+``core.next_deadline()``; ticking between deadlines changes nothing).
 
 ``listing`` measures what the sidebar polls, on the same 1,000 GPUs after 3,000 requests
 arrived at once (50 users, 60 leases each): one user's leases described as the API does
@@ -35,12 +38,9 @@ arrived at once (50 users, 60 leases each): one user's leases described as the A
 
 from __future__ import annotations
 
-import csv
-import heapq
 import random
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +49,18 @@ sys.path.insert(0, str(REPO))
 
 from jupyter_gpu.protocol import QUEUED, GpuChoice, parse_gpu_spec  # noqa: E402
 from pool_manager.core import PoolCore, PoolPolicy  # noqa: E402
-from pool_manager.model import Device, KillKernel, LeaseEnded, LeaseGranted, StartKernel  # noqa: E402
+from pool_manager.model import StartKernel  # noqa: E402
+from pool_manager.simulate import (  # noqa: E402
+    Cell,
+    Session,
+    Timing,
+    Workload,
+    parse_policy,
+    pool_devices,
+)
+from pool_manager.simulate import simulate as replay  # noqa: E402
+from pool_manager.simulate.metrics import percentile  # noqa: E402
+from pool_manager.simulate.traces import read_training_events  # noqa: E402
 
 TRACE = REPO.parent / "shared" / "data" / "traces" / "adobe-training-events-2021-06.csv"
 NODES = {"h100": 16, "a100": 50, "a10g": 40, "l4": 19}
@@ -71,41 +82,33 @@ def find_trace() -> Path:
     raise FileNotFoundError(f"trace not found at {TRACE}")
 
 
-def inventory() -> list[Device]:
-    return [
-        Device(f"{gpu_type}-{node}-{index}", gpu_type, index, f"NVIDIA {gpu_type.upper()}", 81920, True,
-               f"{gpu_type}-{node}")
-        for gpu_type, nodes in NODES.items()
-        for node in range(nodes)
-        for index in range(GPUS_PER_NODE)
-    ]
-
-
-def requests(count: int, seed: int = 0) -> list[tuple[float, int, str, tuple[GpuChoice, ...], float, bool]]:
-    """(arrival s, id, user, choices, busy s, releases explicitly), sorted by arrival."""
-    with open(find_trace()) as handle:
-        rows = list(csv.DictReader(handle))
+def requests(count: int, seed: int = 0) -> Workload:
+    """``count`` one-cell sessions drawn from the superimposed copies of the month."""
+    events = read_training_events(find_trace())
     rng = random.Random(seed)
-    pool = [(copy, row) for copy in range(COPIES) for row in rows]
+    pool = [(copy, event) for copy in range(COPIES) for event in events]
     if count > len(pool):
         raise ValueError(f"at most {len(pool)} requests from {COPIES} copies of the trace")
-    out = []
-    for number, (copy, row) in enumerate(rng.sample(pool, count)):
-        job = int(row["job_id"])
-        gpus = int(row["num_gpu"])
-        types = ("any",) if job % 10 == 0 else SPEC_BY_MODEL[row["model_name"]]
-        choices = tuple(GpuChoice(t, gpus) for t in types)
-        arrival = int(row["submit_time"]) * 60 + rng.random() * 60
-        out.append((arrival, number, f"user{copy}-{job % 300}", choices, int(row["duration"]) * 60.0, job % 2 == 0))
-    out.sort()
-    return out
+    sessions = []
+    for number, (copy, event) in enumerate(rng.sample(pool, count)):
+        types = ("any",) if event.job_id % 10 == 0 else SPEC_BY_MODEL[event.model_name]
+        choices = tuple(GpuChoice(t, event.gpus) for t in types)
+        arrival = event.submit + rng.random() * 60
+        # Half release explicitly a minute after the cell; the others leave it to the idle timeout.
+        after = RELEASE_AFTER_S if event.job_id % 2 == 0 else IDLE_S + RELEASE_AFTER_S
+        cell = Cell(arrival, event.duration, choices)
+        sessions.append(Session(str(number), f"user{copy}-{event.job_id % 300}", arrival,
+                                arrival + event.duration + after, (cell,)))
+    sessions.sort(key=lambda session: session.start)
+    return Workload("pool-sim", tuple(sessions), f"{count} requests from {COPIES} copies of {find_trace().name}")
 
 
 def listing(requests_count: int = 3000, users: int = 50, repeats: int = 20) -> dict[str, Any]:
     """Milliseconds to describe one user's leases and to summarise the types, mid-rush."""
     ids = iter(range(10**9))
     now = [0.0]
-    core = PoolCore(inventory(), PoolPolicy(min_warm=1), clock=lambda: now[0], new_id=lambda: f"l{next(ids)}")
+    devices = pool_devices({gpu_type: nodes * GPUS_PER_NODE for gpu_type, nodes in NODES.items()}, GPUS_PER_NODE)
+    core = PoolCore(devices, PoolPolicy(min_warm=1), clock=lambda: now[0], new_id=lambda: f"l{next(ids)}")
     specs = [parse_gpu_spec(s) for s in ("a100", "h100|a100", "l4|a10g", "a10g", "any", "a100:8", "l4:4")]
     for number in range(requests_count):
         core.request_lease(f"user{number % users}", specs[number % len(specs)])
@@ -137,96 +140,23 @@ def simulate(count: int, time_limit: float = 300.0) -> dict[str, Any]:
     load_started = time.perf_counter()
     workload = requests(count)
     load_seconds = time.perf_counter() - load_started
-
-    now = [0.0]
-    ids = iter(range(10**9))
-    core = PoolCore(inventory(), PoolPolicy(min_warm=1, idle_timeout=IDLE_S, max_idle_timeout=IDLE_S),
-                    clock=lambda: now[0], new_id=lambda: f"i{next(ids)}")
-    events: list[tuple[float, int, str, Any]] = []
-    seq = iter(range(10**12))
-    for arrival, number, user, choices, busy, explicit in workload:
-        events.append((arrival, next(seq), "request", (number, user, choices, busy, explicit)))
-    heapq.heapify(events)
-    plans: dict[str, tuple[float, bool]] = {}  # lease id -> (busy seconds, releases explicitly)
-    waits: list[float] = []
-    ended: Counter[str] = Counter()
-    decisions = granted = 0
-    core_seconds = 0.0
-    ticks_at: set[float] = set()
-    started = time.perf_counter()
-    finished = True
-
-    def carry_out() -> None:
-        nonlocal granted
-        for action in core.pop_actions():
-            if isinstance(action, StartKernel):
-                heapq.heappush(events, (now[0] + START_S, next(seq), "ready", action.slot_id))
-            elif isinstance(action, KillKernel):
-                heapq.heappush(events, (now[0] + STOP_S, next(seq), "stopped", action.slot_id))
-            elif isinstance(action, LeaseGranted):
-                granted += 1
-                lease = action.lease
-                waits.append(now[0] - lease.queued_at)
-                heapq.heappush(events, (now[0], next(seq), "busy", lease.id))
-            elif isinstance(action, LeaseEnded):
-                ended[action.lease.reason or "?"] += 1
-
-    core.tick()
-    carry_out()
-    while events:
-        when, _, kind, payload = heapq.heappop(events)
-        now[0] = when
-        t0 = time.perf_counter()
-        if kind == "request":
-            number, user, choices, busy, explicit = payload
-            lease = core.request_lease(user, choices, idle_timeout=IDLE_S)
-            plans[lease.id] = (busy, explicit)
-        elif kind == "ready":
-            core.kernel_ready(payload, START_S)
-        elif kind == "stopped":
-            core.kernel_stopped(payload)
-        elif kind in ("busy", "done"):
-            lease = core.leases.get(payload)
-            if lease is None or lease.slot_id is None:
-                continue
-            core.kernel_activity(lease.slot_id, busy=kind == "busy")
-        elif kind == "release":
-            core.end_lease(payload, "deleted")
-        elif kind == "tick":
-            ticks_at.discard(when)
-            core.tick()
-        core_seconds += time.perf_counter() - t0
-        decisions += 1
-        if kind == "busy":
-            busy, explicit = plans.pop(payload)
-            heapq.heappush(events, (when + busy, next(seq), "done", payload))
-            plans[payload] = (busy, explicit)
-        elif kind == "done":
-            _, explicit = plans.pop(payload)
-            if explicit:
-                heapq.heappush(events, (when + RELEASE_AFTER_S, next(seq), "release", payload))
-            elif when + IDLE_S not in ticks_at:
-                ticks_at.add(when + IDLE_S)
-                heapq.heappush(events, (when + IDLE_S, next(seq), "tick", None))
-        carry_out()
-        if time.perf_counter() - started > time_limit:
-            finished = False
-            break
-    wall = time.perf_counter() - started
+    outcome = replay(workload, parse_policy(f"idle:{IDLE_S:g}s", 0.0),
+                       {gpu_type: nodes * GPUS_PER_NODE for gpu_type, nodes in NODES.items()},
+                       Timing(START_S, STOP_S), warm=1, gpus_per_node=GPUS_PER_NODE, time_limit=time_limit)
+    waits = outcome.all_waits()
     return {
         "requests": count,
-        "gpus": len(core.devices),
+        "gpus": sum(outcome.pool.values()),
         "types": len(NODES),
-        "finished": finished,
-        "wall_s": wall,
-        "core_s": core_seconds,
-        "decisions": decisions,
-        "decisions_per_s": decisions / wall,
-        "granted": granted,
-        "ended": dict(ended),
-        "simulated_days": now[0] / 86400,
-        "queue_wait_median_s": sorted(waits)[len(waits) // 2] if waits else None,
-        "queue_wait_p99_s": sorted(waits)[int(0.99 * (len(waits) - 1))] if waits else None,
+        "finished": outcome.finished,
+        "wall_s": outcome.wall_s,
+        "decisions": outcome.core_calls,
+        "decisions_per_s": outcome.core_calls / outcome.wall_s,
+        "granted": outcome.grants,
+        "ended": dict(outcome.ended),
+        "simulated_days": (outcome.end - outcome.start) / 86400,
+        "queue_wait_median_s": percentile(waits, 0.5) if waits else None,
+        "queue_wait_p99_s": percentile(waits, 0.99) if waits else None,
         "trace_load_s": load_seconds,
         "listing": listing(),
     }

@@ -10,6 +10,8 @@ USAGE = """usage: jupyter-gpu COMMAND [options]
 commands:
   gateway     serve the GPU pool over the Jupyter kernel API (jupyter-gpu gateway --help-all)
   token       manage user tokens: token add NAME | token list | token remove NAME [--users FILE]
+  simulate    replay a notebook GPU trace through the pool core: GPU-hours, waits and cost per
+              release policy (jupyter-gpu simulate --help)
 """
 
 
@@ -55,6 +57,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "token":
         return token_main(rest)
+    if command == "simulate":
+        from pool_manager.simulate import main as simulate_main
+
+        return simulate_main(rest)
     print(f"jupyter-gpu: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -1,12 +1,17 @@
-"""The notebook side's connection to the gateway: REST for leases, a websocket per kernel.
+"""The one client of the gateway: the ``%%gpu`` magic and the sidebar's server extension both use it.
 
-Synchronous on purpose: a cell magic is a plain function running on the kernel's main
-thread, so blocking calls (interruptible by Ctrl-C) are the natural fit.
+Its REST methods are async first, each with a one-line blocking twin (``types`` for
+``atypes``), as nbclient does: the server extension awaits them on jupyter_server's loop,
+the magic (a plain function on the kernel's main thread) calls the twins. Every REST call
+goes through :meth:`GatewayClient.arequest` and every failure becomes one
+:class:`GatewayError` with a status and a :class:`~jupyter_gpu.protocol.Reason`, so both
+users see the same words. The data path stays blocking, on sockets of its own: uploads
+(one raw socket per buffer) and the kernel websocket the magic reads while a cell runs.
 """
 
 from __future__ import annotations
 
-import http.client
+import asyncio
 import json
 import os
 import socket
@@ -17,15 +22,29 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from jupyter_core.utils import run_sync
+from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
+from tornado.netutil import Resolver
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
-from .protocol import KERNEL_WS_PROTOCOL_V1, TOKEN_ENV, URL_ENV, deserialize_ws_v1, serialize_ws_v1
+from .protocol import (
+    KERNEL_WS_PROTOCOL_V1,
+    TOKEN_ENV,
+    URL_ENV,
+    Reason,
+    deserialize_ws_v1,
+    error_body,
+    serialize_ws_v1,
+)
 from .transfer import UPLOAD_PROTOCOL
 
 
 class GatewayError(RuntimeError):
-    """The gateway said no, or could not be reached; the message says what to do."""
+    """The gateway said no, or could not be reached; the message says what to do.
+
+    ``status`` is the gateway's HTTP status (0: no answer) and ``reason`` its word for why.
+    """
 
     def __init__(self, message: str, status: int = 0, reason: str = "") -> None:
         super().__init__(message)
@@ -45,86 +64,123 @@ class GatewayConfig:
         if not url:
             raise GatewayError(
                 f"no gateway configured: set {URL_ENV} (e.g. http://127.0.0.1:8765) and {TOKEN_ENV} "
-                "in the notebook kernel's environment"
+                "in the notebook kernel's environment", 0, Reason.NOT_CONFIGURED
             )
         if not token:
-            raise GatewayError(f"no token for {url}: set {TOKEN_ENV} (ask the operator for one)")
+            raise GatewayError(f"no token for {url}: set {TOKEN_ENV} (ask the operator for one)", 0,
+                               Reason.NOT_CONFIGURED)
         return cls(url, token)
 
 
 class GatewayClient:
-    """REST calls to one gateway over one kept-alive HTTP connection."""
+    """The gateway's API for one token: REST (async, with blocking twins), uploads, kernel websockets."""
 
     def __init__(self, config: GatewayConfig, timeout: float = 10.0) -> None:
         self.config = config
         self.timeout = timeout
         parsed = urllib.parse.urlsplit(config.url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            raise GatewayError(f"{URL_ENV}={config.url!r} is not an http(s) URL such as http://127.0.0.1:8765")
+            raise GatewayError(f"{URL_ENV}={config.url!r} is not an http(s) URL such as http://127.0.0.1:8765", 0,
+                               Reason.NOT_CONFIGURED)
         self._parsed = parsed
-        self._conn: http.client.HTTPConnection | None = None
+        self._addresses: list[tuple[int, Any]] | None = None
 
-    def _connection(self) -> http.client.HTTPConnection:
-        if self._conn is None:
-            cls = http.client.HTTPSConnection if self._parsed.scheme == "https" else http.client.HTTPConnection
-            self._conn = cls(self._parsed.hostname or "", self._parsed.port, timeout=self.timeout)
-        return self._conn
-
-    def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
-        """One JSON request; every outbound HTTP call of the client goes through here."""
-        payload = json.dumps(body).encode() if body is not None else None
-        headers = {"Authorization": f"token {self.config.token}", "Content-Type": "application/json"}
+    async def arequest(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        """One JSON request; every REST call of the client goes through here."""
+        seconds = timeout or self.timeout
+        payload = json.dumps(body).encode() if body is not None else (b"" if method in ("POST", "PUT") else None)
+        request = HTTPRequest(
+            self.config.url + path,
+            method=method,
+            body=payload,
+            headers={"Authorization": f"token {self.config.token}", "Content-Type": "application/json",
+                     "Accept": "application/json"},
+            connect_timeout=min(5.0, seconds),
+            request_timeout=seconds,
+            follow_redirects=False,  # the known addresses are the gateway's only
+        )
         for attempt in (0, 1):
-            reused = self._conn is not None
-            conn = self._connection()
-            conn.timeout = timeout or self.timeout
             try:
-                conn.request(method, self._parsed.path + path, body=payload, headers=headers)
-                response = conn.getresponse()
-                data = response.read()
+                response = await self._fetch(request)
                 break
-            except (ConnectionError, http.client.HTTPException, OSError) as exc:
-                self.close()
-                # Retry once where that cannot do anything twice: a kept-alive connection the
-                # server had closed, or a request that is safe to repeat.
-                stale = reused and isinstance(exc, http.client.RemoteDisconnected | BrokenPipeError)
-                if attempt or not (stale or method in ("GET", "DELETE")):
+            except (OSError, HTTPClientError) as exc:  # refused, unknown host, timeout (599)
+                # Once more where that cannot do anything twice: a request that is safe to repeat.
+                if attempt or method not in ("GET", "DELETE"):
                     raise GatewayError(
-                        f"the gateway at {self.config.url} does not answer ({type(exc).__name__}: {exc}); "
-                        f"check that it runs and that {URL_ENV} is right"
+                        f"gateway at {self.config.url} does not answer ({exc}): is `jupyter-gpu gateway` running "
+                        f"there? (set by {URL_ENV})", 0, Reason.GATEWAY_UNREACHABLE
                     ) from None
-        if response.status >= 400:
-            raise _gateway_error(response.status, data)
-        return json.loads(data) if data else None
+        if response.code >= 400:
+            raise self._error(response.code, response.body)
+        try:
+            return json.loads(response.body) if response.body else None
+        except ValueError:
+            raise self._error(response.code, response.body) from None
 
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
+    async def _fetch(self, request: HTTPRequest) -> HTTPResponse:
+        """Send one request on a connection of its own to the gateway's (cached) address.
 
-    # --- the API ----------------------------------------------------------------------------
+        The address is looked up once, while the process runs normally: tornado's own
+        lookup needs a worker thread, and there are none left when the interpreter exits,
+        which is when the magic releases a notebook's leases.
+        """
+        if self._addresses is None:
+            host = self._parsed.hostname or ""
+            port = self._parsed.port or (443 if self._parsed.scheme == "https" else 80)
+            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
+            self._addresses = [(family, address) for family, _, _, _, address in infos]
+        client = AsyncHTTPClient(force_instance=True, resolver=_KnownAddresses(self._addresses))
+        try:
+            return await client.fetch(request, raise_error=False)
+        finally:
+            client.close()
 
-    def types(self) -> list[dict[str, Any]]:
-        return list(self.request("GET", "/api/gpu/types"))
+    def _error(self, status: int, data: bytes) -> GatewayError:
+        """The gateway's own ``{"message", "reason"}``, or words for an answer that is not the gateway's."""
+        try:
+            error = json.loads(data)
+        except ValueError:
+            error = None
+        if not isinstance(error, dict):
+            return GatewayError(f"{self.config.url} answered {status} with something that is not JSON: is {URL_ENV} "
+                                "the address of a jupyter-gpu gateway?", status, Reason.BAD_GATEWAY)
+        message = str(error.get("message") or f"gateway at {self.config.url} answered {status}")
+        return GatewayError(message, status, str(error.get("reason") or Reason.GATEWAY_ERROR))
 
-    def create_lease(self, spec: str, idle_timeout: float | None, notebook: str) -> dict[str, Any]:
+    # --- the API (async, and each one's blocking twin) ----------------------------------------
+
+    async def atypes(self) -> list[dict[str, Any]]:
+        return list(await self.arequest("GET", "/api/gpu/types"))
+
+    async def aleases(self) -> list[dict[str, Any]]:
+        return list(await self.arequest("GET", "/api/gpu/leases"))
+
+    async def acreate_lease(self, spec: str, idle_timeout: float | None, notebook: str) -> dict[str, Any]:
         body: dict[str, Any] = {"gpu": spec, "notebook": notebook}
         if idle_timeout is not None:
             body["idle_timeout"] = idle_timeout
-        return dict(self.request("POST", "/api/gpu/leases", body))
+        return dict(await self.arequest("POST", "/api/gpu/leases", body))
 
-    def get_lease(self, lease_id: str, wait: float = 0) -> dict[str, Any]:
+    async def aget_lease(self, lease_id: str, wait: float = 0) -> dict[str, Any]:
         query = f"?wait={wait}" if wait else ""
-        return dict(self.request("GET", f"/api/gpu/leases/{lease_id}{query}", timeout=self.timeout + wait))
+        return dict(await self.arequest("GET", f"/api/gpu/leases/{lease_id}{query}", timeout=self.timeout + wait))
 
-    def delete_lease(self, lease_id: str) -> dict[str, Any]:
-        return dict(self.request("DELETE", f"/api/gpu/leases/{lease_id}"))
+    async def adelete_lease(self, lease_id: str) -> dict[str, Any]:
+        return dict(await self.arequest("DELETE", f"/api/gpu/leases/{lease_id}"))
 
-    def usage(self) -> dict[str, Any]:
-        return dict(self.request("GET", "/api/gpu/usage"))
+    async def ausage(self) -> dict[str, Any]:
+        return dict(await self.arequest("GET", "/api/gpu/usage"))
 
-    def interrupt(self, kernel_id: str) -> None:
-        self.request("POST", f"/api/kernels/{kernel_id}/interrupt", {})
+    async def ainterrupt(self, kernel_id: str) -> None:
+        await self.arequest("POST", f"/api/kernels/{kernel_id}/interrupt", {})
+
+    types = run_sync(atypes)
+    leases = run_sync(aleases)
+    create_lease = run_sync(acreate_lease)
+    get_lease = run_sync(aget_lease)
+    delete_lease = run_sync(adelete_lease)
+    usage = run_sync(ausage)
+    interrupt = run_sync(ainterrupt)
 
     def open_channel(self, kernel_id: str, session_id: str | None = None) -> KernelChannel:
         return KernelChannel.open(self.config, kernel_id, session_id)
@@ -135,7 +191,7 @@ class GatewayClient:
         One HTTP/1.1 Upgrade request: the gateway checks token, kernel and size and answers
         101, then the raw bytes follow (sent from the buffer itself, no copy in Python) and
         the gateway writes back one JSON line once all of them are in the file. Raises
-        GatewayError, with ``reason == "unsupported"`` where the gateway cannot stage.
+        GatewayError, with ``reason == Reason.UNSUPPORTED`` where the gateway cannot stage.
         """
         view = memoryview(blob).cast("B")
         port = self._parsed.port or (443 if self._parsed.scheme == "https" else 80)
@@ -144,7 +200,8 @@ class GatewayClient:
         try:
             sock = socket.create_connection((host, port), timeout=timeout)
         except OSError as exc:
-            raise GatewayError(f"the gateway at {self.config.url} does not answer ({exc})") from None
+            raise GatewayError(f"gateway at {self.config.url} does not answer ({exc})", 0,
+                               Reason.GATEWAY_UNREACHABLE) from None
         try:
             if self._parsed.scheme == "https":
                 import ssl
@@ -160,14 +217,14 @@ class GatewayClient:
             status, headers = _read_head(reader)
             if status != 101:
                 body = reader.read(int(headers.get("content-length", "0") or 0))
-                raise _gateway_error(status, body)
+                raise self._error(status, body)
             switched = True
             # The gateway reads exactly len(view) bytes. Sent in slices, so that the timeout
             # is for a stall, not for the whole (sendall's timeout is a total).
             for offset in range(0, len(view), _UPLOAD_SLICE):
                 sock.sendall(view[offset : offset + _UPLOAD_SLICE])
             line = reader.readline(64 * 1024)
-            result = json.loads(line) if line else {"message": "the gateway closed the upload", "reason": "lost"}
+            result = json.loads(line) if line else error_body("the gateway closed the upload", Reason.LOST)
             if "upload" not in result:
                 raise GatewayError(result.get("message", "upload failed"), 500, result.get("reason", ""))
             return str(result["upload"])
@@ -175,12 +232,22 @@ class GatewayClient:
             # Before the 101 this is no answer from our gateway (a proxy in between?); after
             # it, the upload was lost mid-way.
             raise GatewayError(f"upload of {len(view)} bytes to the gateway at {self.config.url} failed: "
-                               f"{type(exc).__name__}: {exc}", 0, "lost" if switched else "") from None
+                               f"{type(exc).__name__}: {exc}", 0, Reason.LOST if switched else "") from None
         finally:
             sock.close()
 
 
 _UPLOAD_SLICE = 64 * 2**20
+
+
+class _KnownAddresses(Resolver):
+    """A tornado resolver that answers with addresses looked up before (see GatewayClient._fetch)."""
+
+    def initialize(self, addresses: list[tuple[int, Any]]) -> None:
+        self.addresses = addresses
+
+    async def resolve(self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC) -> list[Any]:
+        return [(fam, address) for fam, address in self.addresses if family in (socket.AF_UNSPEC, fam)]
 
 
 def _read_head(reader: Any) -> tuple[int, dict[str, str]]:
@@ -196,15 +263,6 @@ def _read_head(reader: Any) -> tuple[int, dict[str, str]]:
             return int(parts[1]), headers
         name, _, value = line.partition(":")
         headers[name.strip().lower()] = value.strip()
-
-
-def _gateway_error(status: int, data: bytes) -> GatewayError:
-    try:
-        error = json.loads(data)
-        message, reason = error.get("message", ""), error.get("reason", "")
-    except ValueError:
-        message, reason = data.decode(errors="replace")[:200], ""
-    return GatewayError(message or f"HTTP {status}", status, reason)
 
 
 class _BulkClientConnection(ClientConnection):

@@ -1,4 +1,4 @@
-"""``%%gpu`` and ``%gpu``: thin IPython wrappers over :mod:`jupyter_gpu.remote`."""
+"""``%%gpu`` and ``%gpu``: thin IPython wrappers over :class:`jupyter_gpu.gpu_client.GpuClient`."""
 
 from __future__ import annotations
 
@@ -18,11 +18,12 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import clear_output
 
 from .analysis import analyse_cell
-from .client import GatewayClient, GatewayConfig, GatewayError
+from .client import GatewayError
 from .defaults import read_default_type
+from .gpu_client import GpuClient
 from .outputs import RemoteResult
 from .protocol import SpecError, format_gpu_spec, parse_gpu_spec
-from .remote import CellOptions, LeaseGone, PushRefused, RemoteSession, acquire_lease, check_remote_refs
+from .remote import CellOptions, LeaseGone, PushRefused, RemoteSession
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -66,12 +67,37 @@ class IPythonFrontend:
                             ident=f"comm-{content.get('comm_id', '')}".encode(), buffers=[bytes(b) for b in buffers])
 
 
+class NotebookLeaseWatcher:
+    """Shows the queue position in place while waiting, and why a GPU kernel went away."""
+
+    def __init__(self) -> None:
+        self.handle: DisplayHandle | None = None
+
+    def waiting(self, spec: str, lease: dict[str, Any]) -> None:
+        text = (f"jupyter-gpu: waiting for {spec}: position {lease['queue_position']} in the queue, "
+                f"about {lease['expected_wait']:.0f} s (interrupt to cancel)")
+        if self.handle is None:
+            self.handle = display({"text/plain": text}, raw=True, display_id=True)
+        else:
+            self.handle.update({"text/plain": text}, raw=True)
+
+    def granted(self, spec: str, lease: dict[str, Any]) -> None:
+        if self.handle is not None:
+            self.handle.update({"text/plain": f"jupyter-gpu: got {lease['gpu_type']} after waiting"}, raw=True)
+        self.handle = None
+
+    def ended(self, session: RemoteSession, reason: str) -> None:
+        note = f"jupyter-gpu: the {session.lease['gpu_type']} lease ended ({reason})"
+        if session.remote_only:
+            note += f"; these lived only there and are gone: {', '.join(sorted(session.remote_only))}"
+        print(note + ". Getting a fresh GPU kernel.", file=sys.stderr)
+
+
 @magics_class
 class GpuMagics(Magics):
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
-        self.client: GatewayClient | None = None
-        self.sessions: dict[str, RemoteSession] = {}
+        self.client: GpuClient | None = None
         atexit.register(self.release_all)
 
     # --- plumbing ---------------------------------------------------------------------------
@@ -82,71 +108,28 @@ class GpuMagics(Magics):
         ns: dict[str, Any] = self.shell.user_ns
         return ns
 
-    def _client(self) -> GatewayClient:
+    @property
+    def sessions(self) -> dict[str, RemoteSession]:
+        """This notebook's sessions by SPEC (none before the first %%gpu cell)."""
+        return self.client.sessions if self.client is not None else {}
+
+    def _client(self) -> GpuClient:
         if self.client is None:
             try:
-                self.client = GatewayClient(GatewayConfig.from_env())
+                self.client = GpuClient.from_env(os.environ.get("JPY_SESSION_NAME", ""))
             except GatewayError as exc:
                 raise UsageError(str(exc)) from None
         return self.client
 
     def _offered(self) -> str:
         try:
-            return ", ".join(t["name"] for t in self._client().types())
+            return ", ".join(t["name"] for t in self._client().gateway.types())
         except GatewayError:
             return "(the gateway did not answer)"
 
-    def _session(self, spec: str, idle: float | None, new: bool) -> RemoteSession:
-        session = self.sessions.get(spec)
-        if session is not None and not session.alive:
-            self._tell_ended(self._release(spec))
-            session = None
-        elif session is not None and new:
-            self._release(spec)
-            session = None
-        if session is None:
-            client = self._client()
-            handle: list[DisplayHandle | None] = [None]
-
-            def show_wait(lease: dict[str, Any]) -> None:
-                text = (f"jupyter-gpu: waiting for {spec}: position {lease['queue_position']} in the queue, "
-                        f"about {lease['expected_wait']:.0f} s (interrupt to cancel)")
-                if handle[0] is None:
-                    handle[0] = display({"text/plain": text}, raw=True, display_id=True)
-                else:
-                    handle[0].update({"text/plain": text}, raw=True)
-
-            notebook = os.environ.get("JPY_SESSION_NAME", "")
-            lease = acquire_lease(client, spec, idle, notebook, show_wait)
-            if handle[0] is not None:
-                handle[0].update({"text/plain": f"jupyter-gpu: got {lease['gpu_type']} after waiting"}, raw=True)
-            session = self.sessions[spec] = RemoteSession(client, lease)
-        return session
-
-    def _release(self, spec: str) -> RemoteSession:
-        """Stop using this spec's session and end its lease (a no-op if it already ended)."""
-        session = self.sessions.pop(spec)
-        session.close()
-        try:
-            self._client().delete_lease(session.lease_id)
-        except (GatewayError, UsageError):
-            pass
-        return session
-
-    def _tell_ended(self, session: RemoteSession) -> None:
-        """Say why the GPU kernel went away and which values went with it."""
-        try:
-            reason = self._client().get_lease(session.lease_id).get("reason") or "closed"
-        except GatewayError:
-            reason = "closed"
-        note = f"jupyter-gpu: the {session.lease['gpu_type']} lease ended ({reason})"
-        if session.remote_only:
-            note += f"; these lived only there and are gone: {', '.join(sorted(session.remote_only))}"
-        print(note + ". Getting a fresh GPU kernel.", file=sys.stderr)
-
     def release_all(self) -> None:
-        for spec in list(self.sessions):
-            self._release(spec)
+        if self.client is not None:
+            self.client.release_all()
 
     # --- the magic --------------------------------------------------------------------------
 
@@ -174,24 +157,9 @@ class GpuMagics(Magics):
         assert self.shell is not None
         # !shell lines and %magics are not Python: analyse what IPython will actually run
         names = analyse_cell(self.shell.input_transformer_manager.transform_cell(cell))
-        frontend = IPythonFrontend()
-        ns = self.user_ns
         try:
-            # Before leasing anything: a cell reading another kernel's value cannot run.
-            current = self.sessions.get(spec)
-            live = current.lease_id if current is not None and current.alive and not args.new else None
-            check_remote_refs([n for n in names.free if n not in options.no_push], ns, live)
-            session = self._session(spec, args.idle, args.new)
-            try:
-                relay = session.run_cell(cell, names.free, names.bound, ns, options, frontend)
-            except LeaseGone as exc:
-                if exc.executed:
-                    self._release(spec)  # don't leave a lease we lost track of billing
-                    raise RuntimeError(f"the connection to the GPU kernel was lost during the cell: {exc}") from None
-                # It ended between cells (idle release raced us): nothing ran, so run it afresh.
-                self._tell_ended(self._release(spec))
-                session = self._session(spec, args.idle, False)
-                relay = session.run_cell(cell, names.free, names.bound, ns, options, frontend)
+            relay = self._client().run_cell(spec, cell, names, self.user_ns, options, IPythonFrontend(), args.idle,
+                                            args.new, NotebookLeaseWatcher())
         except (PushRefused, LeaseGone, GatewayError) as exc:
             raise UsageError(str(exc)) from None
         if relay.timed_out:
@@ -211,7 +179,7 @@ class GpuMagics(Magics):
     # --- line commands ----------------------------------------------------------------------
 
     def _line(self, command: str) -> None:
-        client = self._client()
+        client = self._client().gateway
         try:
             if command == "types":
                 for t in client.types():
@@ -229,11 +197,10 @@ class GpuMagics(Magics):
                           f"{age:.0f} s, idle release in {idle if idle is None else round(idle)} s, "
                           f"{lease['gpu_seconds']:.1f} GPU-s, ${lease['cost']:.4f}")
             elif command == "release":
-                lost = sorted({n for s in self.sessions.values() for n in s.remote_only})
-                count = len(self.sessions)
-                self.release_all()
-                print(f"jupyter-gpu: released {count} lease(s)" + (f"; gone with them: {', '.join(lost)}" if lost
-                                                                   else ""))
+                released = self._client().release_all()
+                lost = sorted({n for s in released for n in s.remote_only})
+                print(f"jupyter-gpu: released {len(released)} lease(s)" + (f"; gone with them: {', '.join(lost)}"
+                                                                            if lost else ""))
             elif command == "usage":
                 usage = client.usage()
                 print(f"{usage['total_gpu_seconds']:.1f} GPU-seconds, ${usage['total_cost']:.4f} in total")

@@ -27,16 +27,30 @@ class Frontend(Protocol):
 
 
 class RemoteError(Exception):
-    """An exception raised by the remote cell; shows the remote traceback, keeps its type name."""
+    """An exception raised by the remote cell; shows the remote traceback, keeps its type name.
+
+    ``engine_info`` says where it happened (``lease_id``, ``gpu_type``, ``node``), as
+    ipyparallel's does: with several leases in one notebook, which kernel failed matters.
+    """
 
     def __init__(self, ename: str, evalue: str, traceback: list[str]) -> None:
         super().__init__(f"{ename}: {evalue}")
         self.ename = ename
         self.evalue = evalue
         self.traceback = traceback
+        self.engine_info: dict[str, str] = {}
+
+    def where(self) -> str:
+        """``the a100 kernel of lease 1a2b3c4d on node gpu-7``, or '' when unknown."""
+        info = self.engine_info
+        if not info:
+            return ""
+        text = f"the {info.get('gpu_type') or 'GPU'} kernel of lease {info.get('lease_id', '?')[:8]}"
+        return text + (f" on node {info['node']}" if info.get("node") else "")
 
     def _render_traceback_(self) -> list[str]:
-        return self.traceback or [f"{self.ename}: {self.evalue}"]
+        lines = self.traceback or [f"{self.ename}: {self.evalue}"]
+        return [f"[{self.where()}]", *lines] if self.engine_info else lines
 
 
 _ERROR_TYPES: dict[str, type[RemoteError]] = {}

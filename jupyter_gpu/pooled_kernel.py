@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import re
 import sys
 import threading
 from importlib.metadata import version
@@ -25,8 +26,28 @@ except ImportError:  # another ipykernel: see supported()
     _accepts_parameters = None  # type: ignore[assignment]
 
 
-def supported() -> bool:
-    """Whether this ipykernel has the internals these classes build on (written for 7.x).
+#: The ipykernel releases whose internals the classes below copy or call: OutStream's
+#: ``_flush`` (reproduced in ``PooledOutStream._flush``, with its ``_flush_pending``,
+#: ``_subprocess_flush_pending``, ``echo`` and ``_hooks``), ``_flush_buffers`` and
+#: ``_buffer_lock``, IOPubThread's ``_really_send`` and ``schedule``, and
+#: ``kernelbase._accepts_parameters`` as ``ipkernel`` looks it up. Private names may change
+#: meaning in any minor release, so a release outside this range runs stock kernels until
+#: someone has read its code and widened the range.
+WRITTEN_FOR = ((7, 4), (7, 5))
+
+
+def written_for(ipykernel_version: str) -> bool:
+    """Whether ``ipykernel_version`` lies in ``WRITTEN_FOR`` (lowest included, highest not)."""
+    numbers = re.match(r"(\d+)\.(\d+)", ipykernel_version)
+    if numbers is None:
+        return False
+    release = (int(numbers.group(1)), int(numbers.group(2)))
+    return WRITTEN_FOR[0] <= release < WRITTEN_FOR[1]
+
+
+def supported(ipykernel_version: str | None = None) -> bool:
+    """Whether the pool may swap these classes in for ipykernel ``ipykernel_version`` (default:
+    the installed one): a release they were written for, with the internals they use present.
 
     The pool launches stock kernels otherwise: slower per execute, never broken.
     """
@@ -35,8 +56,9 @@ def supported() -> bool:
         (IOPubThread, ("_really_send", "schedule")),
     ]
     return (
-        version("ipykernel").split(".")[0] == "7"
+        written_for(ipykernel_version if ipykernel_version is not None else version("ipykernel"))
         and _accepts_parameters is not None
+        and hasattr(ipkernel, "_accepts_parameters")
         and all(hasattr(cls, name) for cls, names in needed for name in names)
     )
 

@@ -11,6 +11,7 @@ import re
 import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Any
 
 #: Environment variables the client reads to find its gateway.
@@ -23,18 +24,68 @@ KERNEL_WS_PROTOCOL_V1 = "v1.kernel.websocket.jupyter.org"
 #: Prefix of the kernelspec names the gateway offers, one per GPU type (``gpu-a100``).
 KERNELSPEC_PREFIX = "gpu-"
 
-# Lease states and the reasons a lease ends.
+#: Lease states.
 QUEUED = "queued"
 GRANTED = "granted"
 RELEASED = "released"
 
-REASON_IDLE = "idle"
-REASON_DELETED = "deleted"
-REASON_CANCELLED = "cancelled"
-REASON_KERNEL_DIED = "kernel_died"
-REASON_GATEWAY_RESTART = "gateway_restart"
-REASON_MAX_DURATION = "max_duration"
-REASON_NODE_LOST = "node_lost"
+
+class Reason(StrEnum):
+    """Every short, machine-readable word the system puts in a ``reason``: why a lease ended,
+    and why a request was refused (the ``reason`` of a ``{"message", "reason"}`` error).
+
+    One vocabulary for the gateway, the pool, uploads, the magic and the sidebar, so that code
+    on either side of the wire compares against the same names. Members are strings: they
+    go into JSON and SQLite as their value.
+    """
+
+    # why a lease ended
+    IDLE = "idle"
+    DELETED = "deleted"
+    CANCELLED = "cancelled"
+    KERNEL_DIED = "kernel_died"
+    GATEWAY_RESTART = "gateway_restart"
+    MAX_DURATION = "max_duration"
+    NODE_LOST = "node_lost"
+    OOM = "oom"  # the kernel went past its memory limit
+    # why the gateway refused a request
+    UNAUTHORIZED = "unauthorized"
+    FORBIDDEN = "forbidden"
+    NOT_FOUND = "not_found"
+    BAD_REQUEST = "bad_request"
+    BAD_JSON = "bad_json"
+    BAD_SPEC = "bad_spec"
+    BAD_IDLE_TIMEOUT = "bad_idle_timeout"
+    BAD_NOTEBOOK = "bad_notebook"
+    BAD_WAIT = "bad_wait"
+    UNKNOWN_TYPE = "unknown_type"
+    TOO_MANY_GPUS = "too_many_gpus"
+    NO_CAPACITY = "no_capacity"
+    LEASE_ENDED = "lease_ended"
+    UNSUPPORTED = "unsupported"
+    TOO_LARGE = "too_large"
+    NO_SPACE = "no_space"
+    BUSY = "busy"
+    UPLOAD_FAILED = "upload_failed"
+    INTERNAL_ERROR = "internal_error"
+    # seen only by clients: an upload cut after the gateway accepted it, and the sidebar's
+    # server extension when the gateway is not set up or does not answer
+    LOST = "lost"
+    NOT_CONFIGURED = "not_configured"
+    GATEWAY_UNREACHABLE = "gateway_unreachable"
+    BAD_GATEWAY = "bad_gateway"
+    GATEWAY_ERROR = "gateway_error"
+
+
+# The names the pool and older code import; the same objects as the members.
+REASON_IDLE = Reason.IDLE
+REASON_DELETED = Reason.DELETED
+REASON_CANCELLED = Reason.CANCELLED
+REASON_KERNEL_DIED = Reason.KERNEL_DIED
+REASON_GATEWAY_RESTART = Reason.GATEWAY_RESTART
+REASON_MAX_DURATION = Reason.MAX_DURATION
+REASON_NODE_LOST = Reason.NODE_LOST
+REASON_OOM = Reason.OOM
 
 #: The comm target of the kernel-side helper, and the line that loads it at warm-up.
 HELPER_COMM_TARGET = "jupyter_gpu"

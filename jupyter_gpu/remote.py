@@ -11,6 +11,7 @@ import importlib
 import importlib.util
 import time
 import types
+import urllib.parse
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from . import reaper, serialize, write_tracking
 from .client import GatewayClient, GatewayError
 from .outputs import CellRelay, Frontend
-from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY
+from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY, Reason
 from .transfer import UPLOAD_MIN_BYTES, split
 
 #: Libraries often present on GPU kernels but not in a notebook's CPU environment.
@@ -100,7 +101,7 @@ def missing_local_modules() -> set[str]:
 #: Upload failures that fail the cell (too large for the operator's limit, a bad token, a
 #: connection lost mid-way). Anything else (a gateway or proxy that does not do uploads, a
 #: full staging area, all upload slots busy) sends the values over the websocket instead.
-UPLOAD_REFUSALS = frozenset({"too_large", "unauthorized", "upload_failed", "lost"})
+UPLOAD_REFUSALS = frozenset({Reason.TOO_LARGE, Reason.UNAUTHORIZED, Reason.UPLOAD_FAILED, Reason.LOST})
 
 
 class RemoteSession:
@@ -122,6 +123,14 @@ class RemoteSession:
     @property
     def lease_id(self) -> str:
         return str(self.lease["id"])
+
+    @property
+    def engine_info(self) -> dict[str, str]:
+        """Where this session's cells run, for labelling their errors."""
+        # A lease names its node where the pool spans several; the local pool runs its
+        # kernels on the gateway's own machine.
+        node = self.lease.get("node") or urllib.parse.urlsplit(self.client.config.url).hostname or ""
+        return {"lease_id": self.lease_id, "gpu_type": str(self.lease.get("gpu_type") or ""), "node": str(node)}
 
     @property
     def alive(self) -> bool:
@@ -192,14 +201,14 @@ class RemoteSession:
             try:
                 staged[index] = self.client.upload(self.lease["kernel_id"], blob)
             except GatewayError as exc:
-                if exc.status == 404 and exc.reason == "not_found":  # the lease ended between cells
+                if exc.status == 404 and exc.reason == Reason.NOT_FOUND:  # the lease ended between cells
                     raise LeaseGone(str(exc)) from None
                 if exc.reason in UPLOAD_REFUSALS:
                     raise
                 # The gateway cannot stage now or at all, or something between us (a proxy
                 # without Upgrade support) would not let the upload through: the websocket
                 # carries the rest (and, for an unsupported gateway, everything from now on).
-                if exc.reason in ("unsupported", ""):
+                if exc.reason in (Reason.UNSUPPORTED, ""):
                     self.uploads = False
                 break
         return staged
@@ -232,6 +241,8 @@ class RemoteSession:
             raise LeaseGone(self.channel.close_reason() or "the connection to the GPU kernel closed") from None
         relay = CellRelay(frontend, msg_id, helper_comm_id=self.comm_id)
         self._follow(relay, options.timeout)
+        if relay.error is not None:
+            relay.error.engine_info = self.engine_info
         if relay.error is not None or relay.timed_out:
             # Names the cell binds may or may not have been rebound before it stopped.
             for name in pull["names"]:

@@ -1,8 +1,9 @@
 """The jupyter_server extension behind the JupyterLab sidebar: a small proxy to the gateway.
 
 The browser talks only to its own Jupyter server (``/jupyter-gpu/...``), which adds the gateway
-token and forwards the call. So the token stays on the server, the browser needs no CORS access
-to the gateway, and one place turns every gateway failure into words the panel can show.
+token and forwards the call with the same :class:`~jupyter_gpu.client.GatewayClient` the magic
+uses. So the token stays on the server, the browser needs no CORS access to the gateway, and
+the client's one error type turns every gateway failure into words the panel can show.
 """
 
 from __future__ import annotations
@@ -16,24 +17,14 @@ from typing import Any
 from jupyter_server.base.handlers import APIHandler
 from jupyter_server.utils import url_path_join
 from tornado import web
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest
 from traitlets import Float, Unicode, default
 from traitlets.config import Configurable
 
+from .client import GatewayClient, GatewayConfig, GatewayError
 from .defaults import read_default_type, write_default_type
-from .protocol import TOKEN_ENV, URL_ENV, SpecError, error_body, parse_gpu_spec
+from .protocol import TOKEN_ENV, URL_ENV, Reason, SpecError, error_body, parse_gpu_spec
 
 API_PREFIX = "jupyter-gpu"
-
-
-class GatewayUnavailable(Exception):
-    """A gateway call that failed; ``status``, ``message`` and ``reason`` are what the browser gets."""
-
-    def __init__(self, status: int, message: str, reason: str) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.reason = reason
 
 
 class JupyterGpu(Configurable):
@@ -57,57 +48,31 @@ class JupyterGpu(Configurable):
     def url(self) -> str:
         return self.gateway_url.rstrip("/")
 
-    async def call(self, method: str, path: str) -> Any:
-        """One gateway request and its JSON answer: every outbound HTTP request goes through here."""
+    def client(self) -> GatewayClient:
+        """The same client the ``%%gpu`` magic uses, with this server's token."""
         if not self.url:
-            raise GatewayUnavailable(
-                503,
+            raise GatewayError(
                 f"no gateway configured: start JupyterLab with {URL_ENV} and {TOKEN_ENV} set "
                 "(or c.JupyterGpu.gateway_url and c.JupyterGpu.gateway_token)",
-                "not_configured",
+                0,
+                Reason.NOT_CONFIGURED,
             )
-        request = HTTPRequest(
-            self.url + path,
-            method=method,
-            headers={"Authorization": f"token {self.gateway_token}", "Accept": "application/json"},
-            connect_timeout=min(5.0, self.request_timeout),
-            request_timeout=self.request_timeout,
-        )
-        try:
-            response = await AsyncHTTPClient().fetch(request, raise_error=False)
-        except (OSError, HTTPClientError) as exc:  # refused, unknown host, timeout (599)
-            raise GatewayUnavailable(
-                502,
-                f"gateway at {self.url} does not answer ({exc}): is `jupyter-gpu gateway` running there? "
-                f"(set by {URL_ENV})",
-                "gateway_unreachable",
-            ) from None
-        try:
-            data = json.loads(response.body) if response.body else None
-        except ValueError:
-            raise GatewayUnavailable(
-                502,
-                f"{self.url} answered {response.code} with something that is not JSON: is {URL_ENV} the "
-                "address of a jupyter-gpu gateway?",
-                "bad_gateway",
-            ) from None
-        if response.code >= 400:
-            raise _gateway_error(response.code, data, self.url)
-        return data
+        return GatewayClient(GatewayConfig(self.url, self.gateway_token), timeout=self.request_timeout)
 
 
-def _gateway_error(code: int, data: Any, url: str) -> GatewayUnavailable:
-    """The gateway's own ``{"message", "reason"}``, with a status that blames the right party.
+def browser_status(error: GatewayError, url: str) -> tuple[int, str]:
+    """The status and message the browser gets for a failed gateway call, blaming the right party.
 
     A 401 from the gateway is the server's token, not the browser's login: passed on as 401 it
     would read as "log in to JupyterLab again", so it becomes a 502 like any upstream failure.
     """
-    body = data if isinstance(data, dict) else {}
-    message = str(body.get("message") or f"gateway at {url} answered {code}")
-    reason = str(body.get("reason") or "gateway_error")
-    if code in (401, 403):
-        return GatewayUnavailable(502, f"gateway at {url} refused this server's token: {message}", reason)
-    return GatewayUnavailable(code if code < 500 else 502, message, reason)
+    if error.reason == Reason.NOT_CONFIGURED:
+        return 503, str(error)
+    if error.status in (401, 403):
+        return 502, f"gateway at {url} refused this server's token: {error}"
+    if error.status == 0 or error.status >= 500:
+        return 502, str(error)
+    return error.status, str(error)
 
 
 class GpuHandler(APIHandler):
@@ -123,8 +88,9 @@ class GpuHandler(APIHandler):
         self.set_header("Content-Type", "application/json")
         self.finish(json.dumps(data))
 
-    def fail(self, error: GatewayUnavailable) -> None:
-        self.reply(error_body(error.message, error.reason), error.status)
+    def fail(self, error: GatewayError) -> None:
+        status, message = browser_status(error, self.gpu.url)
+        self.reply(error_body(message, error.reason), status)
 
     def notebook_path(self, notebook: str) -> str:
         """A lease's notebook (the kernel's absolute path) as JupyterLab names it: relative to the root."""
@@ -146,9 +112,9 @@ class StateHandler(GpuHandler):
     @web.authenticated
     async def get(self) -> None:
         try:
-            types, leases = await asyncio.gather(self.gpu.call("GET", "/api/gpu/types"),
-                                                 self.gpu.call("GET", "/api/gpu/leases"))
-        except GatewayUnavailable as exc:
+            client = self.gpu.client()
+            types, leases = await asyncio.gather(client.atypes(), client.aleases())
+        except GatewayError as exc:
             self.fail(exc)
             return
         self.reply({"gateway": self.gpu.url, "types": types, "leases": self.with_paths(leases)})
@@ -160,8 +126,8 @@ class LeaseHandler(GpuHandler):
     @web.authenticated
     async def delete(self, lease_id: str) -> None:
         try:
-            lease = await self.gpu.call("DELETE", f"/api/gpu/leases/{lease_id}")
-        except GatewayUnavailable as exc:
+            lease = await self.gpu.client().adelete_lease(lease_id)
+        except GatewayError as exc:
             self.fail(exc)
             return
         self.reply(self.with_paths([lease])[0])
@@ -181,13 +147,13 @@ class DefaultTypeHandler(GpuHandler):
         except (ValueError, AttributeError):
             gpu_type = None
         if not isinstance(gpu_type, str):
-            self.fail(GatewayUnavailable(400, 'send {"gpu_type": "a100"} (a type, a100:2, h100|a100 or any)',
-                                         "bad_spec"))
+            self.fail(GatewayError('send {"gpu_type": "a100"} (a type, a100:2, h100|a100 or any)', 400,
+                                   Reason.BAD_SPEC))
             return
         try:
             parse_gpu_spec(gpu_type)
         except SpecError as exc:
-            self.fail(GatewayUnavailable(400, f"{exc}", "bad_spec"))
+            self.fail(GatewayError(f"{exc}", 400, Reason.BAD_SPEC))
             return
         write_default_type(gpu_type)
         self.reply({"gpu_type": read_default_type()})

@@ -14,21 +14,25 @@ from typing import Any
 from jupyter_core.application import JupyterApp
 from jupyter_core.paths import jupyter_config_dir, jupyter_data_dir
 from tornado import httpserver, netutil, web
-from traitlets import Bool, Float, Int, Unicode, default
+from traitlets import Bool, Float, Int, Type, Unicode, default
 
 from jupyter_gpu import __version__
-from jupyter_gpu.protocol import REASON_GATEWAY_RESTART, TOKEN_ENV
+from jupyter_gpu.protocol import TOKEN_ENV, Reason
 from pool_manager.manager import PoolManager
 from pool_manager.ray_pool import RayPool
 from pool_manager.service import PoolService
 
 from . import handlers as h
 from .auth import TokenAuthenticator
+from .authorizer import Authorizer
 from .channels import ChannelsHandler
+from .errors import ApiError
 from .gateway import Gateway
+from .identity import IdentityProvider, TokenIdentityProvider
+from .info import InfoHandler
 from .metering import MeteringStore
 from .nodes import NodesHandler
-from .uploads import UploadHandler, abort_uploads
+from .uploads import UploadHandler
 
 log = logging.getLogger("jupyter_gpu.gateway")
 
@@ -39,7 +43,9 @@ def default_users_file() -> str:
     return str(Path(jupyter_config_dir()) / "jupyter_gpu_users.json")
 
 
-def make_app(gateway: Gateway, authenticator: TokenAuthenticator, **settings: Any) -> web.Application:
+def make_app(
+    gateway: Gateway, identity_provider: IdentityProvider, authorizer: Authorizer, **settings: Any
+) -> web.Application:
     kernel, lease = _ID.format("kernel_id"), _ID.format("lease_id")
     routes: list[Any] = [
         (r"/api/?", h.ApiRootHandler),
@@ -55,13 +61,15 @@ def make_app(gateway: Gateway, authenticator: TokenAuthenticator, **settings: An
         (rf"/api/gpu/leases/{lease}/?", h.LeaseHandler),
         (r"/api/gpu/nodes/?", NodesHandler),
         (r"/api/gpu/usage/?", h.UsageHandler),
+        (r"/api/gpu/info/?", InfoHandler),
         (r"/metrics", h.MetricsHandler),
     ]
     return web.Application(
         routes,
         log_function=log_request,
         gateway=gateway,
-        authenticator=authenticator,
+        identity_provider=identity_provider,
+        authorizer=authorizer,
         default_handler_class=NotFoundHandler,
         websocket_ping_interval=30,
         **settings,
@@ -79,8 +87,8 @@ def log_request(handler: web.RequestHandler) -> None:
 
 
 class NotFoundHandler(h.ApiHandler):
-    def prepare(self) -> None:
-        raise h.ApiError(404, f"no such resource: {self.request.path}", "not_found")
+    async def prepare(self) -> None:
+        raise ApiError(404, f"no such resource: {self.request.path}", "not_found")
 
 
 def is_loopback(ip: str) -> bool:
@@ -97,7 +105,7 @@ class GatewayApp(JupyterApp):
     version = __version__
     description = "Serve a pool of warm GPU kernels over the Jupyter kernel API."
     config_file_name = Unicode("jupyter_gpu_config")
-    classes = [PoolManager, RayPool]
+    classes = [PoolManager, IdentityProvider, Authorizer, RayPool]
 
     ip = Unicode("127.0.0.1", help="Address to listen on. Anything but loopback requires tokens.").tag(config=True)
     port = Int(8765, help="Port to listen on (0 picks a free one and logs it).").tag(config=True)
@@ -117,6 +125,18 @@ class GatewayApp(JupyterApp):
     ).tag(config=True)
     replay_buffer_bytes = Int(
         64 * 2**20, help="Output kept per disconnected client session for replay when it reconnects, in bytes."
+    ).tag(config=True)
+    identity_provider_class = Type(
+        TokenIdentityProvider,
+        klass=IdentityProvider,
+        help="Who sends each request (a User with a name and groups): the gateway's tokens by default; another "
+        "class, e.g. one that accepts JupyterHub tokens, changes no handler.",
+    ).tag(config=True)
+    authorizer_class = Type(
+        Authorizer,
+        klass=Authorizer,
+        help="Whether a user may do an action (read, write, execute) on a resource (kernels, leases, types, "
+        "usage, metrics, ...). The default lets every known user use the API on their own leases.",
     ).tag(config=True)
     kernel_request_timeout = Float(
         60.0, help="How long POST /api/kernels waits for a free GPU before answering 503."
@@ -139,6 +159,10 @@ class GatewayApp(JupyterApp):
         "max-gpus-per-user": "PoolManager.max_gpus_per_user",
         "warmup-code": "PoolManager.warmup_code",
         "ray": "RayPool.address",
+        "sandbox": "PoolManager.sandbox",
+        "kernel-uids": "PoolManager.kernel_uids",
+        "kernel-memory": "PoolManager.kernel_memory",
+        "kernel-cpus": "PoolManager.kernel_cpus",
         "log-level": "Application.log_level",
         "config": "JupyterApp.config_file",
     }
@@ -155,13 +179,25 @@ class GatewayApp(JupyterApp):
         level = int(str(self.log_level)) if str(self.log_level).isdigit() else str(self.log_level)
         logging.basicConfig(level=level, format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s", force=True)
         try:  # configuration errors: one clear line, no traceback
-            authenticator = self.authenticator()
+            identity_provider = self.identity_provider()
             pool = PoolManager(parent=self)
-            service = pool.build_service()
+            service = pool.build_service(hidden=self.state_paths())
         except ValueError as exc:
             self.log.critical("%s", exc)
             self.exit(2)
-        asyncio.run(self.serve(authenticator, pool, service))
+        asyncio.run(self.serve(identity_provider, pool, service))
+
+    def identity_provider(self) -> IdentityProvider:
+        """The configured provider, holding the gateway's own tokens (any provider may accept them)."""
+        provider: IdentityProvider = self.identity_provider_class(parent=self, tokens=self.authenticator())
+        return provider
+
+    def state_paths(self) -> list[str]:
+        """What no kernel may see: the database, the users file, the gateway's config and runtime."""
+        users = self.users or default_users_file()
+        paths = [str(Path(self.db).parent), users, jupyter_config_dir(), self.runtime_dir,
+                 *map(str, self.loaded_config_files)]
+        return [os.path.abspath(p) for p in paths if p]
 
     def authenticator(self) -> TokenAuthenticator:
         users = self.users or (default_users_file() if os.path.exists(default_users_file()) else "")
@@ -183,12 +219,13 @@ class GatewayApp(JupyterApp):
             )
         return TokenAuthenticator.single_user(token)
 
-    async def serve(self, authenticator: TokenAuthenticator, pool: PoolManager, service: PoolService) -> None:
+    async def serve(self, identity_provider: IdentityProvider, pool: PoolManager, service: PoolService) -> None:
         Path(self.db).parent.mkdir(parents=True, exist_ok=True)
         gateway = Gateway(pool, service, MeteringStore(self.db), self.replay_buffer_bytes)
         app = make_app(
             gateway,
-            authenticator,
+            identity_provider,
+            self.authorizer_class(parent=self),
             websocket_max_message_size=self.max_message_size,
             max_upload_bytes=self.max_upload_size,
             kernel_request_timeout=self.kernel_request_timeout,
@@ -211,8 +248,7 @@ class GatewayApp(JupyterApp):
         await stopping.wait()
         log.info("stopping: ending leases and killing kernels")
         server.stop()
-        abort_uploads()
-        await gateway.stop(REASON_GATEWAY_RESTART)
+        await gateway.stop(Reason.GATEWAY_RESTART)
         log.info("stopped")
 
 

@@ -25,9 +25,9 @@ from jupyter_gpu.protocol import (
     ws_v1_prefix,
 )
 
-from .gateway import NotFound
-from .handlers import ApiError, AuthMixin, not_found
-from .relay import TO_KERNEL_CHANNELS, KernelRelay, Part, RelayedMessage, make_message
+from .handlers import GatewayHandlerMixin
+from .relay import KernelRelay
+from .relay_state import TO_KERNEL_CHANNELS, Part, RelayedMessage, make_message
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +82,11 @@ class _GatewayProtocol(websocket.WebSocketProtocol13):
             raise websocket.WebSocketClosedError() from None
 
 
-class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
+class ChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
+    auth_resource = "kernels"
+    auth_action = "execute"  # code goes to the kernel
     relay: KernelRelay
     session_id: str
-    user = ""
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         return KERNEL_WS_PROTOCOL_V1 if KERNEL_WS_PROTOCOL_V1 in subprotocols else None
@@ -96,25 +97,10 @@ class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
             return _GatewayProtocol(self, False, protocol.params)
         return protocol
 
-    def write_error(self, status_code: int, **kwargs: Any) -> None:
-        exc = kwargs.get("exc_info", (None, None, None))[1]
-        if isinstance(exc, ApiError):
-            message, reason = exc.message, exc.error_reason
-        else:  # never a traceback to the client: log it under an id the operator can find
-            incident = uuid.uuid4().hex[:8]
-            log.error("internal error %s opening %s", incident, self.request.path, exc_info=kwargs.get("exc_info"))
-            message, reason = f"internal error {incident}: see the gateway log", "internal_error"
-        self.set_header("Content-Type", "application/json")
-        self.finish(json.dumps({"message": message, "reason": reason}))
-
     async def get(self, kernel_id: str) -> None:
-        self.user = self.authenticate()
-        self.owned(kernel_id)
+        await self.identify()
         self.session_id = self.get_argument("session_id", "") or uuid.uuid4().hex
-        try:
-            self.relay = await self.gateway.relay_for(kernel_id)
-        except NotFound:  # its lease ended while we connected
-            raise not_found(kernel_id) from None
+        self.relay = await self.gateway.open_relay(self.user, kernel_id)
         await super().get(kernel_id)
 
     def open(self, kernel_id: str) -> None:
@@ -212,8 +198,7 @@ class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
     def on_close(self) -> None:
         relay = getattr(self, "relay", None)
         if relay is not None:
-            for session in list(relay.sessions.values()):
-                session.detach(self)
+            relay.detach(self)
 
     def check_origin(self, origin: str) -> bool:
         # Token auth, not cookies, guards this socket, so a foreign page gains nothing.

@@ -6,6 +6,7 @@ Handlers stay thin: they authenticate, call one method here and write its JSON.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from datetime import UTC, datetime
@@ -13,41 +14,55 @@ from typing import Any
 
 import zmq
 
+from jupyter_gpu import __version__
 from jupyter_gpu.protocol import (
+    ANY_TYPE,
     GRANTED,
     KERNELSPEC_PREFIX,
     QUEUED,
-    REASON_DELETED,
-    REASON_GATEWAY_RESTART,
-    REASON_IDLE,
-    REASON_KERNEL_DIED,
-    REASON_MAX_DURATION,
-    REASON_NODE_LOST,
     RELEASED,
     GpuChoice,
+    Reason,
+    SpecError,
+    parse_gpu_spec,
 )
+from pool_manager.core import NO_CAPACITY, LeaseRequestError
 from pool_manager.inventory import gpu_status
 from pool_manager.manager import PoolManager
 from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted
 from pool_manager.service import PoolService
 
+from .errors import ApiError
 from .metering import MeteringStore
+from .metrics import render_metrics
 from .relay import KernelRelay
+from .relay_state import RelayTotals
+from .upload_receiver import UploadReceiver
 
 log = logging.getLogger(__name__)
 
-CLOSE_REASONS = {
-    REASON_IDLE: "lease ended: no execution for its idle timeout",
-    REASON_DELETED: "lease ended: released by its owner",
-    REASON_KERNEL_DIED: "lease ended: the kernel died",
-    REASON_GATEWAY_RESTART: "lease ended: the gateway is stopping",
-    REASON_MAX_DURATION: "lease ended: it reached the operator's maximum duration",
-    REASON_NODE_LOST: "lease ended: the machine its kernel ran on was lost",
+CLOSE_REASONS: dict[str, str] = {
+    Reason.IDLE: "lease ended: no execution for its idle timeout",
+    Reason.DELETED: "lease ended: released by its owner",
+    Reason.KERNEL_DIED: "lease ended: the kernel died",
+    Reason.GATEWAY_RESTART: "lease ended: the gateway is stopping",
+    Reason.MAX_DURATION: "lease ended: it reached the operator's maximum duration",
+    Reason.NODE_LOST: "lease ended: the machine its kernel ran on was lost",
+    Reason.OOM: "lease ended: the kernel ran out of memory",
+}
+#: Ends that kill the kernel under a running cell: its clients hear why.
+DEATHS: dict[str, str] = {
+    Reason.KERNEL_DIED: "died",
+    Reason.OOM: "went past its memory limit and was killed",
+    Reason.NODE_LOST: "ran on a machine that was lost, with every variable that lived only there",
 }
 
 
-class NotFound(LookupError):
-    """A lease or kernel that does not exist for this user (others' look the same)."""
+class NotFound(ApiError, LookupError):
+    """A lease or kernel that does not exist for this user (others' look the same): 404."""
+
+    def __init__(self, name: str, what: str = "kernel") -> None:
+        super().__init__(404, f"no {what} {name}", Reason.NOT_FOUND)
 
 
 def iso(ts: float | None) -> str | None:
@@ -69,6 +84,8 @@ class Gateway:
         self.replay_limit_bytes = replay_limit_bytes
         self.heartbeat_interval = heartbeat_interval
         self.relays: dict[str, KernelRelay] = {}
+        self.relay_totals = RelayTotals()
+        self.uploads = UploadReceiver()
         self._relay_ready: dict[str, asyncio.Task[KernelRelay]] = {}
         self.zmq_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -85,6 +102,7 @@ class Gateway:
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
     async def stop(self, reason: str) -> None:
+        self.uploads.abort()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         for task in self._preconnecting:
@@ -95,6 +113,150 @@ class Gateway:
         await asyncio.gather(*self._closing, return_exceptions=True)
         self.zmq_context.destroy(linger=0)
         self.metering.close()
+
+    # --- one call per API request -------------------------------------------------------
+    # Handlers parse HTTP and call one of these; what they answer, or the ApiError that
+    # says why not, is decided here.
+
+    def api_json(self) -> dict[str, Any]:
+        return {"version": __version__, "started": iso(self.started_at)}
+
+    def types_json(self) -> list[dict[str, Any]]:
+        return [
+            {
+                "name": s.gpu_type,
+                "total": s.total,
+                "free": s.free,
+                "warm": s.warm,
+                "queued": s.queued,
+                "memory_mb": s.memory_mb,
+                "price_per_gpu_hour": self.pool.price(s.gpu_type),
+                "emulated": s.emulated,
+                "isolation": self.pool.isolation.summary,
+            }
+            for s in self.service.core.summaries()
+        ]
+
+    def kernelspecs_json(self, name: str | None = None) -> dict[str, Any]:
+        """All kernelspecs (one per type), or the one called ``name``."""
+        specs = {}
+        for summary in self.service.core.summaries():
+            label = "CPU" if summary.gpu_type == "cpu" else f"{summary.gpu_type} GPU"
+            spec_name = KERNELSPEC_PREFIX + summary.gpu_type
+            specs[spec_name] = {
+                "name": spec_name,
+                "spec": {
+                    "argv": [],
+                    "display_name": f"Python 3 ({label}{', emulated' if summary.emulated else ''})",
+                    "language": "python",
+                    "metadata": {"jupyter_gpu": {"gpu_type": summary.gpu_type, "emulated": summary.emulated}},
+                },
+                "resources": {},
+            }
+        if name is None:
+            return {"default": next(iter(specs), ""), "kernelspecs": specs}
+        if name not in specs:
+            raise ApiError(404, f"no kernelspec {name!r}: offered are {', '.join(specs)}", Reason.NOT_FOUND)
+        return specs[name]
+
+    def parse_spec(self, spec: Any) -> tuple[GpuChoice, ...]:
+        if not isinstance(spec, str):
+            raise ApiError(400, f"'gpu' must be a string such as 'a100', 'a100:2', 'h100|a100' or 'any', got "
+                                f"{spec!r}", Reason.BAD_SPEC)
+        try:
+            return parse_gpu_spec(spec)
+        except SpecError as exc:
+            offered = ", ".join(self.service.core.types)
+            raise ApiError(400, f"{exc}; this gateway offers {offered}", Reason.BAD_SPEC) from None
+
+    def create_lease(self, user: str, gpu: Any, idle_timeout: Any, notebook: Any) -> Lease:
+        """A new lease for a request's fields, checked; granted or queued."""
+        choices = self.parse_spec(gpu)
+        if not isinstance(notebook, str) or len(notebook) > 1024:
+            raise ApiError(400, "'notebook' must be a string of at most 1024 characters", Reason.BAD_NOTEBOOK)
+        if idle_timeout is not None and (isinstance(idle_timeout, bool) or not isinstance(idle_timeout, int | float)):
+            raise ApiError(400, f"'idle_timeout' must be a number of seconds, got {idle_timeout!r}",
+                           Reason.BAD_IDLE_TIMEOUT)
+        try:
+            return self.request_lease(user, choices, idle_timeout, notebook)
+        except LeaseRequestError as exc:
+            raise ApiError(503 if exc.reason == NO_CAPACITY else 400, str(exc), exc.reason) from None
+
+    async def wait_for_lease(self, user: str, lease_id: str, seconds: float) -> dict[str, Any]:
+        """The lease, once it leaves the queue or ``seconds`` pass (a long poll)."""
+        if seconds > 0:
+            with contextlib.suppress(NotFound):
+                await self.service.wait_while_queued(self.active_lease(user, lease_id), seconds)
+        return self.lease_json(user, lease_id)
+
+    def release_lease(self, user: str, lease_id: str) -> dict[str, Any]:
+        """End (or cancel) the lease; one that ended already is answered as it is."""
+        try:
+            return self.end_lease(user, lease_id, Reason.DELETED)
+        except NotFound:
+            return self.lease_json(user, lease_id)
+
+    async def start_kernel(self, user: str, name: Any, timeout: float) -> dict[str, Any]:
+        """``POST /api/kernels`` of stock Jupyter clients: a kernelspec ``gpu-TYPE`` means a lease.
+
+        Waits up to ``timeout`` for a GPU. Cancelled (the client went away), it cancels the
+        lease: a GPU granted later would bill nobody's notebook.
+        """
+        # An empty pool has no first type: "any" then gets the core's clear refusal, not an IndexError.
+        name = name or KERNELSPEC_PREFIX + next(iter(self.service.core.types), ANY_TYPE)
+        if not isinstance(name, str) or not name.startswith(KERNELSPEC_PREFIX):
+            raise ApiError(400, f"unknown kernel name {name!r}: use gpu-TYPE, see /api/kernelspecs", Reason.BAD_SPEC)
+        gpu = name[len(KERNELSPEC_PREFIX) :]
+        lease = self.create_lease(user, gpu, None, "")
+        try:
+            await self.service.wait_while_queued(lease, timeout)
+        except asyncio.CancelledError:
+            with contextlib.suppress(NotFound):
+                self.end_lease(user, lease.id, Reason.CANCELLED)
+            raise
+        if lease.state == QUEUED:
+            info = self.describe(lease)
+            self.end_lease(user, lease.id, Reason.CANCELLED)
+            raise ApiError(
+                503,
+                f"no {gpu} free within {timeout:.0f} s (queue position {info['queue_position']}, about "
+                f"{info['expected_wait']:.0f} s): POST /api/gpu/leases to wait in the queue",
+                Reason.NO_CAPACITY,
+            )
+        try:
+            return self.kernel_json(self.owned_kernel(user, lease.kernel_id or ""))
+        except NotFound:
+            why = f"the lease ended before its kernel was ready ({lease.reason})"
+            raise ApiError(503, why, Reason.LEASE_ENDED) from None
+
+    def user_kernel_json(self, user: str, kernel_id: str) -> dict[str, Any]:
+        return self.kernel_json(self.owned_kernel(user, kernel_id))
+
+    def shut_down_kernel(self, user: str, kernel_id: str) -> None:
+        """``DELETE /api/kernels/ID``: the kernel goes with its lease."""
+        self.end_lease(user, self.owned_kernel(user, kernel_id).id, Reason.DELETED)
+
+    async def kernel_action(self, user: str, kernel_id: str, action: str) -> None:
+        self.owned_kernel(user, kernel_id)
+        if action != "interrupt":
+            raise ApiError(
+                400,
+                "pooled kernels are single-use and cannot be restarted: DELETE the kernel (ends its lease) "
+                "and request a new one",
+                Reason.UNSUPPORTED,
+            )
+        await self.service.interrupt(kernel_id)
+
+    async def open_relay(self, user: str, kernel_id: str) -> KernelRelay:
+        """The relay of the user's kernel, for a websocket about to attach to it."""
+        self.owned_kernel(user, kernel_id)
+        return await self.relay_for(kernel_id)
+
+    def usage_json(self, user: str) -> dict[str, Any]:
+        return self.metering.usage(user)
+
+    def metrics_text(self) -> str:
+        return render_metrics(self)
 
     # --- leases ---------------------------------------------------------------------------
 
@@ -108,7 +270,7 @@ class Gateway:
     def active_lease(self, user: str, lease_id: str) -> Lease:
         lease = self.service.core.leases.get(lease_id)
         if lease is None or lease.user != user:
-            raise NotFound(lease_id)
+            raise NotFound(lease_id, "lease")
         return lease
 
     def lease_json(self, user: str, lease_id: str) -> dict[str, Any]:
@@ -117,7 +279,7 @@ class Gateway:
             return self.describe(lease)
         row = self.metering.get(lease_id)
         if row is None or row["user"] != user:
-            raise NotFound(lease_id)
+            raise NotFound(lease_id, "lease")
         return row
 
     def leases_json(self, user: str, include_released: bool = False) -> list[dict[str, Any]]:
@@ -203,6 +365,15 @@ class Gateway:
         """Where uploads for this kernel go (the kernel maps them from there), if anywhere."""
         return self.service.backend.staging_dir(kernel_id)
 
+    def upload_target(self, user: str, kernel_id: str, nbytes_text: str, limit: int) -> tuple[str, int]:
+        """Where an upload of ``nbytes_text`` bytes to the user's kernel goes, and its size,
+        once it is allowed and fits (raises NotFound or the ApiError that says why not)."""
+        self.owned_kernel(user, kernel_id)
+        staging = self.staging_dir(kernel_id)
+        nbytes = self.uploads.check(staging, nbytes_text, limit)
+        assert staging is not None  # check() refuses uploads without a staging area
+        return staging, nbytes
+
     def kernel_json(self, lease: Lease) -> dict[str, Any]:
         kernel_id = lease.kernel_id or ""
         relay = self.relays.get(kernel_id)
@@ -250,6 +421,7 @@ class Gateway:
             self.zmq_context,
             self.replay_limit_bytes,
             on_activity=lambda busy: self.service.kernel_activity(kernel_id, busy),
+            totals=self.relay_totals,
         )
         try:
             await relay.connect()
@@ -278,18 +450,13 @@ class Gateway:
             self.metering.record(lease, self.pool.price(lease.gpu_type))
             relay = self.relays.pop(lease.kernel_id or "", None) if lease.granted_at is not None else None
             if relay is not None:
-                if lease.reason == REASON_KERNEL_DIED:
+                death = DEATHS.get(lease.reason or "")
+                if death is not None:
                     relay.kernel_died(
-                        f"the kernel of lease {lease.id} ({lease.gpu_type}) died; the lease has ended. "
+                        f"the kernel of lease {lease.id} ({lease.gpu_type}) {death}; the lease has ended. "
                         "Run the cell again for a fresh kernel."
                     )
-                elif lease.reason == REASON_NODE_LOST:
-                    relay.kernel_died(
-                        f"the machine running the kernel of lease {lease.id} ({lease.gpu_type}) was lost, and "
-                        "every variable that lived only there with it; the lease has ended. Run the cell again "
-                        "for a fresh kernel."
-                    )
-                code = 1011 if lease.reason in (REASON_KERNEL_DIED, REASON_NODE_LOST) else 1000
+                code = 1011 if death is not None else 1000
                 why = CLOSE_REASONS.get(lease.reason or "", "")
                 task = asyncio.get_running_loop().create_task(relay.close(code, why))
                 self._closing.add(task)

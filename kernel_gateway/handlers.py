@@ -1,7 +1,14 @@
-"""REST handlers: authenticate, call one method of the Gateway, write JSON."""
+"""REST handlers: say who asks and whether they may, call one method of the Gateway, write JSON.
+
+Who is asking is the configured :class:`~kernel_gateway.identity.IdentityProvider`'s answer,
+whether they may the :class:`~kernel_gateway.authorizer.Authorizer`'s; each handler names
+the resource it serves, so neither needs a change here when another kind of user arrives.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import inspect
 import json
 import logging
 import uuid
@@ -9,21 +16,12 @@ from typing import Any
 
 from tornado import web
 
-from jupyter_gpu.protocol import (
-    ANY_TYPE,
-    KERNELSPEC_PREFIX,
-    QUEUED,
-    REASON_CANCELLED,
-    REASON_DELETED,
-    SpecError,
-    error_body,
-    parse_gpu_spec,
-)
-from pool_manager.core import NO_CAPACITY, LeaseRequestError
+from jupyter_gpu.protocol import Reason, error_body
 
-from .auth import TokenAuthenticator, token_from_request
-from .gateway import Gateway, NotFound, iso
-from .metrics import render_metrics
+from .authorizer import Authorizer
+from .errors import ApiError
+from .gateway import Gateway
+from .identity import IdentityProvider, User
 
 log = logging.getLogger(__name__)
 
@@ -31,100 +29,87 @@ MAX_BODY_BYTES = 64 * 1024
 MAX_LONG_POLL = 300.0
 
 
-class ApiError(web.HTTPError):
-    """An error a client sees as ``{"message", "reason"}``."""
-
-    def __init__(self, status: int, message: str, reason: str) -> None:
-        super().__init__(status, message)
-        self.message = message
-        self.error_reason = reason
-
-
-class AuthMixin:
-    """Token auth for REST and websocket handlers alike."""
+class GatewayHandlerMixin:
+    """Identity, authorization and JSON errors for REST and websocket handlers alike."""
 
     request: Any
     settings: dict[str, Any]
-    user: str
+    _reason: str
+    #: what the authorizer is asked about (see kernel_gateway/authorizer.py)
+    auth_resource = "api"
+    #: the action, where the HTTP method does not say it (websockets, uploads: "execute")
+    auth_action: str | None = None
+    #: the caller, once identified
+    current_user: User | None = None
 
-    def authenticate(self) -> str:
-        auth: TokenAuthenticator = self.settings["authenticator"]
-        token = token_from_request(
-            self.request.headers.get("Authorization"),
-            self.request.arguments.get("token", [b""])[0].decode(errors="replace") or None,
-        )
-        user = auth.user_for(token)
-        if user is None:
-            what = "no token given" if not token else "the token is not valid"
-            raise ApiError(
-                401,
-                f"{what}: send 'Authorization: token YOUR_TOKEN' (set JUPYTER_GPU_TOKEN; "
-                "an operator creates tokens with 'jupyter-gpu token add NAME')",
-                "unauthorized",
-            )
-        return user
+    @property
+    def user(self) -> str:
+        """The caller's name: who owns the leases and kernels this request may touch."""
+        assert self.current_user is not None, "identify() runs before any handler method"
+        return self.current_user.name
 
     @property
     def gateway(self) -> Gateway:
         gateway: Gateway = self.settings["gateway"]
         return gateway
 
-    def owned(self, kernel_id: str) -> Any:
-        """The lease of the caller's kernel; anyone else's answers 404, as if it did not exist."""
-        try:
-            return self.gateway.owned_kernel(self.user, kernel_id)
-        except NotFound:
-            raise not_found(kernel_id) from None
-
-
-def not_found(kernel_id: str) -> ApiError:
-    return ApiError(404, f"no kernel {kernel_id}", "not_found")
-
-
-class ApiHandler(AuthMixin, web.RequestHandler):
-    user = ""
-
-    def set_default_headers(self) -> None:
-        self.set_header("Content-Type", "application/json")
-        self.set_header("Cache-Control", "no-store")
-
-    def prepare(self) -> None:
-        # A request and its reply are small: Nagle's algorithm would hold them back.
-        stream = getattr(self.request.connection, "stream", None)
-        if stream is not None:
-            stream.set_nodelay(True)
-        self.user = self.authenticate()
+    async def identify(self) -> User:
+        """Who is calling, and may they do this? 401 or 403 otherwise."""
+        identity: IdentityProvider = self.settings["identity_provider"]
+        found = identity.get_user(self)  # type: ignore[arg-type]
+        user = await found if inspect.isawaitable(found) else found
+        if user is None:
+            raise ApiError(401, identity.unauthenticated_message(self), Reason.UNAUTHORIZED)  # type: ignore[arg-type]
+        self.current_user = user
+        action = self.auth_action or ("read" if self.request.method in ("GET", "HEAD") else "write")
+        authorizer: Authorizer = self.settings["authorizer"]
+        allowed = authorizer.is_authorized(self, user, action, self.auth_resource)  # type: ignore[arg-type]
+        if not (await allowed if inspect.isawaitable(allowed) else allowed):
+            raise ApiError(403, f"user {user.name!r} may not {action} {self.auth_resource} on this gateway: ask its "
+                                "operator", Reason.FORBIDDEN)
+        return user
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Every error as ``{"message", "reason"}``; never a traceback to a client."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
         if isinstance(exc, ApiError):
             body = error_body(exc.message, exc.error_reason)
         elif isinstance(exc, web.HTTPError) and status_code < 500:
             body = error_body(exc.log_message or self._reason, self._reason.lower().replace(" ", "_"))
         else:
-            # Never leak a traceback to a client: log it under an id the operator can find.
+            # Logged under an id the operator can find.
             incident = uuid.uuid4().hex[:8]
-            log.error(
-                "internal error %s on %s %s",
-                incident,
-                self.request.method,
-                self.request.path,
-                exc_info=kwargs.get("exc_info"),
-            )
-            body = error_body(f"internal error {incident}: see the gateway log", "internal_error")
-        self.finish(json.dumps(body))
+            log.error("internal error %s on %s %s", incident, self.request.method, self.request.path,
+                      exc_info=kwargs.get("exc_info"))
+            body = error_body(f"internal error {incident}: see the gateway log", Reason.INTERNAL_ERROR)
+        self.set_header("Content-Type", "application/json")  # type: ignore[attr-defined]
+        self.finish(json.dumps(body))  # type: ignore[attr-defined]
+
+
+class ApiHandler(GatewayHandlerMixin, web.RequestHandler):
+    def set_default_headers(self) -> None:
+        self.set_header("Content-Type", "application/json")
+        self.set_header("Cache-Control", "no-store")
+
+    async def prepare(self) -> None:
+        # A request and its reply are small: Nagle's algorithm would hold them back.
+        stream = getattr(self.request.connection, "stream", None)
+        if stream is not None:
+            stream.set_nodelay(True)
+        await self.identify()
 
     def json_body(self) -> dict[str, Any]:
         if len(self.request.body) > MAX_BODY_BYTES:
-            raise ApiError(413, f"request body of {len(self.request.body)} bytes exceeds {MAX_BODY_BYTES}", "too_large")
+            raise ApiError(413, f"request body of {len(self.request.body)} bytes exceeds {MAX_BODY_BYTES}",
+                           Reason.TOO_LARGE)
         if not self.request.body:
             return {}
         try:
             body = json.loads(self.request.body)
         except ValueError as exc:
-            raise ApiError(400, f"request body is not valid JSON: {exc}", "bad_json") from None
+            raise ApiError(400, f"request body is not valid JSON: {exc}", Reason.BAD_JSON) from None
         if not isinstance(body, dict):
-            raise ApiError(400, "request body must be a JSON object", "bad_json")
+            raise ApiError(400, "request body must be a JSON object", Reason.BAD_JSON)
         return body
 
     def reply(self, data: Any, status: int = 200) -> None:
@@ -132,206 +117,114 @@ class ApiHandler(AuthMixin, web.RequestHandler):
         self.finish(json.dumps(data))
 
 
-def lease_choices(spec: Any, gateway: Gateway) -> Any:
-    if not isinstance(spec, str):
-        raise ApiError(
-            400, f"'gpu' must be a string such as 'a100', 'a100:2', 'h100|a100' or 'any', got {spec!r}", "bad_spec"
-        )
-    try:
-        return parse_gpu_spec(spec)
-    except SpecError as exc:
-        offered = ", ".join(gateway.service.core.types)
-        raise ApiError(400, f"{exc}; this gateway offers {offered}", "bad_spec") from None
-
-
 class ApiRootHandler(ApiHandler):
     def get(self) -> None:
-        from jupyter_gpu import __version__
-
-        self.reply({"version": __version__, "started": iso(self.gateway.started_at)})
+        self.reply(self.gateway.api_json())
 
 
 class KernelSpecsHandler(ApiHandler):
-    def get(self, name: str | None = None) -> None:
-        specs = {spec["name"]: spec for spec in self._specs()}
-        if name is not None:
-            if name not in specs:
-                raise ApiError(404, f"no kernelspec {name!r}: offered are {', '.join(specs)}", "not_found")
-            self.reply(specs[name])
-            return
-        default = next(iter(specs), "")
-        self.reply({"default": default, "kernelspecs": specs})
+    auth_resource = "kernelspecs"
 
-    def _specs(self) -> list[dict[str, Any]]:
-        rows = []
-        for summary in self.gateway.service.core.summaries():
-            label = "CPU" if summary.gpu_type == "cpu" else f"{summary.gpu_type} GPU"
-            name = KERNELSPEC_PREFIX + summary.gpu_type
-            rows.append(
-                {
-                    "name": name,
-                    "spec": {
-                        "argv": [],
-                        "display_name": f"Python 3 ({label}{', emulated' if summary.emulated else ''})",
-                        "language": "python",
-                        "metadata": {"jupyter_gpu": {"gpu_type": summary.gpu_type, "emulated": summary.emulated}},
-                    },
-                    "resources": {},
-                }
-            )
-        return rows
+    def get(self, name: str | None = None) -> None:
+        self.reply(self.gateway.kernelspecs_json(name))
 
 
 class KernelsHandler(ApiHandler):
+    auth_resource = "kernels"
+    _starting: asyncio.Task[dict[str, Any]] | None = None
+    _gone = False
+
     def get(self) -> None:
         self.reply(self.gateway.kernels_json(self.user))
 
     async def post(self) -> None:
-        # Stock Jupyter clients start kernels by name: a kernelspec gpu-TYPE means a lease.
-        body = self.json_body()
-        # An empty pool has no first type: "any" then gets the core's clear refusal, not an IndexError.
-        name = body.get("name") or KERNELSPEC_PREFIX + next(iter(self.gateway.service.core.types), ANY_TYPE)
-        if not isinstance(name, str) or not name.startswith(KERNELSPEC_PREFIX):
-            raise ApiError(400, f"unknown kernel name {name!r}: use gpu-TYPE, see /api/kernelspecs", "bad_spec")
-        choices = lease_choices(name[len(KERNELSPEC_PREFIX) :], self.gateway)
-        lease = request_lease(self.gateway, self.user, choices, None, "")
-        self.waiting_lease = lease.id
-        await self.gateway.service.wait_while_queued(lease, self.settings["kernel_request_timeout"])
-        self.waiting_lease = None
-        if lease.state == QUEUED:
-            info = self.gateway.describe(lease)
-            self.gateway.end_lease(self.user, lease.id, REASON_CANCELLED)
-            raise ApiError(
-                503,
-                f"no {name[len(KERNELSPEC_PREFIX) :]} free within {self.settings['kernel_request_timeout']:.0f} s "
-                f"(queue position {info['queue_position']}, about {info['expected_wait']:.0f} s): "
-                "POST /api/gpu/leases to wait in the queue",
-                "no_capacity",
-            )
+        name = self.json_body().get("name")
+        # A task, so that a client that gives up waiting cancels it, and with it the lease.
+        self._starting = asyncio.ensure_future(
+            self.gateway.start_kernel(self.user, name, self.settings["kernel_request_timeout"])
+        )
         try:
-            kernel = self.gateway.owned_kernel(self.user, lease.kernel_id or "")
-        except NotFound:
-            why = f"the lease ended before its kernel was ready ({lease.reason})"
-            raise ApiError(503, why, "lease_ended") from None
-        self.reply(self.gateway.kernel_json(kernel), 201)
-
-    waiting_lease: str | None = None
+            kernel = await self._starting
+        except asyncio.CancelledError:
+            if self._gone:
+                return  # nobody to answer
+            raise
+        self.reply(kernel, 201)
 
     def on_connection_close(self) -> None:
-        # The client gave up waiting: a GPU granted later would bill nobody's notebook.
-        if self.waiting_lease is not None:
-            try:
-                self.gateway.end_lease(self.user, self.waiting_lease, REASON_CANCELLED)
-            except NotFound:
-                pass
-
-
-def request_lease(gateway: Gateway, user: str, choices: Any, idle_timeout: Any, notebook: str) -> Any:
-    if idle_timeout is not None and (isinstance(idle_timeout, bool) or not isinstance(idle_timeout, int | float)):
-        raise ApiError(400, f"'idle_timeout' must be a number of seconds, got {idle_timeout!r}", "bad_idle_timeout")
-    try:
-        return gateway.request_lease(user, choices, idle_timeout, notebook)
-    except LeaseRequestError as exc:
-        raise ApiError(503 if exc.reason == NO_CAPACITY else 400, str(exc), exc.reason) from None
+        if self._starting is not None and not self._starting.done():
+            self._gone = True
+            self._starting.cancel()
 
 
 class KernelHandler(ApiHandler):
+    auth_resource = "kernels"
+
     def get(self, kernel_id: str) -> None:
-        self.reply(self.gateway.kernel_json(self.owned(kernel_id)))
+        self.reply(self.gateway.user_kernel_json(self.user, kernel_id))
 
     def delete(self, kernel_id: str) -> None:
-        lease = self.owned(kernel_id)
-        self.gateway.end_lease(self.user, lease.id, REASON_DELETED)
+        self.gateway.shut_down_kernel(self.user, kernel_id)
         self.set_status(204)
         self.finish()
 
 
-class KernelActionHandler(KernelHandler):
+class KernelActionHandler(ApiHandler):
+    auth_resource = "kernels"
+
     async def post(self, kernel_id: str, action: str) -> None:
-        self.owned(kernel_id)
-        if action == "restart":
-            raise ApiError(
-                400,
-                "pooled kernels are single-use and cannot be restarted: DELETE the kernel (ends its lease) "
-                "and request a new one",
-                "unsupported",
-            )
-        await self.gateway.service.interrupt(kernel_id)
+        await self.gateway.kernel_action(self.user, kernel_id, action)
         self.set_status(204)
         self.finish()
 
 
 class TypesHandler(ApiHandler):
+    auth_resource = "types"
+
     def get(self) -> None:
-        core = self.gateway.service.core
-        self.reply(
-            [
-                {
-                    "name": s.gpu_type,
-                    "total": s.total,
-                    "free": s.free,
-                    "warm": s.warm,
-                    "queued": s.queued,
-                    "memory_mb": s.memory_mb,
-                    "price_per_gpu_hour": self.gateway.pool.price(s.gpu_type),
-                    "emulated": s.emulated,
-                }
-                for s in core.summaries()
-            ]
-        )
+        self.reply(self.gateway.types_json())
 
 
 class LeasesHandler(ApiHandler):
+    auth_resource = "leases"
+
     def get(self) -> None:
         include_released = self.get_argument("all", "0") not in ("0", "false", "")
         self.reply(self.gateway.leases_json(self.user, include_released))
 
     def post(self) -> None:
         body = self.json_body()
-        choices = lease_choices(body.get("gpu", "any"), self.gateway)
-        notebook = body.get("notebook", "")
-        if not isinstance(notebook, str) or len(notebook) > 1024:
-            raise ApiError(400, "'notebook' must be a string of at most 1024 characters", "bad_notebook")
-        lease = request_lease(self.gateway, self.user, choices, body.get("idle_timeout"), notebook)
+        lease = self.gateway.create_lease(self.user, body.get("gpu", "any"), body.get("idle_timeout"),
+                                          body.get("notebook", ""))
         self.set_header("Location", f"/api/gpu/leases/{lease.id}")
         self.reply(self.gateway.describe(lease), 201)
 
 
 class LeaseHandler(ApiHandler):
+    auth_resource = "leases"
+
     async def get(self, lease_id: str) -> None:
         wait = self.get_argument("wait", "0")
         try:
             seconds = min(float(wait), MAX_LONG_POLL)
         except ValueError:
-            raise ApiError(400, f"'wait' must be seconds, got {wait!r}", "bad_wait") from None
-        if seconds > 0:
-            try:
-                lease = self.gateway.active_lease(self.user, lease_id)
-            except NotFound:
-                pass
-            else:
-                await self.gateway.service.wait_while_queued(lease, seconds)
-        self.reply(self.lease_or_404(lease_id))
+            raise ApiError(400, f"'wait' must be seconds, got {wait!r}", Reason.BAD_WAIT) from None
+        self.reply(await self.gateway.wait_for_lease(self.user, lease_id, seconds))
 
     def delete(self, lease_id: str) -> None:
-        try:
-            self.reply(self.gateway.end_lease(self.user, lease_id, REASON_DELETED))
-        except NotFound:
-            self.reply(self.lease_or_404(lease_id))  # already ended: deleting twice is harmless
-
-    def lease_or_404(self, lease_id: str) -> dict[str, Any]:
-        try:
-            return self.gateway.lease_json(self.user, lease_id)
-        except NotFound:
-            raise ApiError(404, f"no lease {lease_id}", "not_found") from None
+        self.reply(self.gateway.release_lease(self.user, lease_id))  # deleting twice is harmless
 
 
 class UsageHandler(ApiHandler):
+    auth_resource = "usage"
+
     def get(self) -> None:
-        self.reply(self.gateway.metering.usage(self.user))
+        self.reply(self.gateway.usage_json(self.user))
 
 
 class MetricsHandler(ApiHandler):
+    auth_resource = "metrics"
+
     def get(self) -> None:
         self.set_header("Content-Type", "text/plain; version=0.0.4; charset=utf-8")
-        self.finish(render_metrics(self.gateway))
+        self.finish(self.gateway.metrics_text())

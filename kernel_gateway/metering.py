@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Any
 
-from jupyter_gpu.protocol import GRANTED, QUEUED, REASON_GATEWAY_RESTART, RELEASED
+from jupyter_gpu.protocol import GRANTED, QUEUED, RELEASED, Reason
 from pool_manager.model import Lease, LeaseSnapshot
 
 _SCHEMA_VERSION = 1
@@ -68,7 +68,7 @@ ON CONFLICT (id) DO UPDATE SET
 _CLOSE_ABANDONED = f"""
 UPDATE leases SET
     state = '{RELEASED}',
-    reason = '{REASON_GATEWAY_RESTART}',
+    reason = '{Reason.GATEWAY_RESTART.value}',
     released_at = MIN(:now, MAX(COALESCE(last_alive_at, granted_at, queued_at), COALESCE(granted_at, queued_at)))
 WHERE state IN ('{QUEUED}', '{GRANTED}')
 """

@@ -62,7 +62,7 @@ def render_metrics(gateway: Gateway) -> str:
     family(
         "jupyter_gpu_messages_relayed_total",
         "counter",
-        "Kernel messages relayed to clients (open kernels).",
-        [("", sum(relay.messages_relayed for relay in gateway.relays.values()))],
+        "Kernel messages relayed to clients.",
+        [("", gateway.relay_totals.messages_relayed)],
     )
     return "\n".join(lines) + "\n"

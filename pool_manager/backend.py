@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import abc
 import asyncio
-import fcntl
 import logging
 import os
 import shutil
@@ -21,9 +20,12 @@ from typing import Any
 import zmq.asyncio
 from jupyter_client.manager import AsyncKernelManager
 
+from jupyter_gpu.protocol import REASON_OOM
 from jupyter_gpu.transfer import STAGING_DIR_ENV
 
 from .model import StartKernel
+from .sandbox import KernelSandbox, Sandbox
+from .scratch import locked_root
 
 log = logging.getLogger(__name__)
 
@@ -66,14 +68,19 @@ class KernelInfo:
     connection_info: dict[str, Any]
 
 
+#: Hears of a kernel that died without being killed: its id, and why where the backend knows
+#: (``REASON_OOM``), else None.
+DeathCallback = Callable[[str, str | None], None]
+
+
 class KernelBackend(abc.ABC):
     """The seam between pool policy and kernel placement."""
 
     def __init__(self) -> None:
-        self._on_death: Callable[[str], None] = lambda kernel_id: None
+        self._on_death: DeathCallback = lambda kernel_id, reason: None
 
-    def watch(self, on_death: Callable[[str], None]) -> None:
-        """Register who hears (by kernel id) about kernels that died without being killed."""
+    def watch(self, on_death: DeathCallback) -> None:
+        """Register who hears (by kernel id, with a reason or None) about kernels that died without being killed."""
         self._on_death = on_death
 
     @abc.abstractmethod
@@ -113,6 +120,7 @@ class LocalKernelBackend(KernelBackend):
         poll_interval: float = 0.2,
         staging_root: str | None = None,
         staging: bool = True,
+        sandbox: Sandbox | None = None,
         ip: str = "127.0.0.1",
         transport_encryption: str = "disabled",
     ) -> None:
@@ -135,6 +143,8 @@ class LocalKernelBackend(KernelBackend):
         self._staging_root: str | None = None
         self._staging_lock = -1
         self._staging: dict[str, str] = {}
+        self.sandbox = sandbox
+        self._sandboxes: dict[str, KernelSandbox] = {}
 
     def staging_dir(self, kernel_id: str) -> str | None:
         return self._staging.get(kernel_id)
@@ -143,12 +153,7 @@ class LocalKernelBackend(KernelBackend):
         """A private directory (0700) for this kernel's uploads, in memory where possible."""
         if self._staging_root is None:
             parent = self._staging_parent or default_staging_parent()
-            remove_stale_staging(parent)
-            self._staging_root = tempfile.mkdtemp(prefix=f"{STAGING_PREFIX}{os.getpid()}-", dir=parent)
-            # Held for the gateway's life: whoever can take it knows this root is abandoned.
-            self._staging_lock = os.open(os.path.join(self._staging_root, STAGING_LOCK),
-                                         os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            fcntl.flock(self._staging_lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            self._staging_root, self._staging_lock = locked_root(parent, STAGING_PREFIX)
         path = tempfile.mkdtemp(prefix=f"{kernel_id}-", dir=self._staging_root)
         self._staging[kernel_id] = path
         return path
@@ -157,22 +162,33 @@ class LocalKernelBackend(KernelBackend):
         # The gateway's own secrets (its token, user file settings) are no business of a
         # user's kernel.
         env = {k: v for k, v in os.environ.items() if not k.startswith(PRIVATE_ENV_PREFIXES)}
-        env.update(self.extra_env)
+        kernel_env = dict(self.extra_env)
         # Pin the kernel to its own GPUs before anything in it can initialise CUDA; a CPU
         # kernel sees none at all rather than every GPU of the machine.
-        env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in request.gpu_indices)
+        kernel_env["CUDA_VISIBLE_DEVICES"] = ",".join(str(i) for i in request.gpu_indices)
         # Our indices are NVML's (PCI bus order); CUDA's default order is fastest first.
-        env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
-        env["JUPYTER_GPU_TYPE"] = request.gpu_type
-        env["JUPYTER_GPU_SLOT"] = request.slot_id
-        if self._staging_enabled:
-            env[STAGING_DIR_ENV] = self._new_staging_dir(request.kernel_id)
-        # One ZMQ context for all kernel managers: each would otherwise start its own I/O
-        # thread and allocator arenas, which stay with the gateway process after the kernel.
-        manager = AsyncKernelManager(kernel_name=self.kernel_name, context=self._zmq_context, ip=self.ip,
-                                     transport_encryption=self.transport_encryption)
-        self._managers[request.kernel_id] = manager
+        kernel_env["CUDA_DEVICE_ORDER"] = "PCI_BUS_ID"
+        kernel_env["JUPYTER_GPU_TYPE"] = request.gpu_type
+        kernel_env["JUPYTER_GPU_SLOT"] = request.slot_id
+        staging = self._new_staging_dir(request.kernel_id) if self._staging_enabled else None
+        if staging is not None:
+            kernel_env[STAGING_DIR_ENV] = staging
+        manager: AsyncKernelManager
         try:
+            if self.sandbox is None:
+                env.update(kernel_env)
+                # One ZMQ context for all kernel managers: each would otherwise start its own I/O
+                # thread and allocator arenas, which stay with the gateway process after the kernel.
+                manager = AsyncKernelManager(kernel_name=self.kernel_name, context=self._zmq_context, ip=self.ip,
+                                             transport_encryption=self.transport_encryption)
+            else:
+                kernel = self.sandbox.prepare(request.kernel_id, staging)
+                self._sandboxes[request.kernel_id] = kernel
+                env = self.sandbox.environment(kernel, env, kernel_env)
+                manager = SandboxedKernelManager(self.sandbox, kernel, request.gpu_indices,
+                                                 kernel_name=self.kernel_name, context=self._zmq_context,
+                                                 ip=self.ip, transport_encryption=self.transport_encryption)
+            self._managers[request.kernel_id] = manager
             await manager.start_kernel(env=env, extra_arguments=self._kernel_arguments)
             await self._warm_up(manager)
         except Exception as exc:
@@ -205,12 +221,15 @@ class LocalKernelBackend(KernelBackend):
         if staging is not None:  # uploads nobody claimed; claimed ones are unlinked already
             shutil.rmtree(staging, ignore_errors=True)
         manager = self._managers.pop(kernel_id, None)
-        if manager is None:
-            return
-        try:
-            await manager.shutdown_kernel(now=True)
-        except Exception:  # the process may already be gone; cleanup is best effort
-            log.debug("kill of kernel %s raised", kernel_id, exc_info=True)
+        if manager is not None:
+            try:
+                await manager.shutdown_kernel(now=True)
+            except Exception:  # the process may already be gone; cleanup is best effort
+                log.debug("kill of kernel %s raised", kernel_id, exc_info=True)
+        kernel = self._sandboxes.pop(kernel_id, None)
+        if kernel is not None and self.sandbox is not None:
+            # its control group may take a moment to empty: wait for that off the event loop
+            await asyncio.to_thread(self.sandbox.release, kernel)
 
     async def interrupt_kernel(self, kernel_id: str) -> None:
         manager = self._managers.get(kernel_id)
@@ -234,9 +253,12 @@ class LocalKernelBackend(KernelBackend):
                     continue
                 # kill_kernel removes a kernel before killing it: a deliberate kill is no death
                 if not alive and self._managers.get(kernel_id) is manager:
-                    log.warning("kernel %s died", kernel_id)
+                    kernel = self._sandboxes.get(kernel_id)
+                    # read before kill_kernel removes the kernel's control group
+                    reason = REASON_OOM if kernel is not None and kernel.oom_killed() else None
+                    log.warning("kernel %s died%s", kernel_id, " (out of memory)" if reason else "")
                     await self.kill_kernel(kernel_id)
-                    self._on_death(kernel_id)
+                    self._on_death(kernel_id, reason)
 
     async def close(self) -> None:
         await asyncio.gather(*(self.kill_kernel(kernel_id) for kernel_id in list(self._managers)))
@@ -246,10 +268,43 @@ class LocalKernelBackend(KernelBackend):
         if self._staging_root is not None:
             shutil.rmtree(self._staging_root, ignore_errors=True)
             os.close(self._staging_lock)
+        if self.sandbox is not None:
+            self.sandbox.close()
+
+
+class SandboxedKernelManager(AsyncKernelManager):
+    """jupyter_client's manager with the kernel started in its sandbox.
+
+    Its connection file lives in the kernel's private runtime directory, and so do its ZMQ
+    sockets (unix sockets, not loopback ports) when ``local_sockets``: a Ray slot actor whose
+    gateway is on another node passes False and keeps TCP (with CurveZMQ) instead.
+    """
+
+    def __init__(self, sandbox: Sandbox, kernel: KernelSandbox, gpu_indices: tuple[int, ...],
+                 local_sockets: bool = True, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.sandbox = sandbox
+        self.kernel_sandbox = kernel
+        self.gpu_indices = gpu_indices
+        self.connection_file = kernel.connection_file
+        if sandbox.enabled and local_sockets:
+            self.transport = "ipc"
+            self.ip = str(kernel.runtime / "zmq")
+        if sandbox.enabled and self.kernel_spec is not None:
+            # SIGINT would reach only bubblewrap (the kernel has a session of its own) and end
+            # it; the kernel interrupts itself on an interrupt_request instead.
+            self.kernel_spec.interrupt_mode = "message"
+
+    def write_connection_file(self, **kwargs: Any) -> None:
+        super().write_connection_file(**kwargs)
+        self.kernel_sandbox.give(self.connection_file)
+
+    def format_kernel_cmd(self, extra_arguments: list[str] | None = None) -> list[str]:
+        argv = super().format_kernel_cmd(extra_arguments)
+        return self.sandbox.command(self.kernel_sandbox, argv, self.gpu_indices)
 
 
 STAGING_PREFIX = "jupyter-gpu-staging-"
-STAGING_LOCK = ".lock"
 
 
 #: A /dev/shm smaller than this (containers often get 64 MB) is not worth staging in.
@@ -266,30 +321,3 @@ def default_staging_parent() -> str:
     except OSError:
         usable = False
     return shm if usable else tempfile.gettempdir()
-
-
-def remove_stale_staging(parent: str) -> None:
-    """Staging roots of gateways that died without cleaning up: their lock is free.
-
-    A lock, not the pid in the name: a live gateway in another pid namespace sharing
-    /dev/shm would look dead, and a reused pid would keep a dead one's root forever.
-    """
-    try:
-        names = os.listdir(parent)
-    except OSError:
-        return
-    for name in names:
-        if not name.startswith(STAGING_PREFIX):
-            continue
-        root = os.path.join(parent, name)
-        try:
-            lock = os.open(os.path.join(root, STAGING_LOCK), os.O_RDWR | os.O_CLOEXEC)
-        except OSError:  # no lock yet (a gateway creating it this instant) or not ours to open
-            continue
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError:  # held: that gateway is alive
-            continue
-        finally:
-            os.close(lock)
-        shutil.rmtree(root, ignore_errors=True)

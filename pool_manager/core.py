@@ -233,7 +233,8 @@ class PoolCore:
         self._forget_slot(slot, requeue=True)
         self._schedule()
 
-    def kernel_died(self, slot_id: str) -> None:
+    def kernel_died(self, slot_id: str, reason: str | None = None) -> None:
+        """A kernel ended by itself; ``reason`` where the backend knows why (``oom``)."""
         slot = self.slots.get(slot_id)
         if slot is None:
             return
@@ -244,7 +245,7 @@ class PoolCore:
         if lease is not None:
             slot.lease_id = None
             self._touch(slot)
-            self._end(lease, REASON_KERNEL_DIED)
+            self._end(lease, reason or REASON_KERNEL_DIED)
         self._forget_slot(slot, requeue=False)
         self._schedule()
 
@@ -483,17 +484,18 @@ class PoolCore:
     def _check_satisfiable(self, choices: Sequence[GpuChoice]) -> None:
         if not choices:
             raise LeaseRequestError("no GPU type requested", "bad_spec")
-        if not self.types:
+        types_offered = self._placement.types
+        if not types_offered:
             raise LeaseRequestError(
                 "this gateway offers no GPU type at the moment (no GPU found, no CPU slots, no node joined): "
                 "its operator can declare some (--inventory a100=2, --cpu-slots 2) or add a node",
                 NO_CAPACITY,
             )
-        offered = ", ".join(self.types)
         problems: list[tuple[str, str]] = []  # (message, reason)
         for choice in choices:
             types = self._offered_for(choice.gpu_type)
             if not types:
+                offered = ", ".join(types_offered)
                 problems.append((f"unknown GPU type {choice.gpu_type!r}: this gateway offers {offered}",
                                  "unknown_type"))
                 continue
@@ -528,7 +530,7 @@ class PoolCore:
         queue = self._queue
         heads = queue.heads()
         heapq.heapify(heads)
-        everything = len(self.types)
+        everything = len(self._placement.types)
         limited = self.admission.limits
         while heads and len(blocked) < everything:
             place, wanted = heapq.heappop(heads)
@@ -594,7 +596,9 @@ class PoolCore:
 
     def _place_multi(self, lease: Lease, gpu_type: str, count: int) -> bool:
         """All GPUs on one node: unbound ones first, then those of spare kernels, preempted."""
-        if gpu_type in self._backoff_until:
+        # Asked on every event while a multi-GPU lease waits: the histogram answers "no node
+        # has room" here, without a call into the placement index.
+        if gpu_type in self._backoff_until or not any(self._placement.nodes_with[gpu_type][count:]):
             return False
         chosen = self._placement.best_node(gpu_type, count)
         if chosen is None:
@@ -687,8 +691,10 @@ class PoolCore:
         lease.released_at = self.wall_clock()
         lease.busy = False
         self._leases.remove(lease)
-        self._deadlines.forget(lease.id)
-        self._queue.dequeue(lease.id)
+        if lease.granted_mono is None:
+            self._queue.dequeue(lease.id)
+        else:
+            self._deadlines.forget(lease.id)
         slot = self.slots.get(lease.slot_id) if lease.slot_id else None
         if slot is not None and slot.lease_id == lease.id:
             slot.lease_id = None

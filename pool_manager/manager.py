@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 
-from traitlets import Dict, Float, Int, Unicode
+from traitlets import Dict, Enum, Float, Instance, Int, Unicode
 from traitlets.config import LoggingConfigurable
 
 from jupyter_gpu.protocol import HELPER_BOOT
@@ -13,6 +14,7 @@ from .backend import LocalKernelBackend
 from .core import PoolCore, PoolPolicy
 from .inventory import build_inventory
 from .ray_pool import RayPool
+from .sandbox import SANDBOX_MODES, Isolation, Sandbox
 from .service import PoolService
 
 
@@ -44,6 +46,23 @@ class PoolManager(LoggingConfigurable):
     ).tag(config=True)
     default_price = Float(1.0, help="Price of one GPU-hour for types not in price_per_gpu_hour.").tag(config=True)
     cpu_price = Float(0.0, help="Price of one hour of a CPU kernel.").tag(config=True)
+    sandbox = Enum(
+        list(SANDBOX_MODES),
+        "auto",
+        help="Run each kernel in a sandbox of its own (bubblewrap): 'auto' where it can be set up (else a "
+        "loud warning), 'required' to refuse to start without one, 'off' to run kernels as the gateway's user.",
+    ).tag(config=True)
+    kernel_uids = Unicode(
+        "60000-60999",
+        help="Uids kernels run as, one each, when the gateway runs as root (uids of existing accounts are skipped).",
+    ).tag(config=True)
+    kernel_memory = Unicode(
+        "", help="Memory limit per kernel, e.g. '64G'; past it the kernel is killed and its lease ends with "
+        "reason 'oom'. Empty: no limit."
+    ).tag(config=True)
+    kernel_cpus = Float(0.0, help="CPU limit per kernel in cores, e.g. 8 or 0.5; 0 for no limit.").tag(config=True)
+    #: What the kernels' sandbox does, once build_service has set it up (listings show it).
+    isolation = Instance(Isolation, args=())
 
     def price(self, gpu_type: str | None) -> float:
         if gpu_type is None:
@@ -57,7 +76,22 @@ class PoolManager(LoggingConfigurable):
         base = gpu_type.split("-")[0]
         return prices.get(base, float(self.default_price))
 
-    def build_service(self) -> PoolService:
+    def build_sandbox(self, real_gpus: bool, hidden: Sequence[str] = ()) -> Sandbox:
+        """The kernels' sandbox; warns loudly where one cannot be set up (SandboxUnavailable if required)."""
+        sandbox = Sandbox.probe(self.sandbox, self.kernel_uids, self.kernel_memory, self.kernel_cpus,
+                                real_gpus=real_gpus, hidden=hidden)
+        self.isolation = sandbox.isolation
+        for warning in sandbox.isolation.warnings:
+            self.log.warning("KERNEL ISOLATION: %s", warning)
+        if self.sandbox == "off":
+            self.log.warning("KERNEL ISOLATION: --sandbox off: every kernel runs as the gateway's user and can read "
+                             "the others' files, connection files and the gateway's state")
+        else:
+            self.log.info("kernel isolation: %s", sandbox.isolation.summary)
+        return sandbox
+
+    def build_service(self, hidden: Sequence[str] = ()) -> PoolService:
+        """The pool; ``hidden``: gateway state (database, users file) no kernel may see."""
         policy = PoolPolicy(
             min_warm=self.min_warm,
             idle_timeout=self.idle_timeout,
@@ -72,11 +106,13 @@ class PoolManager(LoggingConfigurable):
         if ray_pool.address:  # the GPUs are a Ray cluster's: nodes join and leave
             return ray_pool.build_service(policy, self.kernel_name, warmup)
         devices = build_inventory(self.inventory or None, self.cpu_slots, self.log)
+        sandbox = self.build_sandbox(any(not d.emulated and d.index is not None for d in devices), hidden)
         core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time)
         backend = LocalKernelBackend(
             kernel_name=self.kernel_name,
             warmup_code=warmup,
             staging_root=None if self.staging_dir in ("", "off") else self.staging_dir,
             staging=self.staging_dir != "off",
+            sandbox=sandbox if sandbox.enabled or sandbox.limits else None,
         )
         return PoolService(core, backend)

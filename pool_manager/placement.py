@@ -52,8 +52,8 @@ class PlacementIndex:
         self._node_devices: dict[NodeKey, list[str]] = {}
         self._usable: dict[NodeKey, int] = {}
         self._nodes_of: dict[str, list[NodeKey]] = {}  # by their first device's position
-        # per type: how many nodes have exactly k usable GPUs; its length is the largest node + 1
-        self._nodes_with: dict[str, list[int]] = {}
+        #: per type: how many nodes have exactly k usable GPUs; its length is the largest node + 1
+        self.nodes_with: dict[str, list[int]] = {}
         # what summaries() says of each type: healthy GPUs, most memory, emulated
         self.facts: dict[str, tuple[int, int, bool]] = {}
         self._next_position = 0
@@ -77,7 +77,7 @@ class PlacementIndex:
                 new_type = True
                 self._free[device.gpu_type] = []
                 self._nodes_of[device.gpu_type] = []
-                self._nodes_with[device.gpu_type] = [0]
+                self.nodes_with[device.gpu_type] = [0]
             if device.healthy:
                 self._free[device.gpu_type].append(position)  # the largest position so far
                 self._node_devices.setdefault((device.gpu_type, device.node), []).append(device.key)
@@ -138,7 +138,7 @@ class PlacementIndex:
             histogram = [0] * (max((len(self._node_devices[node]) for node in nodes), default=0) + 1)
             for node in nodes:
                 histogram[self._usable[node]] += 1
-            self._nodes_with[gpu_type] = histogram
+            self.nodes_with[gpu_type] = histogram
             healthy = [self.devices[key] for node in nodes for key in self._node_devices[node]]
             self.facts[gpu_type] = (
                 len(healthy),
@@ -153,7 +153,7 @@ class PlacementIndex:
         return [self.devices[self._key_at[p]] for p in self._free.get(gpu_type, [])[:limit]]
 
     def largest_node(self, gpu_type: str) -> int:
-        histogram = self._nodes_with.get(gpu_type)
+        histogram = self.nodes_with.get(gpu_type)
         return 0 if histogram is None else len(histogram) - 1
 
     def holder(self, key: str) -> str | None:
@@ -170,7 +170,7 @@ class PlacementIndex:
         The node whose first usable GPU comes first in the inventory, among those with enough
         (nodes are listed by their first GPU, so none after the best so far can beat it).
         """
-        if not any(self._nodes_with[gpu_type][count:]):
+        if not any(self.nodes_with[gpu_type][count:]):
             return None
         best: NodeKey | None = None
         best_position = -1
@@ -232,7 +232,7 @@ class PlacementIndex:
 
     def _add_usable(self, device: Device, step: int) -> None:
         node = (device.gpu_type, device.node)
-        histogram = self._nodes_with[device.gpu_type]
+        histogram = self.nodes_with[device.gpu_type]
         histogram[self._usable[node]] -= 1
         self._usable[node] += step
         histogram[self._usable[node]] += 1

@@ -105,8 +105,8 @@ class LeaseQueue:
         return self._at_place[place]
 
     def waiting_after(self, wanted: Wanted, place: int) -> int | None:
-        """The next waiting place of the wanted set after ``place``."""
-        places = self._waiting.get(wanted, [])
+        """The next waiting place of the wanted set after ``place`` (one :meth:`heads` named)."""
+        places = self._waiting[wanted]
         index = bisect.bisect_right(places, place)
         return places[index] if index < len(places) else None
 

@@ -33,7 +33,7 @@ class RayKernelBackend(KernelBackend):
         self.stop_timeout = stop_timeout
         #: who hears of a kernel whose actor went away (rather than the kernel dying inside
         #: it): the node may be lost, which membership decides; by default a kernel death
-        self.on_actor_lost: Callable[[str, str], None] = lambda kernel_id, node: self._on_death(kernel_id)
+        self.on_actor_lost: Callable[[str, str], None] = lambda kernel_id, node: self._on_death(kernel_id, None)
         self._actors: dict[str, Any] = {}  # slot id -> actor handle
         self._node_of: dict[str, str] = {}  # slot id -> node address
         self._watchers: dict[str, asyncio.Task[None]] = {}
@@ -85,7 +85,7 @@ class RayKernelBackend(KernelBackend):
         if alone:
             log.warning("kernel %s on node %s died", kernel_id, node)
             await self._stop_actor(actor)
-            self._on_death(kernel_id)
+            self._on_death(kernel_id, None)
         else:
             log.warning("the actor of kernel %s on node %s went away", kernel_id, node)
             self.on_actor_lost(kernel_id, node)

@@ -47,7 +47,7 @@ class KernelSlot:
         )
         self.kernel_id = ""
         self._died = asyncio.Event()
-        self.backend.watch(lambda kernel_id: self._died.set())
+        self.backend.watch(lambda kernel_id, reason: self._died.set())
 
     async def start(self, request: StartKernel) -> KernelInfo:
         self.kernel_id = request.kernel_id

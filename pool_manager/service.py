@@ -174,11 +174,11 @@ class PoolService:
         self.core.kernel_stopped(action.slot_id)
         self._run_actions()
 
-    def _on_kernel_death(self, kernel_id: str) -> None:
+    def _on_kernel_death(self, kernel_id: str, reason: str | None = None) -> None:
         self.kernels.pop(kernel_id, None)
         slot_id = self.core.slot_for_kernel(kernel_id)
         if slot_id is not None:
-            self.core.kernel_died(slot_id)
+            self.core.kernel_died(slot_id, reason)
         self._run_actions()
 
     async def _tick_forever(self) -> None:

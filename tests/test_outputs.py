@@ -100,6 +100,15 @@ def test_remote_exception_keeps_type_name_and_remote_traceback() -> None:
     assert relay.error._render_traceback_()[-1] == "ZeroDivisionError: division by zero"
 
 
+def test_a_remote_error_says_which_lease_type_and_node_it_came_from() -> None:
+    relay = run([msg("shell", "execute_reply", {"status": "error", "ename": "ValueError", "evalue": "bad",
+                                                "traceback": ["ValueError: bad"]})])
+    assert isinstance(relay.error, RemoteError)
+    assert relay.error._render_traceback_() == ["ValueError: bad"]  # nothing known, nothing claimed
+    relay.error.engine_info = {"lease_id": "1a2b3c4d5e6f", "gpu_type": "a100", "node": "gpu-7"}
+    assert relay.error._render_traceback_() == ["[the a100 kernel of lease 1a2b3c4d on node gpu-7]", "ValueError: bad"]
+
+
 def test_input_request_is_answered_from_the_local_frontend() -> None:
     frontend = RecordingFrontend(answers=["ada"])
     relay = run([msg("stdin", "input_request", {"prompt": "name? ", "password": False})], frontend)

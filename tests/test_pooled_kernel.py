@@ -174,8 +174,14 @@ def test_pooled_classes_are_used_only_with_the_ipykernel_they_were_written_for(
     from jupyter_gpu import pooled_kernel
     from pool_manager.backend import KERNEL_ARGUMENTS, POOLED_KERNEL_ARGUMENTS, kernel_arguments
 
-    assert pooled_kernel.supported()  # this environment's ipykernel 7
+    assert pooled_kernel.supported()  # this environment's ipykernel 7.4
     assert kernel_arguments() == [*KERNEL_ARGUMENTS, *POOLED_KERNEL_ARGUMENTS]
-    monkeypatch.setattr(pooled_kernel, "version", lambda name: "8.0.0")
+    # Only the minor releases whose private internals were read: a 7.5 may keep every name
+    # and change what it means, so it runs stock until someone has checked.
+    for release, expected in [("7.4.0", True), ("7.4.2", True), ("7.4.0rc1", True), ("7.5.0", False),
+                              ("7.3.9", False), ("7.10.0", False), ("8.0.0", False), ("6.29.5", False),
+                              ("nonsense", False)]:
+        assert pooled_kernel.supported(release) is expected, release
+    monkeypatch.setattr(pooled_kernel, "version", lambda name: "7.5.0")
     assert not pooled_kernel.supported()
     assert kernel_arguments() == list(KERNEL_ARGUMENTS)  # stock kernels: slower, never broken

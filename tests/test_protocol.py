@@ -9,9 +9,11 @@ import pytest
 
 from jupyter_gpu.protocol import (
     GpuChoice,
+    Reason,
     SpecError,
     deserialize_ws_legacy_binary,
     deserialize_ws_v1,
+    error_body,
     format_gpu_spec,
     parse_gpu_spec,
     serialize_ws_legacy_binary,
@@ -227,3 +229,15 @@ def test_bad_specs_name_the_bad_part(spec: str, message: str) -> None:
 )
 def test_type_matches(wanted: str, offered: str, matches: bool) -> None:
     assert type_matches(wanted, offered) is matches
+
+
+def test_reasons_are_one_vocabulary_that_travels_as_plain_words() -> None:
+    from jupyter_gpu import protocol
+
+    # The pool imports the old constants; they are the members themselves.
+    assert protocol.REASON_IDLE is Reason.IDLE and protocol.REASON_KERNEL_DIED is Reason.KERNEL_DIED
+    # On the wire and in SQLite a member is its word, and a word read back compares equal to it.
+    assert json.dumps(error_body("gone", Reason.NOT_FOUND)) == '{"message": "gone", "reason": "not_found"}'
+    assert Reason(json.loads('"node_lost"')) is Reason.NODE_LOST and Reason.NODE_LOST == "node_lost"
+    assert f"{Reason.GATEWAY_RESTART}" == "gateway_restart"
+    assert len({reason.value for reason in Reason}) == len(Reason)

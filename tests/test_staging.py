@@ -11,14 +11,15 @@ import pytest
 
 from jupyter_gpu import kernel_helper
 from jupyter_gpu.transfer import STAGING_DIR_ENV
-from pool_manager.backend import STAGING_LOCK, STAGING_PREFIX, remove_stale_staging
+from pool_manager.backend import STAGING_PREFIX
+from pool_manager.scratch import LOCK, remove_abandoned
 
 
 def make_root(parent: Path, name: str) -> tuple[Path, int]:
     root = parent / f"{STAGING_PREFIX}{name}"
     (root / "slot-1").mkdir(parents=True)
     (root / "slot-1" / "upload").write_bytes(b"x")
-    lock = os.open(root / STAGING_LOCK, os.O_RDWR | os.O_CREAT, 0o600)
+    lock = os.open(root / LOCK, os.O_RDWR | os.O_CREAT, 0o600)
     return root, lock
 
 
@@ -30,7 +31,7 @@ def test_only_roots_whose_gateway_is_gone_are_removed(tmp_path: Path) -> None:
     os.close(dead_lock)  # its gateway exited without cleaning up
     unrelated = tmp_path / "something-else"
     unrelated.mkdir()
-    remove_stale_staging(str(tmp_path))
+    remove_abandoned(str(tmp_path), STAGING_PREFIX)
     assert not dead.exists()
     assert (alive / "slot-1" / "upload").exists() and unrelated.exists()
     os.close(alive_lock)

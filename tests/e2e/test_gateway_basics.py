@@ -78,3 +78,23 @@ def test_nodes_list_the_one_local_machine_and_leases_name_it(gateway: GatewayPro
     assert lease["node"] == "local"
     held = {r["gpu_type"]: r["free"] for r in gateway.get("alice", "/api/gpu/nodes").body}
     assert held["h100"] == 0
+
+
+def relayed(gateway: GatewayProcess) -> float:
+    text = gateway.get("alice", "/metrics").body
+    (line,) = [line for line in text.splitlines() if line.startswith("jupyter_gpu_messages_relayed_total ")]
+    return float(line.split()[1])
+
+
+@pytest.mark.asyncio
+async def test_the_relayed_messages_counter_never_goes_down_when_a_lease_ends(gateway: GatewayProcess) -> None:
+    # Prometheus reads a counter that falls as a restart of the process: rate() would jump.
+    lease = gateway.lease("alice", "cpu")
+    socket = await gateway.connect("alice", lease["kernel_id"])
+    before = relayed(gateway)
+    await socket.run("print('counted')")
+    during = relayed(gateway)
+    assert during > before
+    socket.close()
+    assert gateway.delete("alice", f"/api/gpu/leases/{lease['id']}").status == 200
+    assert relayed(gateway) >= during

@@ -55,10 +55,22 @@ def warm(gateway: GatewayProcess, gpu_type: str) -> int:
     return int(types[gpu_type]["warm"])
 
 
-async def kernel_pid(socket: KernelSocket) -> int:
-    reply, outputs = await socket.run("import os; print(os.getpid())")
+async def kernel_pid(gateway: GatewayProcess, socket: KernelSocket) -> int:
+    """The host pid of the gateway's child that runs this kernel.
+
+    In a sandbox the kernel's own pid is its namespace's (2), so find the child that names its
+    slot (bubblewrap binds the kernel's directory); without one, that pid is the host's.
+    """
+    reply, outputs = await socket.run("import os; print(os.environ['JUPYTER_GPU_SLOT'], os.getpid())")
     assert reply["content"]["status"] == "ok", reply
-    return int(stdout_text(outputs))
+    slot, pid = stdout_text(outputs).split()
+    for child in gateway.kernel_pids():
+        try:
+            if slot.encode() in Path(f"/proc/{child}/cmdline").read_bytes():
+                return child
+        except OSError:
+            continue
+    return int(pid)
 
 
 def db_row(db: Path, lease_id: str) -> dict[str, Any] | None:
@@ -254,7 +266,7 @@ async def test_idle_leases_end_their_kernel_dies_and_a_warm_one_returns(gateway:
     untouched = granted(gateway, "alice", "a100", idle_timeout=2)
     vanished = granted(gateway, "alice", "h100", idle_timeout=2)
     socket = await gateway.connect("alice", vanished["kernel_id"])
-    pid = await kernel_pid(socket)
+    pid = await kernel_pid(gateway, socket)
     assert pid in gateway.kernel_pids()
     socket.close()  # the client goes away without a DELETE
 

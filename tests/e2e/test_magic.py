@@ -61,6 +61,8 @@ def test_basics_notebook_runs_end_to_end(cpu_gateway: GatewayProcess) -> None:
     assert error.output_type == "error" and error.ename == "ZeroDivisionError"
     plain = re.sub(r"\x1b\[[0-9;]*m", "", "\n".join(error.traceback))
     assert "----> 2 1 / 0" in plain and "magic" not in plain  # the remote traceback, not the magic's
+    # labelled with where it ran, as ipyparallel labels an engine's errors
+    assert plain.startswith("[the cpu kernel of lease ") and " on node 127.0.0.1]" in plain.splitlines()[0]
     refused = texts(cells[9], "stderr")  # a UsageError: the cell failed before anything ran remotely
     assert "variable 'lock' (a _thread.lock) cannot be sent" in refused and "--no-push lock" in refused
     assert cells[10].outputs == []  # --no-push let it run
@@ -252,8 +254,9 @@ def test_value_of_a_module_missing_locally_stays_remote_and_is_used_there(local_
 
 
 def test_new_takes_a_fresh_lease_and_kernel(local_kernel: LocalKernel) -> None:
-    local_kernel.run("%%gpu cpu\nimport os\nfirst = os.getpid()")
-    local_kernel.run("%%gpu cpu --new\nimport os\nsecond = os.getpid()")
+    # the kernel's id, not its pid: every sandboxed kernel is pid 2 in its own namespace
+    local_kernel.run("%%gpu cpu\nimport os\nfirst = os.environ['JUPYTER_GPU_SLOT']")
+    local_kernel.run("%%gpu cpu --new\nimport os\nsecond = os.environ['JUPYTER_GPU_SLOT']")
     _, outputs = local_kernel.run("print(first != second)")
     assert streamed(outputs) == "True\n"
 

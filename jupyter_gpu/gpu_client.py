@@ -1,0 +1,104 @@
+"""One notebook's GPU kernels: which lease serves which SPEC, reused across cells, and the
+retry when a lease ended between two cells. The ``%%gpu`` magic is a thin wrapper over it.
+
+Blocking on purpose, unlike the REST methods under it: a cell runs on the kernel's main
+thread, where Ctrl-C arrives and where displays find the cell they belong to. The REST
+calls it makes are the :class:`~jupyter_gpu.client.GatewayClient`'s blocking twins.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from .analysis import CellNames
+from .client import GatewayClient, GatewayConfig, GatewayError
+from .outputs import CellRelay, Frontend
+from .remote import CellOptions, LeaseGone, RemoteSession, acquire_lease, check_remote_refs
+
+
+class LeaseWatcher(Protocol):
+    """What a user is shown about leases: waiting in the queue, granted after a wait, ended."""
+
+    def waiting(self, spec: str, lease: dict[str, Any]) -> None: ...
+
+    def granted(self, spec: str, lease: dict[str, Any]) -> None:
+        """Only after a wait (a lease granted at once says nothing)."""
+        ...
+
+    def ended(self, session: RemoteSession, reason: str) -> None: ...
+
+
+class GpuClient:
+    """The leases and kernel sessions of one notebook, one per SPEC (``a100``, ``h100|a100``)."""
+
+    def __init__(self, gateway: GatewayClient, notebook: str = "") -> None:
+        self.gateway = gateway
+        self.notebook = notebook
+        self.sessions: dict[str, RemoteSession] = {}
+
+    @classmethod
+    def from_env(cls, notebook: str = "") -> GpuClient:
+        return cls(GatewayClient(GatewayConfig.from_env()), notebook)
+
+    def session(self, spec: str, idle: float | None, new: bool, watcher: LeaseWatcher) -> RemoteSession:
+        """This notebook's live session for ``spec``, else one on a new lease (waiting in the queue)."""
+        session = self.sessions.get(spec)
+        if session is not None and not session.alive:
+            self._tell_ended(self.release(spec), watcher)
+            session = None
+        elif session is not None and new:
+            self.release(spec)
+            session = None
+        if session is None:
+            waited = False
+
+            def on_wait(lease: dict[str, Any]) -> None:
+                nonlocal waited
+                waited = True
+                watcher.waiting(spec, lease)
+
+            lease = acquire_lease(self.gateway, spec, idle, self.notebook, on_wait)
+            if waited:
+                watcher.granted(spec, lease)
+            session = self.sessions[spec] = RemoteSession(self.gateway, lease)
+        return session
+
+    def run_cell(self, spec: str, code: str, names: CellNames, ns: dict[str, Any], options: CellOptions,
+                 frontend: Frontend, idle: float | None, new: bool, watcher: LeaseWatcher) -> CellRelay:
+        """Run a cell on ``spec``'s kernel. A lease that ended between cells (nothing ran) is
+        replaced and the cell runs there; one lost during the cell is released, not retried."""
+        # Before leasing anything: a cell reading another kernel's value cannot run.
+        current = self.sessions.get(spec)
+        live = current.lease_id if current is not None and current.alive and not new else None
+        check_remote_refs([n for n in names.free if n not in options.no_push], ns, live)
+        session = self.session(spec, idle, new, watcher)
+        try:
+            return session.run_cell(code, names.free, names.bound, ns, options, frontend)
+        except LeaseGone as exc:
+            if exc.executed:
+                self.release(spec)  # don't leave a lease we lost track of billing
+                raise RuntimeError(f"the connection to the GPU kernel was lost during the cell: {exc}") from None
+        # It ended between cells (idle release raced us): nothing ran, so run it afresh.
+        self._tell_ended(self.release(spec), watcher)
+        session = self.session(spec, idle, False, watcher)
+        return session.run_cell(code, names.free, names.bound, ns, options, frontend)
+
+    def release(self, spec: str) -> RemoteSession:
+        """Stop using this spec's session and end its lease (a no-op if it already ended)."""
+        session = self.sessions.pop(spec)
+        session.close()
+        try:
+            self.gateway.delete_lease(session.lease_id)
+        except GatewayError:
+            pass
+        return session
+
+    def release_all(self) -> list[RemoteSession]:
+        return [self.release(spec) for spec in list(self.sessions)]
+
+    def _tell_ended(self, session: RemoteSession, watcher: LeaseWatcher) -> None:
+        try:
+            reason = self.gateway.get_lease(session.lease_id).get("reason") or "closed"
+        except GatewayError:
+            reason = "closed"
+        watcher.ended(session, reason)
