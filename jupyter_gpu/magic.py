@@ -193,7 +193,10 @@ class GpuMagics(Magics):
                     lease = client.get_lease(session.lease_id)
                     age = time.time() - (lease["granted_at"] or time.time())
                     idle = lease.get("idle_remaining")
-                    print(f"{spec}: {lease['gpu_type']} GPU {lease['gpu_indices']} ({lease['state']}), held "
+                    # on a cluster, which machine: the lease's variables live only there
+                    node = lease.get("node")
+                    where = f" on {node}" if node and node != "local" else ""
+                    print(f"{spec}: {lease['gpu_type']} GPU {lease['gpu_indices']}{where} ({lease['state']}), held "
                           f"{age:.0f} s, idle release in {idle if idle is None else round(idle)} s, "
                           f"{lease['gpu_seconds']:.1f} GPU-s, ${lease['cost']:.4f}")
             elif command == "release":

@@ -19,6 +19,7 @@ from traitlets import Bool, Float, Int, Type, Unicode, default
 from jupyter_gpu import __version__
 from jupyter_gpu.protocol import TOKEN_ENV, Reason
 from pool_manager.manager import PoolManager
+from pool_manager.ray_pool import RayPool
 from pool_manager.service import PoolService
 
 from . import handlers as h
@@ -30,6 +31,7 @@ from .gateway import Gateway
 from .identity import IdentityProvider, TokenIdentityProvider
 from .info import InfoHandler
 from .metering import MeteringStore
+from .nodes import NodesHandler
 from .uploads import UploadHandler
 
 log = logging.getLogger("jupyter_gpu.gateway")
@@ -57,6 +59,7 @@ def make_app(
         (r"/api/gpu/types/?", h.TypesHandler),
         (r"/api/gpu/leases/?", h.LeasesHandler),
         (rf"/api/gpu/leases/{lease}/?", h.LeaseHandler),
+        (r"/api/gpu/nodes/?", NodesHandler),
         (r"/api/gpu/usage/?", h.UsageHandler),
         (r"/api/gpu/info/?", InfoHandler),
         (r"/metrics", h.MetricsHandler),
@@ -102,7 +105,7 @@ class GatewayApp(JupyterApp):
     version = __version__
     description = "Serve a pool of warm GPU kernels over the Jupyter kernel API."
     config_file_name = Unicode("jupyter_gpu_config")
-    classes = [PoolManager, IdentityProvider, Authorizer]
+    classes = [PoolManager, IdentityProvider, Authorizer, RayPool]
 
     ip = Unicode("127.0.0.1", help="Address to listen on. Anything but loopback requires tokens.").tag(config=True)
     port = Int(8765, help="Port to listen on (0 picks a free one and logs it).").tag(config=True)
@@ -155,6 +158,7 @@ class GatewayApp(JupyterApp):
         "max-lease-duration": "PoolManager.max_lease_duration",
         "max-gpus-per-user": "PoolManager.max_gpus_per_user",
         "warmup-code": "PoolManager.warmup_code",
+        "ray": "RayPool.address",
         "sandbox": "PoolManager.sandbox",
         "kernel-uids": "PoolManager.kernel_uids",
         "kernel-memory": "PoolManager.kernel_memory",

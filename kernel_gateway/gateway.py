@@ -51,7 +51,11 @@ CLOSE_REASONS: dict[str, str] = {
     Reason.OOM: "lease ended: the kernel ran out of memory",
 }
 #: Ends that kill the kernel under a running cell: its clients hear why.
-DEATHS: dict[str, str] = {Reason.KERNEL_DIED: "died", Reason.OOM: "went past its memory limit and was killed"}
+DEATHS: dict[str, str] = {
+    Reason.KERNEL_DIED: "died",
+    Reason.OOM: "went past its memory limit and was killed",
+    Reason.NODE_LOST: "ran on a machine that was lost, with every variable that lived only there",
+}
 
 
 class NotFound(ApiError, LookupError):
@@ -300,6 +304,11 @@ class Gateway:
         slot = core.slots.get(lease.slot_id or "")
         return slot is not None and any(core.devices[key].emulated for key in slot.devices)
 
+    def _node(self, lease: Lease) -> str | None:
+        """The machine the lease's kernel runs on (``local`` on one machine; an address on Ray)."""
+        slot = self.service.core.slots.get(lease.slot_id or "")
+        return slot.node if slot is not None else None
+
     def _real_gpus(self, lease: Lease) -> bool:
         """Whether the lease holds real GPUs that NVML can report on."""
         return bool(lease.state == GRANTED and lease.gpu_indices and lease.gpu_type != "cpu"
@@ -334,6 +343,7 @@ class Gateway:
             "price_per_gpu_hour": price,
             "cost": round(gpu_seconds / 3600 * price, 6),
             "emulated": emulated,
+            "node": self._node(lease),
             # live NVML readings of the lease's GPUs; None where there is nothing real to read
             "gpu_status": None,
         }

@@ -157,6 +157,8 @@ class KernelRelay:
 
         loop = asyncio.get_running_loop()
         identity = self.session.encode()
+        server_key = self.info.get("curve_publickey") or b""
+        server_key = server_key.encode() if isinstance(server_key, str) else bytes(server_key)
         for channel in (*TO_KERNEL_CHANNELS, "iopub"):
             if channel == "iopub":
                 socket = self.context.socket(zmq.SUB)
@@ -168,6 +170,9 @@ class KernelRelay:
                 # identity of the shell socket that sent the execute_request.
                 socket.identity = identity if channel != "control" else identity + b"-control"
             socket.linger = 0
+            if server_key:  # CurveZMQ: the kernel's public key authenticates it; ours is throwaway
+                socket.curve_serverkey = server_key
+                socket.curve_publickey, socket.curve_secretkey = zmq.curve_keypair()
             socket.connect(url(channel))
             self.sockets[channel] = KernelSocket(socket, functools.partial(self._receive, channel), loop)
         await self._nudge(timeout)

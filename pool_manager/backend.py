@@ -121,8 +121,14 @@ class LocalKernelBackend(KernelBackend):
         staging_root: str | None = None,
         staging: bool = True,
         sandbox: Sandbox | None = None,
+        ip: str = "127.0.0.1",
+        transport_encryption: str = "disabled",
     ) -> None:
         super().__init__()
+        #: where the kernel listens; a Ray node binds its own address so the gateway can reach it
+        self.ip = ip
+        #: CurveZMQ ('required' for kernels on other machines; see jupyter_client's KernelManager)
+        self.transport_encryption = transport_encryption
         self.kernel_name = kernel_name
         self.warmup_code = warmup_code
         self.startup_timeout = startup_timeout
@@ -173,13 +179,15 @@ class LocalKernelBackend(KernelBackend):
                 env.update(kernel_env)
                 # One ZMQ context for all kernel managers: each would otherwise start its own I/O
                 # thread and allocator arenas, which stay with the gateway process after the kernel.
-                manager = AsyncKernelManager(kernel_name=self.kernel_name, context=self._zmq_context)
+                manager = AsyncKernelManager(kernel_name=self.kernel_name, context=self._zmq_context, ip=self.ip,
+                                             transport_encryption=self.transport_encryption)
             else:
                 kernel = self.sandbox.prepare(request.kernel_id, staging)
                 self._sandboxes[request.kernel_id] = kernel
                 env = self.sandbox.environment(kernel, env, kernel_env)
                 manager = SandboxedKernelManager(self.sandbox, kernel, request.gpu_indices,
-                                                 kernel_name=self.kernel_name, context=self._zmq_context)
+                                                 kernel_name=self.kernel_name, context=self._zmq_context,
+                                                 ip=self.ip, transport_encryption=self.transport_encryption)
             self._managers[request.kernel_id] = manager
             await manager.start_kernel(env=env, extra_arguments=self._kernel_arguments)
             await self._warm_up(manager)

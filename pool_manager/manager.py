@@ -13,6 +13,7 @@ from jupyter_gpu.protocol import HELPER_BOOT
 from .backend import LocalKernelBackend
 from .core import PoolCore, PoolPolicy
 from .inventory import build_inventory
+from .ray_pool import RayPool
 from .sandbox import SANDBOX_MODES, Isolation, Sandbox
 from .service import PoolService
 
@@ -91,8 +92,6 @@ class PoolManager(LoggingConfigurable):
 
     def build_service(self, hidden: Sequence[str] = ()) -> PoolService:
         """The pool; ``hidden``: gateway state (database, users file) no kernel may see."""
-        devices = build_inventory(self.inventory or None, self.cpu_slots, self.log)
-        sandbox = self.build_sandbox(any(not d.emulated and d.index is not None for d in devices), hidden)
         policy = PoolPolicy(
             min_warm=self.min_warm,
             idle_timeout=self.idle_timeout,
@@ -100,10 +99,15 @@ class PoolManager(LoggingConfigurable):
             max_lease_duration=self.max_lease_duration,
             max_gpus_per_user=self.max_gpus_per_user,
         )
-        core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time)
         # Every pooled kernel loads the helper that receives pushed variables and sends
         # bound ones back; the operator's warm-up code runs after it.
         warmup = "\n".join(code for code in (HELPER_BOOT, self.warmup_code) if code)
+        ray_pool = RayPool(parent=self)
+        if ray_pool.address:  # the GPUs are a Ray cluster's: nodes join and leave
+            return ray_pool.build_service(policy, self.kernel_name, warmup)
+        devices = build_inventory(self.inventory or None, self.cpu_slots, self.log)
+        sandbox = self.build_sandbox(any(not d.emulated and d.index is not None for d in devices), hidden)
+        core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time)
         backend = LocalKernelBackend(
             kernel_name=self.kernel_name,
             warmup_code=warmup,

@@ -70,6 +70,16 @@ def test_settings_come_from_jupyter_gpu_config_py(tmp_path: Path) -> None:
         process.stop()
 
 
+def test_nodes_list_the_one_local_machine_and_leases_name_it(gateway: GatewayProcess) -> None:
+    rows = gateway.get("alice", "/api/gpu/nodes").body
+    assert {(r["node"], r["gpu_type"], r["total"]) for r in rows} == {
+        ("local", "a100", 2), ("local", "h100", 1), ("local", "cpu", 2)}
+    lease = gateway.lease("alice", "h100")
+    assert lease["node"] == "local"
+    held = {r["gpu_type"]: r["free"] for r in gateway.get("alice", "/api/gpu/nodes").body}
+    assert held["h100"] == 0
+
+
 def relayed(gateway: GatewayProcess) -> float:
     text = gateway.get("alice", "/metrics").body
     (line,) = [line for line in text.splitlines() if line.startswith("jupyter_gpu_messages_relayed_total ")]

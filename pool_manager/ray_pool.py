@@ -1,0 +1,118 @@
+"""``RayPool``: settings of the pool on a Ray cluster (``jupyter-gpu gateway --ray ADDRESS``).
+
+Ray itself is imported only when a Ray address is configured (``pip install "jupyter-gpu[ray]"``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from typing import Any
+
+from traitlets import Float, Int, Unicode
+from traitlets.config import LoggingConfigurable
+
+from .core import PoolCore, PoolPolicy
+from .ray_nodes import NodeTable, devices_of
+from .service import PoolService
+
+log = logging.getLogger(__name__)
+
+#: Ray's GCS settings that decide how fast a dead node is noticed.
+HEALTH_CHECK_KEYS = ("health_check_period_ms", "health_check_timeout_ms", "health_check_failure_threshold")
+
+
+class RayPool(LoggingConfigurable):
+    """The pool's GPUs are a Ray cluster's, e.g. ``c.RayPool.address = "10.0.0.1:6379"``."""
+
+    address = Unicode(
+        "",
+        help="Address of the Ray cluster's head (HOST:PORT), or 'auto' for the cluster this machine "
+        "belongs to. Empty: kernels run on this machine (the local backend).",
+    ).tag(config=True)
+    namespace = Unicode("jupyter_gpu", help="Ray namespace of the slot actors.").tag(config=True)
+    poll_interval = Float(0.5, help="Seconds between two reads of Ray's node table (joins and losses).").tag(
+        config=True
+    )
+    transport_encryption = Unicode(
+        "required",
+        help="CurveZMQ between the gateway and kernels on other machines: 'required' (default), 'auto' "
+        "or 'disabled' (jupyter_client's KernelManager.transport_encryption).",
+    ).tag(config=True)
+    # Ray's defaults (3 s, 10 s, 5) see a killed node after ~13 s and a silent one after ~50 s.
+    # These see a killed node (its port refuses at once) after ~5 s and a silent one after
+    # ~10 s, and still let a busy but live node answer late four times in a row.
+    health_check_period_ms = Int(1000, help="Ray GCS: how often each node is health-checked.").tag(config=True)
+    health_check_timeout_ms = Int(2000, help="Ray GCS: how long one health check may take.").tag(config=True)
+    health_check_failure_threshold = Int(
+        5, help="Ray GCS: failed checks in a row after which a node counts as dead."
+    ).tag(config=True)
+
+    def system_config(self) -> dict[str, int]:
+        """What the head must be started with (``ray start --head --system-config=...``)."""
+        return {key: int(getattr(self, key)) for key in HEALTH_CHECK_KEYS}
+
+    def node_loss_seconds(self, settings: dict[str, int] | None = None) -> float:
+        """About how long after a node's death Ray marks it dead, plus our poll of the table."""
+        s = settings or self.system_config()
+        check = max(s["health_check_period_ms"], s["health_check_timeout_ms"]) / 1000
+        return s["health_check_failure_threshold"] * check + self.poll_interval
+
+    def connect(self) -> None:
+        import ray
+
+        ray.init(address=self.address, namespace=self.namespace, logging_level=logging.WARNING,
+                 log_to_driver=False, configure_logging=False)
+        self._check_health_settings()
+
+    def _cluster_health_settings(self) -> dict[str, int] | None:
+        """The cluster's GCS health check settings, as the driver got them at ray.init."""
+        try:
+            from ray._raylet import Config  # type: ignore[attr-defined]
+
+            return {key: int(getattr(Config, key)()) for key in HEALTH_CHECK_KEYS}
+        except Exception:  # a private API: without it we can only state our wish
+            log.debug("could not read Ray's health check settings", exc_info=True)
+            return None
+
+    def _check_health_settings(self) -> None:
+        """Ray's GCS settings are the cluster's, fixed when its head started: say what they mean."""
+        actual = self._cluster_health_settings()
+        if actual is None:
+            return
+        wanted = self.node_loss_seconds()
+        seen = self.node_loss_seconds(actual)
+        if seen > wanted + 0.5:
+            log.warning(
+                "this Ray cluster notices a dead node after about %.0f s (%s); for %.0f s start its head with "
+                "ray start --head --system-config='%s'", seen, actual, wanted, json.dumps(self.system_config()))
+
+    def build_service(self, policy: PoolPolicy, kernel_name: str, warmup_code: str) -> PoolService:
+        """Connect to Ray, read its GPU nodes, and build the pool service over them."""
+        from .ray_backend import RayKernelBackend
+        from .ray_membership import RayPoolService
+        from .ray_slot import SlotSettings
+
+        try:
+            self.connect()
+        except Exception as exc:
+            raise ValueError(
+                f"could not join the Ray cluster at {self.address!r}: {exc}. Start it with `ray start --head` "
+                "(and `ray start --address=HEAD` on each GPU machine), or drop --ray for this machine's GPUs"
+            ) from exc
+        nodes = NodeTable()
+        devices = [device for node in nodes.update(_read_nodes()).joined for device in devices_of(node)]
+        settings = SlotSettings(kernel_name=kernel_name, warmup_code=warmup_code,
+                                transport_encryption=self.transport_encryption)
+        core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time)
+        backend = RayKernelBackend(nodes, settings)
+        return RayPoolService(core, backend, read_nodes=_read_nodes, poll_interval=self.poll_interval,
+                              node_loss_grace=self.node_loss_seconds(self._cluster_health_settings()))
+
+
+def _read_nodes() -> list[dict[str, Any]]:
+    import ray
+
+    rows: list[dict[str, Any]] = ray.nodes()  # type: ignore[no-untyped-call]
+    return rows

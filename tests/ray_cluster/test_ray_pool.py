@@ -1,0 +1,183 @@
+"""The pool on a real Ray cluster of namespace machines: placement, transport, membership.
+
+Tests run in order on one shared cluster (see conftest); the node-loss test goes last.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+from e2e.gateway_process import poll, stdout_text
+
+from .conftest import RayTestbed
+
+#: the first test also pays for bringing the shared cluster up (retried on a loaded machine)
+pytestmark = pytest.mark.timeout(600)
+
+
+def types_of(testbed: RayTestbed) -> dict[str, dict[str, object]]:
+    return {t["name"]: t for t in testbed.gateway.get("alice", "/api/gpu/types").body}
+
+
+def granted(testbed: RayTestbed, user: str, gpu: str) -> dict[str, Any]:
+    """A granted lease (waiting while the type's warm kernel is still being replaced)."""
+    lease = testbed.gateway.lease(user, gpu)
+    if lease["state"] == "queued":
+        lease = testbed.gateway.get(user, f"/api/gpu/leases/{lease['id']}?wait=60").body
+    assert lease["state"] == "granted", lease
+    return lease
+
+
+def test_types_list_the_cluster_gpus_as_emulated(testbed: RayTestbed) -> None:
+    types = types_of(testbed)
+    assert set(types) == {"a100", "h100"}
+    assert types["a100"]["total"] == 2 and types["h100"]["total"] == 1
+    assert types["a100"]["emulated"] is True and types["h100"]["emulated"] is True
+    assert types["a100"]["warm"] == 1 and types["h100"]["warm"] == 1
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize(("gpu", "node"), [("h100", "n2"), ("a100", "n1")])
+async def test_kernel_runs_on_the_node_of_its_gpu_type(testbed: RayTestbed, gpu: str, node: str) -> None:
+    gateway = testbed.gateway
+    lease = granted(testbed, "alice", gpu)
+    socket = await gateway.connect("alice", lease["kernel_id"])
+    try:
+        reply, outputs = await socket.run("import os; x = 1; print(os.getpid(), os.environ['CUDA_VISIBLE_DEVICES'])")
+        assert reply["content"]["status"] == "ok", reply
+        pid, visible = stdout_text(outputs).split()
+        # The kernel process lives in that node's network namespace: it is on that "machine".
+        assert os.stat(f"/proc/{pid}/ns/net").st_ino == testbed.cluster.netns_inode(node)
+        assert visible == ",".join(map(str, lease["gpu_indices"]))
+        reply, outputs = await socket.run("print(x + 1)")
+        assert stdout_text(outputs) == "2\n"
+    finally:
+        socket.close()
+        gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
+
+
+@pytest.mark.asyncio
+async def test_kernel_traffic_is_curve_encrypted(testbed: RayTestbed) -> None:
+    gateway = testbed.gateway
+    lease = granted(testbed, "alice", "h100")
+    socket = await gateway.connect("alice", lease["kernel_id"])
+    try:
+        # ipykernel's own sockets say whether they run as CurveZMQ servers.
+        _, outputs = await socket.run("print(get_ipython().kernel.shell_stream.socket.curve_server)")
+        assert stdout_text(outputs).strip() == "1"  # zmq.CURVE_SERVER on
+    finally:
+        socket.close()
+        gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
+
+
+def test_released_kernel_is_replaced_by_a_warm_one_on_its_node(testbed: RayTestbed) -> None:
+    gateway = testbed.gateway
+    lease = granted(testbed, "alice", "h100")
+    gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
+    poll(lambda: types_of(testbed)["h100"]["warm"] == 1, 30, "a fresh warm h100 kernel")
+    again = granted(testbed, "bob", "h100")
+    assert again["kernel_id"] != lease["kernel_id"]
+    gateway.delete("bob", f"/api/gpu/leases/{again['id']}")
+
+
+@pytest.mark.asyncio
+async def test_interrupt_reaches_a_kernel_on_another_machine(testbed: RayTestbed) -> None:
+    gateway = testbed.gateway
+    lease = granted(testbed, "alice", "a100")
+    socket = await gateway.connect("alice", lease["kernel_id"])
+    try:
+        msg_id = socket.execute("import time; print('sleeping', flush=True); time.sleep(60)")
+        await socket.recv_until(lambda m: m["msg_type"] == "stream" and "sleeping" in m["content"]["text"], 30)
+        assert gateway.post("alice", f"/api/kernels/{lease['kernel_id']}/interrupt").status == 204
+        reply, _ = await socket.collect(msg_id, timeout=20)
+        assert reply["content"]["ename"] == "KeyboardInterrupt"
+        reply, outputs = await socket.run("print(6 * 7)")
+        assert stdout_text(outputs) == "42\n"
+    finally:
+        socket.close()
+        gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
+
+
+def test_nodes_are_listed_with_their_gpus(testbed: RayTestbed) -> None:
+    nodes = {(n["node"], n["gpu_type"]): n for n in testbed.gateway.get("alice", "/api/gpu/nodes").body}
+    assert set(nodes) == {("10.77.0.11", "a100"), ("10.77.0.12", "h100")}
+    assert nodes[("10.77.0.11", "a100")]["total"] == 2 and nodes[("10.77.0.11", "a100")]["emulated"] is True
+    lease = granted(testbed, "alice", "h100")
+    try:
+        assert lease["node"] == "10.77.0.12"
+    finally:
+        testbed.gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
+
+
+@pytest.mark.asyncio
+async def test_a_machine_that_joins_adds_its_gpus_and_runs_kernels(testbed: RayTestbed) -> None:
+    cluster, gateway = testbed.cluster, testbed.gateway
+    cluster.add_machine("n3", 13)
+    cluster.start_ray("n3", {"l4": 1})  # returns once Ray has registered the node
+    seen = time.monotonic()
+    poll(lambda: types_of(testbed).get("l4", {}).get("total") == 1, 10, "the new node's l4 listed")
+    print(f"l4 of the joining node listed {time.monotonic() - seen:.1f} s after Ray registered it")
+    lease = granted(testbed, "alice", "l4")
+    socket = await gateway.connect("alice", lease["kernel_id"])
+    try:
+        _, outputs = await socket.run("import os; print(os.getpid())")
+        assert os.stat(f"/proc/{stdout_text(outputs).strip()}/ns/net").st_ino == cluster.netns_inode("n3")
+    finally:
+        socket.close()
+        gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
+
+
+@pytest.mark.asyncio
+async def test_a_killed_machine_ends_its_lease_with_node_lost(testbed: RayTestbed) -> None:
+    cluster, gateway = testbed.cluster, testbed.gateway
+    lease = granted(testbed, "alice", "h100")
+    socket = await gateway.connect("alice", lease["kernel_id"])
+    try:
+        reply, _ = await socket.run("import time; y = 41")
+        assert reply["content"]["status"] == "ok"
+        running = socket.execute("time.sleep(120)")
+        await asyncio.sleep(0.5)  # the cell is running on n2
+        killed = time.monotonic()
+        assert cluster.kill_machine("n2") > 0
+        reply, _ = await socket.collect(running, timeout=30)
+        waited = time.monotonic() - killed
+    finally:
+        socket.close()
+    # The cell fails saying why, within the 15 s the product promises.
+    assert reply["content"]["ename"] == "KernelDied" and "was lost" in reply["content"]["evalue"]
+    assert waited < 15, waited
+    print(f"lease on the killed node ended {waited:.1f} s after kill -9")
+    ended = gateway.get("alice", f"/api/gpu/leases/{lease['id']}").body
+    assert ended["state"] == "released" and ended["reason"] == "node_lost"
+    # Nothing stays behind for the dead node: no GPU, no kernel, no lease.
+    assert types_of(testbed)["h100"]["total"] == 0
+    assert all(n["node"] != "10.77.0.12" for n in gateway.get("alice", "/api/gpu/nodes").body)
+    assert gateway.get("alice", "/api/kernels").body == []
+    assert cluster.pids("n2") == []
+
+
+def test_gateway_stop_leaves_no_kernel_or_actor_on_any_node(testbed: RayTestbed) -> None:
+    assert kernel_processes(testbed), "warm kernels should be running before the stop"
+    testbed.gateway.stop()
+    poll(lambda: not kernel_processes(testbed), 30, "every kernel and slot actor gone from every node")
+
+
+def kernel_processes(testbed: RayTestbed) -> list[str]:
+    """Kernels and slot actors still running on any node (their command lines)."""
+    found = []
+    for name in ("n1", "n2", "n3"):
+        if name not in testbed.cluster.nodes:
+            continue
+        for pid in testbed.cluster.pids(name):
+            try:
+                cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+            except OSError:
+                continue
+            if "ipykernel" in cmdline or "KernelSlot" in cmdline:
+                found.append(f"{name}: {cmdline[:80]}")
+    return found
