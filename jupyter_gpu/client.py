@@ -117,8 +117,16 @@ class GatewayClient:
         query = f"?wait={wait}" if wait else ""
         return dict(self.request("GET", f"/api/gpu/leases/{lease_id}{query}", timeout=self.timeout + wait))
 
-    def delete_lease(self, lease_id: str) -> dict[str, Any]:
-        return dict(self.request("DELETE", f"/api/gpu/leases/{lease_id}"))
+    def delete_lease(self, lease_id: str, forget: bool = False) -> dict[str, Any]:
+        """End a lease; ``forget``: keep none of its variables for the notebook's next lease."""
+        return dict(self.request("DELETE", f"/api/gpu/leases/{lease_id}" + ("?forget=1" if forget else "")))
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/api/gpu/snapshots"))
+
+    def forget_snapshots(self, notebook: str) -> list[str]:
+        query = urllib.parse.urlencode({"notebook": notebook})
+        return list(self.request("DELETE", f"/api/gpu/snapshots?{query}")["deleted"])
 
     def usage(self) -> dict[str, Any]:
         return dict(self.request("GET", "/api/gpu/usage"))

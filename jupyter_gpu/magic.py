@@ -20,6 +20,7 @@ from IPython.display import clear_output
 from .analysis import analyse_cell
 from .client import GatewayClient, GatewayConfig, GatewayError
 from .defaults import read_default_type
+from .kept_state import adopt_restored, ended_note, format_snapshots, waits_for_restore
 from .outputs import RemoteResult
 from .protocol import SpecError, format_gpu_spec, parse_gpu_spec
 from .remote import CellOptions, LeaseGone, PushRefused, RemoteSession, acquire_lease, check_remote_refs
@@ -35,6 +36,11 @@ def parse_size(text: str) -> int:
     if not match or unit not in _UNITS:
         raise UsageError(f"--pull-limit {text!r} is not a size: use e.g. 100MB, 2GB or 500000")
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _notebook() -> str:
+    """The notebook's path, as Jupyter tells its kernel: what kept variables are filed under."""
+    return os.environ.get("JPY_SESSION_NAME", "")
 
 
 def _names(text: str | None) -> list[str]:
@@ -72,7 +78,8 @@ class GpuMagics(Magics):
         super().__init__(shell)
         self.client: GatewayClient | None = None
         self.sessions: dict[str, RemoteSession] = {}
-        atexit.register(self.release_all)
+        # A local kernel that shuts down or restarts starts clean: nothing kept for it either.
+        atexit.register(self.release_all, True)
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -116,19 +123,18 @@ class GpuMagics(Magics):
                 else:
                     handle[0].update({"text/plain": text}, raw=True)
 
-            notebook = os.environ.get("JPY_SESSION_NAME", "")
-            lease = acquire_lease(client, spec, idle, notebook, show_wait)
+            lease = acquire_lease(client, spec, idle, _notebook(), show_wait)
             if handle[0] is not None:
                 handle[0].update({"text/plain": f"jupyter-gpu: got {lease['gpu_type']} after waiting"}, raw=True)
             session = self.sessions[spec] = RemoteSession(client, lease)
         return session
 
-    def _release(self, spec: str) -> RemoteSession:
+    def _release(self, spec: str, forget: bool = False) -> RemoteSession:
         """Stop using this spec's session and end its lease (a no-op if it already ended)."""
         session = self.sessions.pop(spec)
         session.close()
         try:
-            self._client().delete_lease(session.lease_id)
+            self._client().delete_lease(session.lease_id, forget)
         except (GatewayError, UsageError):
             pass
         return session
@@ -136,17 +142,14 @@ class GpuMagics(Magics):
     def _tell_ended(self, session: RemoteSession) -> None:
         """Say why the GPU kernel went away and which values went with it."""
         try:
-            reason = self._client().get_lease(session.lease_id).get("reason") or "closed"
+            lease = self._client().get_lease(session.lease_id)
         except GatewayError:
-            reason = "closed"
-        note = f"jupyter-gpu: the {session.lease['gpu_type']} lease ended ({reason})"
-        if session.remote_only:
-            note += f"; these lived only there and are gone: {', '.join(sorted(session.remote_only))}"
-        print(note + ". Getting a fresh GPU kernel.", file=sys.stderr)
+            lease = {"gpu_type": session.lease["gpu_type"]}
+        print(ended_note(lease, session.remote_only), file=sys.stderr)
 
-    def release_all(self) -> None:
+    def release_all(self, forget: bool = False) -> None:
         for spec in list(self.sessions):
-            self._release(spec)
+            self._release(spec, forget)
 
     # --- the magic --------------------------------------------------------------------------
 
@@ -162,12 +165,14 @@ class GpuMagics(Magics):
     @argument("--no-pull", action="store_true", help="Bring nothing back; values stay on the GPU kernel.")
     @argument("--pull-limit", default="100MB", help="Values larger than this stay remote (RemoteRef).")
     @argument("--new", action="store_true", help="Take a fresh lease instead of reusing this notebook's.")
+    @argument("--forget", action="store_true",
+              help="With %%gpu release: keep none of the variables for this notebook's next lease.")
     @line_cell_magic
     def gpu(self, line: str, cell: str | None = None) -> Any:
         """Run this cell on a pooled GPU kernel: %%gpu a100."""
         args = parse_argstring(self.gpu, line)
         if cell is None:
-            return self._line(args.spec or "status")
+            return self._line(args.spec or "status", args.forget)
         spec = self._spec(args.spec)
         options = CellOptions(push=_names(args.push), pull=_names(args.pull), no_push=set(_names(args.no_push)),
                               no_pull=args.no_pull, pull_limit=parse_size(args.pull_limit), timeout=args.timeout)
@@ -180,8 +185,12 @@ class GpuMagics(Magics):
             # Before leasing anything: a cell reading another kernel's value cannot run.
             current = self.sessions.get(spec)
             live = current.lease_id if current is not None and current.alive and not args.new else None
-            check_remote_refs([n for n in names.free if n not in options.no_push], ns, live)
+            # A value of an ended lease may come back with the next one: checked once it is granted.
+            held = {s.lease_id for s in self.sessions.values() if s.alive}
+            check_remote_refs([n for n in names.free if n not in options.no_push
+                               and not waits_for_restore(ns.get(n), held)], ns, live)
             session = self._session(spec, args.idle, args.new)
+            adopt_restored(session.lease, ns)
             try:
                 relay = session.run_cell(cell, names.free, names.bound, ns, options, frontend)
             except LeaseGone as exc:
@@ -210,7 +219,7 @@ class GpuMagics(Magics):
 
     # --- line commands ----------------------------------------------------------------------
 
-    def _line(self, command: str) -> None:
+    def _line(self, command: str, forget: bool = False) -> None:
         client = self._client()
         try:
             if command == "types":
@@ -231,16 +240,23 @@ class GpuMagics(Magics):
             elif command == "release":
                 lost = sorted({n for s in self.sessions.values() for n in s.remote_only})
                 count = len(self.sessions)
-                self.release_all()
-                print(f"jupyter-gpu: released {count} lease(s)" + (f"; gone with them: {', '.join(lost)}" if lost
-                                                                   else ""))
+                self.release_all(forget)
+                if forget:
+                    client.forget_snapshots(_notebook())
+                    print(f"jupyter-gpu: released {count} lease(s), keeping nothing"
+                          + (f"; gone with them: {', '.join(lost)}" if lost else ""))
+                else:
+                    print(f"jupyter-gpu: released {count} lease(s); their variables are kept for this notebook's "
+                          "next %%gpu cell (%gpu release --forget keeps nothing)")
+            elif command == "snapshots":
+                print(format_snapshots(client.snapshots(), _notebook()))
             elif command == "usage":
                 usage = client.usage()
                 print(f"{usage['total_gpu_seconds']:.1f} GPU-seconds, ${usage['total_cost']:.4f} in total")
                 for gpu_type, row in sorted(usage.get("by_type", {}).items()):
                     print(f"  {gpu_type:<12} {row['gpu_seconds']:.1f} GPU-s  ${row['cost']:.4f}")
             else:
-                raise UsageError(f"unknown %gpu command {command!r}: use status, types, release or usage "
-                                 "(%%gpu SPEC runs a cell)")
+                raise UsageError(f"unknown %gpu command {command!r}: use status, types, release [--forget], "
+                                 "snapshots or usage (%%gpu SPEC runs a cell)")
         except GatewayError as exc:
             raise UsageError(str(exc)) from None

@@ -256,7 +256,7 @@ def load(path: str, ns: dict[str, Any]) -> Restored:
                 first, last = entry["buffers"]
                 views = [data[o : o + n] for o, n in layout[first:last]]
                 unpickler = pickle._Unpickler(io.BytesIO(stream[entry["start"] : entry["end"]]), buffers=views)
-                unpickler.memo = memo
+                unpickler.memo = memo  # type: ignore[attr-defined]
                 ns[name] = unpickler.load()
         except Exception as exc:  # a package this kernel lacks, a class that changed, ...
             report.failed[name] = _why_not(exc)

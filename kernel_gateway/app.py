@@ -26,6 +26,9 @@ from .auth import TokenAuthenticator
 from .channels import ChannelsHandler
 from .gateway import Gateway
 from .metering import MeteringStore
+from .snapshot_handlers import SnapshotsHandler
+from .snapshot_store import open_store
+from .snapshots import SnapshotKeeper
 from .uploads import UploadHandler, abort_uploads
 
 log = logging.getLogger("jupyter_gpu.gateway")
@@ -52,6 +55,8 @@ def make_app(gateway: Gateway, authenticator: TokenAuthenticator, **settings: An
         (r"/api/gpu/leases/?", h.LeasesHandler),
         (rf"/api/gpu/leases/{lease}/?", h.LeaseHandler),
         (r"/api/gpu/usage/?", h.UsageHandler),
+        (r"/api/gpu/snapshots/?", SnapshotsHandler),
+        (rf"/api/gpu/snapshots/{_ID.format('snapshot_id')}/?", SnapshotsHandler),
         (r"/metrics", h.MetricsHandler),
     ]
     return web.Application(
@@ -118,6 +123,15 @@ class GatewayApp(JupyterApp):
     kernel_request_timeout = Float(
         60.0, help="How long POST /api/kernels waits for a free GPU before answering 503."
     ).tag(config=True)
+    snapshot_store = Unicode(
+        help="Where a released lease's variables are kept for the notebook's next lease: a directory, "
+        "s3://bucket/prefix (pip install jupyter-gpu[s3]), or 'none' to keep nothing."
+    ).tag(config=True)
+    snapshot_ttl = Float(24 * 3600.0, help="Seconds a kept snapshot lives before it expires.").tag(config=True)
+    snapshot_quota = Int(0, help="Bytes of kept snapshots per user (0: no limit).").tag(config=True)
+    snapshot_timeout = Float(
+        300.0, help="Seconds a kernel may take to save its variables when its lease ends (its GPU stays held)."
+    ).tag(config=True)
 
     aliases = {
         "ip": "GatewayApp.ip",
@@ -126,6 +140,10 @@ class GatewayApp(JupyterApp):
         "users": "GatewayApp.users",
         "max-message-size": "GatewayApp.max_message_size",
         "max-upload-size": "GatewayApp.max_upload_size",
+        "snapshot-store": "GatewayApp.snapshot_store",
+        "snapshot-ttl": "GatewayApp.snapshot_ttl",
+        "snapshot-quota": "GatewayApp.snapshot_quota",
+        "snapshot-timeout": "GatewayApp.snapshot_timeout",
         "inventory": "PoolManager.inventory",
         "cpu-slots": "PoolManager.cpu_slots",
         "min-warm": "PoolManager.min_warm",
@@ -146,6 +164,19 @@ class GatewayApp(JupyterApp):
     @default("db")
     def _default_db(self) -> str:
         return str(Path(jupyter_data_dir()) / "jupyter_gpu" / "usage.sqlite")
+
+    @default("snapshot_store")
+    def _default_snapshot_store(self) -> str:
+        return str(Path(jupyter_data_dir()) / "jupyter_gpu" / "snapshots")
+
+    def snapshot_keeper(self, service: PoolService) -> SnapshotKeeper | None:
+        if self.snapshot_store in ("", "none"):
+            return None
+        store = open_store(self.snapshot_store, self.snapshot_ttl, self.snapshot_quota)
+        local = not self.snapshot_store.startswith("s3://")
+        # Files taken out of a kernel's reach wait here; inside a local store, moving them in costs nothing.
+        spool = Path(self.snapshot_store if local else jupyter_data_dir()) / ("spool" if local else "snapshot-spool")
+        return SnapshotKeeper(store, service, str(spool), self.snapshot_timeout)
 
     def start(self) -> None:
         level = int(str(self.log_level)) if str(self.log_level).isdigit() else str(self.log_level)
@@ -181,7 +212,8 @@ class GatewayApp(JupyterApp):
 
     async def serve(self, authenticator: TokenAuthenticator, pool: PoolManager, service: PoolService) -> None:
         Path(self.db).parent.mkdir(parents=True, exist_ok=True)
-        gateway = Gateway(pool, service, MeteringStore(self.db), self.replay_buffer_bytes)
+        gateway = Gateway(pool, service, MeteringStore(self.db), self.replay_buffer_bytes,
+                          snapshots=self.snapshot_keeper(service))
         app = make_app(
             gateway,
             authenticator,

@@ -32,6 +32,7 @@ from pool_manager.service import PoolService
 
 from .metering import MeteringStore
 from .relay import KernelRelay
+from .snapshots import SnapshotKeeper
 
 log = logging.getLogger(__name__)
 
@@ -60,12 +61,14 @@ class Gateway:
         metering: MeteringStore,
         replay_limit_bytes: int,
         heartbeat_interval: float = 5.0,
+        snapshots: SnapshotKeeper | None = None,
     ) -> None:
         self.pool = pool
         self.service = service
         self.metering = metering
         self.replay_limit_bytes = replay_limit_bytes
         self.heartbeat_interval = heartbeat_interval
+        self.snapshots = snapshots
         self.relays: dict[str, KernelRelay] = {}
         self._relay_ready: dict[str, asyncio.Task[KernelRelay]] = {}
         self.zmq_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -79,6 +82,8 @@ class Gateway:
         closed = self.metering.close_abandoned(time.time())
         if closed:
             log.info("closed %d lease(s) left open by an earlier gateway (reason gateway_restart)", closed)
+        if self.snapshots is not None:
+            await self.snapshots.start()
         await self.service.start()
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
@@ -91,6 +96,8 @@ class Gateway:
         for relay in list(self.relays.values()):
             await relay.close(1001, CLOSE_REASONS.get(reason, reason))
         await asyncio.gather(*self._closing, return_exceptions=True)
+        if self.snapshots is not None:
+            await self.snapshots.stop()
         self.zmq_context.destroy(linger=0)
         self.metering.close()
 
@@ -116,6 +123,8 @@ class Gateway:
         row = self.metering.get(lease_id)
         if row is None or row["user"] != user:
             raise NotFound(lease_id)
+        if self.snapshots is not None:
+            row.update(self.snapshots.lease_info(lease_id))  # what its end kept
         return row
 
     def leases_json(self, user: str, include_released: bool = False) -> list[dict[str, Any]]:
@@ -130,8 +139,11 @@ class Gateway:
             active += [row for row in self.metering.list_for_user(user) if row["id"] not in active_ids]
         return active
 
-    def end_lease(self, user: str, lease_id: str, reason: str) -> dict[str, Any]:
+    def end_lease(self, user: str, lease_id: str, reason: str, forget: bool = False) -> dict[str, Any]:
+        """End the lease; ``forget``: keep none of its variables (and drop the notebook's kept ones)."""
         lease = self.active_lease(user, lease_id)
+        if forget and self.snapshots is not None:
+            self.snapshots.forget(lease)
         self.service.end_lease(lease.id, reason)
         return self.describe(lease)
 
@@ -185,6 +197,8 @@ class Gateway:
             info["idle_remaining"] = (
                 lease.idle_timeout if lease.busy else max(0.0, lease.last_activity + lease.idle_timeout - now)
             )
+        if self.snapshots is not None:
+            info.update(self.snapshots.lease_info(lease.id))  # what it restores, what its end kept
         return info
 
     # --- kernels --------------------------------------------------------------------------
@@ -222,7 +236,13 @@ class Gateway:
         ]
 
     async def relay_for(self, kernel_id: str) -> KernelRelay:
-        """The kernel's relay, connected on first use (IOPub subscribed before it returns)."""
+        """The kernel's relay, connected on first use (IOPub subscribed before it returns).
+
+        Not before the notebook's kept variables are in the kernel's staging area: nothing
+        from the notebook may reach the kernel before it can restore them.
+        """
+        if self.snapshots is not None:
+            await self.snapshots.ready(kernel_id)
         relay = self.relays.get(kernel_id)
         if relay is not None:
             return relay
@@ -264,6 +284,8 @@ class Gateway:
     def _on_pool_action(self, action: Action) -> None:
         if isinstance(action, LeaseGranted):
             self.metering.record(action.lease, self.pool.price(action.lease.gpu_type))
+            if self.snapshots is not None:
+                self.snapshots.lease_granted(action.lease)
             # Connect to the kernel now, while the client reads the grant: its first
             # websocket then finds IOPub already subscribed.
             task = asyncio.get_running_loop().create_task(self._preconnect(action.lease.slot_id or ""))
@@ -273,6 +295,8 @@ class Gateway:
             lease = action.lease
             self.metering.record(lease, self.pool.price(lease.gpu_type))
             relay = self.relays.pop(lease.slot_id or "", None) if lease.granted_at is not None else None
+            if self.snapshots is not None:
+                self.snapshots.lease_ended(lease, busy=relay is not None and relay.execution_state == "busy")
             if relay is not None:
                 if lease.reason == REASON_KERNEL_DIED:
                     relay.kernel_died(

@@ -312,8 +312,9 @@ class LeaseHandler(ApiHandler):
         self.reply(self.lease_or_404(lease_id))
 
     def delete(self, lease_id: str) -> None:
+        forget = self.get_argument("forget", "0") not in ("0", "false", "")  # keep none of its variables
         try:
-            self.reply(self.gateway.end_lease(self.user, lease_id, REASON_DELETED))
+            self.reply(self.gateway.end_lease(self.user, lease_id, REASON_DELETED, forget))
         except NotFound:
             self.reply(self.lease_or_404(lease_id))  # already ended: deleting twice is harmless
 

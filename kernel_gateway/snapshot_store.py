@@ -14,6 +14,7 @@ replaces it. Kept state expires after ``ttl`` seconds.
 from __future__ import annotations
 
 import abc
+import builtins
 import hashlib
 import hmac
 import json
@@ -28,6 +29,7 @@ from typing import Any
 
 Clock = Callable[[], float]
 _ID = re.compile(r"[0-9a-f]{32}")
+_USER_KEY = re.compile(r"[0-9a-f]{40}")
 #: A blob without a manifest this old is an interrupted write, never to be committed.
 ORPHAN_SECONDS = 3600.0
 _SECRET_NAME = "store-secret"
@@ -128,6 +130,11 @@ class SnapshotStore(abc.ABC):
                 live.append(record)
         return sorted(live, key=lambda record: -record.created)
 
+    def everyone(self) -> builtins.list[SnapshotRecord]:
+        """Every user's snapshots that have not expired (what a starting gateway indexes)."""
+        now = self.clock()
+        return [record for _, record in self._records(None) if record.expires > now]
+
     def find(self, user: str, notebook: str) -> SnapshotRecord | None:
         return next((record for record in self.list(user) if record.notebook == notebook), None)
 
@@ -216,6 +223,9 @@ class LocalSnapshotStore(SnapshotStore):
         os.makedirs(path, mode=0o700, exist_ok=True)
         return path
 
+    def _user_dirs(self) -> list[str]:
+        return [entry.name for entry in os.scandir(self.root) if entry.is_dir() and _USER_KEY.fullmatch(entry.name)]
+
     def _put_blob(self, user_key: str, snapshot_id: str, path: str) -> None:
         final = os.path.join(self._dir(user_key), f"{snapshot_id}.snap")
         try:
@@ -235,7 +245,7 @@ class LocalSnapshotStore(SnapshotStore):
         os.replace(final + ".part", final)
 
     def _manifests(self, user_key: str | None) -> list[tuple[str, str, bytes]]:
-        keys = [user_key] if user_key is not None else [e.name for e in os.scandir(self.root) if e.is_dir()]
+        keys = [user_key] if user_key is not None else self._user_dirs()
         found = []
         for key in keys:
             folder = os.path.join(self.root, key)
@@ -269,14 +279,13 @@ class LocalSnapshotStore(SnapshotStore):
 
     def _remove_orphans(self, older_than: float) -> int:
         removed = 0
-        for entry in os.scandir(self.root):
-            if not entry.is_dir():
-                continue
-            names = set(os.listdir(entry.path))
+        for key in self._user_dirs():
+            folder = os.path.join(self.root, key)
+            names = set(os.listdir(folder))
             for name in names:
                 uncommitted = name.endswith(".part") or (
                     name.endswith(".snap") and name.removesuffix(".snap") + ".json" not in names)
-                path = os.path.join(entry.path, name)
+                path = os.path.join(folder, name)
                 try:
                     if uncommitted and os.stat(path).st_mtime < older_than:
                         os.unlink(path)

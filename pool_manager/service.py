@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from jupyter_gpu.protocol import QUEUED, GpuChoice
 
@@ -30,6 +30,8 @@ class PoolService:
         self.tick_interval = tick_interval
         self.kernels: dict[str, KernelInfo] = {}
         self.listeners: list[Listener] = []
+        #: awaited before a kernel is killed (the gateway saves the lease's variables there)
+        self.before_kill: Callable[[str], Awaitable[None]] | None = None
         self._starting: dict[str, asyncio.Task[None]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed: dict[str, asyncio.Event] = {}
@@ -135,6 +137,11 @@ class PoolService:
         starting = self._starting.get(slot_id)
         if starting is not None:
             await asyncio.gather(starting, return_exceptions=True)  # kill what it started
+        if self.before_kill is not None:
+            try:
+                await self.before_kill(slot_id)
+            except Exception:  # the kernel goes either way
+                log.exception("before_kill of kernel %s failed", slot_id)
         await self.backend.kill_kernel(slot_id)
         self.kernels.pop(slot_id, None)
         self.core.kernel_stopped(slot_id)
