@@ -99,10 +99,9 @@ def test_variables_outlive_an_idle_release_and_come_back_on_another_type(keeping
     gateway.delete("bob", f"/api/gpu/leases/{bobs['id']}")
     assert [k["id"] for k in gateway.get("alice", "/api/gpu/snapshots").body] == [kept["id"]]
 
-    # The same notebook, run again (a fresh local kernel: the values it had are gone locally
-    # too), reads them on an h100: restored from the snapshot before the cell ran.
-    cells = run(gateway, "alice", "big = t = p = weights = None\n" + USE_STATE.replace(
-        "%%gpu h100 --no-pull\n", "%%gpu h100 --no-pull --no-push big,t,p,weights\n"))
+    # The same notebook, run again in a fresh local kernel (nothing to push: the values are
+    # not here), reads them on an h100: restored from the snapshot before the cell ran.
+    cells = run(gateway, "alice", USE_STATE)
     assert "state: 1999999000000.0 24.0 22.5 70.0 ['a', 'b']" in text(cells[0], "stdout"), cells[0].outputs
     note = text(cells[0], "stderr")
     assert "jupyter-gpu: restored" in note and "big" in note and "MB in" in note
