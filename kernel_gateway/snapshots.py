@@ -176,7 +176,7 @@ class SnapshotKeeper:
         name = secrets.token_hex(16)
         code = f"get_ipython()._jupyter_gpu_helper.snapshots.save({name!r})"
         await _execute(info.connection_info, code, lambda: kernel_id in self.service.kernels)
-        path = await asyncio.to_thread(self._take, os.path.join(staging, SNAPSHOT_SUBDIR, name))
+        path = await asyncio.to_thread(take_file, os.path.join(staging, SNAPSHOT_SUBDIR, name), self.spool_dir)
         try:
             header, _ = read_header(path)
             kept = summary(header)
@@ -192,32 +192,6 @@ class SnapshotKeeper:
         self.index[(lease.user, lease.notebook)] = record
         return {"state": "kept", "id": record.id, "names": record.names, "unsaved": record.unsaved,
                 "nbytes": record.nbytes}
-
-    def _take(self, path: str) -> str:
-        """Move the kernel's file out of its reach; refuse anything but a plain file of its own."""
-        spooled = os.path.join(self.spool_dir, os.path.basename(path))
-        try:
-            os.rename(path, spooled)  # the same file system: the entry moves, whatever it is
-        except OSError:
-            # Another file system: copy from a descriptor opened without following links.
-            source = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            try:
-                _check_plain(os.fstat(source), path)
-                target = os.open(spooled, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-                try:
-                    _copy(source, target)
-                finally:
-                    os.close(target)
-            finally:
-                os.close(source)
-                os.unlink(path)
-            return spooled
-        try:
-            _check_plain(os.lstat(spooled), path)
-        except ValueError:
-            os.unlink(spooled)
-            raise
-        return spooled
 
     # --- the next lease -------------------------------------------------------------------
 
@@ -258,6 +232,38 @@ class SnapshotKeeper:
         task = self._staging.get(kernel_id)
         if task is not None:
             await asyncio.shield(task)
+
+
+def take_file(path: str, spool_dir: str) -> str:
+    """Move a file a kernel wrote out of its reach into ``spool_dir``; returns the new path.
+
+    The kernel is a stranger's code: what it left under that name may be a link to one of
+    the gateway's own files, which must never end up in a store that a later lease reads
+    from. Only a plain file with no other name is taken.
+    """
+    spooled = os.path.join(spool_dir, os.path.basename(path))
+    try:
+        os.rename(path, spooled)  # the same file system: the entry moves, whatever it is
+    except OSError:
+        # Another file system: copy from a descriptor opened without following links.
+        source = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            _check_plain(os.fstat(source), path)
+            target = os.open(spooled, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+            try:
+                _copy(source, target)
+            finally:
+                os.close(target)
+        finally:
+            os.close(source)
+            os.unlink(path)
+        return spooled
+    try:
+        _check_plain(os.lstat(spooled), path)
+    except ValueError:
+        os.unlink(spooled)
+        raise
+    return spooled
 
 
 def _check_plain(info: os.stat_result, path: str) -> None:

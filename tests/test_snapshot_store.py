@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +20,7 @@ from kernel_gateway.snapshot_store import (
     SnapshotQuotaExceeded,
     SnapshotStore,
 )
+from kernel_gateway.snapshots import take_file
 
 boto3 = pytest.importorskip("boto3")
 moto_server = pytest.importorskip("moto.server")
@@ -174,3 +177,30 @@ def test_s3_multipart_upload_and_an_interrupted_one(s3_endpoint: str, tmp_path: 
     keys = [o["Key"] for o in client.list_objects_v2(Bucket="multipart").get("Contents", [])]
     assert len([k for k in keys if k.endswith(".snap")]) == 1
     assert client.list_multipart_uploads(Bucket="multipart").get("Uploads", []) == []
+
+
+@pytest.mark.parametrize("staging_root", ["same", "/dev/shm"])
+def test_a_link_planted_by_the_kernel_is_never_taken_into_the_store(tmp_path: Path, staging_root: str) -> None:
+    """The kernel names its snapshot file; a symlink or hard link to a gateway file there
+    is refused, on the same file system (rename) and across file systems (copy)."""
+    if staging_root != "same" and not os.path.isdir(staging_root):
+        pytest.skip("no /dev/shm")
+    secret = tmp_path / "users.json"
+    secret.write_text("the gateway's token hashes")
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    staging = Path(tempfile.mkdtemp(dir=tmp_path if staging_root == "same" else staging_root, prefix="staging-"))
+    try:
+        (staging / "a").symlink_to(secret)
+        with pytest.raises((ValueError, OSError)):
+            take_file(str(staging / "a"), str(spool))
+        if staging_root == "same":  # hard links cannot cross file systems
+            os.link(secret, staging / "b")
+            with pytest.raises(ValueError, match="not a plain file"):
+                take_file(str(staging / "b"), str(spool))
+        assert list(spool.iterdir()) == [] and secret.read_text() == "the gateway's token hashes"
+        (staging / "c").write_bytes(b"a real snapshot")
+        taken = take_file(str(staging / "c"), str(spool))
+        assert Path(taken).read_bytes() == b"a real snapshot" and not (staging / "c").exists()
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
