@@ -245,9 +245,12 @@ class GpuMagics(Magics):
                     client.forget_snapshots(_notebook())
                     print(f"jupyter-gpu: released {count} lease(s), keeping nothing"
                           + (f"; gone with them: {', '.join(lost)}" if lost else ""))
-                else:
+                elif _notebook():
                     print(f"jupyter-gpu: released {count} lease(s); their variables are kept for this notebook's "
                           "next %%gpu cell (%gpu release --forget keeps nothing)")
+                else:  # outside a notebook server no path names the notebook: nothing to file them under
+                    print(f"jupyter-gpu: released {count} lease(s)" + (f"; gone with them: {', '.join(lost)}"
+                                                                       if lost else ""))
             elif command == "snapshots":
                 print(format_snapshots(client.snapshots(), _notebook()))
             elif command == "usage":
