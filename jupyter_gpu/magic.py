@@ -190,7 +190,7 @@ class GpuMagics(Magics):
             check_remote_refs([n for n in names.free if n not in options.no_push
                                and not waits_for_restore(ns.get(n), held)], ns, live)
             session = self._session(spec, args.idle, args.new)
-            adopt_restored(session.lease, ns)
+            session.remote_only.update(adopt_restored(session.lease, ns))
             try:
                 relay = session.run_cell(cell, names.free, names.bound, ns, options, frontend)
             except LeaseGone as exc:
@@ -242,7 +242,11 @@ class GpuMagics(Magics):
                 count = len(self.sessions)
                 self.release_all(forget)
                 if forget:
-                    client.forget_snapshots(_notebook())
+                    try:
+                        client.forget_snapshots(_notebook())
+                    except GatewayError as exc:
+                        if exc.reason != "snapshots_off":  # a gateway that keeps nothing: nothing to forget
+                            raise
                     print(f"jupyter-gpu: released {count} lease(s), keeping nothing"
                           + (f"; gone with them: {', '.join(lost)}" if lost else ""))
                 elif _notebook():
