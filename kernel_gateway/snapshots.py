@@ -286,20 +286,27 @@ async def _execute(connection_info: dict[str, Any], code: str, alive: Any) -> No
     client.load_connection_info(connection_info)  # type: ignore[arg-type]
     client.start_channels(shell=True, iopub=False, stdin=False, hb=False, control=False)
     try:
-        msg_id = client.execute(code, silent=True, store_history=False, allow_stdin=False, stop_on_error=False)
-        while True:
-            try:
-                reply = await client.get_shell_msg(timeout=1.0)
-            except Exception:  # queue.Empty: nothing yet
-                if not alive():
-                    raise RuntimeError("the kernel died before it saved its variables") from None
-                continue
-            if reply["parent_header"].get("msg_id") != msg_id:
-                continue
-            content = reply["content"]
-            if content.get("status") != "ok":
-                raise RuntimeError(f"the kernel could not save its variables: {content.get('ename')}: "
-                                   f"{content.get('evalue')}")
-            return
+        for _ in range(3):
+            content = await _reply(client, client.execute(code, silent=True, store_history=False,
+                                                          allow_stdin=False, stop_on_error=False), alive)
+            # A cell interrupted for the release fails, and the kernel then aborts what was
+            # queued behind it (our request among them): ask again.
+            if content.get("status") != "aborted":
+                break
+        if content.get("status") != "ok":
+            raise RuntimeError(f"the kernel could not save its variables: {content.get('status')}: "
+                               f"{content.get('ename')}: {content.get('evalue')}")
     finally:
         client.stop_channels()
+
+
+async def _reply(client: AsyncKernelClient, msg_id: str, alive: Any) -> dict[str, Any]:
+    while True:
+        try:
+            reply = await client.get_shell_msg(timeout=1.0)
+        except Exception:  # queue.Empty: nothing yet
+            if not alive():
+                raise RuntimeError("the kernel died before it saved its variables") from None
+            continue
+        if reply["parent_header"].get("msg_id") == msg_id:
+            return dict(reply["content"])

@@ -143,3 +143,48 @@ def test_a_gateway_restart_keeps_snapshots(tmp_path: Path) -> None:
         assert "back [1, 2, 3]" in text(cells[0], "stdout"), cells[0].outputs
     finally:
         gateway.stop()
+
+
+def poll(predicate: Any, timeout: float, what: str) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise TimeoutError(what)
+
+
+@pytest.mark.asyncio
+async def test_release_mid_cell_interrupts_and_keeps_kernel_death_keeps_nothing(
+        keeping_gateway: GatewayProcess) -> None:
+    gateway = keeping_gateway
+    lease = gateway.lease("alice", "cpu", notebook="work/busy.ipynb")
+    socket = await gateway.connect("alice", lease["kernel_id"])
+    socket.execute("progress = 41\nimport time\ntime.sleep(60)")
+    await socket.recv(5)  # the cell is running
+    time.sleep(0.5)
+    ended = gateway.delete("alice", f"/api/gpu/leases/{lease['id']}").body
+    assert ended["snapshot"]["state"] == "saving"  # the release answers at once; the save follows
+    def saved() -> Any:
+        kept = gateway.get("alice", f"/api/gpu/leases/{lease['id']}").body["snapshot"]
+        return kept if kept["state"] != "saving" else None
+
+    outcome = poll(saved, 30, "the snapshot of a busy kernel")
+    assert outcome["state"] == "kept" and "progress" in outcome["names"], outcome
+    socket.close()
+
+    # A kernel that dies keeps nothing (there is nothing left to ask), and says so by saying nothing.
+    dying = gateway.lease("alice", "cpu", notebook="work/dies.ipynb")
+    dying = gateway.get("alice", f"/api/gpu/leases/{dying['id']}?wait=30").body  # its kernel was the one saving
+    socket = await gateway.connect("alice", dying["kernel_id"])
+    socket.execute("lost = 1\nimport os\nos._exit(1)")
+    row = poll(lambda: (r := gateway.get("alice", f"/api/gpu/leases/{dying['id']}").body)["state"] == "released"
+               and r, 20, "the dead kernel's lease to end")
+    assert row["reason"] == "kernel_died" and "snapshot" not in row
+    socket.close()
+    notebooks = {k["notebook"] for k in gateway.get("alice", "/api/gpu/snapshots").body}
+    assert "work/busy.ipynb" in notebooks and "work/dies.ipynb" not in notebooks
+    gateway.delete("alice", "/api/gpu/snapshots?notebook=work/busy.ipynb")
+    poll(lambda: any(t["name"] == "cpu" and t["warm"] for t in gateway.get("alice", "/api/gpu/types").body), 30,
+         "a warm cpu kernel again")
