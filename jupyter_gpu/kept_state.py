@@ -43,8 +43,11 @@ def ended_note(lease: dict[str, Any], remote_only: set[str]) -> str:
         note += "; its variables were kept and come back with the next lease"
         if lost:
             note += f", except these, which could not be saved: {', '.join(lost)}"
-    elif remote_only:
-        note += f"; these lived only there and are gone: {', '.join(sorted(remote_only))}"
+    else:
+        if kept.get("state") == "failed":
+            note += f"; its variables could not be kept ({kept.get('message')})"
+        if remote_only:
+            note += f"; these lived only there and are gone: {', '.join(sorted(remote_only))}"
     return note + ". Getting a fresh GPU kernel."
 
 

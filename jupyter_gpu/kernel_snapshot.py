@@ -59,8 +59,9 @@ class KernelSnapshots:
             except OSError:
                 pass
 
-    def save(self, name: str) -> None:
-        """Write the user's variables as ``snapshot/NAME`` in this kernel's staging area."""
+    def save(self, name: str, max_bytes: int | None = None) -> None:
+        """Write the user's variables as ``snapshot/NAME`` in this kernel's staging area
+        (refused before anything is written if they would take more than ``max_bytes``)."""
         if self.folder is None:
             raise RuntimeError("this kernel has no staging directory to write a snapshot to")
         if not _NAME.fullmatch(name):
@@ -69,4 +70,4 @@ class KernelSnapshots:
         self.restore_pending()
         self.note = None
         os.makedirs(self.folder, exist_ok=True)
-        snapshot.save(os.path.join(self.folder, name), self.shell.user_ns, self.shell.user_ns_hidden)
+        snapshot.save(os.path.join(self.folder, name), self.shell.user_ns, self.shell.user_ns_hidden, max_bytes)

@@ -183,9 +183,19 @@ def _write(path: str, captured: Captured, stream: memoryview) -> int:
     return position
 
 
-def save(path: str, ns: dict[str, Any], hidden: Iterable[str] = ()) -> dict[str, Any]:
-    """Snapshot the user's variables in ``ns`` to ``path``; returns what was kept and not."""
+class SnapshotTooLarge(ValueError):
+    """More to keep than the place the snapshot goes to has room for."""
+
+
+def save(path: str, ns: dict[str, Any], hidden: Iterable[str] = (), max_bytes: int | None = None) -> dict[str, Any]:
+    """Snapshot the user's variables in ``ns`` to ``path``; returns what was kept and not.
+
+    ``max_bytes``: refuse, before writing anything, a snapshot larger than this.
+    """
     captured = capture(user_variables(ns, hidden))
+    if max_bytes is not None and captured.nbytes > max_bytes:
+        raise SnapshotTooLarge(f"{captured.nbytes / 1e9:.2f} GB of variables to keep, but only "
+                               f"{max_bytes / 1e9:.2f} GB free where the snapshot is written")
     nbytes = write(path, captured)
     return {"names": [v["name"] for v in captured.variables], "unsaved": captured.unsaved, "nbytes": nbytes}
 

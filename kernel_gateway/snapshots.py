@@ -43,6 +43,8 @@ KEEP_REASONS = frozenset({REASON_IDLE, REASON_DELETED, REASON_MAX_DURATION})
 #: How many ended leases' snapshot outcomes the API can still report.
 _REMEMBERED = 4096
 SWEEP_INTERVAL = 300.0
+#: Free space a snapshot leaves in the staging area (uploads for other kernels land there too).
+ROOM_TO_LEAVE = 256 * 2**20
 
 
 class SnapshotKeeper:
@@ -174,7 +176,11 @@ class SnapshotKeeper:
         if busy:  # a cell still runs (an explicit release, a maximum duration): stop it first
             await self.service.interrupt(kernel_id)
         name = secrets.token_hex(16)
-        code = f"get_ipython()._jupyter_gpu_helper.snapshots.save({name!r})"
+        # The staging area is often /dev/shm, that is memory: what does not fit is refused
+        # by the kernel before it writes a byte, and the release says so.
+        room = os.statvfs(staging)
+        max_bytes = room.f_bavail * room.f_frsize - ROOM_TO_LEAVE
+        code = f"get_ipython()._jupyter_gpu_helper.snapshots.save({name!r}, {max_bytes})"
         await _execute(info.connection_info, code, lambda: kernel_id in self.service.kernels)
         path = await asyncio.to_thread(take_file, os.path.join(staging, SNAPSHOT_SUBDIR, name), self.spool_dir)
         try:

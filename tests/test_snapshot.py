@@ -167,3 +167,10 @@ def test_capture_writes_buffers_without_copying_them_into_the_stream() -> None:
     captured = snapshot.capture({"big": big})
     assert len(captured.buffers) == 1 and np.shares_memory(np.frombuffer(captured.buffers[0]), big)
     assert isinstance(captured.stream, io.BytesIO) and len(captured.stream.getbuffer()) < 1000
+
+
+def test_a_snapshot_larger_than_the_room_is_refused_before_writing(tmp_path: Path) -> None:
+    path = tmp_path / "snap"
+    with pytest.raises(snapshot.SnapshotTooLarge, match=r"0\.01 GB of variables to keep, but only 0\.00 GB free"):
+        snapshot.save(str(path), {"x": np.ones(1_000_000)}, max_bytes=1_000_000)
+    assert not path.exists()
