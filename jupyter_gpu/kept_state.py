@@ -57,6 +57,9 @@ def format_snapshots(snapshots: list[dict[str, Any]], notebook: str) -> str:
     lines = []
     for item in snapshots:
         mark = " (this notebook)" if item["notebook"] == notebook else ""
+        if item.get("state") == "saving":
+            lines.append(f"{item['notebook'] or '?'}{mark}: being saved from {item['gpu_type'] or '?'} now")
+            continue
         names = ", ".join(item["names"][:8]) + (" ..." if len(item["names"]) > 8 else "")
         lines.append(f"{item['notebook'] or '?'}{mark}: {item['nbytes'] / 1e6:.1f} MB from {item['gpu_type'] or '?'}, "
                      f"kept {_ago(item['age'])} ago, expires in {_ago(item['expires_in'])}: {names}")

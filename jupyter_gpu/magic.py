@@ -187,10 +187,13 @@ class GpuMagics(Magics):
             live = current.lease_id if current is not None and current.alive and not args.new else None
             # A value of an ended lease may come back with the next one: checked once it is granted.
             held = {s.lease_id for s in self.sessions.values() if s.alive}
-            check_remote_refs([n for n in names.free if n not in options.no_push
-                               and not waits_for_restore(ns.get(n), held)], ns, live)
+            waiting = [n for n in names.free if n not in options.no_push and waits_for_restore(ns.get(n), held)]
+            check_remote_refs([n for n in names.free if n not in options.no_push and n not in waiting], ns, live)
             session = self._session(spec, args.idle, args.new)
-            session.remote_only.update(adopt_restored(session.lease, ns))
+            if waiting:
+                # Asked now, not at the grant: the kernel's websocket opens only once its restore
+                # is staged, and then the gateway knows which values it brings back.
+                session.remote_only.update(adopt_restored(self._client().get_lease(session.lease_id), ns))
             try:
                 relay = session.run_cell(cell, names.free, names.bound, ns, options, frontend)
             except LeaseGone as exc:

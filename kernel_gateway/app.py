@@ -185,10 +185,11 @@ class GatewayApp(JupyterApp):
             authenticator = self.authenticator()
             pool = PoolManager(parent=self)
             service = pool.build_service()
+            snapshots = self.snapshot_keeper(service)
         except ValueError as exc:
             self.log.critical("%s", exc)
             self.exit(2)
-        asyncio.run(self.serve(authenticator, pool, service))
+        asyncio.run(self.serve(authenticator, pool, service, snapshots))
 
     def authenticator(self) -> TokenAuthenticator:
         users = self.users or (default_users_file() if os.path.exists(default_users_file()) else "")
@@ -210,10 +211,10 @@ class GatewayApp(JupyterApp):
             )
         return TokenAuthenticator.single_user(token)
 
-    async def serve(self, authenticator: TokenAuthenticator, pool: PoolManager, service: PoolService) -> None:
+    async def serve(self, authenticator: TokenAuthenticator, pool: PoolManager, service: PoolService,
+                    snapshots: SnapshotKeeper | None = None) -> None:
         Path(self.db).parent.mkdir(parents=True, exist_ok=True)
-        gateway = Gateway(pool, service, MeteringStore(self.db), self.replay_buffer_bytes,
-                          snapshots=self.snapshot_keeper(service))
+        gateway = Gateway(pool, service, MeteringStore(self.db), self.replay_buffer_bytes, snapshots=snapshots)
         app = make_app(
             gateway,
             authenticator,

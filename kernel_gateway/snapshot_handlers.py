@@ -33,7 +33,7 @@ class SnapshotsHandler(ApiHandler):
         if notebook is None:
             raise ApiError(400, "name a snapshot (/api/gpu/snapshots/ID) or a notebook (?notebook=PATH)",
                            "bad_request")
-        mine = [item["id"] for item in await keeper.list(self.user) if item["notebook"] == notebook]
+        mine = [item["id"] for item in await keeper.list(self.user) if item["notebook"] == notebook and item["id"]]
         for snapshot_id in mine:
             await keeper.delete(self.user, snapshot_id)
         self.reply({"deleted": mine})

@@ -310,12 +310,12 @@ class S3SnapshotStore(SnapshotStore):
             raise ValueError(f"--snapshot-store {url!r}: name a bucket, as in s3://bucket/prefix")
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
-        if client is None:
+        try:
             import boto3
-
-            client = boto3.client("s3")
-        self.client = client
-        from boto3.s3.transfer import TransferConfig
+            from boto3.s3.transfer import TransferConfig
+        except ImportError:
+            raise ValueError(f"--snapshot-store {url}: S3 needs boto3 (pip install jupyter-gpu[s3])") from None
+        self.client = client if client is not None else boto3.client("s3")
 
         self.transfer = TransferConfig(multipart_threshold=multipart_bytes, multipart_chunksize=multipart_bytes)
 

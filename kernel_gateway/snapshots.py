@@ -56,6 +56,9 @@ class SnapshotKeeper:
         #: (user, notebook) -> the kept snapshot, so a grant knows at once what it restores
         self.index: dict[tuple[str, str], SnapshotRecord] = {}
         self._to_save: dict[str, tuple[Lease, bool]] = {}  # kernel id -> (lease, was busy)
+        #: (user, notebook) -> set when the save of its ended lease is over (kept or not)
+        self._saving: dict[tuple[str, str], asyncio.Event] = {}
+        self._saving_leases: dict[tuple[str, str], Lease] = {}
         self._forget: set[str] = set()
         self._staging: dict[str, asyncio.Task[None]] = {}  # kernel id -> copy of its restore
         self.outcomes: OrderedDict[str, dict[str, Any]] = OrderedDict()  # lease id -> snapshot state
@@ -66,8 +69,12 @@ class SnapshotKeeper:
 
     async def start(self) -> None:
         os.makedirs(self.spool_dir, mode=0o700, exist_ok=True)
-        records = await asyncio.to_thread(self._load_index)
-        log.info("snapshot store: %d kept snapshot(s)", records)
+        try:
+            records = await asyncio.to_thread(self._load_index)
+        except Exception:  # an unreachable bucket: the pool still serves, saves will say why they fail
+            log.exception("could not read the snapshot store; kept variables are not restored until it answers")
+        else:
+            log.info("snapshot store: %d kept snapshot(s)", records)
         self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
 
     def _load_index(self) -> int:
@@ -111,8 +118,14 @@ class SnapshotKeeper:
             table.popitem(last=False)
 
     async def list(self, user: str) -> list[dict[str, Any]]:
+        """The user's kept snapshots, and those being saved right now (``state``)."""
         now = self.store.clock()
-        return [record.public(now) for record in await asyncio.to_thread(self.store.list, user)]
+        kept = [dict(record.public(now), state="kept") for record in await asyncio.to_thread(self.store.list, user)]
+        saving: list[dict[str, Any]] = [
+            {"id": None, "state": "saving", "notebook": lease.notebook, "gpu_type": lease.gpu_type or "",
+             "lease_id": lease.id, "names": [], "unsaved": {}, "nbytes": 0, "age": 0.0, "expires_in": self.store.ttl}
+            for (owner, _), lease in self._saving_leases.items() if owner == user]
+        return saving + kept
 
     async def delete(self, user: str, snapshot_id: str) -> bool:
         deleted = await asyncio.to_thread(self.store.delete, user, snapshot_id)
@@ -139,6 +152,8 @@ class SnapshotKeeper:
             self._remember(self.outcomes, lease.id, {"state": "forgotten"})
         elif lease.reason in KEEP_REASONS:
             self._to_save[lease.slot_id] = (lease, busy)
+            self._saving[(lease.user, lease.notebook)] = asyncio.Event()
+            self._saving_leases[(lease.user, lease.notebook)] = lease
             self._remember(self.outcomes, lease.id, {"state": "saving"})
 
     def _spawn(self, coro: Any) -> None:
@@ -167,6 +182,10 @@ class SnapshotKeeper:
         outcome["seconds"] = round(time.monotonic() - began, 3)
         log.info("snapshot of lease %s (%s): %s", lease.id, lease.user, outcome["state"])
         self._remember(self.outcomes, lease.id, outcome)
+        key = (lease.user, lease.notebook)
+        if self._saving_leases.get(key) is lease:
+            del self._saving_leases[key]
+            self._saving.pop(key).set()
 
     async def _save(self, kernel_id: str, lease: Lease, busy: bool) -> dict[str, Any]:
         staging = self.service.backend.staging_dir(kernel_id)
@@ -202,23 +221,43 @@ class SnapshotKeeper:
     # --- the next lease -------------------------------------------------------------------
 
     def lease_granted(self, lease: Lease) -> None:
-        """Decide now (the grant's JSON says so) and copy in the background (``ready`` waits)."""
+        """Stage the notebook's kept variables into the new kernel (``ready`` waits for it).
+
+        Its own JSON says what it restores as soon as that is known: at once when the
+        snapshot is in the store, else once the save of the notebook's previous lease ends.
+        """
         if not lease.notebook or lease.slot_id is None:
             return
-        record = self.index.pop((lease.user, lease.notebook), None)
-        if record is None or record.expires <= self.store.clock():
+        key = (lease.user, lease.notebook)
+        saving = self._saving.get(key)
+        if saving is None and key not in self.index:
             return
         staging = self.service.backend.staging_dir(lease.slot_id)
         if staging is None:
-            self.index[(lease.user, lease.notebook)] = record  # kept for a lease that can take it
-            return
+            return  # kept for a lease that can take it
+        record = self._claim(lease) if saving is None else None
+        task = asyncio.get_running_loop().create_task(self._stage(lease, record, staging, saving))
+        self._staging[lease.slot_id] = task
+
+    def _claim(self, lease: Lease) -> SnapshotRecord | None:
+        record = self.index.pop((lease.user, lease.notebook), None)
+        if record is None or record.expires <= self.store.clock():
+            return None
         self._remember(self.restores, lease.id, {
             "snapshot": record.id, "from_lease": record.lease_id, "from_gpu_type": record.gpu_type,
             "names": record.names, "unsaved": record.unsaved, "nbytes": record.nbytes, "created": record.created})
-        task = asyncio.get_running_loop().create_task(self._stage(lease, record, staging))
-        self._staging[lease.slot_id] = task
+        return record
 
-    async def _stage(self, lease: Lease, record: SnapshotRecord, staging: str) -> None:
+    async def _stage(self, lease: Lease, record: SnapshotRecord | None, staging: str,
+                     saving: asyncio.Event | None) -> None:
+        if saving is not None:  # the previous lease's kernel is writing it right now
+            try:
+                await asyncio.wait_for(saving.wait(), self.timeout + 30)
+            except TimeoutError:
+                return
+            record = self._claim(lease)
+        if record is None:
+            return
         folder = os.path.join(staging, SNAPSHOT_SUBDIR)
         partial = os.path.join(folder, secrets.token_hex(16))  # a name nobody could have planted
         try:
