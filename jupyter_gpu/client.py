@@ -165,8 +165,16 @@ class GatewayClient:
         query = f"?wait={wait}" if wait else ""
         return dict(await self.arequest("GET", f"/api/gpu/leases/{lease_id}{query}", timeout=self.timeout + wait))
 
-    async def adelete_lease(self, lease_id: str) -> dict[str, Any]:
-        return dict(await self.arequest("DELETE", f"/api/gpu/leases/{lease_id}"))
+    async def adelete_lease(self, lease_id: str, forget: bool = False) -> dict[str, Any]:
+        """End a lease; ``forget``: keep none of its variables for the notebook's next lease."""
+        return dict(await self.arequest("DELETE", f"/api/gpu/leases/{lease_id}" + ("?forget=1" if forget else "")))
+
+    async def asnapshots(self) -> list[dict[str, Any]]:
+        return list(await self.arequest("GET", "/api/gpu/snapshots"))
+
+    async def aforget_snapshots(self, notebook: str) -> list[str]:
+        query = urllib.parse.urlencode({"notebook": notebook})
+        return list((await self.arequest("DELETE", f"/api/gpu/snapshots?{query}"))["deleted"])
 
     async def ausage(self) -> dict[str, Any]:
         return dict(await self.arequest("GET", "/api/gpu/usage"))
@@ -179,6 +187,8 @@ class GatewayClient:
     create_lease = run_sync(acreate_lease)
     get_lease = run_sync(aget_lease)
     delete_lease = run_sync(adelete_lease)
+    snapshots = run_sync(asnapshots)
+    forget_snapshots = run_sync(aforget_snapshots)
     usage = run_sync(ausage)
     interrupt = run_sync(ainterrupt)
 

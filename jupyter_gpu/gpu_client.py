@@ -12,6 +12,7 @@ from typing import Any, Protocol
 
 from .analysis import CellNames
 from .client import GatewayClient, GatewayConfig, GatewayError
+from .kept_state import adopt_restored, waits_for_restore
 from .outputs import CellRelay, Frontend
 from .remote import CellOptions, LeaseGone, RemoteSession, acquire_lease, check_remote_refs
 
@@ -25,7 +26,9 @@ class LeaseWatcher(Protocol):
         """Only after a wait (a lease granted at once says nothing)."""
         ...
 
-    def ended(self, session: RemoteSession, reason: str) -> None: ...
+    def ended(self, session: RemoteSession, lease: dict[str, Any]) -> None:
+        """The lease as the gateway last described it (its reason, what its end kept)."""
+        ...
 
 
 class GpuClient:
@@ -70,8 +73,15 @@ class GpuClient:
         # Before leasing anything: a cell reading another kernel's value cannot run.
         current = self.sessions.get(spec)
         live = current.lease_id if current is not None and current.alive and not new else None
-        check_remote_refs([n for n in names.free if n not in options.no_push], ns, live)
+        # A value of an ended lease may come back with the next one (its snapshot): checked once it is granted.
+        held = {s.lease_id for s in self.sessions.values() if s.alive}
+        waiting = [n for n in names.free if n not in options.no_push and waits_for_restore(ns.get(n), held)]
+        check_remote_refs([n for n in names.free if n not in options.no_push and n not in waiting], ns, live)
         session = self.session(spec, idle, new, watcher)
+        if waiting:
+            # Asked now, not at the grant: the kernel's websocket opens only once its restore
+            # is staged, and then the gateway knows which values it brings back.
+            session.remote_only.update(adopt_restored(self.gateway.get_lease(session.lease_id), ns))
         try:
             return session.run_cell(code, names.free, names.bound, ns, options, frontend)
         except LeaseGone as exc:
@@ -83,22 +93,23 @@ class GpuClient:
         session = self.session(spec, idle, False, watcher)
         return session.run_cell(code, names.free, names.bound, ns, options, frontend)
 
-    def release(self, spec: str) -> RemoteSession:
-        """Stop using this spec's session and end its lease (a no-op if it already ended)."""
+    def release(self, spec: str, forget: bool = False) -> RemoteSession:
+        """Stop using this spec's session and end its lease (a no-op if it already ended);
+        ``forget``: the gateway keeps none of its variables for the notebook's next lease."""
         session = self.sessions.pop(spec)
         session.close()
         try:
-            self.gateway.delete_lease(session.lease_id)
+            self.gateway.delete_lease(session.lease_id, forget)
         except GatewayError:
             pass
         return session
 
-    def release_all(self) -> list[RemoteSession]:
-        return [self.release(spec) for spec in list(self.sessions)]
+    def release_all(self, forget: bool = False) -> list[RemoteSession]:
+        return [self.release(spec, forget) for spec in list(self.sessions)]
 
     def _tell_ended(self, session: RemoteSession, watcher: LeaseWatcher) -> None:
         try:
-            reason = self.gateway.get_lease(session.lease_id).get("reason") or "closed"
+            lease = self.gateway.get_lease(session.lease_id)
         except GatewayError:
-            reason = "closed"
-        watcher.ended(session, reason)
+            lease = {"gpu_type": session.lease["gpu_type"]}
+        watcher.ended(session, lease)

@@ -16,6 +16,7 @@ import types
 from typing import Any
 
 from . import reaper, serialize, write_tracking
+from .kernel_snapshot import KernelSnapshots
 from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY
 from .transfer import STAGING_DIR_ENV, Assembler, split
 
@@ -52,15 +53,18 @@ class KernelHelper:
         write_tracking.tracker.trust_deleted_files_in(self._staging_dir)
         self._incoming = Assembler(self._staging_dir)
         self._values: list[dict[str, Any]] = []
+        self.snapshots = KernelSnapshots(shell, self._staging_dir)
 
     def register(self) -> None:
         self.shell.kernel.comm_manager.register_target(HELPER_COMM_TARGET, self._on_open)
         self.shell.events.register("post_run_cell", self._post_run_cell)
         self.shell.ast_transformers.append(_FailPushedCell(self))
+        self.snapshots.register()
 
     def _on_open(self, comm: Any, open_msg: dict[str, Any]) -> None:
         self.comm = comm
         comm.on_msg(self._on_msg)
+        self.snapshots.restore_pending()  # before the notebook's pushes: its own values win
 
     # --- push -----------------------------------------------------------------------------
 

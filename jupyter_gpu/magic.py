@@ -21,8 +21,9 @@ from .analysis import analyse_cell
 from .client import GatewayError
 from .defaults import read_default_type
 from .gpu_client import GpuClient
+from .kept_state import ended_note, format_snapshots
 from .outputs import RemoteResult
-from .protocol import SpecError, format_gpu_spec, parse_gpu_spec
+from .protocol import Reason, SpecError, format_gpu_spec, parse_gpu_spec
 from .remote import CellOptions, LeaseGone, PushRefused, RemoteSession
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
@@ -36,6 +37,11 @@ def parse_size(text: str) -> int:
     if not match or unit not in _UNITS:
         raise UsageError(f"--pull-limit {text!r} is not a size: use e.g. 100MB, 2GB or 500000")
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+def _notebook() -> str:
+    """The notebook's path, as Jupyter tells its kernel: what kept variables are filed under."""
+    return os.environ.get("JPY_SESSION_NAME", "")
 
 
 def _names(text: str | None) -> list[str]:
@@ -86,11 +92,8 @@ class NotebookLeaseWatcher:
             self.handle.update({"text/plain": f"jupyter-gpu: got {lease['gpu_type']} after waiting"}, raw=True)
         self.handle = None
 
-    def ended(self, session: RemoteSession, reason: str) -> None:
-        note = f"jupyter-gpu: the {session.lease['gpu_type']} lease ended ({reason})"
-        if session.remote_only:
-            note += f"; these lived only there and are gone: {', '.join(sorted(session.remote_only))}"
-        print(note + ". Getting a fresh GPU kernel.", file=sys.stderr)
+    def ended(self, session: RemoteSession, lease: dict[str, Any]) -> None:
+        print(ended_note(lease, session.remote_only), file=sys.stderr)
 
 
 @magics_class
@@ -98,7 +101,8 @@ class GpuMagics(Magics):
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self.client: GpuClient | None = None
-        atexit.register(self.release_all)
+        # A local kernel that shuts down or restarts starts clean: nothing kept for it either.
+        atexit.register(self.release_all, True)
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -116,7 +120,7 @@ class GpuMagics(Magics):
     def _client(self) -> GpuClient:
         if self.client is None:
             try:
-                self.client = GpuClient.from_env(os.environ.get("JPY_SESSION_NAME", ""))
+                self.client = GpuClient.from_env(_notebook())
             except GatewayError as exc:
                 raise UsageError(str(exc)) from None
         return self.client
@@ -127,9 +131,9 @@ class GpuMagics(Magics):
         except GatewayError:
             return "(the gateway did not answer)"
 
-    def release_all(self) -> None:
+    def release_all(self, forget: bool = False) -> None:
         if self.client is not None:
-            self.client.release_all()
+            self.client.release_all(forget)
 
     # --- the magic --------------------------------------------------------------------------
 
@@ -145,12 +149,14 @@ class GpuMagics(Magics):
     @argument("--no-pull", action="store_true", help="Bring nothing back; values stay on the GPU kernel.")
     @argument("--pull-limit", default="100MB", help="Values larger than this stay remote (RemoteRef).")
     @argument("--new", action="store_true", help="Take a fresh lease instead of reusing this notebook's.")
+    @argument("--forget", action="store_true",
+              help="With %%gpu release: keep none of the variables for this notebook's next lease.")
     @line_cell_magic
     def gpu(self, line: str, cell: str | None = None) -> Any:
         """Run this cell on a pooled GPU kernel: %%gpu a100."""
         args = parse_argstring(self.gpu, line)
         if cell is None:
-            return self._line(args.spec or "status")
+            return self._line(args.spec or "status", args.forget)
         spec = self._spec(args.spec)
         options = CellOptions(push=_names(args.push), pull=_names(args.pull), no_push=set(_names(args.no_push)),
                               no_pull=args.no_pull, pull_limit=parse_size(args.pull_limit), timeout=args.timeout)
@@ -178,7 +184,7 @@ class GpuMagics(Magics):
 
     # --- line commands ----------------------------------------------------------------------
 
-    def _line(self, command: str) -> None:
+    def _line(self, command: str, forget: bool = False) -> None:
         client = self._client().gateway
         try:
             if command == "types":
@@ -200,17 +206,32 @@ class GpuMagics(Magics):
                           f"{age:.0f} s, idle release in {idle if idle is None else round(idle)} s, "
                           f"{lease['gpu_seconds']:.1f} GPU-s, ${lease['cost']:.4f}")
             elif command == "release":
-                released = self._client().release_all()
+                released = self._client().release_all(forget)
                 lost = sorted({n for s in released for n in s.remote_only})
-                print(f"jupyter-gpu: released {len(released)} lease(s)" + (f"; gone with them: {', '.join(lost)}"
-                                                                            if lost else ""))
+                count = len(released)
+                if forget:
+                    try:
+                        client.forget_snapshots(self._client().notebook)
+                    except GatewayError as exc:
+                        if exc.reason != Reason.SNAPSHOTS_OFF:  # a gateway that keeps nothing: nothing to forget
+                            raise
+                    print(f"jupyter-gpu: released {count} lease(s), keeping nothing"
+                          + (f"; gone with them: {', '.join(lost)}" if lost else ""))
+                elif self._client().notebook:
+                    print(f"jupyter-gpu: released {count} lease(s); their variables are kept for this notebook's "
+                          "next %%gpu cell (%gpu release --forget keeps nothing)")
+                else:  # outside a notebook server no path names the notebook: nothing to file them under
+                    print(f"jupyter-gpu: released {count} lease(s)" + (f"; gone with them: {', '.join(lost)}"
+                                                                       if lost else ""))
+            elif command == "snapshots":
+                print(format_snapshots(client.snapshots(), self._client().notebook))
             elif command == "usage":
                 usage = client.usage()
                 print(f"{usage['total_gpu_seconds']:.1f} GPU-seconds, ${usage['total_cost']:.4f} in total")
                 for gpu_type, row in sorted(usage.get("by_type", {}).items()):
                     print(f"  {gpu_type:<12} {row['gpu_seconds']:.1f} GPU-s  ${row['cost']:.4f}")
             else:
-                raise UsageError(f"unknown %gpu command {command!r}: use status, types, release or usage "
-                                 "(%%gpu SPEC runs a cell)")
+                raise UsageError(f"unknown %gpu command {command!r}: use status, types, release [--forget], "
+                                 "snapshots or usage (%%gpu SPEC runs a cell)")
         except GatewayError as exc:
             raise UsageError(str(exc)) from None

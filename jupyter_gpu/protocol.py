@@ -68,6 +68,7 @@ class Reason(StrEnum):
     BUSY = "busy"
     UPLOAD_FAILED = "upload_failed"
     INTERNAL_ERROR = "internal_error"
+    SNAPSHOTS_OFF = "snapshots_off"  # this gateway keeps no variables between leases
     # seen only by clients: an upload cut after the gateway accepted it, and the sidebar's
     # server extension when the gateway is not set up or does not answer
     LOST = "lost"

@@ -32,6 +32,9 @@ from .identity import IdentityProvider, TokenIdentityProvider
 from .info import InfoHandler
 from .metering import MeteringStore
 from .nodes import NodesHandler
+from .snapshot_handlers import SnapshotsHandler
+from .snapshot_store import open_store
+from .snapshots import SnapshotKeeper
 from .uploads import UploadHandler
 
 log = logging.getLogger("jupyter_gpu.gateway")
@@ -62,6 +65,8 @@ def make_app(
         (r"/api/gpu/nodes/?", NodesHandler),
         (r"/api/gpu/usage/?", h.UsageHandler),
         (r"/api/gpu/info/?", InfoHandler),
+        (r"/api/gpu/snapshots/?", SnapshotsHandler),
+        (rf"/api/gpu/snapshots/{_ID.format('snapshot_id')}/?", SnapshotsHandler),
         (r"/metrics", h.MetricsHandler),
     ]
     return web.Application(
@@ -141,6 +146,15 @@ class GatewayApp(JupyterApp):
     kernel_request_timeout = Float(
         60.0, help="How long POST /api/kernels waits for a free GPU before answering 503."
     ).tag(config=True)
+    snapshot_store = Unicode(
+        help="Where a released lease's variables are kept for the notebook's next lease: a directory, "
+        "s3://bucket/prefix (pip install jupyter-gpu[s3]), or 'none' to keep nothing."
+    ).tag(config=True)
+    snapshot_ttl = Float(24 * 3600.0, help="Seconds a kept snapshot lives before it expires.").tag(config=True)
+    snapshot_quota = Int(0, help="Bytes of kept snapshots per user (0: no limit).").tag(config=True)
+    snapshot_timeout = Float(
+        300.0, help="Seconds a kernel may take to save its variables when its lease ends (its GPU stays held)."
+    ).tag(config=True)
 
     aliases = {
         "ip": "GatewayApp.ip",
@@ -149,6 +163,10 @@ class GatewayApp(JupyterApp):
         "users": "GatewayApp.users",
         "max-message-size": "GatewayApp.max_message_size",
         "max-upload-size": "GatewayApp.max_upload_size",
+        "snapshot-store": "GatewayApp.snapshot_store",
+        "snapshot-ttl": "GatewayApp.snapshot_ttl",
+        "snapshot-quota": "GatewayApp.snapshot_quota",
+        "snapshot-timeout": "GatewayApp.snapshot_timeout",
         "inventory": "PoolManager.inventory",
         "cpu-slots": "PoolManager.cpu_slots",
         "min-warm": "PoolManager.min_warm",
@@ -175,6 +193,19 @@ class GatewayApp(JupyterApp):
     def _default_db(self) -> str:
         return str(Path(jupyter_data_dir()) / "jupyter_gpu" / "usage.sqlite")
 
+    @default("snapshot_store")
+    def _default_snapshot_store(self) -> str:
+        return str(Path(jupyter_data_dir()) / "jupyter_gpu" / "snapshots")
+
+    def snapshot_keeper(self, service: PoolService) -> SnapshotKeeper | None:
+        if self.snapshot_store in ("", "none"):
+            return None
+        store = open_store(self.snapshot_store, self.snapshot_ttl, self.snapshot_quota)
+        local = not self.snapshot_store.startswith("s3://")
+        # Files taken out of a kernel's reach wait here; inside a local store, moving them in costs nothing.
+        spool = Path(self.snapshot_store if local else jupyter_data_dir()) / ("spool" if local else "snapshot-spool")
+        return SnapshotKeeper(store, service, str(spool), self.snapshot_timeout)
+
     def start(self) -> None:
         level = int(str(self.log_level)) if str(self.log_level).isdigit() else str(self.log_level)
         logging.basicConfig(level=level, format="[%(levelname)1.1s %(asctime)s %(name)s] %(message)s", force=True)
@@ -182,10 +213,11 @@ class GatewayApp(JupyterApp):
             identity_provider = self.identity_provider()
             pool = PoolManager(parent=self)
             service = pool.build_service(hidden=self.state_paths())
+            snapshots = self.snapshot_keeper(service)
         except ValueError as exc:
             self.log.critical("%s", exc)
             self.exit(2)
-        asyncio.run(self.serve(identity_provider, pool, service))
+        asyncio.run(self.serve(identity_provider, pool, service, snapshots))
 
     def identity_provider(self) -> IdentityProvider:
         """The configured provider, holding the gateway's own tokens (any provider may accept them)."""
@@ -219,9 +251,10 @@ class GatewayApp(JupyterApp):
             )
         return TokenAuthenticator.single_user(token)
 
-    async def serve(self, identity_provider: IdentityProvider, pool: PoolManager, service: PoolService) -> None:
+    async def serve(self, identity_provider: IdentityProvider, pool: PoolManager, service: PoolService,
+                    snapshots: SnapshotKeeper | None = None) -> None:
         Path(self.db).parent.mkdir(parents=True, exist_ok=True)
-        gateway = Gateway(pool, service, MeteringStore(self.db), self.replay_buffer_bytes)
+        gateway = Gateway(pool, service, MeteringStore(self.db), self.replay_buffer_bytes, snapshots=snapshots)
         app = make_app(
             gateway,
             identity_provider,

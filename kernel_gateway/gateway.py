@@ -37,6 +37,7 @@ from .metering import MeteringStore
 from .metrics import render_metrics
 from .relay import KernelRelay
 from .relay_state import RelayTotals
+from .snapshots import SnapshotKeeper
 from .upload_receiver import UploadReceiver
 
 log = logging.getLogger(__name__)
@@ -77,12 +78,14 @@ class Gateway:
         metering: MeteringStore,
         replay_limit_bytes: int,
         heartbeat_interval: float = 5.0,
+        snapshots: SnapshotKeeper | None = None,
     ) -> None:
         self.pool = pool
         self.service = service
         self.metering = metering
         self.replay_limit_bytes = replay_limit_bytes
         self.heartbeat_interval = heartbeat_interval
+        self.snapshots = snapshots
         self.relays: dict[str, KernelRelay] = {}
         self.relay_totals = RelayTotals()
         self.uploads = UploadReceiver()
@@ -98,6 +101,8 @@ class Gateway:
         closed = self.metering.close_abandoned(time.time())
         if closed:
             log.info("closed %d lease(s) left open by an earlier gateway (reason gateway_restart)", closed)
+        if self.snapshots is not None:
+            await self.snapshots.start()
         await self.service.start()
         self._heartbeat = asyncio.get_running_loop().create_task(self._beat())
 
@@ -111,6 +116,8 @@ class Gateway:
         for relay in list(self.relays.values()):
             await relay.close(1001, CLOSE_REASONS.get(reason, reason))
         await asyncio.gather(*self._closing, return_exceptions=True)
+        if self.snapshots is not None:
+            await self.snapshots.stop()
         self.zmq_context.destroy(linger=0)
         self.metering.close()
 
@@ -189,10 +196,11 @@ class Gateway:
                 await self.service.wait_while_queued(self.active_lease(user, lease_id), seconds)
         return self.lease_json(user, lease_id)
 
-    def release_lease(self, user: str, lease_id: str) -> dict[str, Any]:
-        """End (or cancel) the lease; one that ended already is answered as it is."""
+    def release_lease(self, user: str, lease_id: str, forget: bool = False) -> dict[str, Any]:
+        """End (or cancel) the lease; one that ended already is answered as it is.
+        ``forget``: keep none of its variables for the notebook's next lease."""
         try:
-            return self.end_lease(user, lease_id, Reason.DELETED)
+            return self.end_lease(user, lease_id, Reason.DELETED, forget)
         except NotFound:
             return self.lease_json(user, lease_id)
 
@@ -280,6 +288,8 @@ class Gateway:
         row = self.metering.get(lease_id)
         if row is None or row["user"] != user:
             raise NotFound(lease_id, "lease")
+        if self.snapshots is not None:
+            row.update(self.snapshots.lease_info(lease_id))  # what its end kept
         return row
 
     def leases_json(self, user: str, include_released: bool = False) -> list[dict[str, Any]]:
@@ -294,8 +304,11 @@ class Gateway:
             active += [row for row in self.metering.list_for_user(user) if row["id"] not in active_ids]
         return active
 
-    def end_lease(self, user: str, lease_id: str, reason: str) -> dict[str, Any]:
+    def end_lease(self, user: str, lease_id: str, reason: str, forget: bool = False) -> dict[str, Any]:
+        """End the lease; ``forget``: keep none of its variables (and drop the notebook's kept ones)."""
         lease = self.active_lease(user, lease_id)
+        if forget and self.snapshots is not None:
+            self.snapshots.forget(lease)
         self.service.end_lease(lease.id, reason)
         return self.describe(lease)
 
@@ -351,6 +364,8 @@ class Gateway:
             if readings is None:
                 readings = gpu_status(list(lease.gpu_indices))
             info["gpu_status"] = [dict(readings[i], index=i) for i in lease.gpu_indices if i in readings] or None
+        if self.snapshots is not None:
+            info.update(self.snapshots.lease_info(lease.id))  # what it restores, what its end kept
         return info
 
     # --- kernels --------------------------------------------------------------------------
@@ -397,7 +412,13 @@ class Gateway:
         ]
 
     async def relay_for(self, kernel_id: str) -> KernelRelay:
-        """The kernel's relay, connected on first use (IOPub subscribed before it returns)."""
+        """The kernel's relay, connected on first use (IOPub subscribed before it returns).
+
+        Not before the notebook's kept variables are in the kernel's staging area: nothing
+        from the notebook may reach the kernel before it can restore them.
+        """
+        if self.snapshots is not None:
+            await self.snapshots.ready(kernel_id)
         relay = self.relays.get(kernel_id)
         if relay is not None:
             return relay
@@ -440,6 +461,8 @@ class Gateway:
     def _on_pool_action(self, action: Action) -> None:
         if isinstance(action, LeaseGranted):
             self.metering.record(action.lease, self.pool.price(action.lease.gpu_type))
+            if self.snapshots is not None:
+                self.snapshots.lease_granted(action.lease)
             # Connect to the kernel now, while the client reads the grant: its first
             # websocket then finds IOPub already subscribed.
             task = asyncio.get_running_loop().create_task(self._preconnect(action.lease.kernel_id or ""))
@@ -449,6 +472,8 @@ class Gateway:
             lease = action.lease
             self.metering.record(lease, self.pool.price(lease.gpu_type))
             relay = self.relays.pop(lease.kernel_id or "", None) if lease.granted_at is not None else None
+            if self.snapshots is not None:
+                self.snapshots.lease_ended(lease, busy=relay is not None and relay.execution_state == "busy")
             if relay is not None:
                 death = DEATHS.get(lease.reason or "")
                 if death is not None:

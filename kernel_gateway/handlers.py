@@ -212,7 +212,8 @@ class LeaseHandler(ApiHandler):
         self.reply(await self.gateway.wait_for_lease(self.user, lease_id, seconds))
 
     def delete(self, lease_id: str) -> None:
-        self.reply(self.gateway.release_lease(self.user, lease_id))  # deleting twice is harmless
+        forget = self.get_argument("forget", "0") not in ("0", "false", "")  # keep none of its variables
+        self.reply(self.gateway.release_lease(self.user, lease_id, forget))  # deleting twice is harmless
 
 
 class UsageHandler(ApiHandler):

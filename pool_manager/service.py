@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from jupyter_gpu.protocol import QUEUED, REASON_NODE_LOST, GpuChoice
 
@@ -29,6 +29,8 @@ class PoolService:
         self.backend = backend
         self.kernels: dict[str, KernelInfo] = {}  # by kernel id
         self.listeners: list[Listener] = []
+        #: awaited before a kernel is killed, with its kernel id (the gateway saves the lease's variables there)
+        self.before_kill: Callable[[str], Awaitable[None]] | None = None
         self._starting: dict[str, asyncio.Task[None]] = {}  # kernel id -> its start
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed: dict[str, asyncio.Event] = {}
@@ -164,6 +166,11 @@ class PoolService:
         starting = self._starting.get(action.kernel_id)
         if starting is not None:
             await asyncio.gather(starting, return_exceptions=True)  # kill what it started
+        if self.before_kill is not None:
+            try:
+                await self.before_kill(action.kernel_id)
+            except Exception:  # the kernel goes either way
+                log.exception("before_kill of kernel %s failed", action.kernel_id)
         try:
             await self.backend.kill_kernel(action.kernel_id)
         except Exception:
