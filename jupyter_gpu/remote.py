@@ -127,9 +127,11 @@ class RemoteSession:
     @property
     def engine_info(self) -> dict[str, str]:
         """Where this session's cells run, for labelling their errors."""
-        # A lease names its node where the pool spans several; the local pool runs its
-        # kernels on the gateway's own machine.
-        node = self.lease.get("node") or urllib.parse.urlsplit(self.client.config.url).hostname or ""
+        # A lease names its node where the pool spans several; the local pool ("local") runs
+        # its kernels on the gateway's own machine, which the gateway's address names better.
+        node = self.lease.get("node")
+        if not node or node == "local":
+            node = urllib.parse.urlsplit(self.client.config.url).hostname or ""
         return {"lease_id": self.lease_id, "gpu_type": str(self.lease.get("gpu_type") or ""), "node": str(node)}
 
     @property
