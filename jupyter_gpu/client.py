@@ -179,13 +179,6 @@ class GatewayClient:
                 return
         conn.close()
 
-    def close(self) -> None:
-        """Close the kept-alive connections (a later request opens a new one)."""
-        with self._idle_lock:
-            idle, self._idle = self._idle, []
-        for conn in idle:
-            conn.close()
-
     def _error(self, status: int, data: bytes) -> GatewayError:
         """The gateway's own ``{"message", "reason"}``, or words for an answer that is not the gateway's."""
         try:
