@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 from pathlib import Path
 
@@ -61,6 +62,7 @@ def main() -> None:
     finally:
         os.environ["PYTHONPATH"] = original
         gateway.stop()
+        shutil.rmtree(gateway.tmp, ignore_errors=True)  # OurGateway.stop leaves its log and database
     print(f"medians over {args.rounds} rounds (ms; the spread is min-max)")
     print(f"{'tree':<10} {'first call':>20} {'later calls':>20} {'row 2 first cell':>22}")
     for name, rows in figures.items():
