@@ -1,30 +1,35 @@
 """The one client of the gateway: the ``%%gpu`` magic and the sidebar's server extension both use it.
 
-Its REST methods are async first, each with a one-line blocking twin (``types`` for
-``atypes``), as nbclient does: the server extension awaits them on jupyter_server's loop,
-the magic (a plain function on the kernel's main thread) calls the twins. Every REST call
-goes through :meth:`GatewayClient.arequest` and every failure becomes one
-:class:`GatewayError` with a status and a :class:`~jupyter_gpu.protocol.Reason`, so both
-users see the same words. The data path stays blocking, on sockets of its own: uploads
-(one raw socket per buffer) and the kernel websocket the magic reads while a cell runs.
+Its REST methods block, each with a one-line async twin (``atypes`` for ``types``) that runs
+it in a worker thread: the magic (a plain function on the kernel's main thread, inside the
+kernel's running event loop) calls them directly, the server extension awaits the twins on
+jupyter_server's loop. Blocking first because the magic is where latency shows: a call costs
+one round trip on a kept-alive connection, with no event loop or thread in between, and it
+still works at interpreter exit, when the magic releases a notebook's leases and the worker
+threads an async call would need are gone. Every REST call goes through :meth:`GatewayClient.request` and
+every failure becomes one :class:`GatewayError` with a status and a
+:class:`~jupyter_gpu.protocol.Reason`, so both users see the same words. The data path blocks
+too, on sockets of its own: uploads (one raw socket per buffer) and the kernel websocket the
+magic reads while a cell runs.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
+import http.client
 import json
 import os
+import select
 import socket
+import threading
 import time
 import urllib.parse
 import uuid
-from collections.abc import Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ParamSpec, TypeVar
 
-from jupyter_core.utils import run_sync
-from tornado.httpclient import AsyncHTTPClient, HTTPClientError, HTTPRequest, HTTPResponse
-from tornado.netutil import Resolver
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
@@ -72,8 +77,22 @@ class GatewayConfig:
         return cls(url, token)
 
 
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+
+def _in_thread(blocking: Callable[_P, _T]) -> Callable[_P, Coroutine[Any, Any, _T]]:
+    """The async twin of a blocking method: the same call, in the event loop's worker threads."""
+
+    @functools.wraps(blocking)
+    async def twin(*args: _P.args, **kwargs: _P.kwargs) -> _T:
+        return await asyncio.to_thread(blocking, *args, **kwargs)
+
+    return twin
+
+
 class GatewayClient:
-    """The gateway's API for one token: REST (async, with blocking twins), uploads, kernel websockets."""
+    """The gateway's API for one token: REST (blocking, with async twins), uploads, kernel websockets."""
 
     def __init__(self, config: GatewayConfig, timeout: float = 10.0) -> None:
         self.config = config
@@ -83,57 +102,82 @@ class GatewayClient:
             raise GatewayError(f"{URL_ENV}={config.url!r} is not an http(s) URL such as http://127.0.0.1:8765", 0,
                                Reason.NOT_CONFIGURED)
         self._parsed = parsed
-        self._addresses: list[tuple[int, Any]] | None = None
+        # Kept-alive connections not in use: one for the magic, a few while the server
+        # extension's requests overlap. A connection is only ever used by one request at a time.
+        self._idle: list[http.client.HTTPConnection] = []
+        self._idle_lock = threading.Lock()
 
-    async def arequest(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
-        """One JSON request; every REST call of the client goes through here."""
+    def request(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> Any:
+        """One JSON request; every REST call of the client goes through here, and every failure
+        comes out as one GatewayError."""
         seconds = timeout or self.timeout
-        payload = json.dumps(body).encode() if body is not None else (b"" if method in ("POST", "PUT") else None)
-        request = HTTPRequest(
-            self.config.url + path,
-            method=method,
-            body=payload,
-            headers={"Authorization": f"token {self.config.token}", "Content-Type": "application/json",
-                     "Accept": "application/json"},
-            connect_timeout=min(5.0, seconds),
-            request_timeout=seconds,
-            follow_redirects=False,  # the known addresses are the gateway's only
-        )
+        payload = json.dumps(body).encode() if body is not None else None
         for attempt in (0, 1):
+            conn, reused = self._checkout()
             try:
-                response = await self._fetch(request)
+                status, data = self._exchange(conn, method, path, payload, seconds)
                 break
-            except (OSError, HTTPClientError) as exc:  # refused, unknown host, timeout (599)
-                # Once more where that cannot do anything twice: a request that is safe to repeat.
-                if attempt or method not in ("GET", "DELETE"):
+            except (OSError, http.client.HTTPException) as exc:  # refused, unknown host, timeout, reset
+                conn.close()
+                # Once more where that cannot do anything twice: a kept-alive connection the
+                # gateway had closed before reading the request, or a request safe to repeat.
+                stale = reused and isinstance(exc, ConnectionResetError | BrokenPipeError)
+                if attempt or not (stale or method in ("GET", "DELETE")):
                     raise GatewayError(
-                        f"gateway at {self.config.url} does not answer ({exc}): is `jupyter-gpu gateway` running "
-                        f"there? (set by {URL_ENV})", 0, Reason.GATEWAY_UNREACHABLE
+                        f"gateway at {self.config.url} does not answer ({type(exc).__name__}: {exc}): is "
+                        f"`jupyter-gpu gateway` running there? (set by {URL_ENV})", 0, Reason.GATEWAY_UNREACHABLE
                     ) from None
-        if response.code >= 400:
-            raise self._error(response.code, response.body)
+            except BaseException:  # Ctrl-C mid-request: the connection is in an unknown state
+                conn.close()
+                raise
+        self._checkin(conn)
+        if status >= 400:
+            raise self._error(status, data)
         try:
-            return json.loads(response.body) if response.body else None
+            return json.loads(data) if data else None
         except ValueError:
-            raise self._error(response.code, response.body) from None
+            raise self._error(status, data) from None
 
-    async def _fetch(self, request: HTTPRequest) -> HTTPResponse:
-        """Send one request on a connection of its own to the gateway's (cached) address.
+    def _exchange(self, conn: http.client.HTTPConnection, method: str, path: str, payload: bytes | None,
+                  seconds: float) -> tuple[int, bytes]:
+        """Send one request on ``conn`` and read its whole answer, within ``seconds`` of silence."""
+        if conn.sock is None:
+            conn.timeout = min(_CONNECT_TIMEOUT, seconds)
+            conn.connect()
+        # http.client applies .timeout only when it connects: a kept-alive socket would keep
+        # the timeout of the request that opened it (a long poll would time out early).
+        conn.sock.settimeout(seconds)
+        conn.request(method, self._parsed.path + path, body=payload, headers=self._headers)
+        response = conn.getresponse()  # closes conn when the gateway will not keep it alive
+        return response.status, response.read()
 
-        The address is looked up once, while the process runs normally: tornado's own
-        lookup needs a worker thread, and there are none left when the interpreter exits,
-        which is when the magic releases a notebook's leases.
+    @property
+    def _headers(self) -> dict[str, str]:
+        return {"Authorization": f"token {self.config.token}", "Content-Type": "application/json",
+                "Accept": "application/json"}
+
+    def _checkout(self) -> tuple[http.client.HTTPConnection, bool]:
+        """A kept-alive connection (True) or a new one, not yet connected (False).
+
+        A kept-alive one that has something to read has been closed by the gateway (an answer
+        never comes unasked): it is dropped here rather than failing the request.
         """
-        if self._addresses is None:
-            host = self._parsed.hostname or ""
-            port = self._parsed.port or (443 if self._parsed.scheme == "https" else 80)
-            infos = await asyncio.get_running_loop().getaddrinfo(host, port, type=socket.SOCK_STREAM)
-            self._addresses = [(family, address) for family, _, _, _, address in infos]
-        client = AsyncHTTPClient(force_instance=True, resolver=_KnownAddresses(self._addresses))
-        try:
-            return await client.fetch(request, raise_error=False)
-        finally:
-            client.close()
+        while True:
+            with self._idle_lock:
+                conn = self._idle.pop() if self._idle else None
+            if conn is None:
+                cls = http.client.HTTPSConnection if self._parsed.scheme == "https" else http.client.HTTPConnection
+                return cls(self._parsed.hostname or "", self._parsed.port, timeout=self.timeout), False
+            if conn.sock is not None and not _readable(conn.sock):
+                return conn, True
+            conn.close()
+
+    def _checkin(self, conn: http.client.HTTPConnection) -> None:
+        with self._idle_lock:
+            if conn.sock is not None and len(self._idle) < _MAX_IDLE:
+                self._idle.append(conn)
+                return
+        conn.close()
 
     def _error(self, status: int, data: bytes) -> GatewayError:
         """The gateway's own ``{"message", "reason"}``, or words for an answer that is not the gateway's."""
@@ -147,50 +191,50 @@ class GatewayClient:
         message = str(error.get("message") or f"gateway at {self.config.url} answered {status}")
         return GatewayError(message, status, str(error.get("reason") or Reason.GATEWAY_ERROR))
 
-    # --- the API (async, and each one's blocking twin) ----------------------------------------
+    # --- the API (blocking, and each one's async twin) ----------------------------------------
 
-    async def atypes(self) -> list[dict[str, Any]]:
-        return list(await self.arequest("GET", "/api/gpu/types"))
+    def types(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/api/gpu/types"))
 
-    async def aleases(self) -> list[dict[str, Any]]:
-        return list(await self.arequest("GET", "/api/gpu/leases"))
+    def leases(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/api/gpu/leases"))
 
-    async def acreate_lease(self, spec: str, idle_timeout: float | None, notebook: str) -> dict[str, Any]:
+    def create_lease(self, spec: str, idle_timeout: float | None, notebook: str) -> dict[str, Any]:
         body: dict[str, Any] = {"gpu": spec, "notebook": notebook}
         if idle_timeout is not None:
             body["idle_timeout"] = idle_timeout
-        return dict(await self.arequest("POST", "/api/gpu/leases", body))
+        return dict(self.request("POST", "/api/gpu/leases", body))
 
-    async def aget_lease(self, lease_id: str, wait: float = 0) -> dict[str, Any]:
+    def get_lease(self, lease_id: str, wait: float = 0) -> dict[str, Any]:
         query = f"?wait={wait}" if wait else ""
-        return dict(await self.arequest("GET", f"/api/gpu/leases/{lease_id}{query}", timeout=self.timeout + wait))
+        return dict(self.request("GET", f"/api/gpu/leases/{lease_id}{query}", timeout=self.timeout + wait))
 
-    async def adelete_lease(self, lease_id: str, forget: bool = False) -> dict[str, Any]:
+    def delete_lease(self, lease_id: str, forget: bool = False) -> dict[str, Any]:
         """End a lease; ``forget``: keep none of its variables for the notebook's next lease."""
-        return dict(await self.arequest("DELETE", f"/api/gpu/leases/{lease_id}" + ("?forget=1" if forget else "")))
+        return dict(self.request("DELETE", f"/api/gpu/leases/{lease_id}" + ("?forget=1" if forget else "")))
 
-    async def asnapshots(self) -> list[dict[str, Any]]:
-        return list(await self.arequest("GET", "/api/gpu/snapshots"))
+    def snapshots(self) -> list[dict[str, Any]]:
+        return list(self.request("GET", "/api/gpu/snapshots"))
 
-    async def aforget_snapshots(self, notebook: str) -> list[str]:
+    def forget_snapshots(self, notebook: str) -> list[str]:
         query = urllib.parse.urlencode({"notebook": notebook})
-        return list((await self.arequest("DELETE", f"/api/gpu/snapshots?{query}"))["deleted"])
+        return list(self.request("DELETE", f"/api/gpu/snapshots?{query}")["deleted"])
 
-    async def ausage(self) -> dict[str, Any]:
-        return dict(await self.arequest("GET", "/api/gpu/usage"))
+    def usage(self) -> dict[str, Any]:
+        return dict(self.request("GET", "/api/gpu/usage"))
 
-    async def ainterrupt(self, kernel_id: str) -> None:
-        await self.arequest("POST", f"/api/kernels/{kernel_id}/interrupt", {})
+    def interrupt(self, kernel_id: str) -> None:
+        self.request("POST", f"/api/kernels/{kernel_id}/interrupt", {})
 
-    types = run_sync(atypes)
-    leases = run_sync(aleases)
-    create_lease = run_sync(acreate_lease)
-    get_lease = run_sync(aget_lease)
-    delete_lease = run_sync(adelete_lease)
-    snapshots = run_sync(asnapshots)
-    forget_snapshots = run_sync(aforget_snapshots)
-    usage = run_sync(ausage)
-    interrupt = run_sync(ainterrupt)
+    atypes = _in_thread(types)
+    aleases = _in_thread(leases)
+    acreate_lease = _in_thread(create_lease)
+    aget_lease = _in_thread(get_lease)
+    adelete_lease = _in_thread(delete_lease)
+    asnapshots = _in_thread(snapshots)
+    aforget_snapshots = _in_thread(forget_snapshots)
+    ausage = _in_thread(usage)
+    ainterrupt = _in_thread(interrupt)
 
     def open_channel(self, kernel_id: str, session_id: str | None = None) -> KernelChannel:
         return KernelChannel.open(self.config, kernel_id, session_id)
@@ -248,16 +292,20 @@ class GatewayClient:
 
 
 _UPLOAD_SLICE = 64 * 2**20
+#: Seconds to wait for a new REST connection (a request may wait longer for its answer).
+_CONNECT_TIMEOUT = 5.0
+#: Kept-alive REST connections one client holds while none is in use.
+_MAX_IDLE = 4
 
 
-class _KnownAddresses(Resolver):
-    """A tornado resolver that answers with addresses looked up before (see GatewayClient._fetch)."""
-
-    def initialize(self, addresses: list[tuple[int, Any]]) -> None:
-        self.addresses = addresses
-
-    async def resolve(self, host: str, port: int, family: socket.AddressFamily = socket.AF_UNSPEC) -> list[Any]:
-        return [(fam, address) for fam, address in self.addresses if family in (socket.AF_UNSPEC, fam)]
+def _readable(sock: socket.socket) -> bool:
+    """Whether ``sock`` has something to read now (poll where there is one: select fails on a
+    descriptor above 1023, which a busy Jupyter server has)."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def _read_head(reader: Any) -> tuple[int, dict[str, str]]:

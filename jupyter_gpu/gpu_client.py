@@ -1,9 +1,10 @@
 """One notebook's GPU kernels: which lease serves which SPEC, reused across cells, and the
 retry when a lease ended between two cells. The ``%%gpu`` magic is a thin wrapper over it.
 
-Blocking on purpose, unlike the REST methods under it: a cell runs on the kernel's main
-thread, where Ctrl-C arrives and where displays find the cell they belong to. The REST
-calls it makes are the :class:`~jupyter_gpu.client.GatewayClient`'s blocking twins.
+Blocking on purpose: a cell runs on the kernel's main thread, where Ctrl-C arrives and where
+displays find the cell they belong to. The REST calls it makes are the
+:class:`~jupyter_gpu.client.GatewayClient`'s blocking methods (the server extension awaits
+their async twins).
 """
 
 from __future__ import annotations

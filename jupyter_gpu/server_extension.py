@@ -36,6 +36,8 @@ class JupyterGpu(Configurable):
     )
     request_timeout = Float(20.0, help="Seconds to wait for the gateway's answer.").tag(config=True)
 
+    _client: GatewayClient | None = None
+
     @default("gateway_url")
     def _url_from_env(self) -> str:
         return os.environ.get(URL_ENV, "")
@@ -57,7 +59,11 @@ class JupyterGpu(Configurable):
                 0,
                 Reason.NOT_CONFIGURED,
             )
-        return GatewayClient(GatewayConfig(self.url, self.gateway_token), timeout=self.request_timeout)
+        config = GatewayConfig(self.url, self.gateway_token)
+        # One client for all requests, so that they reuse its kept-alive connections.
+        if self._client is None or (self._client.config, self._client.timeout) != (config, self.request_timeout):
+            self._client = GatewayClient(config, timeout=self.request_timeout)
+        return self._client
 
 
 def browser_status(error: GatewayError, url: str) -> tuple[int, str]:
