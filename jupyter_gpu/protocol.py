@@ -34,6 +34,7 @@ REASON_CANCELLED = "cancelled"
 REASON_KERNEL_DIED = "kernel_died"
 REASON_GATEWAY_RESTART = "gateway_restart"
 REASON_MAX_DURATION = "max_duration"
+REASON_RESTARTED = "restarted"
 
 #: The comm target of the kernel-side helper, and the line that loads it at warm-up.
 HELPER_COMM_TARGET = "jupyter_gpu"

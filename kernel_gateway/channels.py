@@ -109,10 +109,10 @@ class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
 
     async def get(self, kernel_id: str) -> None:
         self.user = self.authenticate()
-        self.owned(kernel_id)
+        lease = self.owned(kernel_id)
         self.session_id = self.get_argument("session_id", "") or uuid.uuid4().hex
         try:
-            self.relay = await self.gateway.relay_for(kernel_id)
+            self.relay = await self.gateway.relay_for(lease.slot_id)
         except NotFound:  # its lease ended while we connected
             raise not_found(kernel_id) from None
         await super().get(kernel_id)
@@ -167,7 +167,8 @@ class ChannelsHandler(AuthMixin, websocket.WebSocketHandler):
                 raise MalformedMessage(f"not JSON: {exc}") from None
             if not isinstance(msg, dict):
                 raise MalformedMessage("a kernel message must be a JSON object")
-            channel = str(msg.get("channel", ""))
+            # as in jupyter_server: no channel means shell (its own gateway kernel client sends none)
+            channel = str(msg.get("channel") or "shell")
             given_header = msg.get("header")
             if not isinstance(given_header, dict):
                 raise MalformedMessage("'header' must be an object")

@@ -22,6 +22,7 @@ from jupyter_gpu.protocol import (
     REASON_IDLE,
     REASON_KERNEL_DIED,
     REASON_MAX_DURATION,
+    REASON_RESTARTED,
     RELEASED,
     GpuChoice,
 )
@@ -30,6 +31,7 @@ from pool_manager.manager import PoolManager
 from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted
 from pool_manager.service import PoolService
 
+from .kernel_ids import KernelIds
 from .metering import MeteringStore
 from .relay import KernelRelay
 
@@ -41,6 +43,7 @@ CLOSE_REASONS = {
     REASON_KERNEL_DIED: "lease ended: the kernel died",
     REASON_GATEWAY_RESTART: "lease ended: the gateway is stopping",
     REASON_MAX_DURATION: "lease ended: it reached the operator's maximum duration",
+    REASON_RESTARTED: "lease ended: the kernel was restarted, a new lease took its place",
 }
 
 
@@ -67,6 +70,7 @@ class Gateway:
         self.replay_limit_bytes = replay_limit_bytes
         self.heartbeat_interval = heartbeat_interval
         self.relays: dict[str, KernelRelay] = {}
+        self.kernel_ids = KernelIds()
         self._relay_ready: dict[str, asyncio.Task[KernelRelay]] = {}
         self.zmq_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._heartbeat: asyncio.Task[None] | None = None
@@ -160,7 +164,7 @@ class Gateway:
             "gpu_type": lease.gpu_type,
             "count": lease.count,
             "gpu_indices": list(lease.gpu_indices),
-            "kernel_id": lease.slot_id if lease.state == GRANTED else None,
+            "kernel_id": self.kernel_ids.shown(lease.slot_id or "") if lease.state == GRANTED else None,
             "queue_position": core.queue_position(lease),
             "expected_wait": round(core.expected_wait(lease), 1) if lease.state == QUEUED else 0.0,
             "idle_timeout": lease.idle_timeout,
@@ -190,7 +194,7 @@ class Gateway:
     # --- kernels --------------------------------------------------------------------------
 
     def owned_kernel(self, user: str, kernel_id: str) -> Lease:
-        lease = self.service.lease_for_kernel(kernel_id)
+        lease = self.service.lease_for_kernel(self.kernel_ids.kernel(kernel_id))
         if lease is None or lease.user != user or lease.state != GRANTED:
             raise NotFound(kernel_id)
         return lease
@@ -204,7 +208,7 @@ class Gateway:
         relay = self.relays.get(kernel_id)
         connections = sum(len(s.connections) for s in relay.sessions.values()) if relay else 0
         return {
-            "id": kernel_id,
+            "id": self.kernel_ids.shown(kernel_id),
             "name": KERNELSPEC_PREFIX + (lease.gpu_type or ""),
             "last_activity": iso(lease.last_activity),
             "execution_state": relay.execution_state if relay else "idle",
@@ -273,6 +277,7 @@ class Gateway:
             lease = action.lease
             self.metering.record(lease, self.pool.price(lease.gpu_type))
             relay = self.relays.pop(lease.slot_id or "", None) if lease.granted_at is not None else None
+            self.kernel_ids.forget(lease.slot_id or "")
             if relay is not None:
                 if lease.reason == REASON_KERNEL_DIED:
                     relay.kernel_died(

@@ -14,6 +14,8 @@ from jupyter_gpu.protocol import (
     QUEUED,
     REASON_CANCELLED,
     REASON_DELETED,
+    REASON_RESTARTED,
+    GpuChoice,
     SpecError,
     error_body,
     parse_gpu_spec,
@@ -181,7 +183,42 @@ class KernelSpecsHandler(ApiHandler):
         return rows
 
 
-class KernelsHandler(ApiHandler):
+class AwaitsKernel(ApiHandler):
+    """A handler that takes a lease and answers once its kernel is ready."""
+
+    waiting_lease: str | None = None
+
+    async def kernel_of(self, lease: Any) -> Any:
+        """The lease once its kernel is ready; 503 (and nothing held) when no GPU comes free in time."""
+        self.waiting_lease = lease.id
+        await self.gateway.service.wait_while_queued(lease, self.settings["kernel_request_timeout"])
+        self.waiting_lease = None
+        if lease.state == QUEUED:
+            info = self.gateway.describe(lease)
+            self.gateway.end_lease(self.user, lease.id, REASON_CANCELLED)
+            raise ApiError(
+                503,
+                f"no {lease.spec} free within {self.settings['kernel_request_timeout']:.0f} s "
+                f"(queue position {info['queue_position']}, about {info['expected_wait']:.0f} s): "
+                "POST /api/gpu/leases to wait in the queue",
+                "no_capacity",
+            )
+        try:
+            return self.gateway.owned_kernel(self.user, lease.slot_id or "")
+        except NotFound:
+            why = f"the lease ended before its kernel was ready ({lease.reason})"
+            raise ApiError(503, why, "lease_ended") from None
+
+    def on_connection_close(self) -> None:
+        # The client gave up waiting: a GPU granted later would bill nobody's notebook.
+        if self.waiting_lease is not None:
+            try:
+                self.gateway.end_lease(self.user, self.waiting_lease, REASON_CANCELLED)
+            except NotFound:
+                pass
+
+
+class KernelsHandler(AwaitsKernel):
     def get(self) -> None:
         self.reply(self.gateway.kernels_json(self.user))
 
@@ -193,35 +230,7 @@ class KernelsHandler(ApiHandler):
             raise ApiError(400, f"unknown kernel name {name!r}: use gpu-TYPE, see /api/kernelspecs", "bad_spec")
         choices = lease_choices(name[len(KERNELSPEC_PREFIX) :], self.gateway)
         lease = request_lease(self.gateway, self.user, choices, None, "")
-        self.waiting_lease = lease.id
-        await self.gateway.service.wait_while_queued(lease, self.settings["kernel_request_timeout"])
-        self.waiting_lease = None
-        if lease.state == QUEUED:
-            info = self.gateway.describe(lease)
-            self.gateway.end_lease(self.user, lease.id, REASON_CANCELLED)
-            raise ApiError(
-                503,
-                f"no {name[len(KERNELSPEC_PREFIX) :]} free within {self.settings['kernel_request_timeout']:.0f} s "
-                f"(queue position {info['queue_position']}, about {info['expected_wait']:.0f} s): "
-                "POST /api/gpu/leases to wait in the queue",
-                "no_capacity",
-            )
-        try:
-            kernel = self.gateway.owned_kernel(self.user, lease.slot_id or "")
-        except NotFound:
-            why = f"the lease ended before its kernel was ready ({lease.reason})"
-            raise ApiError(503, why, "lease_ended") from None
-        self.reply(self.gateway.kernel_json(kernel), 201)
-
-    waiting_lease: str | None = None
-
-    def on_connection_close(self) -> None:
-        # The client gave up waiting: a GPU granted later would bill nobody's notebook.
-        if self.waiting_lease is not None:
-            try:
-                self.gateway.end_lease(self.user, self.waiting_lease, REASON_CANCELLED)
-            except NotFound:
-                pass
+        self.reply(self.gateway.kernel_json(await self.kernel_of(lease)), 201)
 
 
 def request_lease(gateway: Gateway, user: str, choices: Any, idle_timeout: Any, notebook: str) -> Any:
@@ -244,19 +253,25 @@ class KernelHandler(ApiHandler):
         self.finish()
 
 
-class KernelActionHandler(KernelHandler):
+class KernelActionHandler(AwaitsKernel):
     async def post(self, kernel_id: str, action: str) -> None:
-        self.owned(kernel_id)
+        lease = self.owned(kernel_id)
         if action == "restart":
-            raise ApiError(
-                400,
-                "pooled kernels are single-use and cannot be restarted: DELETE the kernel (ends its lease) "
-                "and request a new one",
-                "unsupported",
-            )
-        await self.gateway.service.interrupt(kernel_id)
+            await self.restart(kernel_id, lease)
+            return
+        await self.gateway.service.interrupt(lease.slot_id)
         self.set_status(204)
         self.finish()
+
+    async def restart(self, kernel_id: str, lease: Any) -> None:
+        """Pooled kernels are single-use: a restart ends the lease and takes a new one of the same
+        type and count, behind the same kernel id (stock clients keep the id they started with)."""
+        self.gateway.end_lease(self.user, lease.id, REASON_RESTARTED)
+        choices = (GpuChoice(lease.gpu_type, lease.count),)
+        new_lease = request_lease(self.gateway, self.user, choices, lease.idle_timeout, lease.notebook)
+        kernel = await self.kernel_of(new_lease)
+        self.gateway.kernel_ids.replaced(kernel_id, kernel.slot_id)
+        self.reply(self.gateway.kernel_json(kernel))
 
 
 class TypesHandler(ApiHandler):

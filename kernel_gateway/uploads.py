@@ -70,12 +70,12 @@ def abort_uploads() -> None:
 
 class UploadHandler(ApiHandler):
     async def get(self, kernel_id: str) -> None:
-        self.owned(kernel_id)
+        lease = self.owned(kernel_id)
         if self.request.headers.get("Upgrade", "").lower() != UPLOAD_PROTOCOL:
             raise ApiError(400, f"an upload is a request with 'Connection: Upgrade' and 'Upgrade: {UPLOAD_PROTOCOL}', "
                                 "followed by the raw bytes once the gateway answered 101", "bad_request")
         nbytes = self._nbytes()
-        staging = self.gateway.staging_dir(kernel_id)
+        staging = self.gateway.staging_dir(lease.slot_id)
         if staging is None or _stopping:
             raise ApiError(501, "this gateway's kernels cannot take uploads: send the data over the kernel "
                                 "websocket instead", "unsupported")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+import uuid
 
 from traitlets import Dict, Float, Int, Unicode
 from traitlets.config import LoggingConfigurable
@@ -70,7 +71,9 @@ class PoolManager(LoggingConfigurable):
             max_lease_duration=self.max_lease_duration,
             max_gpus_per_user=self.max_gpus_per_user,
         )
-        core = PoolCore(devices, policy, clock=time.time)
+        # Kernel ids in the dashed UUID form: stock Jupyter servers route /api/kernels/{id}/channels
+        # only for ids of that shape, so a hex id made their gateway client's websocket answer 404.
+        core = PoolCore(devices, policy, clock=time.time, new_id=lambda: str(uuid.uuid4()))
         # Every pooled kernel loads the helper that receives pushed variables and sends
         # bound ones back; the operator's warm-up code runs after it.
         warmup = "\n".join(code for code in (HELPER_BOOT, self.warmup_code) if code)
