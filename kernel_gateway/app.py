@@ -26,6 +26,7 @@ from .auth import TokenAuthenticator
 from .channels import ChannelsHandler
 from .gateway import Gateway
 from .metering import MeteringStore
+from .openapi import OpenApiHandler
 from .uploads import UploadHandler, abort_uploads
 
 log = logging.getLogger("jupyter_gpu.gateway")
@@ -52,6 +53,7 @@ def make_app(gateway: Gateway, authenticator: TokenAuthenticator, **settings: An
         (r"/api/gpu/leases/?", h.LeasesHandler),
         (rf"/api/gpu/leases/{lease}/?", h.LeaseHandler),
         (r"/api/gpu/usage/?", h.UsageHandler),
+        (r"/api/gpu/openapi.json", OpenApiHandler),
         (r"/metrics", h.MetricsHandler),
     ]
     return web.Application(

@@ -225,7 +225,9 @@ class KernelsHandler(AwaitsKernel):
     async def post(self) -> None:
         # Stock Jupyter clients start kernels by name: a kernelspec gpu-TYPE means a lease.
         body = self.json_body()
-        name = body.get("name") or KERNELSPEC_PREFIX + self.gateway.service.core.types[0]
+        name = body.get("name")
+        if name is None or name == "":
+            name = KERNELSPEC_PREFIX + self.gateway.service.core.types[0]
         if not isinstance(name, str) or not name.startswith(KERNELSPEC_PREFIX):
             raise ApiError(400, f"unknown kernel name {name!r}: use gpu-TYPE, see /api/kernelspecs", "bad_spec")
         choices = lease_choices(name[len(KERNELSPEC_PREFIX) :], self.gateway)
