@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 
 from kernel_gateway.openapi import DESCRIPTION
+from tests.e2e.gateway_process import GatewayProcess
 
 from .conftest import make_gateway
-from tests.e2e.gateway_process import GatewayProcess
 
 EXAMPLES_PER_OPERATION = 12
 
