@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sqlite3
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -17,6 +18,7 @@ from jupyter_gpu.protocol import (
     GRANTED,
     KERNELSPEC_PREFIX,
     QUEUED,
+    REASON_CANCELLED,
     REASON_DELETED,
     REASON_GATEWAY_RESTART,
     REASON_IDLE,
@@ -51,6 +53,10 @@ class NotFound(LookupError):
     """A lease or kernel that does not exist for this user (others' look the same)."""
 
 
+class MeteringFull(RuntimeError):
+    """The usage database cannot be written (its disk is full): no new lease can be billed."""
+
+
 def iso(ts: float | None) -> str | None:
     return None if ts is None else datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
 
@@ -76,6 +82,8 @@ class Gateway:
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # relays being closed after their lease
         self._preconnecting: set[asyncio.Task[None]] = set()
+        # Leases whose newest state could not be written (disk full), written at the next heartbeat.
+        self._unwritten: dict[str, Lease] = {}
         self.started_at = time.time()
         service.listeners.append(self._on_pool_action)
 
@@ -96,6 +104,10 @@ class Gateway:
             await relay.close(1001, CLOSE_REASONS.get(reason, reason))
         await asyncio.gather(*self._closing, return_exceptions=True)
         self.zmq_context.destroy(linger=0)
+        self._write_unwritten()
+        if self._unwritten:
+            log.error("%d lease record(s) could not be written to %s (disk full?): they will be closed at their "
+                      "last heartbeat when the gateway starts again", len(self._unwritten), self.metering.path)
         self.metering.close()
 
     # --- leases ---------------------------------------------------------------------------
@@ -104,7 +116,17 @@ class Gateway:
         self, user: str, choices: tuple[GpuChoice, ...], idle_timeout: float | None, notebook: str
     ) -> Lease:
         lease = self.service.request_lease(user, choices, idle_timeout, notebook)
-        self.metering.record(lease, self.pool.price(lease.gpu_type))
+        try:
+            self.metering.record(lease, self.pool.price(lease.gpu_type))
+        except sqlite3.OperationalError as exc:
+            # A GPU nobody can bill for is not handed out; leases already running carry on.
+            self.service.end_lease(lease.id, REASON_CANCELLED)
+            self._unwritten.pop(lease.id, None)
+            raise MeteringFull(
+                f"no new leases for now: the usage database {self.metering.path} cannot be written ({exc}). "
+                "The operator must free space on its disk; running leases carry on and are billed once it can be "
+                "written. Try again later"
+            ) from None
         return lease
 
     def active_lease(self, user: str, lease_id: str) -> Lease:
@@ -114,7 +136,7 @@ class Gateway:
         return lease
 
     def lease_json(self, user: str, lease_id: str) -> dict[str, Any]:
-        lease = self.service.core.leases.get(lease_id)
+        lease = self.service.core.leases.get(lease_id) or self._unwritten.get(lease_id)
         if lease is not None and lease.user == user:
             return self.describe(lease)
         row = self.metering.get(lease_id)
@@ -267,7 +289,7 @@ class Gateway:
 
     def _on_pool_action(self, action: Action) -> None:
         if isinstance(action, LeaseGranted):
-            self.metering.record(action.lease, self.pool.price(action.lease.gpu_type))
+            self._record(action.lease)
             # Connect to the kernel now, while the client reads the grant: its first
             # websocket then finds IOPub already subscribed.
             task = asyncio.get_running_loop().create_task(self._preconnect(action.lease.slot_id or ""))
@@ -275,7 +297,7 @@ class Gateway:
             task.add_done_callback(self._preconnecting.discard)
         elif isinstance(action, LeaseEnded):
             lease = action.lease
-            self.metering.record(lease, self.pool.price(lease.gpu_type))
+            self._record(lease)
             relay = self.relays.pop(lease.slot_id or "", None) if lease.granted_at is not None else None
             self.kernel_ids.forget(lease.slot_id or "")
             if relay is not None:
@@ -290,6 +312,26 @@ class Gateway:
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
 
+    def _record(self, lease: Lease) -> None:
+        """Write the lease's row; while the database cannot be written (disk full) keep the lease
+        here, so its grant or release is written at a later heartbeat instead of lost."""
+        try:
+            self.metering.record(lease, self.pool.price(lease.gpu_type))
+        except sqlite3.OperationalError as exc:
+            log.error("could not write lease %s to %s (%s): kept in memory until it can be", lease.id,
+                      self.metering.path, exc)
+            self._unwritten[lease.id] = lease
+        else:
+            self._unwritten.pop(lease.id, None)
+
+    def _write_unwritten(self) -> None:
+        for lease in list(self._unwritten.values()):
+            try:
+                self.metering.record(lease, self.pool.price(lease.gpu_type))
+            except sqlite3.OperationalError:
+                return  # still full: the next heartbeat tries again
+            del self._unwritten[lease.id]
+
     async def _preconnect(self, kernel_id: str) -> None:
         try:
             await self.relay_for(kernel_id)
@@ -302,6 +344,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             held = [lease.id for lease in self.service.core.leases.values() if lease.state != RELEASED]
+            self._write_unwritten()
             try:
                 self.metering.heartbeat(held, time.time())
             except Exception:  # a full disk must not take the gateway down

@@ -23,7 +23,7 @@ from jupyter_gpu.protocol import (
 from pool_manager.core import LeaseRequestError
 
 from .auth import TokenAuthenticator, token_from_request
-from .gateway import Gateway, NotFound, iso
+from .gateway import Gateway, MeteringFull, NotFound, iso
 from .metrics import render_metrics
 
 log = logging.getLogger(__name__)
@@ -242,6 +242,8 @@ def request_lease(gateway: Gateway, user: str, choices: Any, idle_timeout: Any, 
         return gateway.request_lease(user, choices, idle_timeout, notebook)
     except LeaseRequestError as exc:
         raise ApiError(400, str(exc), exc.reason) from None
+    except MeteringFull as exc:
+        raise ApiError(507, str(exc), "metering_unavailable") from None
 
 
 class KernelHandler(ApiHandler):
