@@ -44,7 +44,7 @@ test('the quickstart runs top to bottom without an error', async ({ page }) => {
     '(64, 1000)'
   );
   const bar = codeCell(page, 'tqdm(range(30))').locator('.jp-OutputArea');
-  await expect(bar.locator('.widget-progress')).toBeVisible();
+  await expect(bar.locator('.widget-hprogress')).toBeVisible(); // ipywidgets' bar, not tqdm's text
   await expect(bar).toContainText('30/30');
   await expect(bar).toContainText('batch is still here: (64, 1000)');
   await expect(codeCell(page, 'plt.hist').locator('.jp-OutputArea img')).toBeVisible();
