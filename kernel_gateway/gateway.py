@@ -97,12 +97,16 @@ class Gateway:
     async def stop(self, reason: str) -> None:
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        for task in self._preconnecting:
-            task.cancel()  # their kernels are about to die: waiting for them helps nobody
+        # Relays still connecting: their kernels are about to die, so waiting for them helps
+        # nobody; cancelled and awaited here, none fails later on the destroyed zmq context
+        # ("Task exception was never retrieved ... ZMQError: Socket operation on non-socket").
+        connecting = [*self._preconnecting, *self._relay_ready.values()]
+        for task in connecting:
+            task.cancel()
         await self.service.stop(reason)
         for relay in list(self.relays.values()):
             await relay.close(1001, CLOSE_REASONS.get(reason, reason))
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        await asyncio.gather(*self._closing, *connecting, return_exceptions=True)
         self.zmq_context.destroy(linger=0)
         self._write_unwritten()
         if self._unwritten:
