@@ -62,8 +62,8 @@ async def test_sigkill_of_the_gateway_mid_cell_loses_no_metering_and_leaves_no_k
     for pid in {kernel, *warm}:
         assert poll(lambda pid=pid: not pid_alive(pid), 15, f"kernel {pid} to exit after its gateway died")
     restarted = make_gateway(tmp_path, "--inventory", "a100=1", "--cpu-slots", "0", "--min-warm", "1")
-    restarted.start()
     try:
+        restarted.start()
         row = restarted.get("alice", f"/api/gpu/leases/{lease['id']}").body
         assert (row["state"], row["reason"]) == ("released", "gateway_restart")
         # billed up to its last heartbeat: at most one heartbeat interval (5 s) of GPU time is not billed
