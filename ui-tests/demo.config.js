@@ -3,7 +3,6 @@
  * test environment), so a dependency the demo lacks fails CI. scripts/demo itself is the server:
  * it builds the environment, starts the gateway and JupyterLab.
  */
-const os = require('os');
 const path = require('path');
 const fs = require('fs');
 const sidebar = require('./playwright.config');
@@ -13,7 +12,9 @@ const labPort = process.env.UI_DEMO_LAB_PORT || '18889';
 const labToken = 'ui-demo-lab-token';
 const repo = path.resolve(__dirname, '..');
 const artifacts = path.join(repo, 'test-artifacts');
-const scratch = fs.mkdtempSync(path.join(os.tmpdir(), 'jupyter-gpu-demo-'));
+// Jupyter's config and data folders and the settings below: under test-artifacts/ (git-ignored), not /tmp
+fs.mkdirSync(artifacts, { recursive: true });
+const scratch = fs.mkdtempSync(path.join(artifacts, 'ui-demo-jupyter-'));
 // Running the notebook must not rewrite examples/quickstart.ipynb: no autosave; no news popup.
 const settings = path.join(scratch, 'settings');
 for (const [plugin, value] of [
