@@ -20,8 +20,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import ctypes
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -46,6 +48,12 @@ def children(pid: int) -> set[int]:
         except OSError:
             continue
     return found
+
+
+def _stop_with_parent() -> None:
+    """In the gateway's child process: SIGTERM when this script dies, even by SIGKILL (a timeout),
+    so a killed soak leaves no gateway and no kernels behind (Linux's PR_SET_PDEATHSIG)."""
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)
 
 
 def process_stats(pid: int, base: str, token: str) -> dict[str, int]:
@@ -115,7 +123,7 @@ def main(argv: list[str] | None = None) -> int:
             gateway = subprocess.Popen(
                 [sys.executable, "-m", "jupyter_gpu.cli", "gateway", "--port", str(port), "--inventory",
                  args.inventory, "--cpu-slots", "0", "--min-warm", str(args.min_warm), "--db", f"{tmp}/usage.sqlite"],
-                stdout=log, stderr=subprocess.STDOUT, env=env)
+                stdout=log, stderr=subprocess.STDOUT, env=env, preexec_fn=_stop_with_parent)
         base = f"http://127.0.0.1:{port}"
         try:
             wait_until(lambda: _answers(base, token), 60, "the gateway to answer")
