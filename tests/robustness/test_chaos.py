@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.gateway_process import pid_alive, poll
+from tests.e2e.gateway_process import pid_alive, poll, stdout_text
 
 from .conftest import make_gateway
 
@@ -71,3 +71,27 @@ async def test_sigkill_of_the_gateway_mid_cell_loses_no_metering_and_leaves_no_k
         assert restarted.get("alice", "/api/gpu/usage").body["total_gpu_seconds"] >= row["gpu_seconds"]
     finally:
         restarted.stop()
+
+
+@pytest.mark.asyncio
+async def test_a_client_gone_mid_output_finds_the_rest_and_its_variables_when_it_comes_back(tmp_path: Path) -> None:
+    gateway = make_gateway(tmp_path, "--inventory", "a100=1", "--cpu-slots", "0", "--min-warm", "1").start()
+    try:
+        lease = gateway.lease("alice", "a100")
+        socket = await gateway.connect("alice", lease["kernel_id"])
+        # 20 MB of output, then a pause (the client is gone by then), then the end of the cell
+        msg_id = socket.execute("import sys, time\nmade = 42\nfor i in range(200):\n"
+                                "    sys.stdout.write(str(i).rjust(100000) + '\\n'); sys.stdout.flush()\n"
+                                "time.sleep(2)\nprint('END')")
+        await socket.recv_until(lambda m: m["msg_type"] == "stream")
+        socket.ws.protocol.stream.close()  # vanish mid-stream: no close handshake
+        again = await gateway.connect("alice", lease["kernel_id"], session_id=socket.session_id)
+        reply, outputs = await again.collect(msg_id, timeout=60)
+        assert reply["content"]["status"] == "ok"
+        assert stdout_text(outputs).endswith("END\n")  # what the kernel said after the client vanished
+        _, outputs = await again.run("print(made)")
+        assert stdout_text(outputs) == "42\n"  # the cell's variables are still on its kernel
+        assert gateway.get("alice", f"/api/gpu/leases/{lease['id']}").body["state"] == "granted"
+        again.close()
+    finally:
+        gateway.stop()
