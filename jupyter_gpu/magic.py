@@ -65,11 +65,11 @@ class IPythonFrontend:
     def input(self, prompt: str, password: bool) -> str:
         return getpass.getpass(prompt) if password else input(prompt)
 
-    def comm(self, msg_type: str, content: dict[str, Any], buffers: list[Any]) -> None:
+    def comm(self, msg_type: str, content: dict[str, Any], metadata: dict[str, Any], buffers: list[Any]) -> None:
         kernel = getattr(get_ipython(), "kernel", None)
         if kernel is None:  # plain IPython terminal: nothing can draw a widget
             return
-        kernel.session.send(kernel.iopub_socket, msg_type, content, parent=kernel.get_parent(),
+        kernel.session.send(kernel.iopub_socket, msg_type, content, parent=kernel.get_parent(), metadata=metadata,
                             ident=f"comm-{content.get('comm_id', '')}".encode(), buffers=[bytes(b) for b in buffers])
 
 

@@ -23,7 +23,7 @@ class Frontend(Protocol):
 
     def input(self, prompt: str, password: bool) -> str: ...
 
-    def comm(self, msg_type: str, content: dict[str, Any], buffers: list[Any]) -> None: ...
+    def comm(self, msg_type: str, content: dict[str, Any], metadata: dict[str, Any], buffers: list[Any]) -> None: ...
 
 
 class RemoteError(Exception):
@@ -146,5 +146,6 @@ class CellRelay:
             else:
                 # Widgets the remote cell displays (tqdm.notebook's bar, ipywidgets) live on
                 # comms: forwarding their IOPub side lets the local frontend draw and update
-                # them in place. Frontend-to-kernel widget messages stay local (one-way).
-                self.frontend.comm(msg_type, content, list(msg.get("buffers", [])))
+                # them in place. Frontend-to-kernel widget messages stay local (one-way). The
+                # metadata carries the widget protocol version JupyterLab checks on comm_open.
+                self.frontend.comm(msg_type, content, msg.get("metadata") or {}, list(msg.get("buffers", [])))

@@ -47,6 +47,7 @@ class Reason(StrEnum):
     GATEWAY_RESTART = "gateway_restart"
     MAX_DURATION = "max_duration"
     NODE_LOST = "node_lost"
+    RESTARTED = "restarted"  # a stock client restarted the kernel: a new lease behind the same kernel id
     OOM = "oom"  # the kernel went past its memory limit
     # why the gateway refused a request
     UNAUTHORIZED = "unauthorized"
@@ -65,6 +66,7 @@ class Reason(StrEnum):
     UNSUPPORTED = "unsupported"
     TOO_LARGE = "too_large"
     NO_SPACE = "no_space"
+    METERING_UNAVAILABLE = "metering_unavailable"  # the usage database cannot be written (disk full)
     BUSY = "busy"
     UPLOAD_FAILED = "upload_failed"
     INTERNAL_ERROR = "internal_error"
@@ -86,6 +88,7 @@ REASON_KERNEL_DIED = Reason.KERNEL_DIED
 REASON_GATEWAY_RESTART = Reason.GATEWAY_RESTART
 REASON_MAX_DURATION = Reason.MAX_DURATION
 REASON_NODE_LOST = Reason.NODE_LOST
+REASON_RESTARTED = Reason.RESTARTED
 REASON_OOM = Reason.OOM
 
 #: The comm target of the kernel-side helper, and the line that loads it at warm-up.

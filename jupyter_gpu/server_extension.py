@@ -168,6 +168,11 @@ class DefaultTypeHandler(GpuHandler):
 def _load_jupyter_server_extension(serverapp: Any) -> None:
     """Register the handlers; kernels this server starts get the same gateway as the sidebar."""
     config = JupyterGpu(config=serverapp.config, parent=serverapp)
+    gateway_client = getattr(serverapp, "gateway_config", None)
+    if not config.url and gateway_client is not None and gateway_client.gateway_enabled:
+        # `jupyter lab --gateway-url=...` runs its kernels on our gateway: the sidebar shows the leases.
+        config.gateway_url = gateway_client.url
+        config.gateway_token = config.gateway_token or gateway_client.auth_token or ""
     # The %%gpu magic runs in kernels this server starts, and they inherit its environment.
     if config.url and not os.environ.get(URL_ENV):
         os.environ[URL_ENV] = config.url

@@ -32,6 +32,7 @@ from .identity import IdentityProvider, TokenIdentityProvider
 from .info import InfoHandler
 from .metering import MeteringStore
 from .nodes import NodesHandler
+from .openapi import OpenApiHandler
 from .snapshot_handlers import SnapshotsHandler
 from .snapshot_store import open_store
 from .snapshots import SnapshotKeeper
@@ -67,6 +68,7 @@ def make_app(
         (r"/api/gpu/info/?", InfoHandler),
         (r"/api/gpu/snapshots/?", SnapshotsHandler),
         (rf"/api/gpu/snapshots/{_ID.format('snapshot_id')}/?", SnapshotsHandler),
+        (r"/api/gpu/openapi.json", OpenApiHandler),
         (r"/metrics", h.MetricsHandler),
     ]
     return web.Application(

@@ -153,7 +153,8 @@ class ChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
                 raise MalformedMessage(f"not JSON: {exc}") from None
             if not isinstance(msg, dict):
                 raise MalformedMessage("a kernel message must be a JSON object")
-            channel = str(msg.get("channel", ""))
+            # as in jupyter_server: no channel means shell (its own gateway kernel client sends none)
+            channel = str(msg.get("channel") or "shell")
             given_header = msg.get("header")
             if not isinstance(given_header, dict):
                 raise MalformedMessage("'header' must be an object")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import sqlite3
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -29,10 +30,11 @@ from jupyter_gpu.protocol import (
 from pool_manager.core import NO_CAPACITY, LeaseRequestError
 from pool_manager.inventory import gpu_status
 from pool_manager.manager import PoolManager
-from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted
+from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted, LeaseSnapshot, LeaseView
 from pool_manager.service import PoolService
 
 from .errors import ApiError
+from .kernel_ids import KernelIds
 from .metering import MeteringStore
 from .metrics import render_metrics
 from .relay import KernelRelay
@@ -50,6 +52,7 @@ CLOSE_REASONS: dict[str, str] = {
     Reason.MAX_DURATION: "lease ended: it reached the operator's maximum duration",
     Reason.NODE_LOST: "lease ended: the machine its kernel ran on was lost",
     Reason.OOM: "lease ended: the kernel ran out of memory",
+    Reason.RESTARTED: "lease ended: the kernel was restarted, a new lease took its place",
 }
 #: Ends that kill the kernel under a running cell: its clients hear why.
 DEATHS: dict[str, str] = {
@@ -64,6 +67,10 @@ class NotFound(ApiError, LookupError):
 
     def __init__(self, name: str, what: str = "kernel") -> None:
         super().__init__(404, f"no {what} {name}", Reason.NOT_FOUND)
+
+
+class MeteringFull(RuntimeError):
+    """The usage database cannot be written (its disk is full): no new lease can be billed."""
 
 
 def iso(ts: float | None) -> str | None:
@@ -89,11 +96,14 @@ class Gateway:
         self.relays: dict[str, KernelRelay] = {}
         self.relay_totals = RelayTotals()
         self.uploads = UploadReceiver()
+        self.kernel_ids = KernelIds()
         self._relay_ready: dict[str, asyncio.Task[KernelRelay]] = {}
         self.zmq_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # relays being closed after their lease
         self._preconnecting: set[asyncio.Task[None]] = set()
+        # Leases whose newest state could not be written (disk full), written at the next heartbeat.
+        self._unwritten: dict[str, Lease | LeaseSnapshot] = {}
         self.started_at = time.time()
         service.listeners.append(self._on_pool_action)
 
@@ -110,15 +120,23 @@ class Gateway:
         self.uploads.abort()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
-        for task in self._preconnecting:
-            task.cancel()  # their kernels are about to die: waiting for them helps nobody
+        # Relays still connecting: their kernels are about to die, so waiting for them helps
+        # nobody; cancelled and awaited here, none fails later on the destroyed zmq context
+        # ("Task exception was never retrieved ... ZMQError: Socket operation on non-socket").
+        connecting = [*self._preconnecting, *self._relay_ready.values()]
+        for task in connecting:
+            task.cancel()
         await self.service.stop(reason)
         for relay in list(self.relays.values()):
             await relay.close(1001, CLOSE_REASONS.get(reason, reason))
-        await asyncio.gather(*self._closing, return_exceptions=True)
+        await asyncio.gather(*self._closing, *connecting, return_exceptions=True)
         if self.snapshots is not None:
             await self.snapshots.stop()
         self.zmq_context.destroy(linger=0)
+        self._write_unwritten()
+        if self._unwritten:
+            log.error("%d lease record(s) could not be written to %s (disk full?): they will be closed at their "
+                      "last heartbeat when the gateway starts again", len(self._unwritten), self.metering.path)
         self.metering.close()
 
     # --- one call per API request -------------------------------------------------------
@@ -188,6 +206,8 @@ class Gateway:
             return self.request_lease(user, choices, idle_timeout, notebook)
         except LeaseRequestError as exc:
             raise ApiError(503 if exc.reason == NO_CAPACITY else 400, str(exc), exc.reason) from None
+        except MeteringFull as exc:
+            raise ApiError(507, str(exc), Reason.METERING_UNAVAILABLE) from None
 
     async def wait_for_lease(self, user: str, lease_id: str, seconds: float) -> dict[str, Any]:
         """The lease, once it leaves the queue or ``seconds`` pass (a long poll)."""
@@ -210,12 +230,16 @@ class Gateway:
         Waits up to ``timeout`` for a GPU. Cancelled (the client went away), it cancels the
         lease: a GPU granted later would bill nobody's notebook.
         """
-        # An empty pool has no first type: "any" then gets the core's clear refusal, not an IndexError.
-        name = name or KERNELSPEC_PREFIX + next(iter(self.service.core.types), ANY_TYPE)
+        if name is None or name == "":  # only a missing name means the default ({} is a bad one)
+            # An empty pool has no first type: "any" then gets the core's clear refusal, not an IndexError.
+            name = KERNELSPEC_PREFIX + next(iter(self.service.core.types), ANY_TYPE)
         if not isinstance(name, str) or not name.startswith(KERNELSPEC_PREFIX):
             raise ApiError(400, f"unknown kernel name {name!r}: use gpu-TYPE, see /api/kernelspecs", Reason.BAD_SPEC)
-        gpu = name[len(KERNELSPEC_PREFIX) :]
-        lease = self.create_lease(user, gpu, None, "")
+        lease = self.create_lease(user, name[len(KERNELSPEC_PREFIX) :], None, "")
+        return self.kernel_json(await self._kernel_when_granted(user, lease, timeout))
+
+    async def _kernel_when_granted(self, user: str, lease: Lease, timeout: float) -> Lease:
+        """The lease once its kernel is ready; 503 (and nothing held) when no GPU comes free in time."""
         try:
             await self.service.wait_while_queued(lease, timeout)
         except asyncio.CancelledError:
@@ -227,12 +251,12 @@ class Gateway:
             self.end_lease(user, lease.id, Reason.CANCELLED)
             raise ApiError(
                 503,
-                f"no {gpu} free within {timeout:.0f} s (queue position {info['queue_position']}, about "
+                f"no {lease.spec} free within {timeout:.0f} s (queue position {info['queue_position']}, about "
                 f"{info['expected_wait']:.0f} s): POST /api/gpu/leases to wait in the queue",
                 Reason.NO_CAPACITY,
             )
         try:
-            return self.kernel_json(self.owned_kernel(user, lease.kernel_id or ""))
+            return self.owned_kernel(user, lease.kernel_id or "")
         except NotFound:
             why = f"the lease ended before its kernel was ready ({lease.reason})"
             raise ApiError(503, why, Reason.LEASE_ENDED) from None
@@ -244,21 +268,25 @@ class Gateway:
         """``DELETE /api/kernels/ID``: the kernel goes with its lease."""
         self.end_lease(user, self.owned_kernel(user, kernel_id).id, Reason.DELETED)
 
-    async def kernel_action(self, user: str, kernel_id: str, action: str) -> None:
-        self.owned_kernel(user, kernel_id)
-        if action != "interrupt":
-            raise ApiError(
-                400,
-                "pooled kernels are single-use and cannot be restarted: DELETE the kernel (ends its lease) "
-                "and request a new one",
-                Reason.UNSUPPORTED,
-            )
-        await self.service.interrupt(kernel_id)
+    async def kernel_action(self, user: str, kernel_id: str, action: str, timeout: float) -> dict[str, Any] | None:
+        """Interrupt the kernel, or restart it: pooled kernels are single-use, so a restart ends
+        the lease and takes a new one of the same type and count, behind the same kernel id
+        (stock clients keep the id they started with). A restart answers the new kernel."""
+        lease = self.owned_kernel(user, kernel_id)
+        if action == "interrupt":
+            await self.service.interrupt(lease.kernel_id or "")
+            return None
+        self.end_lease(user, lease.id, Reason.RESTARTED)
+        choices = (GpuChoice(lease.gpu_type or "", lease.count),)
+        new_lease = self.request_lease(user, choices, lease.idle_timeout, lease.notebook)
+        kernel = await self._kernel_when_granted(user, new_lease, timeout)
+        self.kernel_ids.replaced(kernel_id, kernel.kernel_id or "")
+        return self.kernel_json(kernel)
 
     async def open_relay(self, user: str, kernel_id: str) -> KernelRelay:
         """The relay of the user's kernel, for a websocket about to attach to it."""
-        self.owned_kernel(user, kernel_id)
-        return await self.relay_for(kernel_id)
+        lease = self.owned_kernel(user, kernel_id)
+        return await self.relay_for(lease.kernel_id or "")
 
     def usage_json(self, user: str) -> dict[str, Any]:
         return self.metering.usage(user)
@@ -272,7 +300,17 @@ class Gateway:
         self, user: str, choices: tuple[GpuChoice, ...], idle_timeout: float | None, notebook: str
     ) -> Lease:
         lease = self.service.request_lease(user, choices, idle_timeout, notebook)
-        self.metering.record(lease, self.pool.price(lease.gpu_type))
+        try:
+            self.metering.record(lease, self.pool.price(lease.gpu_type))
+        except sqlite3.OperationalError as exc:
+            # A GPU nobody can bill for is not handed out; leases already running carry on.
+            self.service.end_lease(lease.id, Reason.CANCELLED)
+            self._unwritten.pop(lease.id, None)
+            raise MeteringFull(
+                f"no new leases for now: the usage database {self.metering.path} cannot be written ({exc}). "
+                "The operator must free space on its disk; running leases carry on and are billed once it can be "
+                "written. Try again later"
+            ) from None
         return lease
 
     def active_lease(self, user: str, lease_id: str) -> Lease:
@@ -282,7 +320,7 @@ class Gateway:
         return lease
 
     def lease_json(self, user: str, lease_id: str) -> dict[str, Any]:
-        lease = self.service.core.leases.get(lease_id)
+        lease = self.service.core.leases.get(lease_id) or self._unwritten.get(lease_id)
         if lease is not None and lease.user == user:
             return self.describe(lease)
         row = self.metering.get(lease_id)
@@ -312,22 +350,22 @@ class Gateway:
         self.service.end_lease(lease.id, reason)
         return self.describe(lease)
 
-    def _emulated(self, lease: Lease) -> bool:
+    def _emulated(self, lease: LeaseView) -> bool:
         core = self.service.core
         slot = core.slots.get(lease.slot_id or "")
         return slot is not None and any(core.devices[key].emulated for key in slot.devices)
 
-    def _node(self, lease: Lease) -> str | None:
+    def _node(self, lease: LeaseView) -> str | None:
         """The machine the lease's kernel runs on (``local`` on one machine; an address on Ray)."""
         slot = self.service.core.slots.get(lease.slot_id or "")
         return slot.node if slot is not None else None
 
-    def _real_gpus(self, lease: Lease) -> bool:
+    def _real_gpus(self, lease: LeaseView) -> bool:
         """Whether the lease holds real GPUs that NVML can report on."""
         return bool(lease.state == GRANTED and lease.gpu_indices and lease.gpu_type != "cpu"
                     and not self._emulated(lease))
 
-    def describe(self, lease: Lease, readings: dict[int, Any] | None = None) -> dict[str, Any]:
+    def describe(self, lease: LeaseView, readings: dict[int, Any] | None = None) -> dict[str, Any]:
         """The lease as the API shows it; ``readings``: NVML readings already taken, if any."""
         now = time.time()
         core = self.service.core
@@ -342,7 +380,7 @@ class Gateway:
             "gpu_type": lease.gpu_type,
             "count": lease.count,
             "gpu_indices": list(lease.gpu_indices),
-            "kernel_id": lease.kernel_id if lease.state == GRANTED else None,
+            "kernel_id": self.kernel_ids.shown(lease.kernel_id or "") if lease.state == GRANTED else None,
             "queue_position": core.queue_position(lease),
             "expected_wait": round(core.expected_wait(lease), 1) if lease.state == QUEUED else 0.0,
             "idle_timeout": lease.idle_timeout,
@@ -371,7 +409,7 @@ class Gateway:
     # --- kernels --------------------------------------------------------------------------
 
     def owned_kernel(self, user: str, kernel_id: str) -> Lease:
-        lease = self.service.lease_for_kernel(kernel_id)
+        lease = self.service.lease_for_kernel(self.kernel_ids.kernel(kernel_id))
         if lease is None or lease.user != user or lease.state != GRANTED:
             raise NotFound(kernel_id)
         return lease
@@ -383,8 +421,7 @@ class Gateway:
     def upload_target(self, user: str, kernel_id: str, nbytes_text: str, limit: int) -> tuple[str, int]:
         """Where an upload of ``nbytes_text`` bytes to the user's kernel goes, and its size,
         once it is allowed and fits (raises NotFound or the ApiError that says why not)."""
-        self.owned_kernel(user, kernel_id)
-        staging = self.staging_dir(kernel_id)
+        staging = self.staging_dir(self.owned_kernel(user, kernel_id).kernel_id or "")
         nbytes = self.uploads.check(staging, nbytes_text, limit)
         assert staging is not None  # check() refuses uploads without a staging area
         return staging, nbytes
@@ -394,7 +431,7 @@ class Gateway:
         relay = self.relays.get(kernel_id)
         connections = sum(len(s.connections) for s in relay.sessions.values()) if relay else 0
         return {
-            "id": kernel_id,
+            "id": self.kernel_ids.shown(kernel_id),
             "name": KERNELSPEC_PREFIX + (lease.gpu_type or ""),
             "last_activity": iso(lease.last_activity),
             "execution_state": relay.execution_state if relay else "idle",
@@ -460,7 +497,7 @@ class Gateway:
 
     def _on_pool_action(self, action: Action) -> None:
         if isinstance(action, LeaseGranted):
-            self.metering.record(action.lease, self.pool.price(action.lease.gpu_type))
+            self._record(action.lease)
             if self.snapshots is not None:
                 self.snapshots.lease_granted(action.lease)
             # Connect to the kernel now, while the client reads the grant: its first
@@ -470,8 +507,9 @@ class Gateway:
             task.add_done_callback(self._preconnecting.discard)
         elif isinstance(action, LeaseEnded):
             lease = action.lease
-            self.metering.record(lease, self.pool.price(lease.gpu_type))
+            self._record(lease)
             relay = self.relays.pop(lease.kernel_id or "", None) if lease.granted_at is not None else None
+            self.kernel_ids.forget(lease.kernel_id or "")
             if self.snapshots is not None:
                 self.snapshots.lease_ended(lease, busy=relay is not None and relay.execution_state == "busy")
             if relay is not None:
@@ -487,6 +525,26 @@ class Gateway:
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
 
+    def _record(self, lease: Lease | LeaseSnapshot) -> None:
+        """Write the lease's row; while the database cannot be written (disk full) keep the lease
+        here, so its grant or release is written at a later heartbeat instead of lost."""
+        try:
+            self.metering.record(lease, self.pool.price(lease.gpu_type))
+        except sqlite3.OperationalError as exc:
+            log.error("could not write lease %s to %s (%s): kept in memory until it can be", lease.id,
+                      self.metering.path, exc)
+            self._unwritten[lease.id] = lease
+        else:
+            self._unwritten.pop(lease.id, None)
+
+    def _write_unwritten(self) -> None:
+        for lease in list(self._unwritten.values()):
+            try:
+                self.metering.record(lease, self.pool.price(lease.gpu_type))
+            except sqlite3.OperationalError:
+                return  # still full: the next heartbeat tries again
+            del self._unwritten[lease.id]
+
     async def _preconnect(self, kernel_id: str) -> None:
         try:
             await self.relay_for(kernel_id)
@@ -499,6 +557,7 @@ class Gateway:
         while True:
             await asyncio.sleep(self.heartbeat_interval)
             held = [lease.id for lease in self.service.core.leases.values() if lease.state != RELEASED]
+            self._write_unwritten()
             try:
                 self.metering.heartbeat(held, time.time())
             except Exception:  # a full disk must not take the gateway down

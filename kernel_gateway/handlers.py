@@ -173,7 +173,11 @@ class KernelActionHandler(ApiHandler):
     auth_resource = "kernels"
 
     async def post(self, kernel_id: str, action: str) -> None:
-        await self.gateway.kernel_action(self.user, kernel_id, action)
+        restarted = await self.gateway.kernel_action(self.user, kernel_id, action,
+                                                     self.settings["kernel_request_timeout"])
+        if restarted is not None:  # a restart answers the kernel now behind the id
+            self.reply(restarted)
+            return
         self.set_status(204)
         self.finish()
 

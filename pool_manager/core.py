@@ -47,6 +47,7 @@ from .model import (
     Lease,
     LeaseEnded,
     LeaseGranted,
+    LeaseView,
     Slot,
     SlotState,
     StartKernel,
@@ -107,7 +108,9 @@ class PoolCore:
         devices: Iterable[Device],
         policy: PoolPolicy,
         clock: Callable[[], float],
-        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+        # dashed UUIDs: stock Jupyter servers route /api/kernels/{id}/channels only for ids of that
+        # shape (a hex id made their gateway client's websocket answer 404)
+        new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
         wall_clock: Callable[[], float] | None = None,
         admission: Admission | None = None,
     ) -> None:
@@ -368,11 +371,11 @@ class PoolCore:
         """Queued lease ids, first in line first."""
         return self._queue.ids()
 
-    def queue_position(self, lease: Lease) -> int:
+    def queue_position(self, lease: LeaseView) -> int:
         """1-based place among queued leases that compete for the same types; 0 if not queued."""
         return self._queue.position(lease.id) if lease.state == QUEUED else 0
 
-    def expected_wait(self, lease: Lease) -> float:
+    def expected_wait(self, lease: LeaseView) -> float:
         """Seconds until the lease is likely granted, assuming today's holders go idle now.
 
         An estimate, not a promise: a holder that keeps executing keeps its GPU.
@@ -390,7 +393,7 @@ class PoolCore:
         index = min(len(frees), position * max(c.count for c in lease.choices)) - 1
         return frees[index] - now + self._start_seconds
 
-    def idle_remaining(self, lease: Lease) -> float | None:
+    def idle_remaining(self, lease: LeaseView) -> float | None:
         """Seconds until a granted lease ends for idleness (its full timeout while busy)."""
         if lease.state != GRANTED:
             return None

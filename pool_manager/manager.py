@@ -13,6 +13,7 @@ from jupyter_gpu.protocol import HELPER_BOOT
 from .backend import LocalKernelBackend
 from .core import PoolCore, PoolPolicy
 from .inventory import build_inventory
+from .prices import list_price, lookup
 from .ray_pool import RayPool
 from .sandbox import SANDBOX_MODES, Isolation, Sandbox
 from .service import PoolService
@@ -42,9 +43,14 @@ class PoolManager(LoggingConfigurable):
         "'' for /dev/shm where writable (else the temp dir), or 'off' to send everything over the websocket.",
     ).tag(config=True)
     price_per_gpu_hour = Dict(
-        {}, help="Price of one GPU-hour per type, e.g. {'a100': 2.5}; types not listed use default_price."
+        {},
+        help="Price of one GPU-hour per type, e.g. {'a100': 2.5}. Types not listed cost their cloud list price "
+        "(pool_manager/prices.py: a100, a100-80gb, h100, v100, a10g, l40s, l4, t4), emulated ones too, "
+        "else default_price.",
     ).tag(config=True)
-    default_price = Float(1.0, help="Price of one GPU-hour for types not in price_per_gpu_hour.").tag(config=True)
+    default_price = Float(
+        1.0, help="Price of one GPU-hour for types neither in price_per_gpu_hour nor with a known list price."
+    ).tag(config=True)
     cpu_price = Float(0.0, help="Price of one hour of a CPU kernel.").tag(config=True)
     sandbox = Enum(
         list(SANDBOX_MODES),
@@ -69,12 +75,11 @@ class PoolManager(LoggingConfigurable):
             return 0.0
         if gpu_type == "cpu":
             return float(self.cpu_price)
-        prices = {str(k): float(v) for k, v in self.price_per_gpu_hour.items()}
-        if gpu_type in prices:
-            return prices[gpu_type]
-        # "a100-80gb" falls back to the price given for "a100"
-        base = gpu_type.split("-")[0]
-        return prices.get(base, float(self.default_price))
+        configured = lookup(gpu_type, {str(k): float(v) for k, v in self.price_per_gpu_hour.items()})
+        if configured is not None:
+            return configured
+        known = list_price(gpu_type)
+        return float(self.default_price) if known is None else known
 
     def build_sandbox(self, real_gpus: bool, hidden: Sequence[str] = ()) -> Sandbox:
         """The kernels' sandbox; warns loudly where one cannot be set up (SandboxUnavailable if required)."""

@@ -139,6 +139,10 @@ class LeaseSnapshot(_LeaseFacts):
     notebook: str
 
 
+#: A live lease or one as it stood at an event: what read-only queries accept.
+LeaseView = Lease | LeaseSnapshot
+
+
 # --- actions: what the core asks its service to do -------------------------------------
 
 

@@ -11,6 +11,7 @@ class RecordingFrontend:
     def __init__(self, answers: list[str] | None = None) -> None:
         self.events: list[tuple[Any, ...]] = []
         self.answers = list(answers or [])
+        self.comm_metadata: list[dict[str, Any]] = []
 
     def stream(self, name: str, text: str) -> None:
         self.events.append(("stream", name, text))
@@ -25,8 +26,9 @@ class RecordingFrontend:
         self.events.append(("input", prompt, password))
         return self.answers.pop(0)
 
-    def comm(self, msg_type: str, content: dict[str, Any], buffers: list[Any]) -> None:
+    def comm(self, msg_type: str, content: dict[str, Any], metadata: dict[str, Any], buffers: list[Any]) -> None:
         self.events.append((msg_type, content["comm_id"]))
+        self.comm_metadata.append(metadata)
 
 
 def msg(channel: str, msg_type: str, content: dict[str, Any], parent: str = "cell-1") -> dict[str, Any]:
@@ -138,5 +140,8 @@ def test_widget_comms_are_forwarded_to_the_local_frontend() -> None:
     frontend = RecordingFrontend()
     relay = CellRelay(frontend, "cell-1", helper_comm_id="helper")
     for msg_type in ("comm_open", "comm_msg", "comm_close"):
-        relay.process_message(msg("iopub", msg_type, {"comm_id": "widget-1", "data": {}}))
+        message = msg("iopub", msg_type, {"comm_id": "widget-1", "data": {}})
+        message["metadata"] = {"version": "2.1.0"}  # ipywidgets' protocol version, checked by JupyterLab
+        relay.process_message(message)
     assert frontend.events == [("comm_open", "widget-1"), ("comm_msg", "widget-1"), ("comm_close", "widget-1")]
+    assert frontend.comm_metadata == [{"version": "2.1.0"}] * 3

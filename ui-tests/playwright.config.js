@@ -26,6 +26,7 @@ const env = {
 
 module.exports = {
   ...baseConfig,
+  testDir: './tests', // demo/ has its own config (demo.config.js)
   outputDir: path.join(artifacts, 'ui-tests-output'),
   reporter: [['list']],
   retries: 0,

@@ -16,6 +16,8 @@ def test_types_list_the_emulated_inventory_and_cpu(gateway: GatewayProcess) -> N
     assert types["a100"]["total"] == 2 and types["a100"]["emulated"] is True
     assert types["cpu"]["emulated"] is False
     assert types["a100"]["warm"] == 1 and types["h100"]["free"] == 1
+    # emulated GPUs cost what the real ones would (pool_manager/prices.py), not a placeholder
+    assert (types["a100"]["price_per_gpu_hour"], types["h100"]["price_per_gpu_hour"]) == (4.10, 6.88)
     specs = gateway.get("alice", "/api/kernelspecs").body["kernelspecs"]
     assert "gpu-a100" in specs and "emulated" in specs["gpu-a100"]["spec"]["display_name"]
 

@@ -381,7 +381,7 @@ def test_usage_is_metered_per_user_and_exported_to_prometheus(gateway: GatewayPr
 # --- 8. the stock kernel API ------------------------------------------------------------------
 
 
-def test_kernels_api_starts_a_leased_kernel_and_refuses_restart(gateway: GatewayProcess) -> None:
+def test_kernels_api_starts_interrupts_restarts_and_deletes_a_leased_kernel(gateway: GatewayProcess) -> None:
     created = gateway.post("alice", "/api/kernels", {"name": "gpu-cpu"})
     assert created.status == 201, created
     kernel = created.body
@@ -392,12 +392,21 @@ def test_kernels_api_starts_a_leased_kernel_and_refuses_restart(gateway: Gateway
     assert lease_now(gateway, "alice", kernel["lease_id"])["kernel_id"] == kernel["id"]
 
     assert gateway.post("alice", f"/api/kernels/{kernel['id']}/interrupt").status == 204
+    # someone else's restart finds nothing, and alice's lease is untouched
+    assert gateway.post("bob", f"/api/kernels/{kernel['id']}/restart").status == 404
+    assert lease_now(gateway, "alice", kernel["lease_id"])["state"] == "granted"
+    # a restart is a new lease of the same type behind the same kernel id (kernels are single-use)
     restart = gateway.post("alice", f"/api/kernels/{kernel['id']}/restart")
-    assert restart.status == 400 and restart.body["reason"] == "unsupported"
-    assert "single-use" in restart.body["message"] and "DELETE" in restart.body["message"]
+    assert restart.status == 200, restart
+    assert restart.body["id"] == kernel["id"] and restart.body["lease_id"] != kernel["lease_id"]
+    assert restart.body["name"] == "gpu-cpu"
+    old = lease_now(gateway, "alice", kernel["lease_id"])
+    assert (old["state"], old["reason"]) == ("released", "restarted")
+    assert lease_now(gateway, "alice", restart.body["lease_id"])["kernel_id"] == kernel["id"]
+    assert [k["id"] for k in gateway.get("alice", "/api/kernels").body] == [kernel["id"]]
 
     assert gateway.delete("alice", f"/api/kernels/{kernel['id']}").status == 204
-    ended = lease_now(gateway, "alice", kernel["lease_id"])
+    ended = lease_now(gateway, "alice", restart.body["lease_id"])
     assert ended["state"] == "released" and ended["reason"] == "deleted"
     assert gateway.get("alice", f"/api/kernels/{kernel['id']}").status == 404
 
