@@ -292,3 +292,22 @@ async def apoll(check: Callable[[], T], timeout: float, what: str, interval: flo
         if time.monotonic() > deadline:
             raise AssertionError(f"waited {timeout:.0f} s for {what}; last saw {value!r}")
         await asyncio.sleep(interval)
+
+
+async def kernel_host_pid(gateway: GatewayProcess, socket: KernelSocket, kernel_id: str) -> int:
+    """The host pid of the gateway's child that runs this kernel.
+
+    In a sandbox the kernel's own pid is its namespace's (2), so find the child whose command
+    line names the kernel (bubblewrap binds the kernel's directory, named by its kernel id);
+    without one, that pid is the host's.
+    """
+    reply, outputs = await socket.run("import os; print(os.getpid())")
+    assert reply["content"]["status"] == "ok", reply
+    pid = stdout_text(outputs).strip()
+    for child in gateway.kernel_pids():
+        try:
+            if kernel_id.encode() in Path(f"/proc/{child}/cmdline").read_bytes():
+                return child
+        except OSError:
+            continue
+    return int(pid)

@@ -25,7 +25,7 @@ from tornado.httpclient import HTTPClientError
 from tornado.websocket import websocket_connect
 
 from .conftest import make_gateway
-from .gateway_process import GatewayProcess, KernelSocket, apoll, pid_alive, poll, stdout_text
+from .gateway_process import GatewayProcess, apoll, kernel_host_pid, pid_alive, poll, stdout_text
 
 # --- helpers ----------------------------------------------------------------------------------
 
@@ -55,23 +55,6 @@ def warm(gateway: GatewayProcess, gpu_type: str) -> int:
     return int(types[gpu_type]["warm"])
 
 
-async def kernel_pid(gateway: GatewayProcess, socket: KernelSocket, kernel_id: str) -> int:
-    """The host pid of the gateway's child that runs this kernel.
-
-    In a sandbox the kernel's own pid is its namespace's (2), so find the child whose command
-    line names the kernel (bubblewrap binds the kernel's directory, named by its kernel id);
-    without one, that pid is the host's.
-    """
-    reply, outputs = await socket.run("import os; print(os.getpid())")
-    assert reply["content"]["status"] == "ok", reply
-    pid = stdout_text(outputs).strip()
-    for child in gateway.kernel_pids():
-        try:
-            if kernel_id.encode() in Path(f"/proc/{child}/cmdline").read_bytes():
-                return child
-        except OSError:
-            continue
-    return int(pid)
 
 
 def db_row(db: Path, lease_id: str) -> dict[str, Any] | None:
@@ -267,7 +250,7 @@ async def test_idle_leases_end_their_kernel_dies_and_a_warm_one_returns(gateway:
     untouched = granted(gateway, "alice", "a100", idle_timeout=2)
     vanished = granted(gateway, "alice", "h100", idle_timeout=2)
     socket = await gateway.connect("alice", vanished["kernel_id"])
-    pid = await kernel_pid(gateway, socket, vanished["kernel_id"])
+    pid = await kernel_host_pid(gateway, socket, vanished["kernel_id"])
     assert pid in gateway.kernel_pids()
     socket.close()  # the client goes away without a DELETE
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.gateway_process import pid_alive, poll, stdout_text
+from tests.e2e.gateway_process import kernel_host_pid, pid_alive, poll, stdout_text
 
 from .conftest import make_gateway
 
@@ -23,8 +23,7 @@ async def test_kill_9_of_a_kernel_mid_cell_ends_its_lease_bills_it_and_tells_the
         lease = gateway.get("alice", f"/api/gpu/leases/{lease['id']}?wait=60").body
         assert lease["state"] == "granted"
         socket = await gateway.connect("alice", lease["kernel_id"])
-        _, outputs = await socket.run("import os; print(os.getpid())")
-        pid = int(outputs[-1]["content"]["text"])
+        pid = await kernel_host_pid(gateway, socket, lease["kernel_id"])
         assert pid in gateway.kernel_pids()
         socket.execute("import time\nfor i in range(600):\n    print(i, flush=True); time.sleep(0.1)")
         await socket.recv_until(lambda m: m["msg_type"] == "stream")
@@ -50,8 +49,7 @@ async def test_sigkill_of_the_gateway_mid_cell_loses_no_metering_and_leaves_no_k
     gateway = make_gateway(tmp_path, "--inventory", "a100=1", "--cpu-slots", "0", "--min-warm", "1").start()
     lease = gateway.lease("alice", "a100")
     socket = await gateway.connect("alice", lease["kernel_id"])
-    _, outputs = await socket.run("import os; print(os.getpid())")
-    kernel = int(outputs[-1]["content"]["text"])
+    kernel = await kernel_host_pid(gateway, socket, lease["kernel_id"])
     warm = gateway.kernel_pids() - {kernel}
     socket.execute("import time; time.sleep(600)")
     await socket.recv_until(lambda m: m["msg_type"] == "status" and m["content"]["execution_state"] == "busy")
