@@ -294,20 +294,24 @@ async def apoll(check: Callable[[], T], timeout: float, what: str, interval: flo
         await asyncio.sleep(interval)
 
 
-async def kernel_host_pid(gateway: GatewayProcess, socket: KernelSocket, kernel_id: str) -> int:
-    """The host pid of the gateway's child that runs this kernel.
-
-    In a sandbox the kernel's own pid is its namespace's (2), so find the child whose command
-    line names the kernel (bubblewrap binds the kernel's directory, named by its kernel id);
-    without one, that pid is the host's.
-    """
-    reply, outputs = await socket.run("import os; print(os.getpid())")
-    assert reply["content"]["status"] == "ok", reply
-    pid = stdout_text(outputs).strip()
-    for child in gateway.kernel_pids():
+def host_pid(gateway: GatewayProcess, kernel_id: str) -> int | None:
+    """The host pid of the gateway's child that runs this sandboxed kernel: bubblewrap's command
+    line names the kernel's directory, which is named by its kernel id."""
+    for pid in gateway.kernel_pids():
         try:
-            if kernel_id.encode() in Path(f"/proc/{child}/cmdline").read_bytes():
-                return child
+            if kernel_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
+                return pid
         except OSError:
             continue
-    return int(pid)
+    return None
+
+
+async def kernel_host_pid(gateway: GatewayProcess, socket: KernelSocket, kernel_id: str) -> int:
+    """The host pid of the process that runs this kernel, sandboxed or not (in a sandbox the
+    kernel's own pid is its namespace's, 2)."""
+    found = host_pid(gateway, kernel_id)
+    if found is not None:
+        return found
+    reply, outputs = await socket.run("import os; print(os.getpid())")
+    assert reply["content"]["status"] == "ok", reply
+    return int(stdout_text(outputs))

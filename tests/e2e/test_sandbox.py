@@ -24,7 +24,7 @@ from pool_manager.cgroups import CgroupError, CgroupLimiter, KernelLimits
 from pool_manager.sandbox import Sandbox
 
 from .conftest import make_gateway
-from .gateway_process import GatewayProcess, apoll, stdout_text
+from .gateway_process import GatewayProcess, apoll, host_pid, stdout_text
 from .test_uploads import client_for, granted_kernel
 
 SECRET = "sandbox-test-secret-7f3a"
@@ -100,15 +100,10 @@ def kernel_dir(kernel_id: str) -> Path:
     return found
 
 
-def host_pid(gateway: GatewayProcess, kernel_id: str) -> int:
-    """The host pid of the gateway's child that runs this kernel (bubblewrap names its directory)."""
-    for pid in gateway.kernel_pids():
-        try:
-            if kernel_id.encode() in Path(f"/proc/{pid}/cmdline").read_bytes():
-                return pid
-        except OSError:
-            continue
-    raise AssertionError(f"no process of the gateway runs kernel {kernel_id}")
+def sandboxed_pid(gateway: GatewayProcess, kernel_id: str) -> int:
+    pid = host_pid(gateway, kernel_id)
+    assert pid is not None, f"no process of the gateway runs kernel {kernel_id}"
+    return pid
 
 
 def test_info_says_which_sandbox_is_in_force(sandbox_gateway: GatewayProcess) -> None:
@@ -222,7 +217,7 @@ async def test_proc_shows_neither_the_gateway_nor_another_kernel(
     sandbox_gateway: GatewayProcess, kernels: dict[str, str]
 ) -> None:
     assert sandbox_gateway.proc is not None
-    targets = [sandbox_gateway.proc.pid, host_pid(sandbox_gateway, kernels["bob"])]
+    targets = [sandbox_gateway.proc.pid, sandboxed_pid(sandbox_gateway, kernels["bob"])]
     outcome = await run(sandbox_gateway, "alice", kernels["alice"], TRY + f"""
 def read(path):
     return open(path, "rb").read()
@@ -245,7 +240,7 @@ async def test_another_kernel_and_the_gateway_cannot_be_signalled_or_traced(
     sandbox_gateway: GatewayProcess, kernels: dict[str, str]
 ) -> None:
     assert sandbox_gateway.proc is not None
-    bob_pid = host_pid(sandbox_gateway, kernels["bob"])
+    bob_pid = sandboxed_pid(sandbox_gateway, kernels["bob"])
     outcome = await run(sandbox_gateway, "alice", kernels["alice"], TRY + f"""
 import ctypes, signal, subprocess
 libc = ctypes.CDLL(None, use_errno=True)
