@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 from collections.abc import Iterator
 from typing import Any
@@ -31,10 +33,19 @@ def iopub() -> Iterator[tuple[IOPubThread, zmq.Socket[bytes], Session]]:
     while sub.poll(100):
         sub.recv_multipart()
     yield thread, sub, session
+    # IOPubThread.stop() stops its loop with its event-pipe GC task still pending, which Python
+    # reports at garbage collection ("Task was destroyed but it is pending!"): end it first.
+    asyncio.run_coroutine_threadsafe(_cancel(thread._event_pipe_gc_task), thread.io_loop.asyncio_loop).result(5)
     thread.stop()
     thread.close()
     sub.close(linger=0)
     context.term()
+
+
+async def _cancel(task: asyncio.Future[Any]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 def received(sub: zmq.Socket[bytes], session: Session) -> list[tuple[str, str]]:
