@@ -88,7 +88,6 @@ REASON_KERNEL_DIED = Reason.KERNEL_DIED
 REASON_GATEWAY_RESTART = Reason.GATEWAY_RESTART
 REASON_MAX_DURATION = Reason.MAX_DURATION
 REASON_NODE_LOST = Reason.NODE_LOST
-REASON_RESTARTED = Reason.RESTARTED
 REASON_OOM = Reason.OOM
 
 #: The comm target of the kernel-side helper, and the line that loads it at warm-up.

@@ -434,10 +434,6 @@ class PoolCore:
         slot = self.slots.get(self._slot_of_kernel.get(kernel_id, ""))
         return self.leases.get(slot.lease_id) if slot is not None and slot.lease_id else None
 
-    def user_gpus(self, user: str) -> int:
-        """GPUs the user holds now."""
-        return self._leases.held_by(user)
-
     def unmet_demand(self) -> dict[str, int]:
         """GPUs per type that queued leases wait for with no kernel starting for them: what more
         nodes would serve (what a :class:`~pool_manager.scaler.Scaler` reads).
