@@ -47,7 +47,9 @@ from .model import (
     Lease,
     LeaseEnded,
     LeaseGranted,
+    LeaseNoticed,
     LeaseView,
+    Notice,
     Slot,
     SlotState,
     StartKernel,
@@ -209,6 +211,18 @@ class PoolCore:
             self._leases.activity()
             if not busy:
                 self._deadlines.arm_idle(lease)
+
+    def notify(self, lease_id: str, kind: str, text: str, when: float | None = None) -> Notice | None:
+        """Tell the notebook something about its granted lease before it ends (a LeaseNoticed
+        action goes out); ``when``: the wall time of what it announces. None if the lease is
+        not granted (a queued or ended one has no notebook listening)."""
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.state != GRANTED:
+            return None
+        notice = Notice(len(lease.notices) + 1, kind, text, self.wall_clock(), when)
+        lease.notices = (*lease.notices, notice)
+        self._actions.append(LeaseNoticed(lease.snapshot(), notice))
+        return notice
 
     # --- events: kernels ----------------------------------------------------------------
 

@@ -16,7 +16,7 @@ from jupyter_gpu.protocol import QUEUED, REASON_NODE_LOST, GpuChoice
 
 from .backend import KernelBackend, KernelInfo
 from .core import PoolCore
-from .model import Action, Device, KillKernel, Lease, LeaseEnded, LeaseGranted, StartKernel
+from .model import Action, Device, KillKernel, Lease, LeaseEnded, LeaseGranted, Notice, StartKernel
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +71,12 @@ class PoolService:
         lease = self.core.end_lease(lease_id, reason)
         self._run_actions()
         return lease
+
+    def notify(self, lease_id: str, kind: str, text: str, when: float | None = None) -> Notice | None:
+        """Post a notice on a granted lease (see :meth:`PoolCore.notify`); listeners hear it."""
+        notice = self.core.notify(lease_id, kind, text, when)
+        self._run_actions()
+        return notice
 
     def kernel_activity(self, kernel_id: str, busy: bool) -> None:
         slot_id = self.core.slot_for_kernel(kernel_id)
