@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_REASONS: dict[str, str] = {
     Reason.IDLE: "lease ended: no execution for its idle timeout",
+    Reason.GPU_IDLE: "lease ended: its GPUs did no work and no cell ran for the GPU idle timeout",
     Reason.DELETED: "lease ended: released by its owner",
     Reason.KERNEL_DIED: "lease ended: the kernel died",
     Reason.GATEWAY_RESTART: "lease ended: the gateway is stopping",

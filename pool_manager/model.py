@@ -117,6 +117,8 @@ class Lease(_LeaseFacts):
     last_activity: float = 0.0
     granted_mono: float | None = None
     active_mono: float = 0.0
+    #: the last time its GPUs showed any utilization (monotonic; 0: never seen)
+    gpu_active_mono: float = 0.0
     busy: bool = False
     notebook: str = ""
     #: what the notebook has been told about this lease, oldest first (a tuple: snapshots share it)
@@ -152,6 +154,7 @@ class LeaseSnapshot(_LeaseFacts):
     last_activity: float
     granted_mono: float | None
     active_mono: float
+    gpu_active_mono: float
     busy: bool
     notebook: str
     notices: tuple[Notice, ...]
