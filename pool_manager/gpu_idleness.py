@@ -34,7 +34,8 @@ class GpuIdleness:
     def __init__(self, timeout: float, warning: float) -> None:
         #: 0 means leases never end for GPU idleness
         self.timeout = timeout
-        self.warning = min(max(0.0, warning), timeout)
+        # A warning as long as the timeout would go out the moment every cell ends: half of it instead.
+        self.warning = max(0.0, warning) if warning < timeout else timeout / 2
         self._heap: list[tuple[float, str]] = []
         self._armed: set[str] = set()
         #: lease id -> the idle start its warning was posted for (a later idle period warns again)

@@ -47,7 +47,8 @@ class PoolManager(LoggingConfigurable):
         "0: never.",
     ).tag(config=True)
     gpu_idle_warning = Float(
-        300.0, help="Seconds before a GPU-idleness release at which the notebook is told (a lease notice)."
+        300.0, help="Seconds before a GPU-idleness release at which the notebook is told (a lease notice); "
+        "half the timeout where it is not shorter than gpu_idle_timeout."
     ).tag(config=True)
     max_gpus_per_user = Int(0, help="GPUs one user may hold at once; 0 for no limit.").tag(config=True)
     warmup_code = Unicode(

@@ -94,3 +94,11 @@ def test_many_leases_end_in_the_order_they_went_idle() -> None:
     core.kernel_activity(first.slot_id or "", busy=False)  # a cell of alice's ended at 20
     assert ended(at(core, clock, 110.0)) == {second.id: REASON_GPU_IDLE}
     assert ended(at(core, clock, 120.0)) == {first.id: REASON_GPU_IDLE}
+
+
+def test_a_warning_not_shorter_than_the_timeout_comes_halfway() -> None:
+    core, clock = gpu_idle_pool(gpu_idle_timeout=120.0, gpu_idle_warning=300.0)
+    lease = hold(core, "alice", "a100")
+    assert at(core, clock, 59.0) == []
+    assert notices(at(core, clock, 60.0)) == [(REASON_GPU_IDLE, 120.0)]
+    assert ended(at(core, clock, 120.0)) == {lease.id: REASON_GPU_IDLE}
