@@ -395,7 +395,7 @@ class PoolCore:
             lease.id,
             REASON_GPU_IDLE,
             f"its GPUs did no work and no cell ran for {idle_for}: it will be released for GPU idleness; "
-            "run a %%gpu cell to keep it",
+            "run a cell on it to keep it",
             when=self.wall_clock() + seconds_left,
         )
 
