@@ -29,6 +29,7 @@ from jupyter_gpu.protocol import (
     CPU_TYPE,
     GRANTED,
     QUEUED,
+    REASON_BUDGET,
     REASON_CANCELLED,
     REASON_KERNEL_DIED,
     REASON_NODE_LOST,
@@ -38,10 +39,12 @@ from jupyter_gpu.protocol import (
 )
 
 from .admission import Admission
+from .budgets import BudgetConfig
 from .deadlines import Deadlines
 from .lease_index import LeaseIndex
 from .model import (
     Action,
+    BudgetWarned,
     Device,
     KillKernel,
     Lease,
@@ -159,10 +162,12 @@ class PoolCore:
         choices: Sequence[GpuChoice],
         idle_timeout: float | None = None,
         notebook: str = "",
+        groups: Iterable[str] = (),
     ) -> Lease:
         """Queue a lease request and place it at once if capacity allows.
 
-        Raises :class:`LeaseRequestError` for a request no amount of waiting could satisfy.
+        Raises :class:`LeaseRequestError` for a request no amount of waiting could satisfy, or
+        one past a budget of the user or of one of their ``groups`` (reason ``budget``).
         """
         self._check_satisfiable(choices)
         idle = self.policy.idle_timeout if idle_timeout is None else float(idle_timeout)
@@ -171,6 +176,12 @@ class PoolCore:
         if not idle > 0:
             raise LeaseRequestError(f"idle_timeout must be positive, got {idle_timeout!r}", "bad_idle_timeout")
         idle = min(idle, self.policy.max_idle_timeout)
+        groups = frozenset(groups)
+        budgets = self.admission.budgets
+        if budgets is not None:
+            refusal = budgets.refusal(user, groups, choices, self.wall_clock())
+            if refusal is not None:
+                raise LeaseRequestError(refusal, REASON_BUDGET)
         lease = Lease(
             id=self.new_id(),
             user=user,
@@ -178,8 +189,11 @@ class PoolCore:
             idle_timeout=idle,
             queued_at=self.wall_clock(),
             notebook=notebook,
+            groups=groups,
         )
         self._leases.add(lease)
+        if budgets is not None:
+            budgets.requested(lease.id, user, groups, min(choice.count for choice in choices))
         self._queue.enqueue(lease.id, self._matching_types(lease.choices), front=False, waiting=True)
         self._schedule()
         return lease
@@ -342,6 +356,7 @@ class PoolCore:
             reason = self._deadlines.expired(lease, now)
             if reason is not None:
                 self._end(lease, reason)
+        self._apply_budgets()
         for gpu_type, until in list(self._backoff_until.items()):
             if until <= now:
                 del self._backoff_until[gpu_type]
@@ -350,7 +365,36 @@ class PoolCore:
     def next_deadline(self) -> float | None:
         """The earliest time (on :attr:`clock`) at which :meth:`tick` would change anything."""
         lease_deadline = self._deadlines.next(self.leases)
-        return min((lease_deadline, *self._backoff_until.values()), key=_or_inf, default=None)
+        budgets = self.admission.budgets
+        budget_due = budgets.next_due(self.wall_clock()) if budgets is not None else None
+        if budget_due is not None:  # budgets count on the wall clock (days, months): on ours from now
+            budget_due = self.clock() + max(0.0, budget_due - self.wall_clock())
+        return min((lease_deadline, budget_due, *self._backoff_until.values()), key=_or_inf, default=None)
+
+    def configure_budgets(self, config: BudgetConfig) -> None:
+        """New budgets in force at once: running leases are warned or ended against them now."""
+        if self.admission.budgets is None:
+            raise ValueError("this pool was built without budgets")
+        self.admission.budgets.configure(config)
+        self._apply_budgets()
+        self._schedule()
+
+    def _apply_budgets(self) -> None:
+        """Warn the running leases whose budget reached 90%; end those whose budget is used up."""
+        budgets = self.admission.budgets
+        if budgets is None:
+            return
+        warnings, overruns = budgets.due(self.wall_clock())
+        for overrun in overruns:
+            lease = self.leases.get(overrun.lease_id)
+            if lease is not None:
+                lease.reason_message = overrun.message
+                self._end(lease, REASON_BUDGET)
+        for warning in warnings:
+            lease = self.leases.get(warning.lease_id)
+            if lease is not None:
+                log.info("lease %s of %s: %s", lease.id, lease.user, warning.message)
+                self._actions.append(BudgetWarned(lease.snapshot(), warning.message))
 
     def shutdown(self, reason: str) -> None:
         """End every lease and kill every kernel (the gateway is stopping)."""
@@ -681,13 +725,15 @@ class PoolCore:
         self._queue.dequeue(lease.id)
         self._leases.granted(lease)
         self._deadlines.granted(lease)
+        if self.admission.budgets is not None:
+            self.admission.budgets.granted(lease.id, lease.count, lease.gpu_type or "", lease.last_activity)
         log.info("lease %s granted to %s: %s on %s", lease.id, lease.user, lease.gpu_type, lease.gpu_indices)
         self._actions.append(LeaseGranted(lease.snapshot()))
 
     def _end(self, lease: Lease, reason: str) -> None:
         lease.state = RELEASED
         lease.reason = reason
-        lease.released_at = self.wall_clock()
+        lease.released_at = released = self.wall_clock()
         lease.busy = False
         self._leases.remove(lease)
         if lease.granted_mono is None:
@@ -711,6 +757,8 @@ class PoolCore:
             self._touch(slot)
         if lease.granted_at is None:
             lease.count = 0  # never held a GPU: nothing to meter
+        if self.admission.budgets is not None:
+            self.admission.budgets.ended(lease.id, released)
         log.info("lease %s of %s ended: %s", lease.id, lease.user, reason)
         self._actions.append(LeaseEnded(lease.snapshot()))
 

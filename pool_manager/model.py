@@ -104,6 +104,10 @@ class Lease(_LeaseFacts):
     active_mono: float = 0.0
     busy: bool = False
     notebook: str = ""
+    #: the user's groups when they asked (group budgets count the lease for these)
+    groups: frozenset[str] = frozenset()
+    #: why it ended, in words, where ``reason`` alone does not say (which budget was used up)
+    reason_message: str = ""
 
     def snapshot(self) -> LeaseSnapshot:
         # A copy of the field values in one step (the core takes two per lease, on its hot
@@ -137,6 +141,8 @@ class LeaseSnapshot(_LeaseFacts):
     active_mono: float
     busy: bool
     notebook: str
+    groups: frozenset[str]
+    reason_message: str
 
 
 #: A live lease or one as it stood at an event: what read-only queries accept.
@@ -172,4 +178,12 @@ class LeaseEnded:
     lease: LeaseSnapshot
 
 
-Action = StartKernel | KillKernel | LeaseGranted | LeaseEnded
+@dataclass(frozen=True)
+class BudgetWarned:
+    """A budget of the lease's user or group reached 90%: the notebook should hear ``message``."""
+
+    lease: LeaseSnapshot
+    message: str
+
+
+Action = StartKernel | KillKernel | LeaseGranted | LeaseEnded | BudgetWarned
