@@ -10,9 +10,10 @@ Three kinds, each optional, per user (or a default for every user) and per group
 Sans-I/O, like the core that drives it: the core reports requests, grants and ends with their
 wall-clock times, asks :meth:`BudgetPolicy.refusal` before it queues a request, and at
 :meth:`BudgetPolicy.next_due` calls :meth:`BudgetPolicy.due`, which names the running leases to
-warn (90% of a budget) and to end (100%). Group budgets count every member's leases together; a lease counts
-for the groups its user was in when it was requested (the identity's groups, e.g. JupyterHub's)
-and for the groups the budget config lists the user in.
+warn (90% of a budget) and to end (100%). CPU kernels (type ``cpu``) are no GPUs: they count
+only for money, at their price (0 unless configured). Group budgets count every member's leases
+together; a lease counts for the groups its user was in when it was requested (the identity's
+groups, e.g. JupyterHub's) and for the groups the budget config lists the user in.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from jupyter_gpu.protocol import GpuChoice
+from jupyter_gpu.protocol import CPU_TYPE, GpuChoice
 
 GPUS = "gpus"
 GPU_HOURS_PER_DAY = "gpu_hours_per_day"
@@ -123,9 +124,15 @@ class _Entry:
     user: str
     groups: frozenset[str]
     count: int
+    #: False for a CPU kernel, which counts only for money
+    gpus: bool = True
     price_per_gpu_hour: float = 0.0
     start: float | None = None
     end: float | None = None
+
+    def uses(self, budget: str) -> bool:
+        """Whether holding this lease uses ``budget`` up (a free CPU kernel uses none)."""
+        return self.gpus if budget != MONEY_PER_MONTH else self.price_per_gpu_hour > 0
 
     def seconds_since(self, since: float, now: float) -> float:
         """GPU-seconds held between ``since`` and ``now``."""
@@ -155,7 +162,7 @@ class Standing:
         if self.budget == GPUS:
             return f"{self.used:.0f} of {self.limit:.0f} GPUs held or waited for"
         if self.budget == GPU_HOURS_PER_DAY:
-            return f"{self.used / 3600:.2f} of {self.limit / 3600:g} GPU-hours used today (UTC)"
+            return f"{_hours(self.used)} of {_hours(self.limit)} GPU-hours used today (UTC)"
         return f"${self.used:.2f} of ${self.limit:.2f} used this month (UTC)"
 
     def public(self) -> dict[str, Any]:
@@ -224,13 +231,15 @@ class BudgetPolicy:
 
     # --- what happened ------------------------------------------------------------------------
 
-    def requested(self, lease_id: str, user: str, groups: Iterable[str], count: int) -> None:
-        self._add(_Entry(lease_id, user, frozenset(groups), count))
+    def requested(self, lease_id: str, user: str, choices: Sequence[GpuChoice], groups: Iterable[str]) -> None:
+        fewest = min(choice.count for choice in choices)
+        self._add(_Entry(lease_id, user, frozenset(groups), fewest, gpus=not _cpu_only(choices)))
 
     def granted(self, lease_id: str, count: int, gpu_type: str, at: float) -> None:
         entry = self._entries.get(lease_id)
         if entry is not None:
             entry.count, entry.price_per_gpu_hour, entry.start = count, self.price(gpu_type), at
+            entry.gpus = gpu_type != CPU_TYPE
             self._running[lease_id] = entry
 
     def ended(self, lease_id: str, at: float) -> None:
@@ -244,10 +253,11 @@ class BudgetPolicy:
         else:
             entry.end = at
 
-    def load(self, user: str, groups: Iterable[str], count: int, price_per_gpu_hour: float,
+    def load(self, user: str, groups: Iterable[str], gpu_type: str, count: int, price_per_gpu_hour: float,
              start: float, end: float, lease_id: str) -> None:
         """A lease that ended before this gateway started (from the metering database)."""
-        self._add(_Entry(lease_id, user, frozenset(groups), count, price_per_gpu_hour, start, end))
+        self._add(_Entry(lease_id, user, frozenset(groups), count, gpu_type != CPU_TYPE, price_per_gpu_hour, start,
+                         end))
 
     # --- questions ---------------------------------------------------------------------------
 
@@ -265,8 +275,14 @@ class BudgetPolicy:
     def refusal(self, user: str, groups: Iterable[str], choices: Sequence[GpuChoice], now: float) -> str | None:
         """Why a request must be refused now (a budget it would go past), or None."""
         fewest = min(choice.count for choice in choices)
+        # CPU kernels are no GPUs, and cost money only where the operator gave them a price
+        exempt = {GPUS, GPU_HOURS_PER_DAY} if _cpu_only(choices) else set()
+        if _cpu_only(choices) and not self.price(CPU_TYPE) > 0:
+            exempt.add(MONEY_PER_MONTH)
         for scope, limits in self.scopes(user, groups):
             for standing in self._standings(scope, limits, now):
+                if standing.budget in exempt:
+                    continue
                 if standing.budget == GPUS:
                     if standing.used + fewest > standing.limit:
                         return (f"budget {GPUS} of {scope} does not allow {fewest} more: {standing.describe()}; "
@@ -286,10 +302,13 @@ class BudgetPolicy:
         self._prune(now)
         warnings: list[BudgetWarning] = []
         overruns: dict[str, BudgetOverrun] = {}
-        for scope, limits, leases in self._running_scopes():
+        for scope, limits, running in self._running_scopes():
             for standing in self._standings(scope, limits, now):
                 if standing.budget == GPUS:
                     continue  # a lowered cap applies to new requests; nothing running ends for it
+                leases = [entry for entry in running if entry.uses(standing.budget)]
+                if not leases:
+                    continue
                 if _reached(standing, 1.0):
                     message = (f"budget {standing.budget} of {scope} is used up ({standing.describe()}), "
                                f"so the lease ended; it resets at {utc_text(standing.resets_at or now)}"
@@ -312,9 +331,12 @@ class BudgetPolicy:
     def next_due(self, now: float) -> float | None:
         """When :meth:`due` will next have something to say (wall clock), if ever at today's rates."""
         soonest: float | None = None
-        for scope, limits, leases in self._running_scopes():
+        for scope, limits, running in self._running_scopes():
             for standing in self._standings(scope, limits, now):
                 if standing.budget == GPUS:
+                    continue
+                leases = [entry for entry in running if entry.uses(standing.budget)]
+                if not leases:
                     continue
                 rate = self._rate(scope, standing.budget)
                 period = self._period_start(standing.budget, now)
@@ -382,12 +404,12 @@ class BudgetPolicy:
         entries = self._in_scope(scope)
         found = []
         if limits.gpus is not None:
-            held = sum(e.count for e in entries if e.end is None)
+            held = sum(e.count for e in entries if e.end is None and e.gpus)
             found.append(Standing(scope, GPUS, limits.gpus, held, None))
         if limits.gpu_hours_per_day is not None:
             since = day_start(now)
             # the limit in GPU-seconds, the unit `used` counts in, so every comparison is like for like
-            seconds = sum(e.seconds_since(since, now) for e in entries)
+            seconds = sum(e.seconds_since(since, now) for e in entries if e.gpus)
             found.append(Standing(scope, GPU_HOURS_PER_DAY, limits.gpu_hours_per_day * 3600, seconds, since + _DAY))
         if limits.money_per_month is not None:
             since = month_start(now)
@@ -399,7 +421,7 @@ class BudgetPolicy:
         """How fast the scope's running leases use ``budget`` (its unit per second)."""
         running = [e for e in self._in_scope(scope) if e.start is not None and e.end is None]
         if budget == GPU_HOURS_PER_DAY:
-            return float(sum(e.count for e in running))
+            return float(sum(e.count for e in running if e.gpus))
         return sum(e.count * e.price_per_gpu_hour / 3600 for e in running)
 
     def _time_left(self, scope: Scope, standing: Standing, now: float) -> float | None:
@@ -409,6 +431,10 @@ class BudgetPolicy:
     @staticmethod
     def _period_start(budget: str, now: float) -> float:
         return day_start(now) if budget == GPU_HOURS_PER_DAY else month_start(now)
+
+
+def _cpu_only(choices: Sequence[GpuChoice]) -> bool:
+    return all(choice.gpu_type == CPU_TYPE for choice in choices)
 
 
 def _reached(standing: Standing, share: float) -> bool:
@@ -422,9 +448,15 @@ def _ask(scope: Scope) -> str:
     return f" (ask the operator to raise c.Budgets.{table}[{scope.name!r}])"
 
 
+def _hours(seconds: float) -> str:
+    """GPU-seconds as GPU-hours, with the digits a small budget needs to show what moved."""
+    hours = seconds / 3600
+    return f"{hours:.2f}" if hours >= 0.1 or hours == 0 else f"{hours:.2g}"
+
+
 def _duration(seconds: float) -> str:
     if seconds < 90:
-        return f"{seconds:.0f} s"
+        return f"{math.ceil(seconds):.0f} s"
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
     return f"{seconds / 3600:.1f} h"

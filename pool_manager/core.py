@@ -193,7 +193,7 @@ class PoolCore:
         )
         self._leases.add(lease)
         if budgets is not None:
-            budgets.requested(lease.id, user, groups, min(choice.count for choice in choices))
+            budgets.requested(lease.id, user, choices, groups)
         self._queue.enqueue(lease.id, self._matching_types(lease.choices), front=False, waiting=True)
         self._schedule()
         return lease

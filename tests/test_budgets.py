@@ -18,7 +18,7 @@ from pool_manager.model import BudgetWarned, Device, Lease, LeaseEnded
 
 #: Sunday 2026-11-29 10:00 UTC
 T0 = datetime(2026, 11, 29, 10, 0, tzinfo=UTC).timestamp()
-PRICES = {"a100": 4.0, "h100": 8.0}
+PRICES = {"a100": 4.0, "h100": 8.0, "cpu": 0.0}
 
 
 class FakeClock:
@@ -37,7 +37,8 @@ class FakeClock:
 def inventory(spec: str) -> list[Device]:
     counts = dict(part.split("=") for part in spec.split(","))
     numbered = enumerate((t for t, n in counts.items() for _ in range(int(n))))
-    return [Device(f"gpu-{i}", gpu_type, i, gpu_type.upper(), 81920) for i, gpu_type in numbered]
+    return [Device(f"dev-{i}", gpu_type, None if gpu_type == "cpu" else i, gpu_type.upper(), 81920)
+            for i, gpu_type in numbered]
 
 
 def make_pool(users: dict[str, Any] | None = None, groups: dict[str, Any] | None = None,
@@ -87,7 +88,7 @@ def test_a_running_lease_is_warned_at_90_percent_and_ended_at_100_with_reason_bu
     warnings, ends = run_until_deadline(core, clock)
     assert clock.now - T0 == pytest.approx(3240)  # 0.9 GPU-hours
     assert ends == {}
-    assert warnings == [f"{lease.id}: user alice has used 90% of budget gpu_hours_per_day: 0.90 of 1 GPU-hours "
+    assert warnings == [f"{lease.id}: user alice has used 90% of budget gpu_hours_per_day: 0.90 of 1.00 GPU-hours "
                         "used today (UTC). At 100% (in about 6 min at this rate) its leases end, keeping their "
                         "variables"]
 
@@ -96,7 +97,7 @@ def test_a_running_lease_is_warned_at_90_percent_and_ended_at_100_with_reason_bu
     assert warnings == []  # warned once
     assert ends == {lease.id: REASON_BUDGET}
     assert lease.state == RELEASED
-    assert "budget gpu_hours_per_day of user alice is used up (1.00 of 1 GPU-hours used today (UTC))" in \
+    assert "budget gpu_hours_per_day of user alice is used up (1.00 of 1.00 GPU-hours used today (UTC))" in \
         lease.reason_message
     assert "resets at 2026-11-30 00:00 UTC" in lease.reason_message
     assert core.next_deadline() is None  # nothing runs: nothing more to do
@@ -109,7 +110,7 @@ def test_a_request_past_a_used_up_budget_is_refused_naming_it_the_usage_and_the_
     run_until_deadline(core, clock)
 
     message = refusal(core, "alice")
-    assert message == ("budget gpu_hours_per_day of user alice is used up: 1.00 of 1 GPU-hours used today (UTC); "
+    assert message == ("budget gpu_hours_per_day of user alice is used up: 1.00 of 1.00 GPU-hours used today (UTC); "
                        "it resets at 2026-11-30 00:00 UTC (ask the operator to raise c.Budgets.users['alice'])")
     assert hold(core, "bob").state == GRANTED  # no budget of bob's is touched
 
@@ -200,8 +201,8 @@ def test_usage_from_before_a_restart_counts_and_last_months_does_not() -> None:
     core, _ = make_pool(groups={"physics": {"money_per_month": 20}})
     policy = core.admission.budgets
     assert policy is not None
-    policy.load("bob", {"physics"}, 1, 4.0, T0 - 5 * 3600, T0, "old1")  # $20 this month
-    policy.load("bob", {"physics"}, 1, 4.0, T0 - 40 * 86400, T0 - 39 * 86400, "old2")  # October
+    policy.load("bob", {"physics"}, "a100", 1, 4.0, T0 - 5 * 3600, T0, "old1")  # $20 this month
+    policy.load("bob", {"physics"}, "a100", 1, 4.0, T0 - 40 * 86400, T0 - 39 * 86400, "old2")  # October
     assert "$20.00 of $20.00 used this month" in refusal(core, "alice", groups=("physics",))
     standings = {s.budget: s.public() for s in policy.standings("alice", {"physics"}, T0)}
     assert standings["money_per_month"]["used"] == pytest.approx(20.0)
@@ -236,3 +237,17 @@ def test_a_bad_budget_config_is_refused_naming_the_entry(users: Any, groups: Any
 
 def test_limits_parse_keeps_none_as_no_limit() -> None:
     assert Limits.parse("x", {"gpus": 2, "money_per_month": None}) == Limits(gpus=2)
+
+
+def test_cpu_kernels_are_no_gpus_and_cost_only_their_price() -> None:
+    core, clock = make_pool(users={"alice": {"gpus": 1, "gpu_hours_per_day": 1, "money_per_month": 1}},
+                            spec="a100=1,cpu=3")
+    hold(core, "alice", "cpu")
+    hold(core, "alice", "cpu")  # two CPU kernels, no GPU: the cap of one GPU is not touched
+    gpu = hold(core, "alice", "a100")
+    clock.set(T0 + 900)  # $1 of a100 time at $4 an hour
+    core.tick()
+    assert {a.lease.id: a.lease.reason for a in core.pop_actions() if isinstance(a, LeaseEnded)} == {
+        gpu.id: REASON_BUDGET}
+    assert hold(core, "alice", "cpu").state == GRANTED  # free CPU kernels stay allowed
+    assert "budget money_per_month of user alice is used up" in refusal(core, "alice", "a100")

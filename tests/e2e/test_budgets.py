@@ -1,0 +1,169 @@
+"""Budgets end to end: the real gateway with budgets in its config file, real kernels, the
+``%%gpu`` magic in a notebook run by nbclient.
+
+Prices are set so that budgets run out in seconds: an a100 costs $3,600 an hour ($1 a second).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from .conftest import make_gateway
+from .gateway_process import GatewayProcess
+
+NOTEBOOK = "work/budget.ipynb"
+USERS = ("alice", "bob", "carol", "dave")
+PRICES = 'c.PoolManager.price_per_gpu_hour = {"a100": 3600.0}  # $1 a second\n'
+BUDGETS = """c.Budgets.users = {"alice": {"money_per_month": 8}}
+c.Budgets.groups = {"lab": {"gpu_hours_per_day": 6 / 3600, "members": ["bob", "carol"]}}
+"""
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def budget_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    tmp = tmp_path_factory.mktemp("budgets")
+    (tmp / "config").mkdir()
+    (tmp / "config" / "jupyter_gpu_config.py").write_text(PRICES + BUDGETS)
+    process = make_gateway(tmp, "--inventory", "a100=2", "--cpu-slots", "2", "--min-warm", "1",
+                           "--GatewayApp.config_check_interval=0.3", users=USERS).start()
+    yield process
+    process.stop()
+
+
+def write_config(gateway: GatewayProcess, text: str) -> None:
+    path = gateway.tmp / "config" / "jupyter_gpu_config.py"
+    path.write_text(text)
+    stamp = time.time() + 1  # a new mtime even within the filesystem's timestamp granularity
+    os.utime(path, (stamp, stamp))
+
+
+def wait_for(what: Callable[[], T | None], timeout: float = 20.0, message: str = "") -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = what()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise TimeoutError(message)
+
+
+def run(gateway: GatewayProcess, user: str, *cells: str) -> list[Any]:
+    book = nbformat.v4.new_notebook()
+    book.cells = [nbformat.v4.new_code_cell(source) for source in ("%load_ext jupyter_gpu", *cells)]
+    env = {**os.environ, "JUPYTER_GPU_URL": gateway.url, "JUPYTER_GPU_TOKEN": gateway.tokens[user],
+           "JPY_SESSION_NAME": NOTEBOOK}
+    NotebookClient(book, timeout=120, kernel_name="python3", allow_errors=True).execute(env=env)
+    return list(book.cells[1:])
+
+
+def output_text(cell: Any) -> str:
+    parts = []
+    for output in cell.outputs:
+        if output.output_type == "stream":
+            parts.append(output.text)
+        elif output.output_type == "error":
+            parts.append(f"{output.ename}: {output.evalue}")
+    return "".join(parts)
+
+
+def test_a_money_budget_warns_ends_the_lease_keeping_its_variables_and_refuses_the_next(
+        budget_gateway: GatewayProcess) -> None:
+    gateway = budget_gateway
+    made, _thinking, refused, usage = run(
+        gateway, "alice",
+        "%%gpu a100 --no-pull\nx = 41\nprint('made x')",
+        "import time\ntime.sleep(10)  # $8 of a100 time runs out while the notebook thinks",
+        "%%gpu a100\nprint(x + 1)",
+        "%gpu usage",
+    )
+    assert "made x" in output_text(made)
+    text = output_text(refused)
+    # the lease's end, said when the notebook next used it: which budget, and that x was kept
+    assert "the a100 lease ended (budget): budget money_per_month of user alice is used up ($8.00 of $8.00 used " \
+           "this month (UTC)), so the lease ended" in text, text
+    assert "its variables were kept and come back with the next lease" in text
+    # the new lease is refused: the budget, what is used, when it resets
+    assert "UsageError: budget money_per_month of user alice is used up: $8.00 of $8.00 used this month (UTC); " \
+           "it resets at " in text and "-01 00:00 UTC (ask the operator to raise c.Budgets.users['alice'])" in text
+    assert "user alice: money_per_month $8.00 of $8.00 this month used, $0.00 left, resets " in output_text(usage)
+    assert "<- used up" in output_text(usage)
+
+    ended = next(row for row in gateway.get("alice", "/api/gpu/usage").body["leases"] if row["gpu_type"] == "a100")
+    lease = gateway.get("alice", f"/api/gpu/leases/{ended['id']}").body
+    assert lease["reason"] == "budget"
+    assert lease["gpu_seconds"] == pytest.approx(8.0, abs=0.5)
+    assert lease["budget_warning"].startswith("user alice has used 90% of budget money_per_month: $7.20 of $8.00")
+    kept = [s for s in gateway.get("alice", "/api/gpu/snapshots").body if s["state"] == "kept"]
+    assert [s["names"] for s in kept if s["notebook"] == NOTEBOOK] == [["x"]]
+
+    reply = gateway.post("alice", "/api/gpu/leases", {"gpu": "cpu"})  # cpu kernels cost nothing here
+    assert reply.status == 201
+    reply = gateway.post("alice", "/api/gpu/leases", {"gpu": "a100"})
+    assert reply.status == 403 and reply.body["reason"] == "budget", reply
+    assert reply.body["message"].startswith("budget money_per_month of user alice is used up")
+
+
+def test_a_group_budget_is_shared_by_two_users_and_ends_both_leases(budget_gateway: GatewayProcess) -> None:
+    gateway = budget_gateway
+    bobs = gateway.lease("bob", "a100")
+    carols = gateway.lease("carol", "a100")
+
+    def both_ended() -> list[dict[str, Any]] | None:
+        leases = [gateway.get(user, f"/api/gpu/leases/{lease['id']}").body
+                  for user, lease in (("bob", bobs), ("carol", carols))]
+        return leases if all(lease["state"] == "released" for lease in leases) else None
+
+    ended = wait_for(both_ended, message=gateway.log_text())
+    assert [lease["reason"] for lease in ended] == ["budget", "budget"]
+    assert all("budget gpu_hours_per_day of group lab is used up" in lease["reason_message"] for lease in ended)
+    # 6 GPU-seconds between them, whichever got its kernel first
+    assert sum(lease["gpu_seconds"] for lease in ended) == pytest.approx(6.0, abs=1.0)
+
+    reply = gateway.post("carol", "/api/gpu/leases", {"gpu": "a100"})
+    assert reply.status == 403
+    assert reply.body["message"].startswith("budget gpu_hours_per_day of group lab is used up: ")
+    assert "it resets at " in reply.body["message"] and " 00:00 UTC" in reply.body["message"]
+    group = next(b for b in gateway.get("bob", "/api/gpu/usage").body["budgets"] if b["scope"] == "group")
+    assert (group["name"], group["budget"], group["left"]) == ("lab", "gpu_hours_per_day", 0)
+    assert group["resets_at"].endswith("T00:00:00Z")
+    # dave is in no group: untouched
+    assert gateway.get("dave", "/api/gpu/usage").body["budgets"] == []
+
+
+def test_budgets_change_without_a_restart(budget_gateway: GatewayProcess) -> None:
+    gateway = budget_gateway
+    held = gateway.lease("dave", "a100")
+    second = gateway.lease("dave", "a100")  # no budget yet: a second one is fine
+    gateway.delete("dave", f"/api/gpu/leases/{second['id']}")
+
+    write_config(gateway, PRICES + BUDGETS + 'c.Budgets.users["dave"] = {"gpus": 1}\n')
+
+    def refused() -> dict[str, Any] | None:
+        reply = gateway.post("dave", "/api/gpu/leases", {"gpu": "a100"})
+        if reply.status == 201:  # not re-read yet
+            gateway.delete("dave", f"/api/gpu/leases/{reply.body['id']}")
+            return None
+        return dict(reply.body)
+
+    body = wait_for(refused, timeout=10, message=gateway.log_text())
+    assert body["message"].startswith("budget gpus of user dave does not allow 1 more: 1 of 1 GPUs held or "
+                                      "waited for; it frees as leases end")
+
+    # A broken file changes nothing: the budgets in force stay.
+    write_config(gateway, "c.Budgets.users = {\n")
+    wait_for(lambda: "config changed but was not applied" in gateway.log_text(), timeout=10)
+    assert gateway.post("dave", "/api/gpu/leases", {"gpu": "a100"}).status == 403
+
+    # A budget lowered under what a running lease used ends it at once.
+    write_config(gateway, PRICES + 'c.Budgets.users = {"dave": {"gpu_hours_per_day": 0.0001}}\n')
+    lease = wait_for(lambda: (row := gateway.get("dave", f"/api/gpu/leases/{held['id']}").body)["state"]
+                     == "released" and row, timeout=10, message=gateway.log_text())
+    assert lease["reason"] == "budget"
