@@ -33,7 +33,7 @@ from pool_manager.budgets import BudgetConfig, BudgetPolicy, month_start
 from pool_manager.core import NO_CAPACITY, LeaseRequestError
 from pool_manager.inventory import gpu_status
 from pool_manager.manager import PoolManager
-from pool_manager.model import Action, BudgetWarned, Lease, LeaseEnded, LeaseGranted, LeaseSnapshot, LeaseView
+from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted, LeaseSnapshot, LeaseView, Notice
 from pool_manager.service import PoolService
 
 from .errors import ApiError
@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_REASONS: dict[str, str] = {
     Reason.IDLE: "lease ended: no execution for its idle timeout",
+    Reason.GPU_IDLE: "lease ended: its GPUs did no work and no cell ran for the GPU idle timeout",
     Reason.DELETED: "lease ended: released by its owner",
     Reason.KERNEL_DIED: "lease ended: the kernel died",
     Reason.GATEWAY_RESTART: "lease ended: the gateway is stopping",
@@ -79,6 +80,10 @@ _REMEMBERED = 4096
 
 class MeteringFull(RuntimeError):
     """The usage database cannot be written (its disk is full): no new lease can be billed."""
+
+
+def notice_json(notice: Notice) -> dict[str, Any]:
+    return {"seq": notice.seq, "kind": notice.kind, "text": notice.text, "at": notice.at, "when": notice.when}
 
 
 def iso(ts: float | None) -> str | None:
@@ -112,8 +117,7 @@ class Gateway:
         self._preconnecting: set[asyncio.Task[None]] = set()
         # Leases whose newest state could not be written (disk full), written at the next heartbeat.
         self._unwritten: dict[str, Lease | LeaseSnapshot] = {}
-        #: lease id -> the budget warning it got (90%), and why ended leases ended, in words
-        self.budget_warnings: OrderedDict[str, str] = OrderedDict()
+        #: lease id -> why an ended lease ended, in words (which budget)
         self.reason_messages: OrderedDict[str, str] = OrderedDict()
         self.started_at = time.time()
         service.listeners.append(self._on_pool_action)
@@ -369,7 +373,6 @@ class Gateway:
         if self.snapshots is not None:
             row.update(self.snapshots.lease_info(lease_id))  # what its end kept
         row["reason_message"] = self.reason_messages.get(lease_id, "")
-        row["budget_warning"] = self.budget_warnings.get(lease_id)
         return row
 
     def leases_json(self, user: str, include_released: bool = False) -> list[dict[str, Any]]:
@@ -441,8 +444,8 @@ class Gateway:
             "gpu_status": None,
             # why it ended, in words, where the reason alone does not say (which budget)
             "reason_message": lease.reason_message,
-            # the budget warning it got at 90%, if any
-            "budget_warning": self.budget_warnings.get(lease.id),
+            # what the pool or gateway tells the notebook before the lease ends (the magic shows new ones)
+            "notices": [notice_json(notice) for notice in lease.notices],
         }
         if self._real_gpus(lease):
             if readings is None:
@@ -551,9 +554,6 @@ class Gateway:
             task = asyncio.get_running_loop().create_task(self._preconnect(action.lease.kernel_id or ""))
             self._preconnecting.add(task)
             task.add_done_callback(self._preconnecting.discard)
-        elif isinstance(action, BudgetWarned):
-            log.warning("lease %s of %s: %s", action.lease.id, action.lease.user, action.message)
-            _remember(self.budget_warnings, action.lease.id, action.message)
         elif isinstance(action, LeaseEnded):
             lease = action.lease
             self._record(lease)

@@ -184,6 +184,8 @@ class Standing:
 class BudgetWarning:
     lease_id: str
     message: str
+    #: when, at today's rate, the budget is used up and the lease ends (wall time), if it is used at all
+    when: float | None
 
 
 @dataclass(frozen=True)
@@ -325,7 +327,8 @@ class BudgetPolicy:
                         warned = self._warned.setdefault(entry.lease_id, set())
                         if (scope, standing.budget, period) not in warned:
                             warned.add((scope, standing.budget, period))
-                            warnings.append(BudgetWarning(entry.lease_id, message))
+                            ends = None if left is None else now + left
+                            warnings.append(BudgetWarning(entry.lease_id, message, ends))
         return warnings, list(overruns.values())
 
     def next_due(self, now: float) -> float | None:

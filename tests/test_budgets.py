@@ -14,7 +14,7 @@ from jupyter_gpu.protocol import GRANTED, REASON_BUDGET, REASON_DELETED, RELEASE
 from pool_manager.admission import Admission
 from pool_manager.budgets import BudgetConfig, BudgetPolicy, Limits
 from pool_manager.core import LeaseRequestError, PoolCore, PoolPolicy
-from pool_manager.model import BudgetWarned, Device, Lease, LeaseEnded
+from pool_manager.model import Device, Lease, LeaseEnded, LeaseNoticed
 
 #: Sunday 2026-11-29 10:00 UTC
 T0 = datetime(2026, 11, 29, 10, 0, tzinfo=UTC).timestamp()
@@ -77,7 +77,8 @@ def run_until_deadline(core: PoolCore, clock: FakeClock) -> tuple[list[str], dic
     clock.set(deadline)
     core.tick()
     actions = core.pop_actions()
-    warnings = [f"{a.lease.id}: {a.message}" for a in actions if isinstance(a, BudgetWarned)]
+    warnings = [f"{a.lease.id}: {a.notice.text}" for a in actions
+                if isinstance(a, LeaseNoticed) and a.notice.kind == REASON_BUDGET]
     return warnings, {a.lease.id: a.lease.reason for a in actions if isinstance(a, LeaseEnded)}
 
 
@@ -91,6 +92,8 @@ def test_a_running_lease_is_warned_at_90_percent_and_ended_at_100_with_reason_bu
     assert warnings == [f"{lease.id}: user alice has used 90% of budget gpu_hours_per_day: 0.90 of 1.00 GPU-hours "
                         "used today (UTC). At 100% (in about 6 min at this rate) its leases end, keeping their "
                         "variables"]
+    # a lease notice, which the magic prints before the notebook's next cell, saying when the end comes
+    assert [n.when for n in lease.notices] == [pytest.approx(T0 + 3600)]
 
     warnings, ends = run_until_deadline(core, clock)
     assert clock.now - T0 == pytest.approx(3600)

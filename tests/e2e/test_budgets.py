@@ -21,7 +21,7 @@ from .gateway_process import GatewayProcess
 NOTEBOOK = "work/budget.ipynb"
 USERS = ("alice", "bob", "carol", "dave")
 PRICES = 'c.PoolManager.price_per_gpu_hour = {"a100": 3600.0}  # $1 a second\n'
-BUDGETS = """c.Budgets.users = {"alice": {"money_per_month": 8}}
+BUDGETS = """c.Budgets.users = {"alice": {"money_per_month": 15}}
 c.Budgets.groups = {"lab": {"gpu_hours_per_day": 6 / 3600, "members": ["bob", "carol"]}}
 """
 T = TypeVar("T")
@@ -55,54 +55,71 @@ def wait_for(what: Callable[[], T | None], timeout: float = 20.0, message: str =
     raise TimeoutError(message)
 
 
-def run(gateway: GatewayProcess, user: str, *cells: str) -> list[Any]:
-    book = nbformat.v4.new_notebook()
-    book.cells = [nbformat.v4.new_code_cell(source) for source in ("%load_ext jupyter_gpu", *cells)]
-    env = {**os.environ, "JUPYTER_GPU_URL": gateway.url, "JUPYTER_GPU_TOKEN": gateway.tokens[user],
-           "JPY_SESSION_NAME": NOTEBOOK}
-    NotebookClient(book, timeout=120, kernel_name="python3", allow_errors=True).execute(env=env)
-    return list(book.cells[1:])
+class Notebook:
+    """A notebook whose cells the test runs one at a time, in a real local kernel (as nbclient does)."""
+
+    def __init__(self, gateway: GatewayProcess, user: str) -> None:
+        self.book = nbformat.v4.new_notebook()
+        self.client = NotebookClient(self.book, timeout=120, kernel_name="python3", allow_errors=True)
+        self.env = {**os.environ, "JUPYTER_GPU_URL": gateway.url, "JUPYTER_GPU_TOKEN": gateway.tokens[user],
+                    "JPY_SESSION_NAME": NOTEBOOK}
+
+    def run(self, source: str) -> str:
+        """The cell's output: its streams, and its error as 'Name: message'."""
+        cell = nbformat.v4.new_code_cell(source)
+        self.book.cells.append(cell)
+        self.client.execute_cell(cell, len(self.book.cells) - 1)
+        parts = []
+        for output in cell.outputs:
+            if output.output_type == "stream":
+                parts.append(output.text)
+            elif output.output_type == "error":
+                parts.append(f"{output.ename}: {output.evalue}")
+        return "".join(parts)
 
 
-def output_text(cell: Any) -> str:
-    parts = []
-    for output in cell.outputs:
-        if output.output_type == "stream":
-            parts.append(output.text)
-        elif output.output_type == "error":
-            parts.append(f"{output.ename}: {output.evalue}")
-    return "".join(parts)
-
-
-def test_a_money_budget_warns_ends_the_lease_keeping_its_variables_and_refuses_the_next(
+def test_a_money_budget_warns_in_the_notebook_ends_the_lease_keeping_its_variables_and_refuses_the_next(
         budget_gateway: GatewayProcess) -> None:
     gateway = budget_gateway
-    made, _thinking, refused, usage = run(
-        gateway, "alice",
-        "%%gpu a100 --no-pull\nx = 41\nprint('made x')",
-        "import time\ntime.sleep(10)  # $8 of a100 time runs out while the notebook thinks",
-        "%%gpu a100\nprint(x + 1)",
-        "%gpu usage",
-    )
-    assert "made x" in output_text(made)
-    text = output_text(refused)
-    # the lease's end, said when the notebook next used it: which budget, and that x was kept
-    assert "the a100 lease ended (budget): budget money_per_month of user alice is used up ($8.00 of $8.00 used " \
-           "this month (UTC)), so the lease ended" in text, text
-    assert "its variables were kept and come back with the next lease" in text
-    # the new lease is refused: the budget, what is used, when it resets
-    assert "UsageError: budget money_per_month of user alice is used up: $8.00 of $8.00 used this month (UTC); " \
-           "it resets at " in text and "-01 00:00 UTC (ask the operator to raise c.Budgets.users['alice'])" in text
-    assert "user alice: money_per_month $8.00 of $8.00 this month used, $0.00 left, resets " in output_text(usage)
-    assert "<- used up" in output_text(usage)
+    notebook = Notebook(gateway, "alice")
+    with notebook.client.setup_kernel(env=notebook.env):
+        notebook.run("%load_ext jupyter_gpu")
+        assert "made x" in notebook.run("%%gpu a100 --no-pull\nx = 41\nprint('made x')")
 
-    ended = next(row for row in gateway.get("alice", "/api/gpu/usage").body["leases"] if row["gpu_type"] == "a100")
-    lease = gateway.get("alice", f"/api/gpu/leases/{ended['id']}").body
-    assert lease["reason"] == "budget"
-    assert lease["gpu_seconds"] == pytest.approx(8.0, abs=0.5)
-    assert lease["budget_warning"].startswith("user alice has used 90% of budget money_per_month: $7.20 of $8.00")
-    kept = [s for s in gateway.get("alice", "/api/gpu/snapshots").body if s["state"] == "kept"]
-    assert [s["names"] for s in kept if s["notebook"] == NOTEBOOK] == [["x"]]
+        # $13.50 of a100 time later, the lease has its warning; the notebook's next cell shows it
+        def warned() -> dict[str, Any] | None:
+            leases = gateway.get("alice", "/api/gpu/leases").body
+            return next((lease for lease in leases if lease["notices"]), None)
+
+        lease = wait_for(warned, timeout=30, message=gateway.log_text())
+        assert [n["kind"] for n in lease["notices"]] == ["budget"]
+        text = notebook.run("print('thinking')")
+        assert "jupyter-gpu: a100 lease: user alice has used 90% of budget money_per_month: $13.50 of $15.00 used " \
+               "this month (UTC). At 100% (in about 2 s at this rate) its leases end, keeping their variables (in " \
+               in text, text
+
+        # at $15 it ends, with reason budget, after its variables were saved
+        ended = wait_for(lambda: (row := gateway.get("alice", f"/api/gpu/leases/{lease['id']}").body)["state"]
+                         == "released" and row, timeout=10, message=gateway.log_text())
+        assert ended["reason"] == "budget"
+        assert ended["gpu_seconds"] == pytest.approx(15.0, abs=0.5)
+        kept = wait_for(lambda: [s["names"] for s in gateway.get("alice", "/api/gpu/snapshots").body
+                                 if s["state"] == "kept" and s["notebook"] == NOTEBOOK], timeout=10)
+        assert kept == [["x"]]
+
+        text = notebook.run("%%gpu a100\nprint(x + 1)")
+        # the lease's end, said when the notebook next used it: which budget, and that x was kept
+        assert "the a100 lease ended (budget): budget money_per_month of user alice is used up ($15.00 of $15.00 " \
+               "used this month (UTC)), so the lease ended" in text, text
+        assert "its variables were kept and come back with the next lease" in text
+        # the new lease is refused: the budget, what is used, when it resets
+        assert "UsageError: budget money_per_month of user alice is used up: $15.00 of $15.00 used this month " \
+               "(UTC); it resets at " in text
+        assert "-01 00:00 UTC (ask the operator to raise c.Budgets.users['alice'])" in text
+
+        usage = notebook.run("%gpu usage")
+        assert "user alice: money_per_month $15.00 of $15.00 this month used, $0.00 left, resets " in usage, usage
+        assert "<- used up" in usage
 
     reply = gateway.post("alice", "/api/gpu/leases", {"gpu": "cpu"})  # cpu kernels cost nothing here
     assert reply.status == 201
