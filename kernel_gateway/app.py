@@ -67,6 +67,7 @@ def make_app(
         (rf"/api/gpu/leases/{lease}/?", h.LeaseHandler),
         (r"/api/gpu/nodes/?", NodesHandler),
         (r"/api/gpu/usage/?", h.UsageHandler),
+        (r"/api/gpu/budgets/?", h.BudgetsHandler),
         (r"/api/gpu/info/?", InfoHandler),
         (r"/api/gpu/snapshots/?", SnapshotsHandler),
         (rf"/api/gpu/snapshots/{_ID.format('snapshot_id')}/?", SnapshotsHandler),

@@ -233,6 +233,15 @@ class UsageHandler(ApiHandler):
         self.reply(self.gateway.usage_json(self.user, self.groups))
 
 
+class BudgetsHandler(ApiHandler):
+    """What is left of each budget of the caller's (the sidebar polls this; usage has it too)."""
+
+    auth_resource = "usage"
+
+    def get(self) -> None:
+        self.reply(self.gateway.budgets_json(self.user, self.groups))
+
+
 class MetricsHandler(ApiHandler):
     auth_resource = "metrics"
 

@@ -148,7 +148,9 @@ def test_a_group_budget_is_shared_by_two_users_and_ends_both_leases(budget_gatew
     assert reply.status == 403
     assert reply.body["message"].startswith("budget gpu_hours_per_day of group lab is used up: ")
     assert "it resets at " in reply.body["message"] and " 00:00 UTC" in reply.body["message"]
-    group = next(b for b in gateway.get("bob", "/api/gpu/usage").body["budgets"] if b["scope"] == "group")
+    budgets = gateway.get("bob", "/api/gpu/budgets").body  # what the sidebar polls
+    assert budgets == gateway.get("bob", "/api/gpu/usage").body["budgets"]
+    group = next(b for b in budgets if b["scope"] == "group")
     assert (group["name"], group["budget"], group["left"]) == ("lab", "gpu_hours_per_day", 0)
     assert group["resets_at"].endswith("T00:00:00Z")
     # dave is in no group: untouched
