@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any, TypeVar
 
 import nbformat
@@ -186,3 +187,25 @@ def test_budgets_change_without_a_restart(budget_gateway: GatewayProcess) -> Non
     lease = wait_for(lambda: (row := gateway.get("dave", f"/api/gpu/leases/{held['id']}").body)["state"]
                      == "released" and row, timeout=10, message=gateway.log_text())
     assert lease["reason"] == "budget"
+
+
+def test_a_restart_gives_nobody_a_fresh_budget(budget_gateway: GatewayProcess) -> None:
+    """Usage comes back from the metering database: alice's money and group lab's hours stay spent."""
+    gateway = budget_gateway
+    write_config(gateway, PRICES + BUDGETS)  # the last test left other budgets in the file
+    gateway.stop()
+    gateway.start()
+    refused = gateway.post("alice", "/api/gpu/leases", {"gpu": "a100"})
+    assert refused.status == 403 and "$15.00 of $15.00 used this month" in refused.body["message"], refused
+    refused = gateway.post("carol", "/api/gpu/leases", {"gpu": "a100"})
+    assert refused.status == 403 and "of group lab is used up" in refused.body["message"], refused
+
+
+def test_a_bad_budget_stops_the_gateway_at_start_naming_the_entry(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "jupyter_gpu_config.py").write_text('c.Budgets.groups = {"lab": {"gpu_hours": 5}}\n')
+    process = make_gateway(tmp_path, "--inventory", "a100=1", "--min-warm", "0")
+    with pytest.raises(RuntimeError, match="gateway exited 2"):
+        process.start(wait_warm=False)
+    assert "Budgets.groups['lab'] has unknown key(s) 'gpu_hours': use gpus, gpu_hours_per_day, money_per_month" \
+        in process.log_text()
