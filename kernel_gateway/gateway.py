@@ -584,7 +584,7 @@ class Gateway:
         rows = self.metering.spent_since(month_start(time.time()))
         for row in rows:
             budgets.load(row["user"], row["groups"], row["gpu_type"], row["count"], row["price_per_gpu_hour"],
-                         row["granted_at"], row["released_at"], row["id"])
+                         row["granted_at"], row["released_at"])
         log.info("budgets: %d lease(s) of this month counted from %s", len(rows), self.metering.path)
 
     def _record(self, lease: Lease | LeaseSnapshot) -> None:

@@ -118,7 +118,7 @@ class Scope:
 
 @dataclass
 class _Entry:
-    """One lease as budgets count it: waited for (``start`` None) or held from ``start``."""
+    """One active lease as budgets count it: waited for (``start`` None) or held from ``start``."""
 
     lease_id: str
     user: str
@@ -128,18 +128,24 @@ class _Entry:
     gpus: bool = True
     price_per_gpu_hour: float = 0.0
     start: float | None = None
-    end: float | None = None
 
     def uses(self, budget: str) -> bool:
         """Whether holding this lease uses ``budget`` up (a free CPU kernel uses none)."""
         return self.gpus if budget != MONEY_PER_MONTH else self.price_per_gpu_hour > 0
 
     def seconds_since(self, since: float, now: float) -> float:
-        """GPU-seconds held between ``since`` and ``now``."""
+        """Seconds of its GPUs (or CPU kernel) held between ``since`` and ``now``."""
         if self.start is None:
             return 0.0
-        end = now if self.end is None else min(self.end, now)
-        return max(0.0, end - max(self.start, since)) * self.count
+        return max(0.0, now - max(self.start, since)) * self.count
+
+
+@dataclass
+class _Day:
+    """What ended leases of one user (in one set of groups) used on one UTC day."""
+
+    gpu_seconds: float = 0.0
+    money: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -219,10 +225,15 @@ class BudgetPolicy:
         """``price``: of one GPU-hour of a type, taken when a lease is granted (as metering bills it)."""
         self.config = config or BudgetConfig()
         self.price = price
+        # Active leases one by one; ended ones folded into what each user used per day (in the
+        # groups the lease was recorded under), so memory and each question's cost grow with
+        # users and days, not with how many leases a month had.
         self._entries: dict[str, _Entry] = {}
         self._of_user: dict[str, dict[str, _Entry]] = {}
         self._of_group: dict[str, dict[str, _Entry]] = {}
         self._running: dict[str, _Entry] = {}
+        self._days: dict[str, dict[frozenset[str], dict[float, _Day]]] = {}  # user -> groups -> day start ->
+        self._day_users_of_group: dict[str, set[str]] = {}
         #: lease id -> (scope, budget, period start) it was warned of: once per period
         self._warned: dict[str, set[tuple[Scope, str, float]]] = {}
         self._pruned_before = 0.0
@@ -248,18 +259,15 @@ class BudgetPolicy:
         entry = self._entries.get(lease_id)
         if entry is None:
             return
-        self._running.pop(lease_id, None)
         self._warned.pop(lease_id, None)
-        if entry.start is None:
-            self._drop(entry)  # never held a GPU: nothing to count
-        else:
-            entry.end = at
+        self._drop(entry)
+        if entry.start is not None:  # one that never held a GPU counts for nothing
+            self._fold(entry.user, entry.groups, entry.gpus, entry.count, entry.price_per_gpu_hour, entry.start, at)
 
     def load(self, user: str, groups: Iterable[str], gpu_type: str, count: int, price_per_gpu_hour: float,
-             start: float, end: float, lease_id: str) -> None:
+             start: float, end: float) -> None:
         """A lease that ended before this gateway started (from the metering database)."""
-        self._add(_Entry(lease_id, user, frozenset(groups), count, gpu_type != CPU_TYPE, price_per_gpu_hour, start,
-                         end))
+        self._fold(user, frozenset(groups), gpu_type != CPU_TYPE, count, price_per_gpu_hour, start, end)
 
     # --- questions ---------------------------------------------------------------------------
 
@@ -276,6 +284,7 @@ class BudgetPolicy:
 
     def refusal(self, user: str, groups: Iterable[str], choices: Sequence[GpuChoice], now: float) -> str | None:
         """Why a request must be refused now (a budget it would go past), or None."""
+        self._prune(now)
         fewest = min(choice.count for choice in choices)
         # CPU kernels are no GPUs, and cost money only where the operator gave them a price
         exempt = {GPUS, GPU_HOURS_PER_DAY} if _cpu_only(choices) else set()
@@ -297,6 +306,7 @@ class BudgetPolicy:
 
     def standings(self, user: str, groups: Iterable[str], now: float) -> list[Standing]:
         """Every budget that applies to the user, with what is used (the usage API shows it)."""
+        self._prune(now)
         return [s for scope, limits in self.scopes(user, groups) for s in self._standings(scope, limits, now)]
 
     def due(self, now: float) -> tuple[list[BudgetWarning], list[BudgetOverrun]]:
@@ -333,6 +343,7 @@ class BudgetPolicy:
 
     def next_due(self, now: float) -> float | None:
         """When :meth:`due` will next have something to say (wall clock), if ever at today's rates."""
+        self._prune(now)
         soonest: float | None = None
         for scope, limits, running in self._running_scopes():
             for standing in self._standings(scope, limits, now):
@@ -378,14 +389,49 @@ class BudgetPolicy:
                 if not mine:
                     del table[key]
 
+    def _fold(self, user: str, groups: frozenset[str], gpus: bool, count: int, price_per_gpu_hour: float,
+              start: float, end: float) -> None:
+        """Add an ended lease's use to its user's days, split at each UTC midnight it ran across."""
+        by_day = self._days.setdefault(user, {}).setdefault(groups, {})
+        for group in groups:
+            self._day_users_of_group.setdefault(group, set()).add(user)
+        day = day_start(start)
+        while day < end:
+            seconds = max(0.0, min(end, day + _DAY) - max(start, day)) * count
+            spent = by_day.setdefault(day, _Day())
+            spent.gpu_seconds += seconds if gpus else 0.0
+            spent.money += seconds * price_per_gpu_hour / 3600
+            day += _DAY
+
     def _prune(self, now: float) -> None:
-        """Leases that ended before this month count for nothing any more."""
+        """Days before this month count for nothing any more."""
         since = month_start(now)
         if since <= self._pruned_before:
             return
         self._pruned_before = since
-        for entry in [e for e in self._entries.values() if e.end is not None and e.end < since]:
-            self._drop(entry)
+        for user, by_groups in list(self._days.items()):
+            for groups, by_day in list(by_groups.items()):
+                for day in [day for day in by_day if day < since]:
+                    del by_day[day]
+                if not by_day:
+                    del by_groups[groups]
+            if not by_groups:
+                del self._days[user]
+        for group, users in list(self._day_users_of_group.items()):
+            users.intersection_update(self._days)
+            if not users:
+                del self._day_users_of_group[group]
+
+    def _days_in_scope(self, scope: Scope) -> list[dict[float, _Day]]:
+        """The per-day use of the scope's ended leases, one table per user and set of groups."""
+        if scope.kind == "user":
+            return list(self._days.get(scope.name, {}).values())
+        tables = []
+        for user in self._day_users_of_group.get(scope.name, set()) | self.config.members.get(scope.name, set()):
+            for groups, by_day in self._days.get(user, {}).items():
+                if scope.name in groups or user in self.config.members.get(scope.name, ()):
+                    tables.append(by_day)
+        return tables
 
     def _in_scope(self, scope: Scope) -> list[_Entry]:
         if scope.kind == "user":
@@ -405,24 +451,27 @@ class BudgetPolicy:
 
     def _standings(self, scope: Scope, limits: Limits, now: float) -> list[Standing]:
         entries = self._in_scope(scope)
+        days = self._days_in_scope(scope)
         found = []
         if limits.gpus is not None:
-            held = sum(e.count for e in entries if e.end is None and e.gpus)
+            held = sum(e.count for e in entries if e.gpus)
             found.append(Standing(scope, GPUS, limits.gpus, held, None))
         if limits.gpu_hours_per_day is not None:
             since = day_start(now)
             # the limit in GPU-seconds, the unit `used` counts in, so every comparison is like for like
             seconds = sum(e.seconds_since(since, now) for e in entries if e.gpus)
+            seconds += sum(by_day[since].gpu_seconds for by_day in days if since in by_day)
             found.append(Standing(scope, GPU_HOURS_PER_DAY, limits.gpu_hours_per_day * 3600, seconds, since + _DAY))
         if limits.money_per_month is not None:
             since = month_start(now)
             money = sum(e.seconds_since(since, now) * e.price_per_gpu_hour / 3600 for e in entries)
+            money += sum(spent.money for by_day in days for day, spent in by_day.items() if day >= since)
             found.append(Standing(scope, MONEY_PER_MONTH, limits.money_per_month, money, next_month(now)))
         return found
 
     def _rate(self, scope: Scope, budget: str) -> float:
         """How fast the scope's running leases use ``budget`` (its unit per second)."""
-        running = [e for e in self._in_scope(scope) if e.start is not None and e.end is None]
+        running = [e for e in self._in_scope(scope) if e.start is not None]
         if budget == GPU_HOURS_PER_DAY:
             return float(sum(e.count for e in running if e.gpus))
         return sum(e.count * e.price_per_gpu_hour / 3600 for e in running)

@@ -204,8 +204,8 @@ def test_usage_from_before_a_restart_counts_and_last_months_does_not() -> None:
     core, _ = make_pool(groups={"physics": {"money_per_month": 20}})
     policy = core.admission.budgets
     assert policy is not None
-    policy.load("bob", {"physics"}, "a100", 1, 4.0, T0 - 5 * 3600, T0, "old1")  # $20 this month
-    policy.load("bob", {"physics"}, "a100", 1, 4.0, T0 - 40 * 86400, T0 - 39 * 86400, "old2")  # October
+    policy.load("bob", {"physics"}, "a100", 1, 4.0, T0 - 5 * 3600, T0)  # $20 this month
+    policy.load("bob", {"physics"}, "a100", 1, 4.0, T0 - 40 * 86400, T0 - 39 * 86400)  # October
     assert "$20.00 of $20.00 used this month" in refusal(core, "alice", groups=("physics",))
     standings = {s.budget: s.public() for s in policy.standings("alice", {"physics"}, T0)}
     assert standings["money_per_month"]["used"] == pytest.approx(20.0)
@@ -254,3 +254,19 @@ def test_cpu_kernels_are_no_gpus_and_cost_only_their_price() -> None:
         gpu.id: REASON_BUDGET}
     assert hold(core, "alice", "cpu").state == GRANTED  # free CPU kernels stay allowed
     assert "budget money_per_month of user alice is used up" in refusal(core, "alice", "a100")
+
+
+def test_ended_leases_add_up_by_day_and_by_month_across_midnight() -> None:
+    start = datetime(2026, 11, 29, 23, 0, tzinfo=UTC).timestamp()
+    core, clock = make_pool(groups={"lab": {"gpu_hours_per_day": 100, "money_per_month": 1000}}, start=start)
+    for _ in range(40):  # 40 leases of 3 min each, one after the other: 1 h before midnight, 1 h after
+        lease = hold(core, "ana", "a100", groups=("lab",))
+        clock.set(clock.now + 180)
+        core.end_lease(lease.id, REASON_DELETED)
+        assert lease.slot_id is not None
+        core.kernel_stopped(lease.slot_id)
+    policy = core.admission.budgets
+    assert policy is not None
+    standings = {s.budget: s.public() for s in policy.standings("bo", {"lab"}, clock.now)}
+    assert standings["gpu_hours_per_day"]["used"] == pytest.approx(1.0)  # only the hour after midnight
+    assert standings["money_per_month"]["used"] == pytest.approx(8.0)  # $4 an hour: both hours, the same month
