@@ -174,13 +174,14 @@ class Standing:
     def public(self) -> dict[str, Any]:
         """As the usage API shows it (GPU-hours in hours, money in the prices' currency)."""
         unit = 3600 if self.budget == GPU_HOURS_PER_DAY else 1
+        figure = int if self.budget == GPUS else lambda value: round(value, 6)  # GPUs are whole
         return {
             "scope": self.scope.kind,
             "name": self.scope.name,
             "budget": self.budget,
-            "limit": self.limit / unit,
-            "used": round(self.used / unit, 6),
-            "left": round(max(0.0, self.limit - self.used) / unit, 6),
+            "limit": figure(self.limit / unit),
+            "used": figure(self.used / unit),
+            "left": figure(max(0.0, self.limit - self.used) / unit),
             "share": round(self.share, 4),
             "resets_at": self.resets_at,
         }
