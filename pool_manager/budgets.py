@@ -64,10 +64,6 @@ class Limits:
         gpus = numbers[GPUS]
         return cls(None if gpus is None else int(gpus), numbers[GPU_HOURS_PER_DAY], numbers[MONEY_PER_MONTH])
 
-    def get(self, name: str) -> float | None:
-        value: float | None = getattr(self, name)
-        return value
-
 
 @dataclass(frozen=True)
 class BudgetConfig:
@@ -331,14 +327,16 @@ class BudgetPolicy:
                 elif _reached(standing, WARN_AT):
                     period = self._period_start(standing.budget, now)
                     left = self._time_left(scope, standing, now)
-                    when = "" if left is None else f" (in about {_duration(left)} at this rate)"
+                    ends = None if left is None else now + left
+                    # the time of day, not a countdown: the notebook adds how soon from its own clock
+                    when = "" if ends is None else f" at this rate at {utc_text(ends)}"
                     message = (f"{scope} has used {standing.share:.0%} of budget {standing.budget}: "
-                               f"{standing.describe()}. At 100%{when} its leases end, keeping their variables")
+                               f"{standing.describe()}. It runs out{when}; then its leases end, keeping their "
+                               "variables")
                     for entry in leases:
                         warned = self._warned.setdefault(entry.lease_id, set())
                         if (scope, standing.budget, period) not in warned:
                             warned.add((scope, standing.budget, period))
-                            ends = None if left is None else now + left
                             warnings.append(BudgetWarning(entry.lease_id, message, ends))
         return warnings, list(overruns.values())
 
@@ -507,9 +505,3 @@ def _hours(seconds: float) -> str:
     return f"{hours:.2f}" if hours >= 0.1 or hours == 0 else f"{hours:.2g}"
 
 
-def _duration(seconds: float) -> str:
-    if seconds < 90:
-        return f"{math.ceil(seconds):.0f} s"
-    if seconds < 5400:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"

@@ -90,8 +90,8 @@ def test_a_running_lease_is_warned_at_90_percent_and_ended_at_100_with_reason_bu
     assert clock.now - T0 == pytest.approx(3240)  # 0.9 GPU-hours
     assert ends == {}
     assert warnings == [f"{lease.id}: user alice has used 90% of budget gpu_hours_per_day: 0.90 of 1.00 GPU-hours "
-                        "used today (UTC). At 100% (in about 6 min at this rate) its leases end, keeping their "
-                        "variables"]
+                        "used today (UTC). It runs out at this rate at 2026-11-29 11:00 UTC; then its leases end, "
+                        "keeping their variables"]
     # a lease notice, which the magic prints before the notebook's next cell, saying when the end comes
     assert [n.when for n in lease.notices] == [pytest.approx(T0 + 3600)]
 
