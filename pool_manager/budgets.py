@@ -129,12 +129,6 @@ class _Entry:
         """Whether holding this lease uses ``budget`` up (a free CPU kernel uses none)."""
         return self.gpus if budget != MONEY_PER_MONTH else self.price_per_gpu_hour > 0
 
-    def seconds_since(self, since: float, now: float) -> float:
-        """Seconds of its GPUs (or CPU kernel) held between ``since`` and ``now``."""
-        if self.start is None:
-            return 0.0
-        return max(0.0, now - max(self.start, since)) * self.count
-
 
 @dataclass
 class _Day:
@@ -154,6 +148,13 @@ class Standing:
     used: float
     #: wall-clock time it resets (None for ``gpus``: it frees as leases end)
     resets_at: float | None
+    #: how fast the scope's running leases use it now, per second (0 for ``gpus``)
+    rate: float = 0.0
+
+    @property
+    def time_left(self) -> float | None:
+        """Seconds until it is used up at today's rate; None if nothing uses it."""
+        return None if self.rate <= 0 else max(0.0, self.limit - self.used) / self.rate
 
     @property
     def share(self) -> float:
@@ -234,10 +235,18 @@ class BudgetPolicy:
         #: lease id -> (scope, budget, period start) it was warned of: once per period
         self._warned: dict[str, set[tuple[Scope, str, float]]] = {}
         self._pruned_before = 0.0
+        #: budget scope -> its running leases (by lease id), for the scopes with a budget; None:
+        #: to be built from the running leases (at start, and after the budgets changed)
+        self._index: dict[Scope, tuple[Limits, dict[str, _Entry]]] | None = None
+        #: budget scope -> when it next needs a look (None: never at today's rates); a scope
+        #: not in it is worked out again by next_due
+        self._due_of: dict[Scope, float | None] = {}
 
     def configure(self, config: BudgetConfig) -> None:
         """New budgets, in force from now on (running leases are measured against them at once)."""
         self.config = config
+        self._index = None
+        self._due_of.clear()
 
     # --- what happened ------------------------------------------------------------------------
 
@@ -251,12 +260,15 @@ class BudgetPolicy:
             entry.count, entry.price_per_gpu_hour, entry.start = count, self.price(gpu_type), at
             entry.gpus = gpu_type != CPU_TYPE
             self._running[lease_id] = entry
+            self._index_running(entry, add=True)
 
     def ended(self, lease_id: str, at: float) -> None:
         entry = self._entries.get(lease_id)
         if entry is None:
             return
         self._warned.pop(lease_id, None)
+        if lease_id in self._running:
+            self._index_running(entry, add=False)
         self._drop(entry)
         if entry.start is not None:  # one that never held a GPU counts for nothing
             self._fold(entry.user, entry.groups, entry.gpus, entry.count, entry.price_per_gpu_hour, entry.start, at)
@@ -265,6 +277,7 @@ class BudgetPolicy:
              start: float, end: float) -> None:
         """A lease that ended before this gateway started (from the metering database)."""
         self._fold(user, frozenset(groups), gpu_type != CPU_TYPE, count, price_per_gpu_hour, start, end)
+        self._due_of.clear()
 
     # --- questions ---------------------------------------------------------------------------
 
@@ -281,6 +294,8 @@ class BudgetPolicy:
 
     def refusal(self, user: str, groups: Iterable[str], choices: Sequence[GpuChoice], now: float) -> str | None:
         """Why a request must be refused now (a budget it would go past), or None."""
+        if self.config.empty:
+            return None
         self._prune(now)
         fewest = min(choice.count for choice in choices)
         # CPU kernels are no GPUs, and cost money only where the operator gave them a price
@@ -307,17 +322,26 @@ class BudgetPolicy:
         return [s for scope, limits in self.scopes(user, groups) for s in self._standings(scope, limits, now)]
 
     def due(self, now: float) -> tuple[list[BudgetWarning], list[BudgetOverrun]]:
-        """Running leases to warn (a budget of theirs reached 90%) and to end (100%)."""
+        """Running leases to warn (a budget of theirs reached 90%) and to end (100%).
+
+        Only the budgets whose time came (see :meth:`next_due`) are looked at: the pool ticks
+        for every idle timeout too.
+        """
+        if self.config.empty:
+            return [], []
         self._prune(now)
         warnings: list[BudgetWarning] = []
         overruns: dict[str, BudgetOverrun] = {}
-        for scope, limits, running in self._running_scopes():
+        horizon = now + 1e-9 * max(1.0, abs(now))
+        for scope, (limits, running) in self._running_index().items():
+            known = self._due_of.get(scope, now)  # not worked out yet: look now
+            if known is None or known > horizon:
+                continue
+            self._due_of.pop(scope, None)  # looked at again by the next next_due
             for standing in self._standings(scope, limits, now):
-                if standing.budget == GPUS:
-                    continue  # a lowered cap applies to new requests; nothing running ends for it
-                leases = [entry for entry in running if entry.uses(standing.budget)]
-                if not leases:
-                    continue
+                leases = [entry for entry in running.values() if entry.uses(standing.budget)]
+                if standing.budget == GPUS or not leases:
+                    continue  # a lowered GPU cap applies to new requests; nothing running ends for it
                 if _reached(standing, 1.0):
                     message = (f"budget {standing.budget} of {scope} is used up ({standing.describe()}), "
                                f"so the lease ended; it resets at {utc_text(standing.resets_at or now)}"
@@ -325,49 +349,67 @@ class BudgetPolicy:
                     for entry in leases:
                         overruns.setdefault(entry.lease_id, BudgetOverrun(entry.lease_id, message))
                 elif _reached(standing, WARN_AT):
-                    period = self._period_start(standing.budget, now)
-                    left = self._time_left(scope, standing, now)
-                    ends = None if left is None else now + left
-                    # the time of day, not a countdown: the notebook adds how soon from its own clock
-                    when = "" if ends is None else f" at this rate at {utc_text(ends)}"
-                    message = (f"{scope} has used {standing.share:.0%} of budget {standing.budget}: "
-                               f"{standing.describe()}. It runs out{when}; then its leases end, keeping their "
-                               "variables")
-                    for entry in leases:
-                        warned = self._warned.setdefault(entry.lease_id, set())
-                        if (scope, standing.budget, period) not in warned:
-                            warned.add((scope, standing.budget, period))
-                            warnings.append(BudgetWarning(entry.lease_id, message, ends))
+                    warnings.extend(self._warn(scope, standing, leases, now))
         return warnings, list(overruns.values())
 
     def next_due(self, now: float) -> float | None:
-        """When :meth:`due` will next have something to say (wall clock), if ever at today's rates."""
-        self._prune(now)
+        """When :meth:`due` will next have something to say (wall clock), if ever at today's rates.
+
+        Kept per budget scope and worked out again only for the scopes a lease started or ended
+        in since (the pool asks after every event, each cell's busy and idle included).
+        """
+        if self.config.empty:
+            return None
         soonest: float | None = None
-        for scope, limits, running in self._running_scopes():
-            for standing in self._standings(scope, limits, now):
-                if standing.budget == GPUS:
+        for scope, (limits, running) in self._running_index().items():
+            if scope not in self._due_of:
+                self._prune(now)
+                self._due_of[scope] = self._scope_due(scope, limits, list(running.values()), now)
+            when = self._due_of[scope]
+            if when is not None and (soonest is None or when < soonest):
+                soonest = when
+        return soonest
+
+    def _warn(self, scope: Scope, standing: Standing, leases: list[_Entry], now: float) -> list[BudgetWarning]:
+        """The 90% warning, once per lease, scope, budget and period."""
+        period = self._period_start(standing.budget, now)
+        left = standing.time_left
+        ends = None if left is None else now + left
+        # the time of day, not a countdown: the notebook adds how soon from its own clock
+        when = "" if ends is None else f" at this rate at {utc_text(ends)}"
+        message = (f"{scope} has used {standing.share:.0%} of budget {standing.budget}: {standing.describe()}. "
+                   f"It runs out{when}; then its leases end, keeping their variables")
+        warnings = []
+        for entry in leases:
+            warned = self._warned.setdefault(entry.lease_id, set())
+            if (scope, standing.budget, period) not in warned:
+                warned.add((scope, standing.budget, period))
+                warnings.append(BudgetWarning(entry.lease_id, message, ends))
+        return warnings
+
+    def _scope_due(self, scope: Scope, limits: Limits, running: list[_Entry], now: float) -> float | None:
+        """When one scope's running leases next reach 90% (not yet warned) or 100% of a budget, or
+        the budget resets first (then it is looked at again)."""
+        soonest: float | None = None
+        for standing in self._standings(scope, limits, now):
+            leases = [entry for entry in running if entry.uses(standing.budget)]
+            if standing.budget == GPUS or not leases:
+                continue
+            period = self._period_start(standing.budget, now)
+            thresholds = [1.0]
+            if any((scope, standing.budget, period) not in self._warned.get(e.lease_id, ()) for e in leases):
+                thresholds.append(WARN_AT)
+            for share in thresholds:
+                if _reached(standing, share):
+                    when = now
+                elif standing.rate > 0:
+                    when = now + (share * standing.limit - standing.used) / standing.rate
+                    # usage restarts at the reset: nothing to do before it then
+                    if standing.resets_at is not None and when > standing.resets_at:
+                        when = standing.resets_at
+                else:
                     continue
-                leases = [entry for entry in running if entry.uses(standing.budget)]
-                if not leases:
-                    continue
-                rate = self._rate(scope, standing.budget)
-                period = self._period_start(standing.budget, now)
-                thresholds = [1.0]
-                if any((scope, standing.budget, period) not in self._warned.get(e.lease_id, ()) for e in leases):
-                    thresholds.append(WARN_AT)
-                for share in thresholds:
-                    target = share * standing.limit
-                    if _reached(standing, share):
-                        when = now
-                    elif rate > 0:
-                        when = now + (target - standing.used) / rate
-                        # usage restarts at the reset: nothing to do before it then
-                        if standing.resets_at is not None and when > standing.resets_at:
-                            when = standing.resets_at
-                    else:
-                        continue
-                    soonest = when if soonest is None else min(soonest, when)
+                soonest = when if soonest is None else min(soonest, when)
         return soonest
 
     # --- internals ------------------------------------------------------------------------
@@ -440,48 +482,67 @@ class BudgetPolicy:
             found.update(self._of_user.get(user, {}))
         return list(found.values())
 
-    def _running_scopes(self) -> list[tuple[Scope, Limits, list[_Entry]]]:
-        """Each scope with a budget and running leases, and those leases."""
-        by_scope: dict[Scope, tuple[Limits, list[_Entry]]] = {}
-        for entry in self._running.values():
-            for scope, limits in self.scopes(entry.user, entry.groups):
-                by_scope.setdefault(scope, (limits, []))[1].append(entry)
-        return [(scope, limits, leases) for scope, (limits, leases) in by_scope.items()]
+    def _running_index(self) -> dict[Scope, tuple[Limits, dict[str, _Entry]]]:
+        if self._index is None:
+            self._index = {}
+            for entry in self._running.values():
+                self._index_running(entry, add=True)
+        return self._index
+
+    def _index_running(self, entry: _Entry, add: bool) -> None:
+        """A lease started or ended: file it under its scopes, whose next look is worked out again."""
+        if self._index is None:
+            return  # built from the running leases when next asked
+        for scope, limits in self.scopes(entry.user, entry.groups):
+            if limits == _NO_LIMITS:
+                continue
+            self._due_of.pop(scope, None)
+            if add:
+                self._index.setdefault(scope, (limits, {}))[1][entry.lease_id] = entry
+                continue
+            running = self._index.get(scope)
+            if running is not None:
+                running[1].pop(entry.lease_id, None)
+                if not running[1]:
+                    del self._index[scope]
 
     def _standings(self, scope: Scope, limits: Limits, now: float) -> list[Standing]:
-        entries = self._in_scope(scope)
-        days = self._days_in_scope(scope)
+        if limits == _NO_LIMITS:
+            return []
+        today, month = day_start(now), month_start(now)
+        held = gpu_seconds = gpu_rate = money = money_rate = 0.0
+        for e in self._in_scope(scope):  # one pass: the pool asks after every lease event
+            if e.gpus:
+                held += e.count
+            if e.start is None:
+                continue
+            running = max(0.0, now - max(e.start, month)) * e.count
+            money += running * e.price_per_gpu_hour / 3600
+            money_rate += e.count * e.price_per_gpu_hour / 3600
+            if e.gpus:
+                gpu_seconds += max(0.0, now - max(e.start, today)) * e.count
+                gpu_rate += e.count
+        for by_day in self._days_in_scope(scope):
+            spent = by_day.get(today)
+            gpu_seconds += spent.gpu_seconds if spent is not None else 0.0
+            money += sum(spent.money for day, spent in by_day.items() if day >= month)
         found = []
         if limits.gpus is not None:
-            held = sum(e.count for e in entries if e.gpus)
             found.append(Standing(scope, GPUS, limits.gpus, held, None))
         if limits.gpu_hours_per_day is not None:
-            since = day_start(now)
             # the limit in GPU-seconds, the unit `used` counts in, so every comparison is like for like
-            seconds = sum(e.seconds_since(since, now) for e in entries if e.gpus)
-            seconds += sum(by_day[since].gpu_seconds for by_day in days if since in by_day)
-            found.append(Standing(scope, GPU_HOURS_PER_DAY, limits.gpu_hours_per_day * 3600, seconds, since + _DAY))
+            found.append(Standing(scope, GPU_HOURS_PER_DAY, limits.gpu_hours_per_day * 3600, gpu_seconds,
+                                  today + _DAY, gpu_rate))
         if limits.money_per_month is not None:
-            since = month_start(now)
-            money = sum(e.seconds_since(since, now) * e.price_per_gpu_hour / 3600 for e in entries)
-            money += sum(spent.money for by_day in days for day, spent in by_day.items() if day >= since)
-            found.append(Standing(scope, MONEY_PER_MONTH, limits.money_per_month, money, next_month(now)))
+            found.append(Standing(scope, MONEY_PER_MONTH, limits.money_per_month, money, next_month(now), money_rate))
         return found
-
-    def _rate(self, scope: Scope, budget: str) -> float:
-        """How fast the scope's running leases use ``budget`` (its unit per second)."""
-        running = [e for e in self._in_scope(scope) if e.start is not None]
-        if budget == GPU_HOURS_PER_DAY:
-            return float(sum(e.count for e in running if e.gpus))
-        return sum(e.count * e.price_per_gpu_hour / 3600 for e in running)
-
-    def _time_left(self, scope: Scope, standing: Standing, now: float) -> float | None:
-        rate = self._rate(scope, standing.budget)
-        return None if rate <= 0 else max(0.0, standing.limit - standing.used) / rate
 
     @staticmethod
     def _period_start(budget: str, now: float) -> float:
         return day_start(now) if budget == GPU_HOURS_PER_DAY else month_start(now)
+
+
+_NO_LIMITS = Limits()
 
 
 def _cpu_only(choices: Sequence[GpuChoice]) -> bool:
