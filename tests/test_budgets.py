@@ -270,3 +270,31 @@ def test_ended_leases_add_up_by_day_and_by_month_across_midnight() -> None:
     standings = {s.budget: s.public() for s in policy.standings("bo", {"lab"}, clock.now)}
     assert standings["gpu_hours_per_day"]["used"] == pytest.approx(1.0)  # only the hour after midnight
     assert standings["money_per_month"]["used"] == pytest.approx(8.0)  # $4 an hour: both hours, the same month
+
+
+def test_budgets_of_different_scopes_come_due_each_at_its_own_time() -> None:
+    core, clock = make_pool(users={"ana": {"gpu_hours_per_day": 1}, "bo": {"gpu_hours_per_day": 2}},
+                            groups={"lab": {"gpu_hours_per_day": 10, "members": ["ana", "bo"]}})
+    ana, bo = hold(core, "ana"), hold(core, "bo")
+    seen = []
+    while (deadline := core.next_deadline()) is not None:
+        warnings, ends = run_until_deadline(core, clock)
+        seen += [(round((clock.now - T0) / 60), w.split(":")[0], "warned") for w in warnings]
+        seen += [(round((clock.now - T0) / 60), lease_id, reason) for lease_id, reason in ends.items()]
+        assert clock.now == pytest.approx(deadline)
+    # the group's 10 hours are never near: each user's own budget ends their lease
+    assert seen == [(54, ana.id, "warned"), (60, ana.id, REASON_BUDGET), (108, bo.id, "warned"),
+                    (120, bo.id, REASON_BUDGET)]
+
+
+def test_a_group_lease_that_ends_slows_the_groups_clock_for_the_others() -> None:
+    core, clock = make_pool(groups={"lab": {"gpu_hours_per_day": 1, "members": ["ana", "bo"]}})
+    ana, bo = hold(core, "ana"), hold(core, "bo")
+    assert core.next_deadline() == pytest.approx(T0 + 27 * 60)  # two GPUs: 0.9 h in 27 min
+    clock.set(T0 + 10 * 60)
+    core.end_lease(bo.id, REASON_DELETED)  # 20 GPU-minutes used; ana alone from here
+    assert core.next_deadline() == pytest.approx(T0 + 44 * 60)  # 34 more minutes to 54
+    warnings, _ = run_until_deadline(core, clock)
+    assert [w.split(":")[0] for w in warnings] == [ana.id]
+    _, ends = run_until_deadline(core, clock)
+    assert clock.now == pytest.approx(T0 + 50 * 60) and ends == {ana.id: REASON_BUDGET}
