@@ -226,6 +226,10 @@ class GatewayClient:
     def usage(self) -> dict[str, Any]:
         return dict(self.request("GET", "/api/gpu/usage"))
 
+    def budgets(self) -> list[dict[str, Any]]:
+        """What is left of each budget that applies to me (none: an empty list)."""
+        return list(self.request("GET", "/api/gpu/budgets"))
+
     def interrupt(self, kernel_id: str) -> None:
         self.request("POST", f"/api/kernels/{kernel_id}/interrupt", {})
 
@@ -237,6 +241,7 @@ class GatewayClient:
     asnapshots = _in_thread(snapshots)
     aforget_snapshots = _in_thread(forget_snapshots)
     ausage = _in_thread(usage)
+    abudgets = _in_thread(budgets)
     ainterrupt = _in_thread(interrupt)
 
     def open_channel(self, kernel_id: str, session_id: str | None = None) -> KernelChannel:

@@ -18,6 +18,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import clear_output
 
 from .analysis import analyse_cell
+from .budget_view import format_budgets
 from .client import GatewayError
 from .defaults import read_default_type
 from .gpu_client import GpuClient
@@ -251,6 +252,7 @@ class GpuMagics(Magics):
                 print(f"{usage['total_gpu_seconds']:.1f} GPU-seconds, ${usage['total_cost']:.4f} in total")
                 for gpu_type, row in sorted(usage.get("by_type", {}).items()):
                     print(f"  {gpu_type:<12} {row['gpu_seconds']:.1f} GPU-s  ${row['cost']:.4f}")
+                print(format_budgets(usage.get("budgets", [])))
             else:
                 raise UsageError(f"unknown %gpu command {command!r}: use status, types, release [--forget], "
                                  "snapshots or usage (%%gpu SPEC runs a cell)")

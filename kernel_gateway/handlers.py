@@ -49,6 +49,12 @@ class GatewayHandlerMixin:
         return self.current_user.name
 
     @property
+    def groups(self) -> frozenset[str]:
+        """The caller's groups (their group budgets count what they take)."""
+        assert self.current_user is not None, "identify() runs before any handler method"
+        return self.current_user.groups
+
+    @property
     def gateway(self) -> Gateway:
         gateway: Gateway = self.settings["gateway"]
         return gateway
@@ -141,7 +147,7 @@ class KernelsHandler(ApiHandler):
         name = self.json_body().get("name")
         # A task, so that a client that gives up waiting cancels it, and with it the lease.
         self._starting = asyncio.ensure_future(
-            self.gateway.start_kernel(self.user, name, self.settings["kernel_request_timeout"])
+            self.gateway.start_kernel(self.user, name, self.settings["kernel_request_timeout"], self.groups)
         )
         try:
             kernel = await self._starting
@@ -199,7 +205,7 @@ class LeasesHandler(ApiHandler):
     def post(self) -> None:
         body = self.json_body()
         lease = self.gateway.create_lease(self.user, body.get("gpu", "any"), body.get("idle_timeout"),
-                                          body.get("notebook", ""))
+                                          body.get("notebook", ""), self.groups)
         self.set_header("Location", f"/api/gpu/leases/{lease.id}")
         self.reply(self.gateway.describe(lease), 201)
 
@@ -224,7 +230,16 @@ class UsageHandler(ApiHandler):
     auth_resource = "usage"
 
     def get(self) -> None:
-        self.reply(self.gateway.usage_json(self.user))
+        self.reply(self.gateway.usage_json(self.user, self.groups))
+
+
+class BudgetsHandler(ApiHandler):
+    """What is left of each budget of the caller's (the sidebar polls this; usage has it too)."""
+
+    auth_resource = "usage"
+
+    def get(self) -> None:
+        self.reply(self.gateway.budgets_json(self.user, self.groups))
 
 
 class MetricsHandler(ApiHandler):

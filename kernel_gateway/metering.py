@@ -7,6 +7,7 @@ numbers a user sees and the numbers the operator scrapes cannot drift apart.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -15,7 +16,7 @@ from typing import Any
 from jupyter_gpu.protocol import GRANTED, QUEUED, RELEASED, Reason
 from pool_manager.model import Lease, LeaseSnapshot
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: the user's groups, for group budgets
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -30,7 +31,8 @@ CREATE TABLE IF NOT EXISTS leases (
     granted_at REAL,
     released_at REAL,
     last_alive_at REAL,
-    price_per_gpu_hour REAL NOT NULL DEFAULT 0
+    price_per_gpu_hour REAL NOT NULL DEFAULT 0,
+    groups TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS leases_user_queued ON leases (user, queued_at);
 CREATE INDEX IF NOT EXISTS leases_state ON leases (state);
@@ -50,8 +52,9 @@ _COLUMNS = (
 # at the price in force when it got its GPUs, whatever the operator configures later.
 _UPSERT = """
 INSERT INTO leases (id, user, gpu, gpu_type, count, state, reason, queued_at, granted_at, released_at,
-                    price_per_gpu_hour)
-VALUES (:id, :user, :gpu, :gpu_type, :count, :state, :reason, :queued_at, :granted_at, :released_at, :price)
+                    price_per_gpu_hour, groups)
+VALUES (:id, :user, :gpu, :gpu_type, :count, :state, :reason, :queued_at, :granted_at, :released_at, :price,
+        :groups)
 ON CONFLICT (id) DO UPDATE SET
     gpu_type = excluded.gpu_type,
     count = excluded.count,
@@ -86,6 +89,9 @@ class MeteringStore:
             # WAL lets `jupyter-gpu usage` read the file while the gateway writes it.
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
+            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(leases)")}
+            if columns and "groups" not in columns:  # a version 1 file
+                self._conn.execute("ALTER TABLE leases ADD COLUMN groups TEXT NOT NULL DEFAULT '[]'")
             self._conn.executescript(_SCHEMA)
             self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
@@ -103,6 +109,7 @@ class MeteringStore:
             "granted_at": lease.granted_at,
             "released_at": lease.released_at,
             "price": float(price_per_gpu_hour),
+            "groups": json.dumps(sorted(lease.groups)),
         }
         with self._lock, self._conn:
             self._conn.execute(_UPSERT, params)
@@ -167,6 +174,19 @@ class MeteringStore:
                 {"now": _now(now)},
             ).fetchall()
         return {row["gpu_type"]: float(row["seconds"]) for row in rows}
+
+    def spent_since(self, since: float) -> list[dict[str, Any]]:
+        """Ended leases that held GPUs at or after ``since``: what budgets count after a restart."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, user, groups, gpu_type, count, granted_at, released_at, price_per_gpu_hour FROM leases "
+                "WHERE granted_at IS NOT NULL AND released_at >= :since",
+                {"since": since},
+            ).fetchall()
+        return [{"id": row["id"], "user": row["user"], "groups": json.loads(row["groups"]),
+                 "gpu_type": row["gpu_type"], "count": row["count"],
+                 "granted_at": row["granted_at"], "released_at": row["released_at"],
+                 "price_per_gpu_hour": row["price_per_gpu_hour"]} for row in rows]
 
     def close(self) -> None:
         with self._lock:

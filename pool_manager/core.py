@@ -29,6 +29,7 @@ from jupyter_gpu.protocol import (
     CPU_TYPE,
     GRANTED,
     QUEUED,
+    REASON_BUDGET,
     REASON_CANCELLED,
     REASON_GPU_IDLE,
     REASON_KERNEL_DIED,
@@ -39,6 +40,7 @@ from jupyter_gpu.protocol import (
 )
 
 from .admission import Admission
+from .budgets import BudgetConfig
 from .deadlines import Deadlines
 from .gpu_idleness import GpuIdleness
 from .lease_index import LeaseIndex
@@ -168,10 +170,12 @@ class PoolCore:
         choices: Sequence[GpuChoice],
         idle_timeout: float | None = None,
         notebook: str = "",
+        groups: Iterable[str] = (),
     ) -> Lease:
         """Queue a lease request and place it at once if capacity allows.
 
-        Raises :class:`LeaseRequestError` for a request no amount of waiting could satisfy.
+        Raises :class:`LeaseRequestError` for a request no amount of waiting could satisfy, or
+        one past a budget of the user or of one of their ``groups`` (reason ``budget``).
         """
         self._check_satisfiable(choices)
         idle = self.policy.idle_timeout if idle_timeout is None else float(idle_timeout)
@@ -180,6 +184,12 @@ class PoolCore:
         if not idle > 0:
             raise LeaseRequestError(f"idle_timeout must be positive, got {idle_timeout!r}", "bad_idle_timeout")
         idle = min(idle, self.policy.max_idle_timeout)
+        groups = frozenset(groups)
+        budgets = self.admission.budgets
+        if budgets is not None:
+            refusal = budgets.refusal(user, groups, choices, self.wall_clock())
+            if refusal is not None:
+                raise LeaseRequestError(refusal, REASON_BUDGET)
         lease = Lease(
             id=self.new_id(),
             user=user,
@@ -187,8 +197,11 @@ class PoolCore:
             idle_timeout=idle,
             queued_at=self.wall_clock(),
             notebook=notebook,
+            groups=groups,
         )
         self._leases.add(lease)
+        if budgets is not None:
+            budgets.requested(lease.id, user, choices, groups)
         self._queue.enqueue(lease.id, self._matching_types(lease.choices), front=False, waiting=True)
         self._schedule()
         return lease
@@ -378,6 +391,7 @@ class PoolCore:
                 self._warn_gpu_idle(item.lease, item.release_at - now)
             else:
                 self._end(item.lease, REASON_GPU_IDLE)
+        self._apply_budgets()
         for gpu_type, until in list(self._backoff_until.items()):
             if until <= now:
                 del self._backoff_until[gpu_type]
@@ -387,7 +401,11 @@ class PoolCore:
         """The earliest time (on :attr:`clock`) at which :meth:`tick` would change anything."""
         lease_deadline = self._deadlines.next(self.leases)
         gpu_idle = self._gpu_idleness.next(self.leases)
-        return min((lease_deadline, gpu_idle, *self._backoff_until.values()), key=_or_inf, default=None)
+        budgets = self.admission.budgets
+        budget_due = budgets.next_due(self.wall_clock()) if budgets is not None else None
+        if budget_due is not None:  # budgets count on the wall clock (days, months): on ours from now
+            budget_due = self.clock() + max(0.0, budget_due - self.wall_clock())
+        return min((lease_deadline, gpu_idle, budget_due, *self._backoff_until.values()), key=_or_inf, default=None)
 
     def _warn_gpu_idle(self, lease: Lease, seconds_left: float) -> None:
         idle_for = _duration(self.policy.gpu_idle_timeout - seconds_left)
@@ -398,6 +416,31 @@ class PoolCore:
             "run a cell on it to keep it",
             when=self.wall_clock() + seconds_left,
         )
+
+    def configure_budgets(self, config: BudgetConfig) -> None:
+        """New budgets in force at once: running leases are warned or ended against them now."""
+        if self.admission.budgets is None:
+            raise ValueError("this pool was built without budgets")
+        self.admission.budgets.configure(config)
+        self._apply_budgets()
+        self._schedule()
+
+    def _apply_budgets(self) -> None:
+        """Warn the running leases whose budget reached 90% (a lease notice); end those whose budget is used up."""
+        budgets = self.admission.budgets
+        if budgets is None:
+            return
+        warnings, overruns = budgets.due(self.wall_clock())
+        for overrun in overruns:
+            lease = self.leases.get(overrun.lease_id)
+            if lease is not None:
+                lease.reason_message = overrun.message
+                self._end(lease, REASON_BUDGET)
+        for warning in warnings:
+            lease = self.leases.get(warning.lease_id)
+            if lease is not None:
+                log.info("lease %s of %s: %s", lease.id, lease.user, warning.message)
+                self.notify(lease.id, REASON_BUDGET, warning.message, when=warning.when)
 
     def shutdown(self, reason: str) -> None:
         """End every lease and kill every kernel (the gateway is stopping)."""
@@ -743,6 +786,8 @@ class PoolCore:
         self._queue.dequeue(lease.id)
         self._leases.granted(lease)
         self._deadlines.granted(lease)
+        if self.admission.budgets is not None:
+            self.admission.budgets.granted(lease.id, lease.count, lease.gpu_type or "", lease.last_activity)
         self._gpu_idleness.arm(lease)
         log.info("lease %s granted to %s: %s on %s", lease.id, lease.user, lease.gpu_type, lease.gpu_indices)
         self._actions.append(LeaseGranted(lease.snapshot()))
@@ -750,7 +795,7 @@ class PoolCore:
     def _end(self, lease: Lease, reason: str) -> None:
         lease.state = RELEASED
         lease.reason = reason
-        lease.released_at = self.wall_clock()
+        lease.released_at = released = self.wall_clock()
         lease.busy = False
         self._leases.remove(lease)
         if lease.granted_mono is None:
@@ -775,6 +820,8 @@ class PoolCore:
             self._touch(slot)
         if lease.granted_at is None:
             lease.count = 0  # never held a GPU: nothing to meter
+        if self.admission.budgets is not None:
+            self.admission.budgets.ended(lease.id, released)
         log.info("lease %s of %s ended: %s", lease.id, lease.user, reason)
         self._actions.append(LeaseEnded(lease.snapshot()))
 

@@ -10,7 +10,10 @@ from traitlets.config import LoggingConfigurable
 
 from jupyter_gpu.protocol import HELPER_BOOT
 
+from .admission import Admission
 from .backend import LocalKernelBackend
+from .budget_settings import Budgets
+from .budgets import BudgetPolicy
 from .core import PoolCore, PoolPolicy
 from .inventory import build_inventory
 from .prices import list_price, lookup
@@ -113,6 +116,11 @@ class PoolManager(LoggingConfigurable):
             self.log.info("kernel isolation: %s", sandbox.isolation.summary)
         return sandbox
 
+    def build_admission(self) -> Admission:
+        """The per-user cap and the budgets of ``c.Budgets`` (ValueError naming a bad entry)."""
+        budgets = BudgetPolicy(Budgets(parent=self).build(), price=self.price)
+        return Admission(self.max_gpus_per_user, budgets)
+
     def build_service(self, hidden: Sequence[str] = ()) -> PoolService:
         """The pool; ``hidden``: gateway state (database, users file) no kernel may see."""
         policy = PoolPolicy(
@@ -129,10 +137,10 @@ class PoolManager(LoggingConfigurable):
         warmup = "\n".join(code for code in (HELPER_BOOT, self.warmup_code) if code)
         ray_pool = RayPool(parent=self)
         if ray_pool.address:  # the GPUs are a Ray cluster's: nodes join and leave
-            return ray_pool.build_service(policy, self.kernel_name, warmup)
+            return ray_pool.build_service(policy, self.kernel_name, warmup, self.build_admission())
         devices = build_inventory(self.inventory or None, self.cpu_slots, self.log)
         sandbox = self.build_sandbox(any(not d.emulated and d.index is not None for d in devices), hidden)
-        core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time)
+        core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time, admission=self.build_admission())
         backend = LocalKernelBackend(
             kernel_name=self.kernel_name,
             warmup_code=warmup,

@@ -121,6 +121,10 @@ class Lease(_LeaseFacts):
     gpu_active_mono: float = 0.0
     busy: bool = False
     notebook: str = ""
+    #: the user's groups when they asked (group budgets count the lease for these)
+    groups: frozenset[str] = frozenset()
+    #: why it ended, in words, where ``reason`` alone does not say (which budget was used up)
+    reason_message: str = ""
     #: what the notebook has been told about this lease, oldest first (a tuple: snapshots share it)
     notices: tuple[Notice, ...] = ()
 
@@ -157,6 +161,8 @@ class LeaseSnapshot(_LeaseFacts):
     gpu_active_mono: float
     busy: bool
     notebook: str
+    groups: frozenset[str]
+    reason_message: str
     notices: tuple[Notice, ...]
 
 

@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable, Iterable, Sequence
 from jupyter_gpu.protocol import QUEUED, REASON_NODE_LOST, GpuChoice
 
 from .backend import KernelBackend, KernelInfo
+from .budgets import BudgetConfig
 from .core import PoolCore
 from .gpu_use import GpuUseSampler
 from .model import Action, Device, KillKernel, Lease, LeaseEnded, LeaseGranted, Notice, StartKernel
@@ -76,11 +77,17 @@ class PoolService:
     # --- requests from the gateway -------------------------------------------------------
 
     def request_lease(
-        self, user: str, choices: Sequence[GpuChoice], idle_timeout: float | None = None, notebook: str = ""
+        self, user: str, choices: Sequence[GpuChoice], idle_timeout: float | None = None, notebook: str = "",
+        groups: Iterable[str] = (),
     ) -> Lease:
-        lease = self.core.request_lease(user, choices, idle_timeout, notebook)
+        lease = self.core.request_lease(user, choices, idle_timeout, notebook, groups)
         self._run_actions()
         return lease
+
+    def configure_budgets(self, config: BudgetConfig) -> None:
+        """New budgets, in force at once (running leases past them are warned or end now)."""
+        self.core.configure_budgets(config)
+        self._run_actions()
 
     def end_lease(self, lease_id: str, reason: str) -> Lease | None:
         lease = self.core.end_lease(lease_id, reason)

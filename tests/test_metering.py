@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -143,3 +144,36 @@ def test_users_see_only_their_own_leases(db: str) -> None:
     }
     assert store.totals() == {"a100": pytest.approx(180.0)}
     store.close()
+
+
+def test_groups_are_kept_and_this_months_spending_is_read_back(db: str) -> None:
+    """What budgets count after a restart: ended leases of the period, with the groups they were recorded under."""
+    store = MeteringStore(db)
+    old, recent, open_one = make_lease("old"), make_lease("recent", "bob", count=2), make_lease("open")
+    recent.groups = frozenset({"physics", "lab"})
+    for lease, start, end in ((old, T0 - 86400, T0 - 80000), (recent, T0 + 10, T0 + 110), (open_one, T0, None)):
+        grant(lease, start)
+        if end is not None:
+            release(lease, end)
+        store.record(lease, price_per_gpu_hour=4.0)
+    store.close()
+
+    rows = MeteringStore(db).spent_since(T0)
+    assert rows == [{"id": "recent", "user": "bob", "groups": ["lab", "physics"], "gpu_type": "a100", "count": 2,
+                     "granted_at": T0 + 10, "released_at": T0 + 110, "price_per_gpu_hour": 4.0}]
+
+
+def test_a_database_of_the_first_schema_gains_the_groups_column_and_keeps_its_rows(db: str) -> None:
+    conn = sqlite3.connect(db)
+    conn.executescript("""
+        CREATE TABLE leases (id TEXT PRIMARY KEY, user TEXT NOT NULL, gpu TEXT NOT NULL, gpu_type TEXT,
+            count INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL, reason TEXT, queued_at REAL NOT NULL,
+            granted_at REAL, released_at REAL, last_alive_at REAL, price_per_gpu_hour REAL NOT NULL DEFAULT 0);
+        INSERT INTO leases VALUES ('v1', 'alice', 'a100', 'a100', 1, 'released', 'idle', 1, 2, 3602, 3602, 2.0);
+        PRAGMA user_version=1;
+    """)
+    conn.close()
+    store = MeteringStore(db)
+    assert store.spent_since(0) == [{"id": "v1", "user": "alice", "groups": [], "gpu_type": "a100", "count": 1,
+                                     "granted_at": 2, "released_at": 3602, "price_per_gpu_hour": 2.0}]
+    assert store.usage("alice")["total_cost"] == pytest.approx(2.0)

@@ -60,11 +60,28 @@ export interface ILease {
   notices?: INotice[];
 }
 
+/** One budget that applies to me (my own or a group's), as `GET /api/gpu/budgets` lists it. */
+export interface IBudget {
+  scope: 'user' | 'group';
+  name: string;
+  budget: 'gpus' | 'gpu_hours_per_day' | 'money_per_month';
+  /** GPUs, GPU-hours or money */
+  limit: number;
+  used: number;
+  left: number;
+  /** used / limit: at 0.9 running leases are warned, at 1 they end */
+  share: number;
+  /** ISO time (UTC); null for `gpus`, which free as leases end */
+  resets_at: string | null;
+}
+
 /** What one poll returns. */
 export interface IState {
   gateway: string;
   types: IGpuType[];
   leases: ILease[];
+  /** absent from a server extension older than budgets */
+  budgets?: IBudget[];
 }
 
 /** A failed call, in words a person can act on. */
