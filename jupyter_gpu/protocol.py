@@ -49,6 +49,7 @@ class Reason(StrEnum):
     NODE_LOST = "node_lost"
     RESTARTED = "restarted"  # a stock client restarted the kernel: a new lease behind the same kernel id
     OOM = "oom"  # the kernel went past its memory limit
+    OPERATOR = "operator"  # an operator released another user's lease
     # why the gateway refused a request
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"

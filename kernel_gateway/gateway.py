@@ -34,6 +34,7 @@ from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted, LeaseSna
 from pool_manager.service import PoolService
 
 from .errors import ApiError
+from .identity import User
 from .kernel_ids import KernelIds
 from .metering import MeteringStore
 from .metrics import render_metrics
@@ -53,6 +54,7 @@ CLOSE_REASONS: dict[str, str] = {
     Reason.NODE_LOST: "lease ended: the machine its kernel ran on was lost",
     Reason.OOM: "lease ended: the kernel ran out of memory",
     Reason.RESTARTED: "lease ended: the kernel was restarted, a new lease took its place",
+    Reason.OPERATOR: "lease ended: released by an operator of the pool",
 }
 #: Ends that kill the kernel under a running cell: its clients hear why.
 DEATHS: dict[str, str] = {
@@ -105,6 +107,7 @@ class Gateway:
         # Leases whose newest state could not be written (disk full), written at the next heartbeat.
         self._unwritten: dict[str, Lease | LeaseSnapshot] = {}
         self.started_at = time.time()
+        self._groups: dict[str, frozenset[str]] = {}  # each user's groups as last written to metering
         service.listeners.append(self._on_pool_action)
 
     async def start(self) -> None:
@@ -216,11 +219,12 @@ class Gateway:
                 await self.service.wait_while_queued(self.active_lease(user, lease_id), seconds)
         return self.lease_json(user, lease_id)
 
-    def release_lease(self, user: str, lease_id: str, forget: bool = False) -> dict[str, Any]:
+    def release_lease(self, user: str, lease_id: str, forget: bool = False,
+                      reason: str = Reason.DELETED) -> dict[str, Any]:
         """End (or cancel) the lease; one that ended already is answered as it is.
         ``forget``: keep none of its variables for the notebook's next lease."""
         try:
-            return self.end_lease(user, lease_id, Reason.DELETED, forget)
+            return self.end_lease(user, lease_id, reason, forget)
         except NotFound:
             return self.lease_json(user, lease_id)
 
@@ -290,6 +294,34 @@ class Gateway:
 
     def usage_json(self, user: str) -> dict[str, Any]:
         return self.metering.usage(user)
+
+    # --- operators: every user's leases and usage -----------------------------------------
+
+    def saw(self, user: User) -> None:
+        """Remember the user's groups (a Hub user's), so usage adds up by group; written only on change."""
+        if self._groups.get(user.name) != user.groups:
+            self.metering.remember_groups(user.name, user.groups)
+            self._groups[user.name] = user.groups
+
+    def lease_owner(self, lease_id: str) -> str | None:
+        """Whose lease this is, active or ended (None: no such lease)."""
+        lease = self.service.core.leases.get(lease_id) or self._unwritten.get(lease_id)
+        if lease is not None:
+            return lease.user
+        row = self.metering.get(lease_id)
+        return str(row["user"]) if row is not None else None
+
+    def all_leases_json(self, include_released: bool = False) -> list[dict[str, Any]]:
+        """Every user's active leases (``user`` says whose), oldest first; ended ones too on request."""
+        active = [self.describe(lease) for lease in self.service.core.leases.values()]
+        active.sort(key=lambda item: item["queued_at"])
+        if include_released:
+            active_ids = {item["id"] for item in active}
+            active += [row for row in self.metering.list_all() if row["id"] not in active_ids]
+        return active
+
+    def all_usage_json(self) -> dict[str, Any]:
+        return self.metering.usage_by_user_and_group()
 
     def metrics_text(self) -> str:
         return render_metrics(self)
@@ -374,6 +406,7 @@ class Gateway:
         emulated = self._emulated(lease)
         info: dict[str, Any] = {
             "id": lease.id,
+            "user": lease.user,
             "state": lease.state,
             "reason": lease.reason,
             "gpu": lease.spec,

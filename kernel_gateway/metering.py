@@ -7,6 +7,7 @@ numbers a user sees and the numbers the operator scrapes cannot drift apart.
 
 from __future__ import annotations
 
+import json
 import sqlite3
 import threading
 import time
@@ -34,6 +35,11 @@ CREATE TABLE IF NOT EXISTS leases (
 );
 CREATE INDEX IF NOT EXISTS leases_user_queued ON leases (user, queued_at);
 CREATE INDEX IF NOT EXISTS leases_state ON leases (state);
+-- each user's groups (a Hub user's, as last seen), so operators see usage by group
+CREATE TABLE IF NOT EXISTS user_groups (
+    user TEXT PRIMARY KEY,
+    groups TEXT NOT NULL
+);
 """
 
 # Open leases are counted up to :now; clamped at 0 so a clock step back never yields negative usage.
@@ -167,6 +173,54 @@ class MeteringStore:
                 {"now": _now(now)},
             ).fetchall()
         return {row["gpu_type"]: float(row["seconds"]) for row in rows}
+
+    def remember_groups(self, user: str, groups: frozenset[str]) -> None:
+        """The user's groups now; usage by group counts all of a user's leases under these."""
+        with self._lock, self._conn:
+            self._conn.execute("INSERT INTO user_groups (user, groups) VALUES (?, ?) ON CONFLICT (user) DO UPDATE "
+                               "SET groups = excluded.groups", (user, json.dumps(sorted(groups))))
+
+    def list_all(self, limit: int = 1000, *, now: float | None = None) -> list[dict[str, Any]]:
+        """Every user's leases, newest first (for operators)."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM leases ORDER BY queued_at DESC, rowid DESC LIMIT :limit",
+                {"limit": limit, "now": _now(now)},
+            ).fetchall()
+        return [_lease_dict(row) for row in rows]
+
+    def usage_by_user_and_group(self, *, now: float | None = None) -> dict[str, Any]:
+        """GPU-seconds, cost and lease count per user (with their groups) and per group, and the totals.
+
+        A user in two groups counts in both, so groups need not add up to the total.
+        """
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT leases.user AS user, COUNT(*) AS leases, SUM({_GPU_SECONDS}) AS seconds, "
+                f"SUM({_GPU_SECONDS} * price_per_gpu_hour / 3600.0) AS cost, user_groups.groups AS groups "
+                "FROM leases LEFT JOIN user_groups ON user_groups.user = leases.user "
+                "GROUP BY leases.user ORDER BY leases.user",
+                {"now": _now(now)},
+            ).fetchall()
+        by_user: dict[str, dict[str, Any]] = {}
+        by_group: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            groups = json.loads(row["groups"]) if row["groups"] else []
+            entry = {"gpu_seconds": float(row["seconds"]), "cost": float(row["cost"]), "leases": int(row["leases"]),
+                     "groups": groups}
+            by_user[row["user"]] = entry
+            for group in groups:
+                total = by_group.setdefault(group, {"gpu_seconds": 0.0, "cost": 0.0, "leases": 0, "users": []})
+                total["gpu_seconds"] += entry["gpu_seconds"]
+                total["cost"] += entry["cost"]
+                total["leases"] += entry["leases"]
+                total["users"].append(row["user"])
+        return {
+            "by_user": by_user,
+            "by_group": dict(sorted(by_group.items())),
+            "total_gpu_seconds": sum((e["gpu_seconds"] for e in by_user.values()), 0.0),
+            "total_cost": sum((e["cost"] for e in by_user.values()), 0.0),
+        }
 
     def close(self) -> None:
         with self._lock:
