@@ -31,8 +31,10 @@ SERVICE = "jupyter-gpu"
 #: What a user's notebook server token may do: the Hub's defaults, plus finding and using the gateway.
 SERVER_TOKEN_SCOPES = ["users:activity!user", "access:servers!server", f"access:services!service={SERVICE}",
                        f"list:services!service={SERVICE}", f"read:services!service={SERVICE}"]
+#: An external gateway the operator runs (test_hub.py starts it), registered with a token of its own.
+EXTERNAL = "gpu-external"
 USER_SCOPES = ["self", f"access:services!service={SERVICE}", f"list:services!service={SERVICE}",
-               f"read:services!service={SERVICE}"]
+               f"read:services!service={SERVICE}", f"access:services!service={EXTERNAL}"]
 REPO = Path(__file__).resolve().parents[2]
 
 
@@ -58,6 +60,7 @@ class HubProcess:
     api: str = ""  # the Hub's API
     gateway_url: str = ""
     tester_token: str = field(default_factory=lambda: secrets.token_hex(16))
+    external_token: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def config(self, proxy: str) -> str:
         port, hub_port, proxy_api, gateway_port = free_port(), free_port(), free_port(), free_port()
@@ -98,7 +101,9 @@ class HubProcess:
                  "services": ["tester"]},
             ],
             "JupyterHub.services": [
-                {"name": SERVICE, "url": self.gateway_url, "command": gateway, "environment": gateway_env},
+                {"name": SERVICE, "url": self.gateway_url, "command": gateway, "environment": gateway_env,
+                 "oauth_no_confirm": True},
+                {"name": EXTERNAL, "api_token": self.external_token},
                 {"name": "tester", "api_token": self.tester_token},
             ],
         }
