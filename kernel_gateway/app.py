@@ -15,7 +15,7 @@ from typing import Any
 from jupyter_core.application import JupyterApp
 from jupyter_core.paths import jupyter_config_dir, jupyter_data_dir
 from tornado import httpserver, netutil, web
-from traitlets import Bool, Float, Int, Type, Unicode, default
+from traitlets import Bool, Float, Int, TraitError, Type, Unicode, default
 
 from jupyter_gpu import __version__
 from jupyter_gpu.protocol import TOKEN_ENV, Reason
@@ -270,7 +270,10 @@ class GatewayApp(JupyterApp):
                 raise ValueError(f"--hub needs JupyterHub's service library ({exc}): pip install "
                                  "'jupyter-gpu[hub]'") from None
             provider_class = HubIdentityProvider
-        provider: IdentityProvider = provider_class(parent=self, tokens=self.authenticator())
+        try:
+            provider: IdentityProvider = provider_class(parent=self, tokens=self.authenticator())
+        except TraitError as exc:  # a bad setting of the provider: one line, as for the others
+            raise ValueError(str(exc)) from None
         provider.check()
         return provider
 

@@ -143,3 +143,30 @@ def test_users_see_only_their_own_leases(db: str) -> None:
     }
     assert store.totals() == {"a100": pytest.approx(180.0)}
     store.close()
+
+
+def test_usage_by_user_and_group_for_operators(db: str) -> None:
+    store = MeteringStore(db)
+    for lease_id, user, seconds in (("a1", "alice", 60), ("a2", "alice", 120), ("b1", "bob", 30), ("c1", "carol", 10)):
+        lease = make_lease(lease_id, user)
+        grant(lease, T0)
+        release(lease, T0 + seconds)
+        store.record(lease, 3.6)
+    store.remember_groups("alice", frozenset({"physics", "gpu-users"}))
+    store.remember_groups("bob", frozenset({"gpu-users"}))
+    store.remember_groups("bob", frozenset({"biology", "gpu-users"}))  # the newest groups count
+    usage = store.usage_by_user_and_group()
+    assert usage["by_user"] == {
+        "alice": {"gpu_seconds": 180.0, "cost": pytest.approx(0.18), "leases": 2, "groups": ["gpu-users", "physics"]},
+        "bob": {"gpu_seconds": 30.0, "cost": pytest.approx(0.03), "leases": 1, "groups": ["biology", "gpu-users"]},
+        "carol": {"gpu_seconds": 10.0, "cost": pytest.approx(0.01), "leases": 1, "groups": []},  # never seen: none
+    }
+    # a user in two groups counts in both; groups need not add up to the total
+    assert usage["by_group"] == {
+        "biology": {"gpu_seconds": 30.0, "cost": pytest.approx(0.03), "leases": 1, "users": ["bob"]},
+        "gpu-users": {"gpu_seconds": 210.0, "cost": pytest.approx(0.21), "leases": 3, "users": ["alice", "bob"]},
+        "physics": {"gpu_seconds": 180.0, "cost": pytest.approx(0.18), "leases": 2, "users": ["alice"]},
+    }
+    assert usage["total_gpu_seconds"] == pytest.approx(220.0) and usage["total_cost"] == pytest.approx(0.22)
+    assert sorted(row["id"] for row in store.list_all()) == ["a1", "a2", "b1", "c1"]
+    store.close()

@@ -24,8 +24,10 @@ from typing import Any
 
 import pytest
 
+from jupyter_gpu.client import GatewayConfig, GatewayError
+
 from .gateway_process import GatewayProcess
-from .hub_process import SERVICE, HubProcess, fetch, proxy_command
+from .hub_process import SERVER_TOKEN_SCOPES, SERVICE, HubProcess, fetch, proxy_command
 
 pytest.importorskip("jupyterhub", reason="pip install 'jupyter-gpu[hub]' (scripts/setup does)")
 pytestmark = [
@@ -175,8 +177,8 @@ def test_a_browser_logs_in_through_the_hub(hub: HubProcess, leases: dict[str, di
 
 def test_an_external_service_gateway(hub: HubProcess, tmp_path: Path) -> None:
     """Deployed by the operator (not started by the Hub): --hub, the Hub's API and the service's own token."""
-    external = GatewayProcess(tmp_path, ["--hub", "--db", str(tmp_path / "usage.sqlite"), "--inventory", "a100=1", "--min-warm", "0",
-                                         "--HubIdentityProvider.api_url=" + hub.api,
+    external = GatewayProcess(tmp_path, ["--hub", "--db", str(tmp_path / "usage.sqlite"), "--inventory", "a100=1",
+                                         "--min-warm", "0", "--HubIdentityProvider.api_url=" + hub.api,
                                          "--HubIdentityProvider.api_token=" + hub.external_token,
                                          "--HubIdentityProvider.service_name=gpu-external"]).start(wait_warm=False)
     try:
@@ -211,3 +213,23 @@ def test_operators_see_and_release_every_lease(hub: HubProcess, leases: dict[str
     released = fetch(f"{hub.gateway_url}/api/gpu/leases/{leases['bob']['id']}", "DELETE", token=operator_token(hub))
     assert released.status == 200 and (released.body["state"], released.body["reason"]) == ("released", "operator")
     assert [lease["user"] for lease in every_lease(hub)] == ["alice"]
+
+
+def test_where_the_hub_does_not_show_the_gateway_the_magic_says_what_to_set_up(
+        hub: HubProcess, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("JUPYTER_GPU_URL", raising=False)
+    monkeypatch.delenv("JUPYTER_GPU_TOKEN", raising=False)
+    monkeypatch.setenv("JUPYTERHUB_API_URL", hub.api)
+    may_use_not_find, _ = hub.token_for("alice", [ACCESS])
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", may_use_not_find)
+    with pytest.raises(GatewayError) as refused:
+        GatewayConfig.from_env()
+    assert f"list:services!service={SERVICE}" in str(refused.value) and "JUPYTER_GPU_URL" in str(refused.value)
+
+    server_token, _ = hub.token_for("alice", SERVER_TOKEN_SCOPES)
+    monkeypatch.setenv("JUPYTERHUB_API_TOKEN", server_token)
+    assert GatewayConfig.from_env() == GatewayConfig(hub.gateway_url, server_token)
+    monkeypatch.setenv("JUPYTER_GPU_SERVICE", "gpus")
+    with pytest.raises(GatewayError) as missing:
+        GatewayConfig.from_env()
+    assert "no service 'gpus'" in str(missing.value) and f"(it shows: {SERVICE})" in str(missing.value)
