@@ -115,7 +115,10 @@ def is_loopback(ip: str) -> bool:
 
 
 def hub_service_address() -> tuple[str, int] | None:
-    """Where a Hub-managed service listens: the host and port of $JUPYTERHUB_SERVICE_URL."""
+    """Where a Hub-managed service listens: the host and port of $JUPYTERHUB_SERVICE_URL (only in a
+    service's environment: a notebook server the Hub spawned has that variable too, for itself)."""
+    if not os.environ.get("JUPYTERHUB_SERVICE_NAME"):
+        return None
     parsed = urllib.parse.urlsplit(os.environ.get("JUPYTERHUB_SERVICE_URL", ""))
     try:
         port = parsed.port

@@ -209,6 +209,10 @@ def test_operators_see_and_release_every_lease(hub: HubProcess, leases: dict[str
     table = subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", "usage", "--all"], env=env,
                            capture_output=True, text=True, timeout=60, check=True).stdout
     assert "by group" in table and re.search(r"^physics\s+1\s", table, re.MULTILINE)
+    as_alice = {**env, "JUPYTER_GPU_TOKEN": alice_token}
+    mine = subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", "usage"], env=as_alice, capture_output=True,
+                          text=True, timeout=60, check=True).stdout
+    assert mine.startswith("usage of alice\ntype") and "\na100 " in mine
 
     released = fetch(f"{hub.gateway_url}/api/gpu/leases/{leases['bob']['id']}", "DELETE", token=operator_token(hub))
     assert released.status == 200 and (released.body["state"], released.body["reason"]) == ("released", "operator")
