@@ -192,6 +192,33 @@ def test_an_external_service_gateway(hub: HubProcess, tmp_path: Path) -> None:
         external.stop()
 
 
+NOTEBOOK = """
+import json, sys
+import nbformat
+from nbclient import NotebookClient
+from jupyter_gpu.batch import PooledKernelManager
+
+nb = nbformat.v4.new_notebook(cells=[nbformat.v4.new_code_cell("import os; print(os.environ['CUDA_VISIBLE_DEVICES'])")])
+NotebookClient(nb, kernel_name="gpu-h100", kernel_manager_class=PooledKernelManager, timeout=60).execute()
+print(json.dumps(nb.cells[0].outputs))
+"""
+
+
+def test_a_batch_run_in_a_hub_server_needs_no_setup_either(hub: HubProcess, leases: dict[str, dict[str, Any]]) -> None:
+    """nbclient on a pooled kernel (jupyter_gpu.batch) with only what the Hub gives a notebook server."""
+    server_token, _ = hub.token_for("alice", SERVER_TOKEN_SCOPES)
+    env = {key: value for key, value in os.environ.items() if not key.startswith("JUPYTER_GPU")}
+    env.update(JUPYTERHUB_API_URL=hub.api, JUPYTERHUB_API_TOKEN=server_token)
+    done = subprocess.run([sys.executable, "-c", NOTEBOOK], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    # the run's lease was alice's, and ended with the run
+    reply = fetch(hub.gateway_url + "/api/gpu/leases?all=1&released=1", token=operator_token(hub))
+    (batch,) = [row for row in reply.body if row["gpu_type"] == "h100"]
+    assert (batch["user"], batch["state"]) == ("alice", "released")
+    # it ran on the pooled kernel, pinned to the h100 (index 2 of the declared a100=2,h100=1)
+    assert json.loads(done.stdout.splitlines()[-1])[0]["text"] == "2\n"
+
+
 def test_operators_see_and_release_every_lease(hub: HubProcess, leases: dict[str, dict[str, Any]]) -> None:
     assert {(lease["id"], lease["user"]) for lease in every_lease(hub)} == {
         (leases["alice"]["id"], "alice"), (leases["bob"]["id"], "bob")}
