@@ -161,7 +161,6 @@ class HubIdentityProvider(IdentityProvider):
                 "the Hub has one in JUPYTERHUB_API_TOKEN) or a token of this gateway")
 
 
-
 class HubLoginHandler(HubOAuthenticated, web.RequestHandler):  # type: ignore[misc]
     """A browser's way in: the Hub's login (OAuth), then the caller's leases, where the cookie works."""
 
