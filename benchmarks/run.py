@@ -113,6 +113,7 @@ def measure(mode: str, peers: bool) -> dict[str, Any]:
     import baselines
     import ours
     import pool_sim
+    import snapshot_rows
 
     settings = MODES[mode]
     results: dict[str, Any] = {"mode": mode, "machine": machine(), "settings": settings}
@@ -122,6 +123,7 @@ def measure(mode: str, peers: bool) -> dict[str, Any]:
     guarded(results, "tcp", lambda: {str(size): baselines.raw_tcp(size, count)
                                      for size, count in settings["transfer_sizes"]})
     guarded(results, "ours", lambda: ours.main(settings))
+    guarded(results, "snapshots", lambda: snapshot_rows.measure(mode))  # row 9: kept state (issue 12)
     if peers:
         guarded(results, "ipp", lambda: run_peer("ipp", {**settings, "cold_repeats": settings["ipp_cold_repeats"]},
                                                  timeout=1800))
@@ -298,6 +300,10 @@ def build_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
             "jupyter-gpu pool core", f"{sim['decisions_per_s']:,.0f} decisions/s", secs(sim["wall_s"]) + " wall",
             f"{sim['decisions']:,} decisions", "< 10 s" if full_size else "",
             sim["wall_s"] < 10 and sim["finished"] if full_size else None, **sim)
+    # 9. kept state: snapshot, restore, re-acquire, switch (benchmarks/snapshot_rows.py)
+    import snapshot_rows
+
+    snapshot_rows.add_rows(r.get("snapshots"), add)
     return rows
 
 

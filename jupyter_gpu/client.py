@@ -214,9 +214,12 @@ class GatewayClient:
             body["idle_timeout"] = idle_timeout
         return dict(self.request("POST", "/api/gpu/leases", body))
 
-    def get_lease(self, lease_id: str, wait: float = 0) -> dict[str, Any]:
+    def get_lease(self, lease_id: str, wait: float = 0, timeout: float | None = None) -> dict[str, Any]:
+        """The lease as the gateway describes it; ``wait``: long-poll while it is queued;
+        ``timeout``: seconds to wait for the answer (default: the client's, plus ``wait``)."""
         query = f"?wait={wait}" if wait else ""
-        return dict(self.request("GET", f"/api/gpu/leases/{lease_id}{query}", timeout=self.timeout + wait))
+        seconds = self.timeout + wait if timeout is None else timeout
+        return dict(self.request("GET", f"/api/gpu/leases/{lease_id}{query}", timeout=seconds))
 
     def delete_lease(self, lease_id: str, forget: bool = False) -> dict[str, Any]:
         """End a lease; ``forget``: keep none of its variables for the notebook's next lease."""
@@ -232,6 +235,10 @@ class GatewayClient:
     def usage(self) -> dict[str, Any]:
         return dict(self.request("GET", "/api/gpu/usage"))
 
+    def budgets(self) -> list[dict[str, Any]]:
+        """What is left of each budget that applies to me (none: an empty list)."""
+        return list(self.request("GET", "/api/gpu/budgets"))
+
     def interrupt(self, kernel_id: str) -> None:
         self.request("POST", f"/api/kernels/{kernel_id}/interrupt", {})
 
@@ -243,6 +250,7 @@ class GatewayClient:
     asnapshots = _in_thread(snapshots)
     aforget_snapshots = _in_thread(forget_snapshots)
     ausage = _in_thread(usage)
+    abudgets = _in_thread(budgets)
     ainterrupt = _in_thread(interrupt)
 
     def open_channel(self, kernel_id: str, session_id: str | None = None) -> KernelChannel:

@@ -18,6 +18,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import clear_output
 
 from .analysis import analyse_cell
+from .budget_view import format_budgets
 from .client import GatewayError
 from .defaults import read_default_type
 from .gpu_client import GpuClient
@@ -37,6 +38,11 @@ def parse_size(text: str) -> int:
     if not match or unit not in _UNITS:
         raise UsageError(f"--pull-limit {text!r} is not a size: use e.g. 100MB, 2GB or 500000")
     return int(float(match.group(1)) * _UNITS[unit])
+
+
+#: Seconds between two looks for new lease notices: a cell that starts sooner shows none, so
+#: a notebook that runs many short cells does not pay a gateway round trip for each.
+NOTICE_CHECK_INTERVAL = 2.0
 
 
 def _notebook() -> str:
@@ -103,6 +109,10 @@ class GpuMagics(Magics):
         self.client: GpuClient | None = None
         # A local kernel that shuts down or restarts starts clean: nothing kept for it either.
         atexit.register(self.release_all, True)
+        self._notices_checked = 0.0
+        # Every cell, local or %%gpu, shows what the gateway said about the notebook's leases
+        # since (a release for GPU idleness coming): the notebook hears it while it works.
+        shell.events.register("pre_run_cell", self.show_notices)
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -130,6 +140,18 @@ class GpuMagics(Magics):
             return ", ".join(t["name"] for t in self._client().gateway.types())
         except GatewayError:
             return "(the gateway did not answer)"
+
+    def show_notices(self, info: Any = None) -> None:
+        """Print the lease notices posted since the last look (at most one look per
+        NOTICE_CHECK_INTERVAL, and none while the notebook holds no lease)."""
+        if self.client is None or not self.client.sessions:
+            return
+        now = time.monotonic()
+        if now - self._notices_checked < NOTICE_CHECK_INTERVAL:
+            return
+        self._notices_checked = now
+        for line in self.client.new_notices():
+            print(line, file=sys.stderr)
 
     def release_all(self, forget: bool = False) -> None:
         if self.client is not None:
@@ -230,6 +252,7 @@ class GpuMagics(Magics):
                 print(f"{usage['total_gpu_seconds']:.1f} GPU-seconds, ${usage['total_cost']:.4f} in total")
                 for gpu_type, row in sorted(usage.get("by_type", {}).items()):
                     print(f"  {gpu_type:<12} {row['gpu_seconds']:.1f} GPU-s  ${row['cost']:.4f}")
+                print(format_budgets(usage.get("budgets", [])))
             else:
                 raise UsageError(f"unknown %gpu command {command!r}: use status, types, release [--forget], "
                                  "snapshots or usage (%%gpu SPEC runs a cell)")

@@ -50,6 +50,8 @@ class Reason(StrEnum):
     RESTARTED = "restarted"  # a stock client restarted the kernel: a new lease behind the same kernel id
     OOM = "oom"  # the kernel went past its memory limit
     OPERATOR = "operator"  # an operator released another user's lease
+    BUDGET = "budget"  # a budget of its user or group was used up (also: a request refused for one)
+    GPU_IDLE = "gpu_idle"  # its GPUs did no work and its kernel ran no cell for the operator's gpu_idle_timeout
     # why the gateway refused a request
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
@@ -90,6 +92,8 @@ REASON_GATEWAY_RESTART = Reason.GATEWAY_RESTART
 REASON_MAX_DURATION = Reason.MAX_DURATION
 REASON_NODE_LOST = Reason.NODE_LOST
 REASON_OOM = Reason.OOM
+REASON_BUDGET = Reason.BUDGET
+REASON_GPU_IDLE = Reason.GPU_IDLE
 
 #: The comm target of the kernel-side helper, and the line that loads it at warm-up.
 HELPER_COMM_TARGET = "jupyter_gpu"

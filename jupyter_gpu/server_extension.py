@@ -159,17 +159,27 @@ class GpuHandler(APIHandler):
 
 
 class StateHandler(GpuHandler):
-    """What one poll of the panel needs: the types and my leases, fetched side by side."""
+    """What one poll of the panel needs: the types, my leases and my budgets, fetched side by side."""
 
     @web.authenticated
     async def get(self) -> None:
         try:
             client = self.gateway_client()
-            types, leases = await asyncio.gather(client.atypes(), client.aleases())
+            types, leases, budgets = await asyncio.gather(client.atypes(), client.aleases(), _budgets(client))
         except GatewayError as exc:
             self.fail(exc)
             return
-        self.reply({"gateway": self.gpu.url, "types": types, "leases": self.with_paths(leases)})
+        self.reply({"gateway": self.gpu.url, "types": types, "leases": self.with_paths(leases), "budgets": budgets})
+
+
+async def _budgets(client: GatewayClient) -> list[dict[str, Any]]:
+    """My budgets; none from a gateway too old to have budgets (404), so the panel still works."""
+    try:
+        return await client.abudgets()
+    except GatewayError as exc:
+        if exc.status == 404:
+            return []
+        raise
 
 
 class LeaseHandler(GpuHandler):

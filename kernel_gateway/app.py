@@ -19,6 +19,7 @@ from traitlets import Bool, Float, Int, TraitError, Type, Unicode, default
 
 from jupyter_gpu import __version__
 from jupyter_gpu.protocol import TOKEN_ENV, Reason
+from pool_manager.budget_settings import Budgets
 from pool_manager.manager import PoolManager
 from pool_manager.ray_pool import RayPool
 from pool_manager.service import PoolService
@@ -27,6 +28,7 @@ from . import handlers as h
 from .auth import TokenAuthenticator
 from .authorizer import Authorizer
 from .channels import ChannelsHandler
+from .config_watch import ConfigWatcher
 from .errors import ApiError
 from .gateway import Gateway
 from .identity import IdentityProvider, TokenIdentityProvider
@@ -67,6 +69,7 @@ def make_app(
         (rf"/api/gpu/leases/{lease}/?", h.LeaseHandler),
         (r"/api/gpu/nodes/?", NodesHandler),
         (r"/api/gpu/usage/?", h.UsageHandler),
+        (r"/api/gpu/budgets/?", h.BudgetsHandler),
         (r"/api/gpu/info/?", InfoHandler),
         (r"/api/gpu/snapshots/?", SnapshotsHandler),
         (rf"/api/gpu/snapshots/{_ID.format('snapshot_id')}/?", SnapshotsHandler),
@@ -132,7 +135,7 @@ class GatewayApp(JupyterApp):
     version = __version__
     description = "Serve a pool of warm GPU kernels over the Jupyter kernel API."
     config_file_name = Unicode("jupyter_gpu_config")
-    classes = [PoolManager, IdentityProvider, Authorizer, RayPool]
+    classes = [PoolManager, IdentityProvider, Authorizer, RayPool, Budgets]
 
     ip = Unicode(help="Address to listen on. Anything but loopback requires tokens.").tag(config=True)
     port = Int(help="Port to listen on (0 picks a free one and logs it; a Hub-managed service: that of "
@@ -182,6 +185,10 @@ class GatewayApp(JupyterApp):
         help="Run as a JupyterHub service: accept Hub users' API tokens and OAuth logins (configure "
         "c.HubIdentityProvider). On by itself when JUPYTERHUB_API_URL and JUPYTERHUB_API_TOKEN are set."
     ).tag(config=True)
+    config_check_interval = Float(
+        2.0, help="Seconds between looks at the config file(s) loaded at start; when one changed, its c.Budgets "
+        "are put in force without a restart (0: never look)."
+    ).tag(config=True)
 
     aliases = {
         "ip": "GatewayApp.ip",
@@ -201,6 +208,8 @@ class GatewayApp(JupyterApp):
         "idle-timeout": "PoolManager.idle_timeout",
         "max-idle-timeout": "PoolManager.max_idle_timeout",
         "max-lease-duration": "PoolManager.max_lease_duration",
+        "gpu-idle-timeout": "PoolManager.gpu_idle_timeout",
+        "gpu-idle-warning": "PoolManager.gpu_idle_warning",
         "max-gpus-per-user": "PoolManager.max_gpus_per_user",
         "warmup-code": "PoolManager.warmup_code",
         "ray": "RayPool.address",
@@ -287,6 +296,13 @@ class GatewayApp(JupyterApp):
                  *map(str, self.loaded_config_files)]
         return [os.path.abspath(p) for p in paths if p]
 
+    def watched_config_files(self) -> list[str]:
+        """The config files loaded at start, and the one named by --config even if it was not there yet."""
+        paths = [os.path.abspath(p) for p in self.loaded_config_files]
+        if self.config_file and os.path.abspath(self.config_file) not in paths:
+            paths.append(os.path.abspath(self.config_file))
+        return paths
+
     def authenticator(self) -> TokenAuthenticator:
         users = self.users or (default_users_file() if os.path.exists(default_users_file()) else "")
         if self.no_auth:
@@ -326,6 +342,9 @@ class GatewayApp(JupyterApp):
         server.add_sockets(sockets)
         port = sockets[0].getsockname()[1]
         await gateway.start()
+        watcher = ConfigWatcher(self.watched_config_files(), self.cli_config, gateway.configure_budgets,
+                                self.config_check_interval)
+        watcher.start()
         types = ", ".join(
             f"{s.gpu_type}={s.total}{' (emulated)' if s.emulated else ''}" for s in gateway.service.core.summaries()
         )
@@ -337,6 +356,7 @@ class GatewayApp(JupyterApp):
         await stopping.wait()
         log.info("stopping: ending leases and killing kernels")
         server.stop()
+        watcher.stop()
         await gateway.stop(Reason.GATEWAY_RESTART)
         log.info("stopped")
 

@@ -10,6 +10,8 @@ import contextlib
 import logging
 import sqlite3
 import time
+from collections import OrderedDict
+from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
 
@@ -27,14 +29,14 @@ from jupyter_gpu.protocol import (
     SpecError,
     parse_gpu_spec,
 )
+from pool_manager.budgets import BudgetConfig, BudgetPolicy, month_start
 from pool_manager.core import NO_CAPACITY, LeaseRequestError
 from pool_manager.inventory import gpu_status
 from pool_manager.manager import PoolManager
-from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted, LeaseSnapshot, LeaseView
+from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted, LeaseSnapshot, LeaseView, Notice
 from pool_manager.service import PoolService
 
 from .errors import ApiError
-from .identity import User
 from .kernel_ids import KernelIds
 from .metering import MeteringStore
 from .metrics import render_metrics
@@ -47,6 +49,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_REASONS: dict[str, str] = {
     Reason.IDLE: "lease ended: no execution for its idle timeout",
+    Reason.GPU_IDLE: "lease ended: its GPUs did no work and no cell ran for the GPU idle timeout",
     Reason.DELETED: "lease ended: released by its owner",
     Reason.KERNEL_DIED: "lease ended: the kernel died",
     Reason.GATEWAY_RESTART: "lease ended: the gateway is stopping",
@@ -55,6 +58,7 @@ CLOSE_REASONS: dict[str, str] = {
     Reason.OOM: "lease ended: the kernel ran out of memory",
     Reason.RESTARTED: "lease ended: the kernel was restarted, a new lease took its place",
     Reason.OPERATOR: "lease ended: released by an operator of the pool",
+    Reason.BUDGET: "lease ended: a budget of its user or group was used up",
 }
 #: Ends that kill the kernel under a running cell: its clients hear why.
 DEATHS: dict[str, str] = {
@@ -71,8 +75,16 @@ class NotFound(ApiError, LookupError):
         super().__init__(404, f"no {what} {name}", Reason.NOT_FOUND)
 
 
+#: How many ended leases' reason messages (which budget ended them) the API can still show.
+_REMEMBERED = 4096
+
+
 class MeteringFull(RuntimeError):
     """The usage database cannot be written (its disk is full): no new lease can be billed."""
+
+
+def notice_json(notice: Notice) -> dict[str, Any]:
+    return {"seq": notice.seq, "kind": notice.kind, "text": notice.text, "at": notice.at, "when": notice.when}
 
 
 def iso(ts: float | None) -> str | None:
@@ -106,14 +118,16 @@ class Gateway:
         self._preconnecting: set[asyncio.Task[None]] = set()
         # Leases whose newest state could not be written (disk full), written at the next heartbeat.
         self._unwritten: dict[str, Lease | LeaseSnapshot] = {}
+        #: lease id -> why an ended lease ended, in words (which budget)
+        self.reason_messages: OrderedDict[str, str] = OrderedDict()
         self.started_at = time.time()
-        self._groups: dict[str, frozenset[str]] = {}  # each user's groups as last written to metering
         service.listeners.append(self._on_pool_action)
 
     async def start(self) -> None:
         closed = self.metering.close_abandoned(time.time())
         if closed:
             log.info("closed %d lease(s) left open by an earlier gateway (reason gateway_restart)", closed)
+        self._load_spending()
         if self.snapshots is not None:
             await self.snapshots.start()
         await self.service.start()
@@ -197,8 +211,10 @@ class Gateway:
             offered = ", ".join(self.service.core.types)
             raise ApiError(400, f"{exc}; this gateway offers {offered}", Reason.BAD_SPEC) from None
 
-    def create_lease(self, user: str, gpu: Any, idle_timeout: Any, notebook: Any) -> Lease:
-        """A new lease for a request's fields, checked; granted or queued."""
+    def create_lease(self, user: str, gpu: Any, idle_timeout: Any, notebook: Any,
+                     groups: Iterable[str] = ()) -> Lease:
+        """A new lease for a request's fields, checked; granted or queued. ``groups``: the
+        user's (their group budgets count it); a request past a budget is a 403."""
         choices = self.parse_spec(gpu)
         if not isinstance(notebook, str) or len(notebook) > 1024:
             raise ApiError(400, "'notebook' must be a string of at most 1024 characters", Reason.BAD_NOTEBOOK)
@@ -206,9 +222,10 @@ class Gateway:
             raise ApiError(400, f"'idle_timeout' must be a number of seconds, got {idle_timeout!r}",
                            Reason.BAD_IDLE_TIMEOUT)
         try:
-            return self.request_lease(user, choices, idle_timeout, notebook)
+            return self.request_lease(user, choices, idle_timeout, notebook, groups)
         except LeaseRequestError as exc:
-            raise ApiError(503 if exc.reason == NO_CAPACITY else 400, str(exc), exc.reason) from None
+            status = {NO_CAPACITY: 503, Reason.BUDGET: 403}.get(exc.reason, 400)
+            raise ApiError(status, str(exc), exc.reason) from None
         except MeteringFull as exc:
             raise ApiError(507, str(exc), Reason.METERING_UNAVAILABLE) from None
 
@@ -228,7 +245,7 @@ class Gateway:
         except NotFound:
             return self.lease_json(user, lease_id)
 
-    async def start_kernel(self, user: str, name: Any, timeout: float) -> dict[str, Any]:
+    async def start_kernel(self, user: str, name: Any, timeout: float, groups: Iterable[str] = ()) -> dict[str, Any]:
         """``POST /api/kernels`` of stock Jupyter clients: a kernelspec ``gpu-TYPE`` means a lease.
 
         Waits up to ``timeout`` for a GPU. Cancelled (the client went away), it cancels the
@@ -239,7 +256,7 @@ class Gateway:
             name = KERNELSPEC_PREFIX + next(iter(self.service.core.types), ANY_TYPE)
         if not isinstance(name, str) or not name.startswith(KERNELSPEC_PREFIX):
             raise ApiError(400, f"unknown kernel name {name!r}: use gpu-TYPE, see /api/kernelspecs", Reason.BAD_SPEC)
-        lease = self.create_lease(user, name[len(KERNELSPEC_PREFIX) :], None, "")
+        lease = self.create_lease(user, name[len(KERNELSPEC_PREFIX) :], None, "", groups)
         return self.kernel_json(await self._kernel_when_granted(user, lease, timeout))
 
     async def _kernel_when_granted(self, user: str, lease: Lease, timeout: float) -> Lease:
@@ -282,7 +299,10 @@ class Gateway:
             return None
         self.end_lease(user, lease.id, Reason.RESTARTED)
         choices = (GpuChoice(lease.gpu_type or "", lease.count),)
-        new_lease = self.request_lease(user, choices, lease.idle_timeout, lease.notebook)
+        try:
+            new_lease = self.request_lease(user, choices, lease.idle_timeout, lease.notebook, lease.groups)
+        except LeaseRequestError as exc:  # a budget used up by the lease just ended
+            raise ApiError(403 if exc.reason == Reason.BUDGET else 400, str(exc), exc.reason) from None
         kernel = await self._kernel_when_granted(user, new_lease, timeout)
         self.kernel_ids.replaced(kernel_id, kernel.kernel_id or "")
         return self.kernel_json(kernel)
@@ -292,16 +312,31 @@ class Gateway:
         lease = self.owned_kernel(user, kernel_id)
         return await self.relay_for(lease.kernel_id or "")
 
-    def usage_json(self, user: str) -> dict[str, Any]:
-        return self.metering.usage(user)
+    def usage_json(self, user: str, groups: Iterable[str] = ()) -> dict[str, Any]:
+        """The user's metered leases and totals, and what is left of each budget of theirs."""
+        usage = self.metering.usage(user)
+        usage["budgets"] = self.budgets_json(user, groups)
+        return usage
+
+    def budgets_json(self, user: str, groups: Iterable[str] = ()) -> list[dict[str, Any]]:
+        budgets = self.budget_policy
+        if budgets is None:
+            return []
+        rows = [standing.public() for standing in budgets.standings(user, groups, time.time())]
+        for row in rows:
+            row["resets_at"] = iso(row["resets_at"])
+        return rows
+
+    @property
+    def budget_policy(self) -> BudgetPolicy | None:
+        return self.service.core.admission.budgets
+
+    def configure_budgets(self, config: BudgetConfig) -> None:
+        """Budgets changed (the config file was edited): in force at once."""
+        if self.budget_policy is not None:
+            self.service.configure_budgets(config)
 
     # --- operators: every user's leases and usage -----------------------------------------
-
-    def saw(self, user: User) -> None:
-        """Remember the user's groups (a Hub user's), so usage adds up by group; written only on change."""
-        if self._groups.get(user.name) != user.groups:
-            self.metering.remember_groups(user.name, user.groups)
-            self._groups[user.name] = user.groups
 
     def lease_owner(self, lease_id: str) -> str | None:
         """Whose lease this is, active or ended (None: no such lease)."""
@@ -329,9 +364,10 @@ class Gateway:
     # --- leases ---------------------------------------------------------------------------
 
     def request_lease(
-        self, user: str, choices: tuple[GpuChoice, ...], idle_timeout: float | None, notebook: str
+        self, user: str, choices: tuple[GpuChoice, ...], idle_timeout: float | None, notebook: str,
+        groups: Iterable[str] = (),
     ) -> Lease:
-        lease = self.service.request_lease(user, choices, idle_timeout, notebook)
+        lease = self.service.request_lease(user, choices, idle_timeout, notebook, groups)
         try:
             self.metering.record(lease, self.pool.price(lease.gpu_type))
         except sqlite3.OperationalError as exc:
@@ -360,6 +396,7 @@ class Gateway:
             raise NotFound(lease_id, "lease")
         if self.snapshots is not None:
             row.update(self.snapshots.lease_info(lease_id))  # what its end kept
+        row["reason_message"] = self.reason_messages.get(lease_id, "")
         return row
 
     def leases_json(self, user: str, include_released: bool = False) -> list[dict[str, Any]]:
@@ -430,6 +467,10 @@ class Gateway:
             "node": self._node(lease),
             # live NVML readings of the lease's GPUs; None where there is nothing real to read
             "gpu_status": None,
+            # why it ended, in words, where the reason alone does not say (which budget)
+            "reason_message": lease.reason_message,
+            # what the pool or gateway tells the notebook before the lease ends (the magic shows new ones)
+            "notices": [notice_json(notice) for notice in lease.notices],
         }
         if self._real_gpus(lease):
             if readings is None:
@@ -541,6 +582,8 @@ class Gateway:
         elif isinstance(action, LeaseEnded):
             lease = action.lease
             self._record(lease)
+            if lease.reason_message:
+                _remember(self.reason_messages, lease.id, lease.reason_message)
             relay = self.relays.pop(lease.kernel_id or "", None) if lease.granted_at is not None else None
             self.kernel_ids.forget(lease.kernel_id or "")
             if self.snapshots is not None:
@@ -557,6 +600,17 @@ class Gateway:
                 task = asyncio.get_running_loop().create_task(relay.close(code, why))
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
+
+    def _load_spending(self) -> None:
+        """What leases of this month used before this gateway started counts against budgets."""
+        budgets = self.budget_policy
+        if budgets is None:
+            return
+        rows = self.metering.spent_since(month_start(time.time()))
+        for row in rows:
+            budgets.load(row["user"], row["groups"], row["gpu_type"], row["count"], row["price_per_gpu_hour"],
+                         row["granted_at"], row["released_at"])
+        log.info("budgets: %d lease(s) of this month counted from %s", len(rows), self.metering.path)
 
     def _record(self, lease: Lease | LeaseSnapshot) -> None:
         """Write the lease's row; while the database cannot be written (disk full) keep the lease
@@ -595,3 +649,10 @@ class Gateway:
                 self.metering.heartbeat(held, time.time())
             except Exception:  # a full disk must not take the gateway down
                 log.exception("metering heartbeat failed")
+
+
+def _remember(table: OrderedDict[str, str], lease_id: str, message: str) -> None:
+    table[lease_id] = message
+    table.move_to_end(lease_id)
+    while len(table) > _REMEMBERED:
+        table.popitem(last=False)

@@ -49,6 +49,12 @@ class GatewayHandlerMixin:
         return self.current_user.name
 
     @property
+    def groups(self) -> frozenset[str]:
+        """The caller's groups (their group budgets count what they take)."""
+        assert self.current_user is not None, "identify() runs before any handler method"
+        return self.current_user.groups
+
+    @property
     def gateway(self) -> Gateway:
         gateway: Gateway = self.settings["gateway"]
         return gateway
@@ -61,7 +67,6 @@ class GatewayHandlerMixin:
         if user is None:
             raise ApiError(401, identity.unauthenticated_message(self), Reason.UNAUTHORIZED)  # type: ignore[arg-type]
         self.current_user = user
-        self.gateway.saw(user)
         action = self.auth_action or ("read" if self.request.method in ("GET", "HEAD") else "write")
         authorizer: Authorizer = self.settings["authorizer"]
         allowed = authorizer.is_authorized(self, user, action, self.auth_resource)  # type: ignore[arg-type]
@@ -159,7 +164,7 @@ class KernelsHandler(ApiHandler):
         name = self.json_body().get("name")
         # A task, so that a client that gives up waiting cancels it, and with it the lease.
         self._starting = asyncio.ensure_future(
-            self.gateway.start_kernel(self.user, name, self.settings["kernel_request_timeout"])
+            self.gateway.start_kernel(self.user, name, self.settings["kernel_request_timeout"], self.groups)
         )
         try:
             kernel = await self._starting
@@ -220,7 +225,7 @@ class LeasesHandler(ApiHandler):
     def post(self) -> None:
         body = self.json_body()
         lease = self.gateway.create_lease(self.user, body.get("gpu", "any"), body.get("idle_timeout"),
-                                          body.get("notebook", ""))
+                                          body.get("notebook", ""), self.groups)
         self.set_header("Location", f"/api/gpu/leases/{lease.id}")
         self.reply(self.gateway.describe(lease), 201)
 
@@ -251,7 +256,16 @@ class UsageHandler(ApiHandler):
             self.require_operator("all=1 (every user's usage)")
             self.reply(self.gateway.all_usage_json())
             return
-        self.reply(self.gateway.usage_json(self.user))
+        self.reply(self.gateway.usage_json(self.user, self.groups))
+
+
+class BudgetsHandler(ApiHandler):
+    """What is left of each budget of the caller's (the sidebar polls this; usage has it too)."""
+
+    auth_resource = "usage"
+
+    def get(self) -> None:
+        self.reply(self.gateway.budgets_json(self.user, self.groups))
 
 
 class MetricsHandler(ApiHandler):

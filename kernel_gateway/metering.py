@@ -16,7 +16,7 @@ from typing import Any
 from jupyter_gpu.protocol import GRANTED, QUEUED, RELEASED, Reason
 from pool_manager.model import Lease, LeaseSnapshot
 
-_SCHEMA_VERSION = 1
+_SCHEMA_VERSION = 2  # 2: the user's groups, for group budgets
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -31,15 +31,11 @@ CREATE TABLE IF NOT EXISTS leases (
     granted_at REAL,
     released_at REAL,
     last_alive_at REAL,
-    price_per_gpu_hour REAL NOT NULL DEFAULT 0
+    price_per_gpu_hour REAL NOT NULL DEFAULT 0,
+    groups TEXT NOT NULL DEFAULT '[]'
 );
 CREATE INDEX IF NOT EXISTS leases_user_queued ON leases (user, queued_at);
 CREATE INDEX IF NOT EXISTS leases_state ON leases (state);
--- each user's groups (a Hub user's, as last seen), so operators see usage by group
-CREATE TABLE IF NOT EXISTS user_groups (
-    user TEXT PRIMARY KEY,
-    groups TEXT NOT NULL
-);
 """
 
 # Open leases are counted up to :now; clamped at 0 so a clock step back never yields negative usage.
@@ -56,8 +52,9 @@ _COLUMNS = (
 # at the price in force when it got its GPUs, whatever the operator configures later.
 _UPSERT = """
 INSERT INTO leases (id, user, gpu, gpu_type, count, state, reason, queued_at, granted_at, released_at,
-                    price_per_gpu_hour)
-VALUES (:id, :user, :gpu, :gpu_type, :count, :state, :reason, :queued_at, :granted_at, :released_at, :price)
+                    price_per_gpu_hour, groups)
+VALUES (:id, :user, :gpu, :gpu_type, :count, :state, :reason, :queued_at, :granted_at, :released_at, :price,
+        :groups)
 ON CONFLICT (id) DO UPDATE SET
     gpu_type = excluded.gpu_type,
     count = excluded.count,
@@ -92,6 +89,9 @@ class MeteringStore:
             # WAL lets `jupyter-gpu usage` read the file while the gateway writes it.
             self._conn.execute("PRAGMA journal_mode=WAL")
             self._conn.execute("PRAGMA synchronous=NORMAL")
+            columns = {row[1] for row in self._conn.execute("PRAGMA table_info(leases)")}
+            if columns and "groups" not in columns:  # a version 1 file
+                self._conn.execute("ALTER TABLE leases ADD COLUMN groups TEXT NOT NULL DEFAULT '[]'")
             self._conn.executescript(_SCHEMA)
             self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
 
@@ -109,6 +109,7 @@ class MeteringStore:
             "granted_at": lease.granted_at,
             "released_at": lease.released_at,
             "price": float(price_per_gpu_hour),
+            "groups": json.dumps(sorted(lease.groups)),
         }
         with self._lock, self._conn:
             self._conn.execute(_UPSERT, params)
@@ -174,11 +175,18 @@ class MeteringStore:
             ).fetchall()
         return {row["gpu_type"]: float(row["seconds"]) for row in rows}
 
-    def remember_groups(self, user: str, groups: frozenset[str]) -> None:
-        """The user's groups now; usage by group counts all of a user's leases under these."""
-        with self._lock, self._conn:
-            self._conn.execute("INSERT INTO user_groups (user, groups) VALUES (?, ?) ON CONFLICT (user) DO UPDATE "
-                               "SET groups = excluded.groups", (user, json.dumps(sorted(groups))))
+    def spent_since(self, since: float) -> list[dict[str, Any]]:
+        """Ended leases that held GPUs at or after ``since``: what budgets count after a restart."""
+        with self._lock:
+            rows = self._conn.execute(
+                "SELECT id, user, groups, gpu_type, count, granted_at, released_at, price_per_gpu_hour FROM leases "
+                "WHERE granted_at IS NOT NULL AND released_at >= :since",
+                {"since": since},
+            ).fetchall()
+        return [{"id": row["id"], "user": row["user"], "groups": json.loads(row["groups"]),
+                 "gpu_type": row["gpu_type"], "count": row["count"],
+                 "granted_at": row["granted_at"], "released_at": row["released_at"],
+                 "price_per_gpu_hour": row["price_per_gpu_hour"]} for row in rows]
 
     def list_all(self, limit: int = 1000, *, now: float | None = None) -> list[dict[str, Any]]:
         """Every user's leases, newest first (for operators)."""
@@ -190,31 +198,32 @@ class MeteringStore:
         return [_lease_dict(row) for row in rows]
 
     def usage_by_user_and_group(self, *, now: float | None = None) -> dict[str, Any]:
-        """GPU-seconds, cost and lease count per user (with their groups) and per group, and the totals.
+        """GPU-seconds, cost and lease count per user and per group, and the totals.
 
-        A user in two groups counts in both, so groups need not add up to the total.
+        A lease counts in the groups its user had when they took it (what group budgets count),
+        so a user in two groups counts in both and groups need not add up to the total. A user's
+        ``groups`` are those of their newest lease.
         """
         with self._lock:
             rows = self._conn.execute(
-                f"SELECT leases.user AS user, COUNT(*) AS leases, SUM({_GPU_SECONDS}) AS seconds, "
-                f"SUM({_GPU_SECONDS} * price_per_gpu_hour / 3600.0) AS cost, user_groups.groups AS groups "
-                "FROM leases LEFT JOIN user_groups ON user_groups.user = leases.user "
-                "GROUP BY leases.user ORDER BY leases.user",
+                f"SELECT user, groups, COUNT(*) AS leases, SUM({_GPU_SECONDS}) AS seconds, "
+                f"SUM({_GPU_SECONDS} * price_per_gpu_hour / 3600.0) AS cost, MAX(queued_at) AS newest "
+                "FROM leases GROUP BY user, groups ORDER BY user, newest",
                 {"now": _now(now)},
             ).fetchall()
         by_user: dict[str, dict[str, Any]] = {}
         by_group: dict[str, dict[str, Any]] = {}
         for row in rows:
-            groups = json.loads(row["groups"]) if row["groups"] else []
-            entry = {"gpu_seconds": float(row["seconds"]), "cost": float(row["cost"]), "leases": int(row["leases"]),
-                     "groups": groups}
-            by_user[row["user"]] = entry
+            groups = json.loads(row["groups"])
+            used = {"gpu_seconds": float(row["seconds"]), "cost": float(row["cost"]), "leases": int(row["leases"])}
+            user = by_user.setdefault(row["user"], {"gpu_seconds": 0.0, "cost": 0.0, "leases": 0})
+            user["groups"] = groups  # rows come oldest first: the newest lease's groups stay
+            _add(user, used)
             for group in groups:
                 total = by_group.setdefault(group, {"gpu_seconds": 0.0, "cost": 0.0, "leases": 0, "users": []})
-                total["gpu_seconds"] += entry["gpu_seconds"]
-                total["cost"] += entry["cost"]
-                total["leases"] += entry["leases"]
-                total["users"].append(row["user"])
+                _add(total, used)
+                if row["user"] not in total["users"]:
+                    total["users"].append(row["user"])
         return {
             "by_user": by_user,
             "by_group": dict(sorted(by_group.items())),
@@ -225,6 +234,11 @@ class MeteringStore:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def _add(total: dict[str, Any], used: dict[str, float]) -> None:
+    for key, value in used.items():
+        total[key] += value
 
 
 def _now(now: float | None) -> float:

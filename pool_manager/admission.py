@@ -1,8 +1,10 @@
 """Admission: how many GPUs a user may take, as one policy object the scheduler consults.
 
-Today it knows one limit, GPUs held at once per user (``max_gpus_per_user``); budgets
-(GPU-hours or money per day, per user or group) plug in here without another branch in the
-scheduler. It answers two questions: is a request one no amount of waiting can admit
+It knows one limit of its own, GPUs held at once per user (``max_gpus_per_user``: a request
+past it waits for the user's own leases), and carries the operator's budgets
+(:class:`~.budgets.BudgetPolicy`: GPUs, GPU-hours per day, money per month, per user or group;
+a request past one is refused, a running lease that uses one up ends), which the core consults
+on requests, grants, ends and ticks. It answers two questions: is a request one no amount of waiting can admit
 (:meth:`Admission.refusal`), and how many more GPUs may a user take now (:meth:`Admission.room`).
 """
 
@@ -10,11 +12,15 @@ from __future__ import annotations
 
 from jupyter_gpu.protocol import GpuChoice
 
+from .budgets import BudgetPolicy
+
 
 class Admission:
-    def __init__(self, max_gpus_per_user: int = 0) -> None:
+    def __init__(self, max_gpus_per_user: int = 0, budgets: BudgetPolicy | None = None) -> None:
         #: 0 means no per-user cap
         self.max_gpus_per_user = max_gpus_per_user
+        #: None: no budgets (the trace simulator, a pool nobody pays for)
+        self.budgets = budgets
 
     @property
     def limits(self) -> bool:

@@ -29,7 +29,9 @@ from jupyter_gpu.protocol import (
     CPU_TYPE,
     GRANTED,
     QUEUED,
+    REASON_BUDGET,
     REASON_CANCELLED,
+    REASON_GPU_IDLE,
     REASON_KERNEL_DIED,
     REASON_NODE_LOST,
     RELEASED,
@@ -38,7 +40,9 @@ from jupyter_gpu.protocol import (
 )
 
 from .admission import Admission
+from .budgets import BudgetConfig
 from .deadlines import Deadlines
+from .gpu_idleness import GpuIdleness
 from .lease_index import LeaseIndex
 from .model import (
     Action,
@@ -47,7 +51,9 @@ from .model import (
     Lease,
     LeaseEnded,
     LeaseGranted,
+    LeaseNoticed,
     LeaseView,
+    Notice,
     Slot,
     SlotState,
     StartKernel,
@@ -88,6 +94,10 @@ class PoolPolicy:
     max_gpus_per_user: int = 0
     #: after a kernel fails to start, wait this long before starting another of its type
     start_failure_backoff: float = 5.0
+    #: a lease whose GPUs did no work and whose kernel ran no cell for this long ends; 0: never
+    gpu_idle_timeout: float = 0.0
+    #: the notebook is told this long before such an end
+    gpu_idle_warning: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +139,7 @@ class PoolCore:
         self._slot_index = SlotIndex()
         self._leases = LeaseIndex(policy.max_lease_duration)
         self._deadlines = Deadlines(policy.max_lease_duration)
+        self._gpu_idleness = GpuIdleness(policy.gpu_idle_timeout, policy.gpu_idle_warning)
         self.devices: dict[str, Device] = self._placement.devices
         self.leases: dict[str, Lease] = self._leases.active  # active ones only: queued or granted
         self._actions: list[Action] = []
@@ -159,10 +170,12 @@ class PoolCore:
         choices: Sequence[GpuChoice],
         idle_timeout: float | None = None,
         notebook: str = "",
+        groups: Iterable[str] = (),
     ) -> Lease:
         """Queue a lease request and place it at once if capacity allows.
 
-        Raises :class:`LeaseRequestError` for a request no amount of waiting could satisfy.
+        Raises :class:`LeaseRequestError` for a request no amount of waiting could satisfy, or
+        one past a budget of the user or of one of their ``groups`` (reason ``budget``).
         """
         self._check_satisfiable(choices)
         idle = self.policy.idle_timeout if idle_timeout is None else float(idle_timeout)
@@ -171,6 +184,12 @@ class PoolCore:
         if not idle > 0:
             raise LeaseRequestError(f"idle_timeout must be positive, got {idle_timeout!r}", "bad_idle_timeout")
         idle = min(idle, self.policy.max_idle_timeout)
+        groups = frozenset(groups)
+        budgets = self.admission.budgets
+        if budgets is not None:
+            refusal = budgets.refusal(user, groups, choices, self.wall_clock())
+            if refusal is not None:
+                raise LeaseRequestError(refusal, REASON_BUDGET)
         lease = Lease(
             id=self.new_id(),
             user=user,
@@ -178,8 +197,11 @@ class PoolCore:
             idle_timeout=idle,
             queued_at=self.wall_clock(),
             notebook=notebook,
+            groups=groups,
         )
         self._leases.add(lease)
+        if budgets is not None:
+            budgets.requested(lease.id, user, choices, groups)
         self._queue.enqueue(lease.id, self._matching_types(lease.choices), front=False, waiting=True)
         self._schedule()
         return lease
@@ -209,6 +231,26 @@ class PoolCore:
             self._leases.activity()
             if not busy:
                 self._deadlines.arm_idle(lease)
+                self._gpu_idleness.arm(lease)
+
+    def gpu_used(self, lease_id: str) -> None:
+        """The lease's GPUs showed some utilization just now (the service samples NVML where
+        GPUs are real): its GPU idleness starts again from now."""
+        lease = self.leases.get(lease_id)
+        if lease is not None and lease.state == GRANTED:
+            lease.gpu_active_mono = self.clock()
+
+    def notify(self, lease_id: str, kind: str, text: str, when: float | None = None) -> Notice | None:
+        """Tell the notebook something about its granted lease before it ends (a LeaseNoticed
+        action goes out); ``when``: the wall time of what it announces. None if the lease is
+        not granted (a queued or ended one has no notebook listening)."""
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.state != GRANTED:
+            return None
+        notice = Notice(len(lease.notices) + 1, kind, text, self.wall_clock(), when)
+        lease.notices = (*lease.notices, notice)
+        self._actions.append(LeaseNoticed(lease.snapshot(), notice))
+        return notice
 
     # --- events: kernels ----------------------------------------------------------------
 
@@ -342,6 +384,14 @@ class PoolCore:
             reason = self._deadlines.expired(lease, now)
             if reason is not None:
                 self._end(lease, reason)
+        for item in self._gpu_idleness.due(now, self.leases):
+            if item.lease.state != GRANTED:
+                continue  # ended above
+            if item.warn:
+                self._warn_gpu_idle(item.lease, item.release_at - now)
+            else:
+                self._end(item.lease, REASON_GPU_IDLE)
+        self._apply_budgets()
         for gpu_type, until in list(self._backoff_until.items()):
             if until <= now:
                 del self._backoff_until[gpu_type]
@@ -350,7 +400,47 @@ class PoolCore:
     def next_deadline(self) -> float | None:
         """The earliest time (on :attr:`clock`) at which :meth:`tick` would change anything."""
         lease_deadline = self._deadlines.next(self.leases)
-        return min((lease_deadline, *self._backoff_until.values()), key=_or_inf, default=None)
+        gpu_idle = self._gpu_idleness.next(self.leases)
+        budgets = self.admission.budgets
+        budget_due = budgets.next_due(self.wall_clock()) if budgets is not None else None
+        if budget_due is not None:  # budgets count on the wall clock (days, months): on ours from now
+            budget_due = self.clock() + max(0.0, budget_due - self.wall_clock())
+        return min((lease_deadline, gpu_idle, budget_due, *self._backoff_until.values()), key=_or_inf, default=None)
+
+    def _warn_gpu_idle(self, lease: Lease, seconds_left: float) -> None:
+        idle_for = _duration(self.policy.gpu_idle_timeout - seconds_left)
+        self.notify(
+            lease.id,
+            REASON_GPU_IDLE,
+            f"its GPUs did no work and no cell ran for {idle_for}: it will be released for GPU idleness; "
+            "run a %%gpu cell to keep it",
+            when=self.wall_clock() + seconds_left,
+        )
+
+    def configure_budgets(self, config: BudgetConfig) -> None:
+        """New budgets in force at once: running leases are warned or ended against them now."""
+        if self.admission.budgets is None:
+            raise ValueError("this pool was built without budgets")
+        self.admission.budgets.configure(config)
+        self._apply_budgets()
+        self._schedule()
+
+    def _apply_budgets(self) -> None:
+        """Warn the running leases whose budget reached 90% (a lease notice); end those whose budget is used up."""
+        budgets = self.admission.budgets
+        if budgets is None:
+            return
+        warnings, overruns = budgets.due(self.wall_clock())
+        for overrun in overruns:
+            lease = self.leases.get(overrun.lease_id)
+            if lease is not None:
+                lease.reason_message = overrun.message
+                self._end(lease, REASON_BUDGET)
+        for warning in warnings:
+            lease = self.leases.get(warning.lease_id)
+            if lease is not None:
+                log.info("lease %s of %s: %s", lease.id, lease.user, warning.message)
+                self.notify(lease.id, REASON_BUDGET, warning.message, when=warning.when)
 
     def shutdown(self, reason: str) -> None:
         """End every lease and kill every kernel (the gateway is stopping)."""
@@ -420,6 +510,21 @@ class PoolCore:
                 )
             )
         return rows
+
+    def leases_on_local_gpus(self) -> dict[str, tuple[int, ...]]:
+        """Granted leases on real GPUs of this machine (what NVML here can read): lease id ->
+        GPU indices. Empty unless leases can end for GPU idleness (nothing needs the readings)."""
+        if not self.policy.gpu_idle_timeout:
+            return {}
+        found = {}
+        for lease in self.leases.values():
+            slot = self.slots.get(lease.slot_id or "") if lease.state == GRANTED else None
+            if slot is None or not lease.gpu_indices:
+                continue
+            devices = [self.devices[key] for key in slot.devices]
+            if all(d.node == "local" and not d.emulated and d.index is not None for d in devices):
+                found[lease.id] = lease.gpu_indices
+        return found
 
     def leases_of(self, user: str) -> list[Lease]:
         """The user's active (queued or granted) leases, in the order they were requested."""
@@ -681,19 +786,23 @@ class PoolCore:
         self._queue.dequeue(lease.id)
         self._leases.granted(lease)
         self._deadlines.granted(lease)
+        if self.admission.budgets is not None:
+            self.admission.budgets.granted(lease.id, lease.count, lease.gpu_type or "", lease.last_activity)
+        self._gpu_idleness.arm(lease)
         log.info("lease %s granted to %s: %s on %s", lease.id, lease.user, lease.gpu_type, lease.gpu_indices)
         self._actions.append(LeaseGranted(lease.snapshot()))
 
     def _end(self, lease: Lease, reason: str) -> None:
         lease.state = RELEASED
         lease.reason = reason
-        lease.released_at = self.wall_clock()
+        lease.released_at = released = self.wall_clock()
         lease.busy = False
         self._leases.remove(lease)
         if lease.granted_mono is None:
             self._queue.dequeue(lease.id)
         else:
             self._deadlines.forget(lease.id)
+            self._gpu_idleness.forget(lease.id)
         slot = self.slots.get(lease.slot_id) if lease.slot_id else None
         if slot is not None and slot.lease_id == lease.id:
             slot.lease_id = None
@@ -711,6 +820,8 @@ class PoolCore:
             self._touch(slot)
         if lease.granted_at is None:
             lease.count = 0  # never held a GPU: nothing to meter
+        if self.admission.budgets is not None:
+            self.admission.budgets.ended(lease.id, released)
         log.info("lease %s of %s ended: %s", lease.id, lease.user, reason)
         self._actions.append(LeaseEnded(lease.snapshot()))
 
@@ -753,6 +864,10 @@ class PoolCore:
         if preemptible != self._placement.preemptible.get(slot.id):
             self._placement.set_preemptible(slot.id, slot.devices, preemptible)
         self._slot_index.touch(slot)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _or_inf(value: float | None) -> float:

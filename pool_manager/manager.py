@@ -10,7 +10,10 @@ from traitlets.config import LoggingConfigurable
 
 from jupyter_gpu.protocol import HELPER_BOOT
 
+from .admission import Admission
 from .backend import LocalKernelBackend
+from .budget_settings import Budgets
+from .budgets import BudgetPolicy
 from .core import PoolCore, PoolPolicy
 from .inventory import build_inventory
 from .prices import list_price, lookup
@@ -32,6 +35,16 @@ class PoolManager(LoggingConfigurable):
     idle_timeout = Float(600.0, help="Seconds without execution after which a lease ends (default).").tag(config=True)
     max_idle_timeout = Float(3600.0, help="The largest idle timeout a user may ask for.").tag(config=True)
     max_lease_duration = Float(0.0, help="Seconds after which any lease ends; 0 for no limit.").tag(config=True)
+    gpu_idle_timeout = Float(
+        0.0,
+        help="Seconds after which a lease whose GPUs did no work (NVML utilization, sampled where GPUs are real; "
+        "on emulated GPUs the kernel's busy/idle status stands in) and whose kernel ran no cell ends, with reason "
+        "'gpu_idle' and its variables kept like an idle release. Unlike idle_timeout, users cannot ask for more. "
+        "0: never.",
+    ).tag(config=True)
+    gpu_idle_warning = Float(
+        300.0, help="Seconds before a GPU-idleness release at which the notebook is told (a lease notice)."
+    ).tag(config=True)
     max_gpus_per_user = Int(0, help="GPUs one user may hold at once; 0 for no limit.").tag(config=True)
     warmup_code = Unicode(
         "", help="Code each kernel runs before it counts as warm, e.g. 'import torch; torch.cuda.init()'."
@@ -95,6 +108,11 @@ class PoolManager(LoggingConfigurable):
             self.log.info("kernel isolation: %s", sandbox.isolation.summary)
         return sandbox
 
+    def build_admission(self) -> Admission:
+        """The per-user cap and the budgets of ``c.Budgets`` (ValueError naming a bad entry)."""
+        budgets = BudgetPolicy(Budgets(parent=self).build(), price=self.price)
+        return Admission(self.max_gpus_per_user, budgets)
+
     def build_service(self, hidden: Sequence[str] = ()) -> PoolService:
         """The pool; ``hidden``: gateway state (database, users file) no kernel may see."""
         policy = PoolPolicy(
@@ -103,16 +121,18 @@ class PoolManager(LoggingConfigurable):
             max_idle_timeout=self.max_idle_timeout,
             max_lease_duration=self.max_lease_duration,
             max_gpus_per_user=self.max_gpus_per_user,
+            gpu_idle_timeout=self.gpu_idle_timeout,
+            gpu_idle_warning=self.gpu_idle_warning,
         )
         # Every pooled kernel loads the helper that receives pushed variables and sends
         # bound ones back; the operator's warm-up code runs after it.
         warmup = "\n".join(code for code in (HELPER_BOOT, self.warmup_code) if code)
         ray_pool = RayPool(parent=self)
         if ray_pool.address:  # the GPUs are a Ray cluster's: nodes join and leave
-            return ray_pool.build_service(policy, self.kernel_name, warmup)
+            return ray_pool.build_service(policy, self.kernel_name, warmup, self.build_admission())
         devices = build_inventory(self.inventory or None, self.cpu_slots, self.log)
         sandbox = self.build_sandbox(any(not d.emulated and d.index is not None for d in devices), hidden)
-        core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time)
+        core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time, admission=self.build_admission())
         backend = LocalKernelBackend(
             kernel_name=self.kernel_name,
             warmup_code=warmup,

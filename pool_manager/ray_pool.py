@@ -13,6 +13,7 @@ from typing import Any
 from traitlets import Float, Int, Unicode
 from traitlets.config import LoggingConfigurable
 
+from .admission import Admission
 from .core import PoolCore, PoolPolicy
 from .ray_nodes import NodeTable, devices_of
 from .service import PoolService
@@ -88,7 +89,8 @@ class RayPool(LoggingConfigurable):
                 "this Ray cluster notices a dead node after about %.0f s (%s); for %.0f s start its head with "
                 "ray start --head --system-config='%s'", seen, actual, wanted, json.dumps(self.system_config()))
 
-    def build_service(self, policy: PoolPolicy, kernel_name: str, warmup_code: str) -> PoolService:
+    def build_service(self, policy: PoolPolicy, kernel_name: str, warmup_code: str,
+                      admission: Admission | None = None) -> PoolService:
         """Connect to Ray, read its GPU nodes, and build the pool service over them."""
         from .ray_backend import RayKernelBackend
         from .ray_membership import RayPoolService
@@ -105,7 +107,7 @@ class RayPool(LoggingConfigurable):
         devices = [device for node in nodes.update(_read_nodes()).joined for device in devices_of(node)]
         settings = SlotSettings(kernel_name=kernel_name, warmup_code=warmup_code,
                                 transport_encryption=self.transport_encryption)
-        core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time)
+        core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time, admission=admission)
         backend = RayKernelBackend(nodes, settings)
         return RayPoolService(core, backend, read_nodes=_read_nodes, poll_interval=self.poll_interval,
                               node_loss_grace=self.node_loss_seconds(self._cluster_health_settings()))

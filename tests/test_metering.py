@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -147,26 +148,61 @@ def test_users_see_only_their_own_leases(db: str) -> None:
 
 def test_usage_by_user_and_group_for_operators(db: str) -> None:
     store = MeteringStore(db)
-    for lease_id, user, seconds in (("a1", "alice", 60), ("a2", "alice", 120), ("b1", "bob", 30), ("c1", "carol", 10)):
+    taken = (("a1", "alice", 60, {"physics", "gpu-users"}), ("a2", "alice", 120, {"physics", "gpu-users"}),
+             ("b1", "bob", 30, {"gpu-users"}), ("b2", "bob", 40, {"biology"}), ("c1", "carol", 10, set()))
+    for order, (lease_id, user, seconds, groups) in enumerate(taken):
         lease = make_lease(lease_id, user)
+        lease.queued_at = T0 + order  # in this order: bob's newest lease is b2
+        lease.groups = frozenset(groups)
         grant(lease, T0)
         release(lease, T0 + seconds)
         store.record(lease, 3.6)
-    store.remember_groups("alice", frozenset({"physics", "gpu-users"}))
-    store.remember_groups("bob", frozenset({"gpu-users"}))
-    store.remember_groups("bob", frozenset({"biology", "gpu-users"}))  # the newest groups count
     usage = store.usage_by_user_and_group()
     assert usage["by_user"] == {
         "alice": {"gpu_seconds": 180.0, "cost": pytest.approx(0.18), "leases": 2, "groups": ["gpu-users", "physics"]},
-        "bob": {"gpu_seconds": 30.0, "cost": pytest.approx(0.03), "leases": 1, "groups": ["biology", "gpu-users"]},
-        "carol": {"gpu_seconds": 10.0, "cost": pytest.approx(0.01), "leases": 1, "groups": []},  # never seen: none
+        # each lease counts in the groups of when it was taken; the user's groups are their newest lease's
+        "bob": {"gpu_seconds": 70.0, "cost": pytest.approx(0.07), "leases": 2, "groups": ["biology"]},
+        "carol": {"gpu_seconds": 10.0, "cost": pytest.approx(0.01), "leases": 1, "groups": []},
     }
     # a user in two groups counts in both; groups need not add up to the total
     assert usage["by_group"] == {
-        "biology": {"gpu_seconds": 30.0, "cost": pytest.approx(0.03), "leases": 1, "users": ["bob"]},
+        "biology": {"gpu_seconds": 40.0, "cost": pytest.approx(0.04), "leases": 1, "users": ["bob"]},
         "gpu-users": {"gpu_seconds": 210.0, "cost": pytest.approx(0.21), "leases": 3, "users": ["alice", "bob"]},
         "physics": {"gpu_seconds": 180.0, "cost": pytest.approx(0.18), "leases": 2, "users": ["alice"]},
     }
-    assert usage["total_gpu_seconds"] == pytest.approx(220.0) and usage["total_cost"] == pytest.approx(0.22)
-    assert sorted(row["id"] for row in store.list_all()) == ["a1", "a2", "b1", "c1"]
+    assert usage["total_gpu_seconds"] == pytest.approx(260.0) and usage["total_cost"] == pytest.approx(0.26)
+    assert sorted(row["id"] for row in store.list_all()) == ["a1", "a2", "b1", "b2", "c1"]
     store.close()
+
+
+def test_groups_are_kept_and_this_months_spending_is_read_back(db: str) -> None:
+    """What budgets count after a restart: ended leases of the period, with the groups they were recorded under."""
+    store = MeteringStore(db)
+    old, recent, open_one = make_lease("old"), make_lease("recent", "bob", count=2), make_lease("open")
+    recent.groups = frozenset({"physics", "lab"})
+    for lease, start, end in ((old, T0 - 86400, T0 - 80000), (recent, T0 + 10, T0 + 110), (open_one, T0, None)):
+        grant(lease, start)
+        if end is not None:
+            release(lease, end)
+        store.record(lease, price_per_gpu_hour=4.0)
+    store.close()
+
+    rows = MeteringStore(db).spent_since(T0)
+    assert rows == [{"id": "recent", "user": "bob", "groups": ["lab", "physics"], "gpu_type": "a100", "count": 2,
+                     "granted_at": T0 + 10, "released_at": T0 + 110, "price_per_gpu_hour": 4.0}]
+
+
+def test_a_database_of_the_first_schema_gains_the_groups_column_and_keeps_its_rows(db: str) -> None:
+    conn = sqlite3.connect(db)
+    conn.executescript("""
+        CREATE TABLE leases (id TEXT PRIMARY KEY, user TEXT NOT NULL, gpu TEXT NOT NULL, gpu_type TEXT,
+            count INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL, reason TEXT, queued_at REAL NOT NULL,
+            granted_at REAL, released_at REAL, last_alive_at REAL, price_per_gpu_hour REAL NOT NULL DEFAULT 0);
+        INSERT INTO leases VALUES ('v1', 'alice', 'a100', 'a100', 1, 'released', 'idle', 1, 2, 3602, 3602, 2.0);
+        PRAGMA user_version=1;
+    """)
+    conn.close()
+    store = MeteringStore(db)
+    assert store.spent_since(0) == [{"id": "v1", "user": "alice", "groups": [], "gpu_type": "a100", "count": 1,
+                                     "granted_at": 2, "released_at": 3602, "price_per_gpu_hour": 2.0}]
+    assert store.usage("alice")["total_cost"] == pytest.approx(2.0)

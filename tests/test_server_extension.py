@@ -30,7 +30,11 @@ Fetch = Callable[..., Awaitable[HTTPResponse]]
 
 @pytest.fixture(scope="module")
 def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
-    process = make_gateway(tmp_path_factory.mktemp("gateway"), "--inventory", "a100=2,h100=1", "--min-warm", "1")
+    tmp = tmp_path_factory.mktemp("gateway")
+    (tmp / "config").mkdir()
+    # a budget the tests never reach (3 GPUs is the whole pool), for the panel to show
+    (tmp / "config" / "jupyter_gpu_config.py").write_text('c.Budgets.default = {"gpus": 3}\n')
+    process = make_gateway(tmp, "--inventory", "a100=2,h100=1", "--min-warm", "1")
     yield process.start()
     process.stop()
 
@@ -95,6 +99,9 @@ async def test_state_lists_the_types_and_only_my_leases_named_as_jupyterlab_name
     assert lease["gpu_type"] == "a100" and lease["gpu_indices"] and lease["state"] == "granted"
     assert lease["gpu_status"] is None  # emulated: nothing to read, the panel shows n/a
     assert {"granted_at", "idle_remaining", "gpu_seconds", "cost"} <= set(lease)
+    # what is left of my budgets: alice holds 2 of her 3 GPUs
+    assert [(b["scope"], b["name"], b["budget"], b["used"], b["left"]) for b in state["budgets"]] == [
+        ("user", "alice", "gpus", 2, 1)]
 
 
 async def test_the_gateway_token_never_reaches_the_browser(jp_fetch: Fetch, gateway: GatewayProcess) -> None:

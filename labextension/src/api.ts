@@ -25,6 +25,15 @@ export interface IGpuStatus {
   memory_total_mb: number;
 }
 
+/** What the gateway told the notebook about a lease before its end (GPU idleness, budgets). */
+export interface INotice {
+  seq: number;
+  kind: string;
+  text: string;
+  at: number;
+  when: number | null;
+}
+
 /** One of my leases, as the gateway describes it, plus the notebook path JupyterLab uses. */
 export interface ILease {
   id: string;
@@ -48,6 +57,22 @@ export interface ILease {
   cost: number;
   emulated: boolean;
   gpu_status: IGpuStatus[] | null;
+  notices?: INotice[];
+}
+
+/** One budget that applies to me (my own or a group's), as `GET /api/gpu/budgets` lists it. */
+export interface IBudget {
+  scope: 'user' | 'group';
+  name: string;
+  budget: 'gpus' | 'gpu_hours_per_day' | 'money_per_month';
+  /** GPUs, GPU-hours or money */
+  limit: number;
+  used: number;
+  left: number;
+  /** used / limit: at 0.9 running leases are warned, at 1 they end */
+  share: number;
+  /** ISO time (UTC); null for `gpus`, which free as leases end */
+  resets_at: string | null;
 }
 
 /** What one poll returns. */
@@ -55,6 +80,8 @@ export interface IState {
   gateway: string;
   types: IGpuType[];
   leases: ILease[];
+  /** absent from a server extension older than budgets */
+  budgets?: IBudget[];
 }
 
 /** A failed call, in words a person can act on. */

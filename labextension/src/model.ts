@@ -5,7 +5,14 @@
 import { Poll } from '@lumino/polling';
 import { ISignal, Signal } from '@lumino/signaling';
 
-import { GpuApiError, IGpuType, ILease, IState, requestAPI } from './api';
+import {
+  GpuApiError,
+  IBudget,
+  IGpuType,
+  ILease,
+  IState,
+  requestAPI
+} from './api';
 
 /** Poll intervals (ms): quick while the panel is open, slow when only the status bar shows. */
 const FAST = 2000;
@@ -36,6 +43,7 @@ export class GpuModel {
 
   types: IGpuType[] = [];
   leases: ILease[] = [];
+  budgets: IBudget[] = [];
   gateway = '';
   /** The last failure, cleared by the next successful poll. */
   error: GpuApiError | null = null;
@@ -137,6 +145,7 @@ export class GpuModel {
       const state = await requestAPI<IState>('state');
       this.types = state.types;
       this.leases = state.leases.filter(lease => lease.state !== 'released');
+      this.budgets = state.budgets ?? [];
       this.gateway = state.gateway;
       this.polledAt = Date.now();
       this.error = null;
@@ -173,6 +182,24 @@ export function formatDuration(seconds: number): string {
 export function formatCost(dollars: number): string {
   return `$${dollars.toFixed(2)}`;
 }
+
+/** A budget's amount in its unit: `2 GPUs`, `1.50 GPU-h`, `$12.00`. */
+export function formatBudgetAmount(budget: IBudget, value: number): string {
+  if (budget.budget === 'money_per_month') {
+    return formatCost(value);
+  }
+  if (budget.budget === 'gpus') {
+    return `${Math.round(value)} GPU${Math.round(value) === 1 ? '' : 's'}`;
+  }
+  return `${value < 0.1 && value > 0 ? value.toPrecision(2) : value.toFixed(2)} GPU-h`;
+}
+
+/** What a budget is, in words: `GPU-hours today`. */
+export const BUDGET_LABELS: Record<IBudget['budget'], string> = {
+  gpus: 'GPUs at once',
+  gpu_hours_per_day: 'GPU-hours today',
+  money_per_month: 'money this month'
+};
 
 /** What the status bar shows for a notebook's lease: `a100 · 3m12s · $0.12`. */
 export function leaseSummary(model: GpuModel, lease: ILease): string {

@@ -11,9 +11,15 @@ import {
 import { Message } from '@lumino/messaging';
 import * as React from 'react';
 
-import { IGpuType, ILease } from './api';
+import { IBudget, IGpuType, ILease } from './api';
 import { gpuIcon } from './icon';
-import { formatCost, formatDuration, GpuModel } from './model';
+import {
+  BUDGET_LABELS,
+  formatBudgetAmount,
+  formatCost,
+  formatDuration,
+  GpuModel
+} from './model';
 
 export interface IPanelOptions {
   model: GpuModel;
@@ -121,6 +127,12 @@ function PanelBody(props: IPanelOptions): JSX.Element {
           </p>
         )}
       </section>
+      {model.budgets.length ? (
+        <section aria-label="My budgets">
+          <h3>Budgets</h3>
+          <BudgetsList budgets={model.budgets} />
+        </section>
+      ) : null}
       {model.gateway && (
         <footer className="jp-GpuPanel-muted" title="gateway">
           {model.gateway}
@@ -170,6 +182,54 @@ function TypesList(props: { types: IGpuType[] }): JSX.Element {
           </div>
         </li>
       ))}
+    </ul>
+  );
+}
+
+/** What is left of each budget: a meter of what is left, the figures, and when it resets. */
+function BudgetsList(props: { budgets: IBudget[] }): JSX.Element {
+  return (
+    <ul className="jp-GpuPanel-budgets">
+      {props.budgets.map(b => {
+        const left = Math.max(0, 1 - b.share);
+        const state = b.share >= 1 ? 'spent' : b.share >= 0.9 ? 'low' : 'ok';
+        return (
+          <li
+            key={`${b.scope}:${b.name}:${b.budget}`}
+            className="jp-GpuPanel-budget"
+            data-budget={b.budget}
+            data-scope={b.scope}
+            data-state={state}
+          >
+            <div className="jp-GpuPanel-row">
+              <span title={`the budget of ${b.scope} ${b.name}`}>
+                {b.scope === 'group' ? `group ${b.name}` : 'mine'} ·{' '}
+                {BUDGET_LABELS[b.budget]}
+              </span>
+              <span className="jp-GpuPanel-budgetLeft">
+                {formatBudgetAmount(b, b.left)} left
+              </span>
+            </div>
+            <div
+              className="jp-GpuPanel-meter"
+              role="meter"
+              aria-label={`${BUDGET_LABELS[b.budget]} left`}
+              aria-valuemin={0}
+              aria-valuemax={b.limit}
+              aria-valuenow={b.left}
+            >
+              <div style={{ width: `${100 * left}%` }} />
+            </div>
+            <div className="jp-GpuPanel-muted jp-GpuPanel-typeFigures">
+              {formatBudgetAmount(b, b.used)} of {formatBudgetAmount(b, b.limit)}{' '}
+              used
+              {b.resets_at
+                ? ` · resets ${b.resets_at.replace('T', ' ').slice(0, 16)} UTC`
+                : ' · frees as leases end'}
+            </div>
+          </li>
+        );
+      })}
     </ul>
   );
 }
@@ -261,6 +321,11 @@ function LeaseItem(props: IPanelOptions & { lease: ILease }): JSX.Element {
           <dd className="jp-GpuPanel-mem">{memory(lease)}</dd>
         </dl>
       )}
+      {lease.notices?.length ? (
+        <p className="jp-GpuPanel-notice" role="status">
+          {lease.notices[lease.notices.length - 1].text}
+        </p>
+      ) : null}
       {failure && (
         <p className="jp-GpuPanel-error" role="alert">
           {failure}

@@ -1,0 +1,514 @@
+"""Budgets: how much of the pool a user, or a group of users, may take.
+
+Three kinds, each optional, per user (or a default for every user) and per group:
+
+- ``gpus``: GPUs held or waited for at once (a request past it is refused, nothing running ends);
+- ``gpu_hours_per_day``: GPU-hours per UTC day (resets at 00:00 UTC);
+- ``money_per_month``: what the GPUs cost per calendar month, UTC (each lease at its type's
+  price per GPU-hour when it was granted, as metering bills it).
+
+Sans-I/O, like the core that drives it: the core reports requests, grants and ends with their
+wall-clock times, asks :meth:`BudgetPolicy.refusal` before it queues a request, and at
+:meth:`BudgetPolicy.next_due` calls :meth:`BudgetPolicy.due`, which names the running leases to
+warn (90% of a budget) and to end (100%). CPU kernels (type ``cpu``) are no GPUs: they count
+only for money, at their price (0 unless configured). Group budgets count every member's leases
+together; a lease counts for the groups its user was in when it was requested (the identity's
+groups, e.g. JupyterHub's) and for the groups the budget config lists the user in.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from jupyter_gpu.protocol import CPU_TYPE, GpuChoice
+
+GPUS = "gpus"
+GPU_HOURS_PER_DAY = "gpu_hours_per_day"
+MONEY_PER_MONTH = "money_per_month"
+LIMIT_NAMES = (GPUS, GPU_HOURS_PER_DAY, MONEY_PER_MONTH)
+#: Share of a budget at which running leases are warned.
+WARN_AT = 0.9
+_DAY = 86400.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    """One user's or group's budget; None: no limit of that kind."""
+
+    gpus: int | None = None
+    gpu_hours_per_day: float | None = None
+    money_per_month: float | None = None
+
+    @classmethod
+    def parse(cls, where: str, value: Any) -> Limits:
+        """From a config entry such as ``{"gpus": 2, "gpu_hours_per_day": 8}``; ValueError naming what is wrong."""
+        if not isinstance(value, Mapping):
+            raise ValueError(f"{where} must be a dict such as {{'gpus': 2, 'gpu_hours_per_day': 8}}, got {value!r}")
+        unknown = sorted(set(value) - set(LIMIT_NAMES) - {"members"})
+        if unknown:
+            raise ValueError(f"{where} has unknown key(s) {', '.join(map(repr, unknown))}: use "
+                             f"{', '.join(LIMIT_NAMES)} (and 'members' for a group)")
+        numbers: dict[str, float | None] = {}
+        for name in LIMIT_NAMES:
+            number = value.get(name)
+            ok = number is None or (isinstance(number, int | float) and not isinstance(number, bool)
+                                    and math.isfinite(number) and number >= 0)
+            if not ok or (name == GPUS and number is not None and number != int(number)):
+                kind = "a whole number of GPUs" if name == GPUS else "a number >= 0"
+                raise ValueError(f"{where}[{name!r}] must be {kind} (or None for no limit), got {number!r}")
+            numbers[name] = number
+        gpus = numbers[GPUS]
+        return cls(None if gpus is None else int(gpus), numbers[GPU_HOURS_PER_DAY], numbers[MONEY_PER_MONTH])
+
+    def get(self, name: str) -> float | None:
+        value: float | None = getattr(self, name)
+        return value
+
+
+@dataclass(frozen=True)
+class BudgetConfig:
+    """The operator's budgets: per user (``default`` for users not listed) and per group."""
+
+    users: Mapping[str, Limits] = field(default_factory=dict)
+    default: Limits = Limits()
+    groups: Mapping[str, Limits] = field(default_factory=dict)
+    #: group -> users the config itself puts in it (for identities without groups, e.g. tokens)
+    members: Mapping[str, frozenset[str]] = field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, users: Mapping[str, Any], groups: Mapping[str, Any], default: Any) -> BudgetConfig:
+        parsed_groups = {}
+        members = {}
+        for name, value in groups.items():
+            where = f"Budgets.groups[{name!r}]"
+            parsed_groups[str(name)] = Limits.parse(where, value)
+            listed = value.get("members", [])
+            if not isinstance(listed, list | tuple) or not all(isinstance(m, str) for m in listed):
+                raise ValueError(f"{where}['members'] must be a list of user names, got {listed!r}")
+            members[str(name)] = frozenset(listed)
+        for name, value in users.items():
+            if isinstance(value, Mapping) and "members" in value:
+                raise ValueError(f"Budgets.users[{name!r}] has 'members': only a group has members")
+        return cls(
+            users={str(name): Limits.parse(f"Budgets.users[{name!r}]", value) for name, value in users.items()},
+            default=Limits.parse("Budgets.default", default),
+            groups=parsed_groups,
+            members=members,
+        )
+
+    @property
+    def empty(self) -> bool:
+        return not self.users and not self.groups and self.default == Limits()
+
+
+@dataclass(frozen=True)
+class Scope:
+    """Whose budget: ``user alice`` or ``group physics``."""
+
+    kind: str  # "user" or "group"
+    name: str
+
+    def __str__(self) -> str:
+        return f"{self.kind} {self.name}"
+
+
+@dataclass
+class _Entry:
+    """One active lease as budgets count it: waited for (``start`` None) or held from ``start``."""
+
+    lease_id: str
+    user: str
+    groups: frozenset[str]
+    count: int
+    #: False for a CPU kernel, which counts only for money
+    gpus: bool = True
+    price_per_gpu_hour: float = 0.0
+    start: float | None = None
+
+    def uses(self, budget: str) -> bool:
+        """Whether holding this lease uses ``budget`` up (a free CPU kernel uses none)."""
+        return self.gpus if budget != MONEY_PER_MONTH else self.price_per_gpu_hour > 0
+
+    def seconds_since(self, since: float, now: float) -> float:
+        """Seconds of its GPUs (or CPU kernel) held between ``since`` and ``now``."""
+        if self.start is None:
+            return 0.0
+        return max(0.0, now - max(self.start, since)) * self.count
+
+
+@dataclass
+class _Day:
+    """What ended leases of one user (in one set of groups) used on one UTC day."""
+
+    gpu_seconds: float = 0.0
+    money: float = 0.0
+
+
+@dataclass(frozen=True)
+class Standing:
+    """One budget of one scope at one moment."""
+
+    scope: Scope
+    budget: str
+    limit: float
+    used: float
+    #: wall-clock time it resets (None for ``gpus``: it frees as leases end)
+    resets_at: float | None
+
+    @property
+    def share(self) -> float:
+        return 1.0 if self.limit <= 0 else self.used / self.limit
+
+    def describe(self) -> str:
+        """``4.00 of 4 GPU-hours today`` and the like."""
+        if self.budget == GPUS:
+            return f"{self.used:.0f} of {self.limit:.0f} GPUs held or waited for"
+        if self.budget == GPU_HOURS_PER_DAY:
+            return f"{_hours(self.used)} of {_hours(self.limit)} GPU-hours used today (UTC)"
+        return f"${self.used:.2f} of ${self.limit:.2f} used this month (UTC)"
+
+    def public(self) -> dict[str, Any]:
+        """As the usage API shows it (GPU-hours in hours, money in the prices' currency)."""
+        unit = 3600 if self.budget == GPU_HOURS_PER_DAY else 1
+        return {
+            "scope": self.scope.kind,
+            "name": self.scope.name,
+            "budget": self.budget,
+            "limit": self.limit / unit,
+            "used": round(self.used / unit, 6),
+            "left": round(max(0.0, self.limit - self.used) / unit, 6),
+            "share": round(self.share, 4),
+            "resets_at": self.resets_at,
+        }
+
+
+@dataclass(frozen=True)
+class BudgetWarning:
+    lease_id: str
+    message: str
+    #: when, at today's rate, the budget is used up and the lease ends (wall time), if it is used at all
+    when: float | None
+
+
+@dataclass(frozen=True)
+class BudgetOverrun:
+    lease_id: str
+    message: str
+
+
+def day_start(now: float) -> float:
+    return now - now % _DAY
+
+
+def month_start(now: float) -> float:
+    moment = datetime.fromtimestamp(now, UTC)
+    return moment.replace(day=1, hour=0, minute=0, second=0, microsecond=0).timestamp()
+
+
+def next_month(now: float) -> float:
+    moment = datetime.fromtimestamp(month_start(now), UTC)
+    year, month = (moment.year + 1, 1) if moment.month == 12 else (moment.year, moment.month + 1)
+    return moment.replace(year=year, month=month).timestamp()
+
+
+def utc_text(when: float) -> str:
+    return datetime.fromtimestamp(when, UTC).strftime("%Y-%m-%d %H:%M UTC")
+
+
+class BudgetPolicy:
+    def __init__(self, config: BudgetConfig | None = None,
+                 price: Callable[[str], float] = lambda gpu_type: 0.0) -> None:
+        """``price``: of one GPU-hour of a type, taken when a lease is granted (as metering bills it)."""
+        self.config = config or BudgetConfig()
+        self.price = price
+        # Active leases one by one; ended ones folded into what each user used per day (in the
+        # groups the lease was recorded under), so memory and each question's cost grow with
+        # users and days, not with how many leases a month had.
+        self._entries: dict[str, _Entry] = {}
+        self._of_user: dict[str, dict[str, _Entry]] = {}
+        self._of_group: dict[str, dict[str, _Entry]] = {}
+        self._running: dict[str, _Entry] = {}
+        self._days: dict[str, dict[frozenset[str], dict[float, _Day]]] = {}  # user -> groups -> day start ->
+        self._day_users_of_group: dict[str, set[str]] = {}
+        #: lease id -> (scope, budget, period start) it was warned of: once per period
+        self._warned: dict[str, set[tuple[Scope, str, float]]] = {}
+        self._pruned_before = 0.0
+
+    def configure(self, config: BudgetConfig) -> None:
+        """New budgets, in force from now on (running leases are measured against them at once)."""
+        self.config = config
+
+    # --- what happened ------------------------------------------------------------------------
+
+    def requested(self, lease_id: str, user: str, choices: Sequence[GpuChoice], groups: Iterable[str]) -> None:
+        fewest = min(choice.count for choice in choices)
+        self._add(_Entry(lease_id, user, frozenset(groups), fewest, gpus=not _cpu_only(choices)))
+
+    def granted(self, lease_id: str, count: int, gpu_type: str, at: float) -> None:
+        entry = self._entries.get(lease_id)
+        if entry is not None:
+            entry.count, entry.price_per_gpu_hour, entry.start = count, self.price(gpu_type), at
+            entry.gpus = gpu_type != CPU_TYPE
+            self._running[lease_id] = entry
+
+    def ended(self, lease_id: str, at: float) -> None:
+        entry = self._entries.get(lease_id)
+        if entry is None:
+            return
+        self._warned.pop(lease_id, None)
+        self._drop(entry)
+        if entry.start is not None:  # one that never held a GPU counts for nothing
+            self._fold(entry.user, entry.groups, entry.gpus, entry.count, entry.price_per_gpu_hour, entry.start, at)
+
+    def load(self, user: str, groups: Iterable[str], gpu_type: str, count: int, price_per_gpu_hour: float,
+             start: float, end: float) -> None:
+        """A lease that ended before this gateway started (from the metering database)."""
+        self._fold(user, frozenset(groups), gpu_type != CPU_TYPE, count, price_per_gpu_hour, start, end)
+
+    # --- questions ---------------------------------------------------------------------------
+
+    def scopes(self, user: str, groups: Iterable[str]) -> list[tuple[Scope, Limits]]:
+        """The budgets that apply to ``user`` in ``groups``: their own (or the default), their groups'."""
+        config = self.config
+        applying = [(Scope("user", user), config.users.get(user, config.default))]
+        listed = {name for name, members in config.members.items() if user in members}
+        for group in sorted(set(groups) | listed):
+            limits = config.groups.get(group)
+            if limits is not None:
+                applying.append((Scope("group", group), limits))
+        return applying
+
+    def refusal(self, user: str, groups: Iterable[str], choices: Sequence[GpuChoice], now: float) -> str | None:
+        """Why a request must be refused now (a budget it would go past), or None."""
+        self._prune(now)
+        fewest = min(choice.count for choice in choices)
+        # CPU kernels are no GPUs, and cost money only where the operator gave them a price
+        exempt = {GPUS, GPU_HOURS_PER_DAY} if _cpu_only(choices) else set()
+        if _cpu_only(choices) and not self.price(CPU_TYPE) > 0:
+            exempt.add(MONEY_PER_MONTH)
+        for scope, limits in self.scopes(user, groups):
+            for standing in self._standings(scope, limits, now):
+                if standing.budget in exempt:
+                    continue
+                if standing.budget == GPUS:
+                    if standing.used + fewest > standing.limit:
+                        return (f"budget {GPUS} of {scope} does not allow {fewest} more: {standing.describe()}; "
+                                "it frees as leases end (%gpu release)" + _ask(scope))
+                elif standing.used >= standing.limit:
+                    assert standing.resets_at is not None
+                    return (f"budget {standing.budget} of {scope} is used up: {standing.describe()}; it resets at "
+                            f"{utc_text(standing.resets_at)}" + _ask(scope))
+        return None
+
+    def standings(self, user: str, groups: Iterable[str], now: float) -> list[Standing]:
+        """Every budget that applies to the user, with what is used (the usage API shows it)."""
+        self._prune(now)
+        return [s for scope, limits in self.scopes(user, groups) for s in self._standings(scope, limits, now)]
+
+    def due(self, now: float) -> tuple[list[BudgetWarning], list[BudgetOverrun]]:
+        """Running leases to warn (a budget of theirs reached 90%) and to end (100%)."""
+        self._prune(now)
+        warnings: list[BudgetWarning] = []
+        overruns: dict[str, BudgetOverrun] = {}
+        for scope, limits, running in self._running_scopes():
+            for standing in self._standings(scope, limits, now):
+                if standing.budget == GPUS:
+                    continue  # a lowered cap applies to new requests; nothing running ends for it
+                leases = [entry for entry in running if entry.uses(standing.budget)]
+                if not leases:
+                    continue
+                if _reached(standing, 1.0):
+                    message = (f"budget {standing.budget} of {scope} is used up ({standing.describe()}), "
+                               f"so the lease ended; it resets at {utc_text(standing.resets_at or now)}"
+                               + _ask(scope))
+                    for entry in leases:
+                        overruns.setdefault(entry.lease_id, BudgetOverrun(entry.lease_id, message))
+                elif _reached(standing, WARN_AT):
+                    period = self._period_start(standing.budget, now)
+                    left = self._time_left(scope, standing, now)
+                    when = "" if left is None else f" (in about {_duration(left)} at this rate)"
+                    message = (f"{scope} has used {standing.share:.0%} of budget {standing.budget}: "
+                               f"{standing.describe()}. At 100%{when} its leases end, keeping their variables")
+                    for entry in leases:
+                        warned = self._warned.setdefault(entry.lease_id, set())
+                        if (scope, standing.budget, period) not in warned:
+                            warned.add((scope, standing.budget, period))
+                            ends = None if left is None else now + left
+                            warnings.append(BudgetWarning(entry.lease_id, message, ends))
+        return warnings, list(overruns.values())
+
+    def next_due(self, now: float) -> float | None:
+        """When :meth:`due` will next have something to say (wall clock), if ever at today's rates."""
+        self._prune(now)
+        soonest: float | None = None
+        for scope, limits, running in self._running_scopes():
+            for standing in self._standings(scope, limits, now):
+                if standing.budget == GPUS:
+                    continue
+                leases = [entry for entry in running if entry.uses(standing.budget)]
+                if not leases:
+                    continue
+                rate = self._rate(scope, standing.budget)
+                period = self._period_start(standing.budget, now)
+                thresholds = [1.0]
+                if any((scope, standing.budget, period) not in self._warned.get(e.lease_id, ()) for e in leases):
+                    thresholds.append(WARN_AT)
+                for share in thresholds:
+                    target = share * standing.limit
+                    if _reached(standing, share):
+                        when = now
+                    elif rate > 0:
+                        when = now + (target - standing.used) / rate
+                        # usage restarts at the reset: nothing to do before it then
+                        if standing.resets_at is not None and when > standing.resets_at:
+                            when = standing.resets_at
+                    else:
+                        continue
+                    soonest = when if soonest is None else min(soonest, when)
+        return soonest
+
+    # --- internals ------------------------------------------------------------------------
+
+    def _add(self, entry: _Entry) -> None:
+        self._entries[entry.lease_id] = entry
+        self._of_user.setdefault(entry.user, {})[entry.lease_id] = entry
+        for group in entry.groups:
+            self._of_group.setdefault(group, {})[entry.lease_id] = entry
+
+    def _drop(self, entry: _Entry) -> None:
+        self._entries.pop(entry.lease_id, None)
+        self._running.pop(entry.lease_id, None)
+        for table, key in ((self._of_user, entry.user), *((self._of_group, g) for g in entry.groups)):
+            mine = table.get(key)
+            if mine is not None:
+                mine.pop(entry.lease_id, None)
+                if not mine:
+                    del table[key]
+
+    def _fold(self, user: str, groups: frozenset[str], gpus: bool, count: int, price_per_gpu_hour: float,
+              start: float, end: float) -> None:
+        """Add an ended lease's use to its user's days, split at each UTC midnight it ran across."""
+        by_day = self._days.setdefault(user, {}).setdefault(groups, {})
+        for group in groups:
+            self._day_users_of_group.setdefault(group, set()).add(user)
+        day = day_start(start)
+        while day < end:
+            seconds = max(0.0, min(end, day + _DAY) - max(start, day)) * count
+            spent = by_day.setdefault(day, _Day())
+            spent.gpu_seconds += seconds if gpus else 0.0
+            spent.money += seconds * price_per_gpu_hour / 3600
+            day += _DAY
+
+    def _prune(self, now: float) -> None:
+        """Days before this month count for nothing any more."""
+        since = month_start(now)
+        if since <= self._pruned_before:
+            return
+        self._pruned_before = since
+        for user, by_groups in list(self._days.items()):
+            for groups, by_day in list(by_groups.items()):
+                for day in [day for day in by_day if day < since]:
+                    del by_day[day]
+                if not by_day:
+                    del by_groups[groups]
+            if not by_groups:
+                del self._days[user]
+        for group, users in list(self._day_users_of_group.items()):
+            users.intersection_update(self._days)
+            if not users:
+                del self._day_users_of_group[group]
+
+    def _days_in_scope(self, scope: Scope) -> list[dict[float, _Day]]:
+        """The per-day use of the scope's ended leases, one table per user and set of groups."""
+        if scope.kind == "user":
+            return list(self._days.get(scope.name, {}).values())
+        tables = []
+        for user in self._day_users_of_group.get(scope.name, set()) | self.config.members.get(scope.name, set()):
+            for groups, by_day in self._days.get(user, {}).items():
+                if scope.name in groups or user in self.config.members.get(scope.name, ()):
+                    tables.append(by_day)
+        return tables
+
+    def _in_scope(self, scope: Scope) -> list[_Entry]:
+        if scope.kind == "user":
+            return list(self._of_user.get(scope.name, {}).values())
+        found = dict(self._of_group.get(scope.name, {}))
+        for user in self.config.members.get(scope.name, ()):
+            found.update(self._of_user.get(user, {}))
+        return list(found.values())
+
+    def _running_scopes(self) -> list[tuple[Scope, Limits, list[_Entry]]]:
+        """Each scope with a budget and running leases, and those leases."""
+        by_scope: dict[Scope, tuple[Limits, list[_Entry]]] = {}
+        for entry in self._running.values():
+            for scope, limits in self.scopes(entry.user, entry.groups):
+                by_scope.setdefault(scope, (limits, []))[1].append(entry)
+        return [(scope, limits, leases) for scope, (limits, leases) in by_scope.items()]
+
+    def _standings(self, scope: Scope, limits: Limits, now: float) -> list[Standing]:
+        entries = self._in_scope(scope)
+        days = self._days_in_scope(scope)
+        found = []
+        if limits.gpus is not None:
+            held = sum(e.count for e in entries if e.gpus)
+            found.append(Standing(scope, GPUS, limits.gpus, held, None))
+        if limits.gpu_hours_per_day is not None:
+            since = day_start(now)
+            # the limit in GPU-seconds, the unit `used` counts in, so every comparison is like for like
+            seconds = sum(e.seconds_since(since, now) for e in entries if e.gpus)
+            seconds += sum(by_day[since].gpu_seconds for by_day in days if since in by_day)
+            found.append(Standing(scope, GPU_HOURS_PER_DAY, limits.gpu_hours_per_day * 3600, seconds, since + _DAY))
+        if limits.money_per_month is not None:
+            since = month_start(now)
+            money = sum(e.seconds_since(since, now) * e.price_per_gpu_hour / 3600 for e in entries)
+            money += sum(spent.money for by_day in days for day, spent in by_day.items() if day >= since)
+            found.append(Standing(scope, MONEY_PER_MONTH, limits.money_per_month, money, next_month(now)))
+        return found
+
+    def _rate(self, scope: Scope, budget: str) -> float:
+        """How fast the scope's running leases use ``budget`` (its unit per second)."""
+        running = [e for e in self._in_scope(scope) if e.start is not None]
+        if budget == GPU_HOURS_PER_DAY:
+            return float(sum(e.count for e in running if e.gpus))
+        return sum(e.count * e.price_per_gpu_hour / 3600 for e in running)
+
+    def _time_left(self, scope: Scope, standing: Standing, now: float) -> float | None:
+        rate = self._rate(scope, standing.budget)
+        return None if rate <= 0 else max(0.0, standing.limit - standing.used) / rate
+
+    @staticmethod
+    def _period_start(budget: str, now: float) -> float:
+        return day_start(now) if budget == GPU_HOURS_PER_DAY else month_start(now)
+
+
+def _cpu_only(choices: Sequence[GpuChoice]) -> bool:
+    return all(choice.gpu_type == CPU_TYPE for choice in choices)
+
+
+def _reached(standing: Standing, share: float) -> bool:
+    # a deadline computed from a rate lands within rounding of the threshold
+    target = share * standing.limit
+    return standing.used >= target - 1e-9 * max(1.0, abs(target))
+
+
+def _ask(scope: Scope) -> str:
+    table = "users" if scope.kind == "user" else "groups"
+    return f" (ask the operator to raise c.Budgets.{table}[{scope.name!r}])"
+
+
+def _hours(seconds: float) -> str:
+    """GPU-seconds as GPU-hours, with the digits a small budget needs to show what moved."""
+    hours = seconds / 3600
+    return f"{hours:.2f}" if hours >= 0.1 or hours == 0 else f"{hours:.2g}"
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{math.ceil(seconds):.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"

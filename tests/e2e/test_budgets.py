@@ -1,0 +1,211 @@
+"""Budgets end to end: the real gateway with budgets in its config file, real kernels, the
+``%%gpu`` magic in a notebook run by nbclient.
+
+Prices are set so that budgets run out in seconds: an a100 costs $3,600 an hour ($1 a second).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, TypeVar
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from .conftest import make_gateway
+from .gateway_process import GatewayProcess
+
+NOTEBOOK = "work/budget.ipynb"
+USERS = ("alice", "bob", "carol", "dave")
+PRICES = 'c.PoolManager.price_per_gpu_hour = {"a100": 3600.0}  # $1 a second\n'
+BUDGETS = """c.Budgets.users = {"alice": {"money_per_month": 15}}
+c.Budgets.groups = {"lab": {"gpu_hours_per_day": 6 / 3600, "members": ["bob", "carol"]}}
+"""
+T = TypeVar("T")
+
+
+@pytest.fixture(scope="module")
+def budget_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[GatewayProcess]:
+    tmp = tmp_path_factory.mktemp("budgets")
+    (tmp / "config").mkdir()
+    (tmp / "config" / "jupyter_gpu_config.py").write_text(PRICES + BUDGETS)
+    process = make_gateway(tmp, "--inventory", "a100=2", "--cpu-slots", "2", "--min-warm", "1",
+                           "--GatewayApp.config_check_interval=0.3", users=USERS).start()
+    yield process
+    process.stop()
+
+
+def write_config(gateway: GatewayProcess, text: str) -> None:
+    path = gateway.tmp / "config" / "jupyter_gpu_config.py"
+    path.write_text(text)
+    stamp = time.time() + 1  # a new mtime even within the filesystem's timestamp granularity
+    os.utime(path, (stamp, stamp))
+
+
+def wait_for(what: Callable[[], T | None], timeout: float = 20.0, message: str = "") -> T:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        found = what()
+        if found:
+            return found
+        time.sleep(0.2)
+    raise TimeoutError(message)
+
+
+class Notebook:
+    """A notebook whose cells the test runs one at a time, in a real local kernel (as nbclient does)."""
+
+    def __init__(self, gateway: GatewayProcess, user: str) -> None:
+        self.book = nbformat.v4.new_notebook()
+        self.client = NotebookClient(self.book, timeout=120, kernel_name="python3", allow_errors=True)
+        self.env = {**os.environ, "JUPYTER_GPU_URL": gateway.url, "JUPYTER_GPU_TOKEN": gateway.tokens[user],
+                    "JPY_SESSION_NAME": NOTEBOOK}
+
+    def run(self, source: str) -> str:
+        """The cell's output: its streams, and its error as 'Name: message'."""
+        cell = nbformat.v4.new_code_cell(source)
+        self.book.cells.append(cell)
+        self.client.execute_cell(cell, len(self.book.cells) - 1)
+        parts = []
+        for output in cell.outputs:
+            if output.output_type == "stream":
+                parts.append(output.text)
+            elif output.output_type == "error":
+                parts.append(f"{output.ename}: {output.evalue}")
+        return "".join(parts)
+
+
+def test_a_money_budget_warns_in_the_notebook_ends_the_lease_keeping_its_variables_and_refuses_the_next(
+        budget_gateway: GatewayProcess) -> None:
+    gateway = budget_gateway
+    notebook = Notebook(gateway, "alice")
+    with notebook.client.setup_kernel(env=notebook.env):
+        notebook.run("%load_ext jupyter_gpu")
+        assert "made x" in notebook.run("%%gpu a100 --no-pull\nx = 41\nprint('made x')")
+
+        # $13.50 of a100 time later, the lease has its warning; the notebook's next cell shows it
+        def warned() -> dict[str, Any] | None:
+            leases = gateway.get("alice", "/api/gpu/leases").body
+            return next((lease for lease in leases if lease["notices"]), None)
+
+        lease = wait_for(warned, timeout=30, message=gateway.log_text())
+        assert [n["kind"] for n in lease["notices"]] == ["budget"]
+        text = notebook.run("print('thinking')")
+        assert "jupyter-gpu: a100 lease: user alice has used 90% of budget money_per_month: $13.50 of $15.00 used " \
+               "this month (UTC). At 100% (in about 2 s at this rate) its leases end, keeping their variables (in " \
+               in text, text
+
+        # at $15 it ends, with reason budget, after its variables were saved
+        ended = wait_for(lambda: (row := gateway.get("alice", f"/api/gpu/leases/{lease['id']}").body)["state"]
+                         == "released" and row, timeout=10, message=gateway.log_text())
+        assert ended["reason"] == "budget"
+        assert ended["gpu_seconds"] == pytest.approx(15.0, abs=0.5)
+        kept = wait_for(lambda: [s["names"] for s in gateway.get("alice", "/api/gpu/snapshots").body
+                                 if s["state"] == "kept" and s["notebook"] == NOTEBOOK], timeout=10)
+        assert kept == [["x"]]
+
+        text = notebook.run("%%gpu a100\nprint(x + 1)")
+        # the lease's end, said when the notebook next used it: which budget, and that x was kept
+        assert "the a100 lease ended (budget): budget money_per_month of user alice is used up ($15.00 of $15.00 " \
+               "used this month (UTC)), so the lease ended" in text, text
+        assert "its variables were kept and come back with the next lease" in text
+        # the new lease is refused: the budget, what is used, when it resets
+        assert "UsageError: budget money_per_month of user alice is used up: $15.00 of $15.00 used this month " \
+               "(UTC); it resets at " in text
+        assert "-01 00:00 UTC (ask the operator to raise c.Budgets.users['alice'])" in text
+
+        usage = notebook.run("%gpu usage")
+        assert "user alice: money_per_month $15.00 of $15.00 this month used, $0.00 left, resets " in usage, usage
+        assert "<- used up" in usage
+
+    reply = gateway.post("alice", "/api/gpu/leases", {"gpu": "cpu"})  # cpu kernels cost nothing here
+    assert reply.status == 201
+    reply = gateway.post("alice", "/api/gpu/leases", {"gpu": "a100"})
+    assert reply.status == 403 and reply.body["reason"] == "budget", reply
+    assert reply.body["message"].startswith("budget money_per_month of user alice is used up")
+
+
+def test_a_group_budget_is_shared_by_two_users_and_ends_both_leases(budget_gateway: GatewayProcess) -> None:
+    gateway = budget_gateway
+    bobs = gateway.lease("bob", "a100")
+    carols = gateway.lease("carol", "a100")
+
+    def both_ended() -> list[dict[str, Any]] | None:
+        leases = [gateway.get(user, f"/api/gpu/leases/{lease['id']}").body
+                  for user, lease in (("bob", bobs), ("carol", carols))]
+        return leases if all(lease["state"] == "released" for lease in leases) else None
+
+    ended = wait_for(both_ended, message=gateway.log_text())
+    assert [lease["reason"] for lease in ended] == ["budget", "budget"]
+    assert all("budget gpu_hours_per_day of group lab is used up" in lease["reason_message"] for lease in ended)
+    # 6 GPU-seconds between them, whichever got its kernel first
+    assert sum(lease["gpu_seconds"] for lease in ended) == pytest.approx(6.0, abs=1.0)
+
+    reply = gateway.post("carol", "/api/gpu/leases", {"gpu": "a100"})
+    assert reply.status == 403
+    assert reply.body["message"].startswith("budget gpu_hours_per_day of group lab is used up: ")
+    assert "it resets at " in reply.body["message"] and " 00:00 UTC" in reply.body["message"]
+    budgets = gateway.get("bob", "/api/gpu/budgets").body  # what the sidebar polls
+    assert budgets == gateway.get("bob", "/api/gpu/usage").body["budgets"]
+    group = next(b for b in budgets if b["scope"] == "group")
+    assert (group["name"], group["budget"], group["left"]) == ("lab", "gpu_hours_per_day", 0)
+    assert group["resets_at"].endswith("T00:00:00Z")
+    # dave is in no group: untouched
+    assert gateway.get("dave", "/api/gpu/usage").body["budgets"] == []
+
+
+def test_budgets_change_without_a_restart(budget_gateway: GatewayProcess) -> None:
+    gateway = budget_gateway
+    held = gateway.lease("dave", "a100")
+    second = gateway.lease("dave", "a100")  # no budget yet: a second one is fine
+    gateway.delete("dave", f"/api/gpu/leases/{second['id']}")
+
+    write_config(gateway, PRICES + BUDGETS + 'c.Budgets.users["dave"] = {"gpus": 1}\n')
+
+    def refused() -> dict[str, Any] | None:
+        reply = gateway.post("dave", "/api/gpu/leases", {"gpu": "a100"})
+        if reply.status == 201:  # not re-read yet
+            gateway.delete("dave", f"/api/gpu/leases/{reply.body['id']}")
+            return None
+        return dict(reply.body)
+
+    body = wait_for(refused, timeout=10, message=gateway.log_text())
+    assert body["message"].startswith("budget gpus of user dave does not allow 1 more: 1 of 1 GPUs held or "
+                                      "waited for; it frees as leases end")
+
+    # A broken file changes nothing: the budgets in force stay.
+    write_config(gateway, "c.Budgets.users = {\n")
+    wait_for(lambda: "config changed but was not applied" in gateway.log_text(), timeout=10)
+    assert gateway.post("dave", "/api/gpu/leases", {"gpu": "a100"}).status == 403
+
+    # A budget lowered under what a running lease used ends it at once.
+    write_config(gateway, PRICES + 'c.Budgets.users = {"dave": {"gpu_hours_per_day": 0.0001}}\n')
+    lease = wait_for(lambda: (row := gateway.get("dave", f"/api/gpu/leases/{held['id']}").body)["state"]
+                     == "released" and row, timeout=10, message=gateway.log_text())
+    assert lease["reason"] == "budget"
+
+
+def test_a_restart_gives_nobody_a_fresh_budget(budget_gateway: GatewayProcess) -> None:
+    """Usage comes back from the metering database: alice's money and group lab's hours stay spent."""
+    gateway = budget_gateway
+    write_config(gateway, PRICES + BUDGETS)  # the last test left other budgets in the file
+    gateway.stop()
+    gateway.start()
+    refused = gateway.post("alice", "/api/gpu/leases", {"gpu": "a100"})
+    assert refused.status == 403 and "$15.00 of $15.00 used this month" in refused.body["message"], refused
+    refused = gateway.post("carol", "/api/gpu/leases", {"gpu": "a100"})
+    assert refused.status == 403 and "of group lab is used up" in refused.body["message"], refused
+
+
+def test_a_bad_budget_stops_the_gateway_at_start_naming_the_entry(tmp_path: Path) -> None:
+    (tmp_path / "config").mkdir()
+    (tmp_path / "config" / "jupyter_gpu_config.py").write_text('c.Budgets.groups = {"lab": {"gpu_hours": 5}}\n')
+    process = make_gateway(tmp_path, "--inventory", "a100=1", "--min-warm", "0")
+    with pytest.raises(RuntimeError, match="gateway exited 2"):
+        process.start(wait_warm=False)
+    assert "Budgets.groups['lab'] has unknown key(s) 'gpu_hours': use gpus, gpu_hours_per_day, money_per_month" \
+        in process.log_text()
