@@ -96,6 +96,8 @@ class HubProcess:
             "JupyterHub.load_groups": {"physics": {"users": ["alice"]}, "biology": {"users": ["bob"]}},
             "JupyterHub.load_roles": [
                 {"name": "user", "scopes": USER_SCOPES},
+                # bob may open alice's server (as JupyterHub's sharing allows): he must still see only his leases
+                {"name": "alice-peer", "scopes": ["access:servers!user=alice"], "users": ["bob"]},
                 {"name": "tester", "scopes": ["admin:users", "admin:servers", "tokens", "access:servers",
                                               "list:services", "read:services", "access:services"],
                  "services": ["tester"]},

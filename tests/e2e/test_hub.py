@@ -143,6 +143,19 @@ def test_the_sidebar_shows_the_logged_in_users_leases(hub: HubProcess, leases: d
         assert [(lease["id"], lease["user"]) for lease in reply.body["leases"]] == [(leases[user]["id"], user)]
 
 
+def test_someone_else_in_a_users_server_gets_their_own_leases_from_its_sidebar(
+        hub: HubProcess, leases: dict[str, dict[str, Any]]) -> None:
+    """bob, let into alice's server, asks its sidebar: the server forwards bob's own token, never alice's."""
+    bob_in_alice, _ = hub.token_for("bob", ["access:servers!server=alice/", ACCESS])
+    reply = hub.server("alice", "GET", "/jupyter-gpu/state", token=bob_in_alice)
+    assert reply.status == 200, reply
+    assert [(lease["id"], lease["user"]) for lease in reply.body["leases"]] == [(leases["bob"]["id"], "bob")]
+    # with a token that may not use the gateway, he gets a refusal, not alice's view
+    without_gpus, _ = hub.token_for("bob", ["access:servers!server=alice/"])
+    refused = hub.server("alice", "GET", "/jupyter-gpu/state", token=without_gpus)
+    assert refused.status == 502 and ACCESS in refused.body["message"]
+
+
 def test_a_revoked_token_is_refused_within_the_cache_time(hub: HubProcess) -> None:
     token, token_id = hub.token_for("alice", [ACCESS])
     mine = fetch(hub.gateway_url + "/api/gpu/leases", token=token)
