@@ -60,6 +60,7 @@ class HubProcess:
     api: str = ""  # the Hub's API
     gateway_url: str = ""
     tester_token: str = field(default_factory=lambda: secrets.token_hex(16))
+    proxy_pid: int = 0
     external_token: str = field(default_factory=lambda: secrets.token_hex(16))
 
     def config(self, proxy: str) -> str:
@@ -131,6 +132,7 @@ class HubProcess:
                 raise RuntimeError(f"JupyterHub exited {self.proc.returncode}:\n{self.log_text()}")
             # the gateway answers 401 to no token once it listens; its warm kernels come later
             if self.hub("GET", "/").status == 200 and fetch(self.gateway_url + "/api/gpu/types").status == 401:
+                self.proxy_pid = int((self.tmp / "jupyterhub-proxy.pid").read_text())  # for stop()
                 return self
             time.sleep(0.2)
         raise RuntimeError(f"JupyterHub or the gateway did not start:\n{self.log_text()}")
@@ -139,16 +141,24 @@ class HubProcess:
         return (self.tmp / "hub.log").read_text(errors="replace")[-6000:]
 
     def stop(self) -> None:
-        """SIGTERM to the Hub, which stops the servers it spawned, its managed gateway and the proxy."""
-        if self.proc is None or self.proc.poll() is not None:
+        """SIGTERM to the Hub, which stops the servers it spawned, its managed gateway and the proxy
+        (the proxy, in a session of its own, only gets a SIGTERM on the Hub's way out: it is waited
+        for here, and killed if need be, also when the Hub died or never came up)."""
+        if self.proc is None:
             return
-        self.proc.send_signal(signal.SIGTERM)
-        try:
-            self.proc.wait(30)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the Hub and what it started
-            self.proc.wait(10)
+        pid_file = self.tmp / "jupyterhub-proxy.pid"
+        if not self.proxy_pid and pid_file.exists():
+            self.proxy_pid = int(pid_file.read_text() or 0)
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)  # its own session: the Hub and what it started
+                self.proc.wait(10)
         self.log.close()
+        if self.proxy_pid:
+            end_process(self.proxy_pid, "configurable-http-proxy")
 
     # --- the Hub's API, as the tester service -------------------------------------------------
 
@@ -232,3 +242,20 @@ def fetch(url: str, method: str = "GET", body: Any = None, token: str | None = N
         return Reply(status, json.loads(payload) if payload else None)
     except ValueError:
         return Reply(status, payload.decode(errors="replace"))
+
+
+def end_process(pid: int, name: str, grace: float = 5.0) -> None:
+    """Wait for process ``pid`` (if it is still ``name``) to exit; SIGTERM, then SIGKILL it after ``grace``."""
+    deadline = time.monotonic() + grace
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            if name not in Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace"):
+                return  # gone (and the pid maybe reused)
+            os.kill(pid, sig)
+        except (FileNotFoundError, ProcessLookupError):
+            return
+        while time.monotonic() < deadline:
+            if not Path(f"/proc/{pid}").exists():
+                return
+            time.sleep(0.1)
+        deadline = time.monotonic() + grace
