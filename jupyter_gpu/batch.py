@@ -25,16 +25,23 @@ from jupyter_server.utils import url_path_join
 from tornado.escape import url_escape
 from traitlets import DottedObjectName, Type
 
+from . import hub
+from .client import GatewayConfig
 from .protocol import TOKEN_ENV, URL_ENV
 
 
 def gateway_client() -> GatewayClient:
-    """jupyter_server's gateway settings, filled from our environment variables where not configured."""
+    """jupyter_server's gateway settings, filled from our environment variables where not configured
+    (in a JupyterHub server: from the Hub, as the magic finds it)."""
     client: GatewayClient = GatewayClient.instance()
     if not client.url and os.environ.get(URL_ENV):
         client.url = os.environ[URL_ENV]
     if not client.auth_token and os.environ.get(TOKEN_ENV):
         client.auth_token = os.environ[TOKEN_ENV]
+    if hub.in_hub() and not (client.url and client.auth_token):
+        found = GatewayConfig.from_env()
+        client.url = client.url or found.url
+        client.auth_token = client.auth_token or found.token
     return client
 
 

@@ -10,6 +10,8 @@ USAGE = """usage: jupyter-gpu COMMAND [options]
 commands:
   gateway     serve the GPU pool over the Jupyter kernel API (jupyter-gpu gateway --help-all)
   token       manage user tokens: token add NAME | token list | token remove NAME [--users FILE]
+  usage       GPU-hours and cost metered by the gateway: yours, or with --all (operators) every user's
+              and every group's
   simulate    replay a notebook GPU trace through the pool core: GPU-hours, waits and cost per
               release policy (jupyter-gpu simulate --help)
 """
@@ -57,6 +59,10 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if command == "token":
         return token_main(rest)
+    if command == "usage":
+        from .usage_report import usage_main
+
+        return usage_main(rest)
     if command == "simulate":
         from pool_manager.simulate import main as simulate_main
 

@@ -33,6 +33,7 @@ from typing import Any, ParamSpec, TypeVar
 from websockets.exceptions import ConnectionClosed
 from websockets.sync.client import ClientConnection, connect
 
+from . import hub
 from .protocol import (
     KERNEL_WS_PROTOCOL_V1,
     TOKEN_ENV,
@@ -64,8 +65,16 @@ class GatewayConfig:
 
     @classmethod
     def from_env(cls) -> GatewayConfig:
+        """From JUPYTER_GPU_URL and JUPYTER_GPU_TOKEN; in a JupyterHub server, whichever is unset comes
+        from the Hub: the gateway's address from its service list, and the server's own Hub token."""
         url = os.environ.get(URL_ENV, "").rstrip("/")
         token = os.environ.get(TOKEN_ENV, "")
+        if hub.in_hub() and not (url and token):
+            try:
+                url = url or hub.gateway_url_from_hub()
+            except hub.HubDiscoveryError as exc:
+                raise GatewayError(str(exc), 0, exc.reason) from None
+            token = token or hub.hub_token()
         if not url:
             raise GatewayError(
                 f"no gateway configured: set {URL_ENV} (e.g. http://127.0.0.1:8765) and {TOKEN_ENV} "

@@ -49,6 +49,7 @@ class Reason(StrEnum):
     NODE_LOST = "node_lost"
     RESTARTED = "restarted"  # a stock client restarted the kernel: a new lease behind the same kernel id
     OOM = "oom"  # the kernel went past its memory limit
+    OPERATOR = "operator"  # an operator released another user's lease
     BUDGET = "budget"  # a budget of its user or group was used up (also: a request refused for one)
     GPU_IDLE = "gpu_idle"  # its GPUs did no work and its kernel ran no cell for the operator's gpu_idle_timeout
     # why the gateway refused a request

@@ -20,11 +20,14 @@ from tornado import web
 from traitlets import Float, Unicode, default
 from traitlets.config import Configurable
 
+from . import hub
 from .client import GatewayClient, GatewayConfig, GatewayError
 from .defaults import read_default_type, write_default_type
 from .protocol import TOKEN_ENV, URL_ENV, Reason, SpecError, error_body, parse_gpu_spec
 
 API_PREFIX = "jupyter-gpu"
+#: Gateway clients one server keeps (one per identity it forwards).
+_MAX_CLIENTS = 16
 
 
 class JupyterGpu(Configurable):
@@ -36,7 +39,11 @@ class JupyterGpu(Configurable):
     )
     request_timeout = Float(20.0, help="Seconds to wait for the gateway's answer.").tag(config=True)
 
-    _client: GatewayClient | None = None
+    _clients: dict[GatewayConfig, GatewayClient]
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._clients = {}
 
     @default("gateway_url")
     def _url_from_env(self) -> str:
@@ -48,22 +55,37 @@ class JupyterGpu(Configurable):
 
     @property
     def url(self) -> str:
+        if not self.gateway_url and hub.in_hub():
+            # A JupyterHub single-user server: the gateway is one of the Hub's services.
+            try:
+                self.gateway_url = hub.gateway_url_from_hub()
+            except hub.HubDiscoveryError:
+                return ""  # client() says why
         return self.gateway_url.rstrip("/")
 
-    def client(self) -> GatewayClient:
-        """The same client the ``%%gpu`` magic uses, with this server's token."""
+    def client(self, hub_token: str = "") -> GatewayClient:
+        """The same client the ``%%gpu`` magic uses, with this server's token (``hub_token``: the
+        logged-in JupyterHub user's own token, which then stands for them instead)."""
         if not self.url:
+            if hub.in_hub():
+                try:
+                    hub.gateway_url_from_hub()
+                except hub.HubDiscoveryError as exc:
+                    raise GatewayError(str(exc), 0, exc.reason) from None
             raise GatewayError(
                 f"no gateway configured: start JupyterLab with {URL_ENV} and {TOKEN_ENV} set "
                 "(or c.JupyterGpu.gateway_url and c.JupyterGpu.gateway_token)",
                 0,
                 Reason.NOT_CONFIGURED,
             )
-        config = GatewayConfig(self.url, self.gateway_token)
-        # One client for all requests, so that they reuse its kept-alive connections.
-        if self._client is None or (self._client.config, self._client.timeout) != (config, self.request_timeout):
-            self._client = GatewayClient(config, timeout=self.request_timeout)
-        return self._client
+        config = GatewayConfig(self.url, hub_token or self.gateway_token)
+        # One client per identity, so that requests reuse its kept-alive connections.
+        client = self._clients.get(config)
+        if client is None or client.timeout != self.request_timeout:
+            if len(self._clients) >= _MAX_CLIENTS:
+                self._clients.clear()  # a few people logged in to one server at most; never grows without bound
+            client = self._clients[config] = GatewayClient(config, timeout=self.request_timeout)
+        return client
 
 
 def browser_status(error: GatewayError, url: str) -> tuple[int, str]:
@@ -88,6 +110,30 @@ class GpuHandler(APIHandler):
     def gpu(self) -> JupyterGpu:
         config: JupyterGpu = self.settings["jupyter_gpu"]
         return config
+
+    def gateway_client(self) -> GatewayClient:
+        """The client that speaks for the logged-in user: in a JupyterHub server, with a Hub token of theirs."""
+        return self.gpu.client(self.hub_token())
+
+    def hub_token(self) -> str:
+        """The logged-in Hub user's token ("" outside a Hub, or with a gateway token configured).
+
+        The server's own token (``JUPYTERHUB_API_TOKEN``) is its owner's: it is forwarded only for
+        the owner. Anyone else the owner let in (JupyterHub's sharing) is forwarded as themselves,
+        with the OAuth token of their own login, and the gateway sees their leases, not the owner's.
+        """
+        if self.gpu.gateway_token or not hub.in_hub():
+            return ""
+        user = self.current_user
+        name = getattr(user, "username", None)
+        if name is not None and name == os.environ.get("JUPYTERHUB_USER"):
+            return hub.hub_token()
+        hub_auth = getattr(self.identity_provider, "hub_auth", None)
+        own = hub_auth.get_token(self) if hub_auth is not None else None
+        if not own:
+            raise GatewayError(f"Hub user {name!r} is not this server's owner and has no Hub token of their own here: "
+                               "open your own server for GPUs", 403, Reason.FORBIDDEN)
+        return str(own)
 
     def reply(self, data: Any, status: int = 200) -> None:
         self.set_status(status)
@@ -118,7 +164,7 @@ class StateHandler(GpuHandler):
     @web.authenticated
     async def get(self) -> None:
         try:
-            client = self.gpu.client()
+            client = self.gateway_client()
             types, leases, budgets = await asyncio.gather(client.atypes(), client.aleases(), _budgets(client))
         except GatewayError as exc:
             self.fail(exc)
@@ -142,7 +188,7 @@ class LeaseHandler(GpuHandler):
     @web.authenticated
     async def delete(self, lease_id: str) -> None:
         try:
-            lease = await self.gpu.client().adelete_lease(lease_id)
+            lease = await self.gateway_client().adelete_lease(lease_id)
         except GatewayError as exc:
             self.fail(exc)
             return

@@ -8,13 +8,14 @@ import logging
 import os
 import secrets
 import signal
+import urllib.parse
 from pathlib import Path
 from typing import Any
 
 from jupyter_core.application import JupyterApp
 from jupyter_core.paths import jupyter_config_dir, jupyter_data_dir
 from tornado import httpserver, netutil, web
-from traitlets import Bool, Float, Int, Type, Unicode, default
+from traitlets import Bool, Float, Int, TraitError, Type, Unicode, default
 
 from jupyter_gpu import __version__
 from jupyter_gpu.protocol import TOKEN_ENV, Reason
@@ -54,6 +55,7 @@ def make_app(
 ) -> web.Application:
     kernel, lease = _ID.format("kernel_id"), _ID.format("lease_id")
     routes: list[Any] = [
+        *identity_provider.routes(),
         (r"/api/?", h.ApiRootHandler),
         (r"/api/kernelspecs/?", h.KernelSpecsHandler),
         (rf"/api/kernelspecs/{_ID.format('name')}/?", h.KernelSpecsHandler),
@@ -74,6 +76,11 @@ def make_app(
         (r"/api/gpu/openapi.json", OpenApiHandler),
         (r"/metrics", h.MetricsHandler),
     ]
+    # Behind the Hub's proxy a service's URLs keep its prefix (/services/NAME/): serve there too.
+    provider_settings = identity_provider.web_settings()
+    prefix = str(provider_settings.get("service_prefix", "/")).rstrip("/")
+    if prefix:
+        routes += [(prefix + pattern, *rest) for pattern, *rest in routes if pattern.startswith("/api")]
     return web.Application(
         routes,
         log_function=log_request,
@@ -82,7 +89,7 @@ def make_app(
         authorizer=authorizer,
         default_handler_class=NotFoundHandler,
         websocket_ping_interval=30,
-        **settings,
+        **{**provider_settings, **settings},
     )
 
 
@@ -110,6 +117,19 @@ def is_loopback(ip: str) -> bool:
         return False
 
 
+def hub_service_address() -> tuple[str, int] | None:
+    """Where a Hub-managed service listens: the host and port of $JUPYTERHUB_SERVICE_URL (only in a
+    service's environment: a notebook server the Hub spawned has that variable too, for itself)."""
+    if not os.environ.get("JUPYTERHUB_SERVICE_NAME"):
+        return None
+    parsed = urllib.parse.urlsplit(os.environ.get("JUPYTERHUB_SERVICE_URL", ""))
+    try:
+        port = parsed.port
+    except ValueError:
+        return None
+    return (parsed.hostname, port) if parsed.hostname and port else None
+
+
 class GatewayApp(JupyterApp):
     name = "jupyter-gpu-gateway"
     version = __version__
@@ -117,8 +137,9 @@ class GatewayApp(JupyterApp):
     config_file_name = Unicode("jupyter_gpu_config")
     classes = [PoolManager, IdentityProvider, Authorizer, RayPool, Budgets]
 
-    ip = Unicode("127.0.0.1", help="Address to listen on. Anything but loopback requires tokens.").tag(config=True)
-    port = Int(8765, help="Port to listen on (0 picks a free one and logs it).").tag(config=True)
+    ip = Unicode(help="Address to listen on. Anything but loopback requires tokens.").tag(config=True)
+    port = Int(help="Port to listen on (0 picks a free one and logs it; a Hub-managed service: that of "
+               "$JUPYTERHUB_SERVICE_URL, else 8765).").tag(config=True)
     db = Unicode(help="SQLite file where every lease is metered; survives restarts.").tag(config=True)
     users = Unicode(
         help="Users file with token hashes (jupyter-gpu token add NAME). Without one, the token in "
@@ -160,6 +181,10 @@ class GatewayApp(JupyterApp):
     snapshot_timeout = Float(
         300.0, help="Seconds a kernel may take to save its variables when its lease ends (its GPU stays held)."
     ).tag(config=True)
+    hub = Bool(
+        help="Run as a JupyterHub service: accept Hub users' API tokens and OAuth logins (configure "
+        "c.HubIdentityProvider). On by itself when JUPYTERHUB_API_URL and JUPYTERHUB_API_TOKEN are set."
+    ).tag(config=True)
     config_check_interval = Float(
         2.0, help="Seconds between looks at the config file(s) loaded at start; when one changed, its c.Budgets "
         "are put in force without a restart (0: never look)."
@@ -198,7 +223,23 @@ class GatewayApp(JupyterApp):
     flags = {
         "no-auth": ({"GatewayApp": {"no_auth": True}}, "Accept requests without a token (loopback only)."),
         "debug": ({"Application": {"log_level": "DEBUG"}}, "Log everything."),
+        "hub": ({"GatewayApp": {"hub": True}}, "Accept JupyterHub users (run as a Hub service)."),
     }
+
+    @default("hub")
+    def _hub_from_env(self) -> bool:
+        return bool(os.environ.get("JUPYTERHUB_API_URL") and os.environ.get("JUPYTERHUB_API_TOKEN"))
+
+    @default("ip")
+    def _ip_from_hub(self) -> str:
+        # A Hub-managed service listens where the Hub's proxy and users expect it.
+        address = hub_service_address()
+        return address[0] if address else "127.0.0.1"
+
+    @default("port")
+    def _port_from_hub(self) -> int:
+        address = hub_service_address()
+        return address[1] if address else 8765
 
     @default("db")
     def _default_db(self) -> str:
@@ -231,8 +272,21 @@ class GatewayApp(JupyterApp):
         asyncio.run(self.serve(identity_provider, pool, service, snapshots))
 
     def identity_provider(self) -> IdentityProvider:
-        """The configured provider, holding the gateway's own tokens (any provider may accept them)."""
-        provider: IdentityProvider = self.identity_provider_class(parent=self, tokens=self.authenticator())
+        """The configured provider, holding the gateway's own tokens (any provider may accept them);
+        JupyterHub's users as well with ``--hub`` (or inside a Hub service's environment)."""
+        provider_class: type[IdentityProvider] = self.identity_provider_class
+        if self.hub and provider_class is TokenIdentityProvider:
+            try:
+                from .hub import HubIdentityProvider
+            except ImportError as exc:
+                raise ValueError(f"--hub needs JupyterHub's service library ({exc}): pip install "
+                                 "'jupyter-gpu[hub]'") from None
+            provider_class = HubIdentityProvider
+        try:
+            provider: IdentityProvider = provider_class(parent=self, tokens=self.authenticator())
+        except TraitError as exc:  # a bad setting of the provider: one line, as for the others
+            raise ValueError(str(exc)) from None
+        provider.check()
         return provider
 
     def state_paths(self) -> list[str]:

@@ -57,6 +57,7 @@ CLOSE_REASONS: dict[str, str] = {
     Reason.NODE_LOST: "lease ended: the machine its kernel ran on was lost",
     Reason.OOM: "lease ended: the kernel ran out of memory",
     Reason.RESTARTED: "lease ended: the kernel was restarted, a new lease took its place",
+    Reason.OPERATOR: "lease ended: released by an operator of the pool",
     Reason.BUDGET: "lease ended: a budget of its user or group was used up",
 }
 #: Ends that kill the kernel under a running cell: its clients hear why.
@@ -235,11 +236,12 @@ class Gateway:
                 await self.service.wait_while_queued(self.active_lease(user, lease_id), seconds)
         return self.lease_json(user, lease_id)
 
-    def release_lease(self, user: str, lease_id: str, forget: bool = False) -> dict[str, Any]:
+    def release_lease(self, user: str, lease_id: str, forget: bool = False,
+                      reason: str = Reason.DELETED) -> dict[str, Any]:
         """End (or cancel) the lease; one that ended already is answered as it is.
         ``forget``: keep none of its variables for the notebook's next lease."""
         try:
-            return self.end_lease(user, lease_id, Reason.DELETED, forget)
+            return self.end_lease(user, lease_id, reason, forget)
         except NotFound:
             return self.lease_json(user, lease_id)
 
@@ -334,6 +336,28 @@ class Gateway:
         if self.budget_policy is not None:
             self.service.configure_budgets(config)
 
+    # --- operators: every user's leases and usage -----------------------------------------
+
+    def lease_owner(self, lease_id: str) -> str | None:
+        """Whose lease this is, active or ended (None: no such lease)."""
+        lease = self.service.core.leases.get(lease_id) or self._unwritten.get(lease_id)
+        if lease is not None:
+            return lease.user
+        row = self.metering.get(lease_id)
+        return str(row["user"]) if row is not None else None
+
+    def all_leases_json(self, include_released: bool = False) -> list[dict[str, Any]]:
+        """Every user's active leases (``user`` says whose), oldest first; ended ones too on request."""
+        active = [self.describe(lease) for lease in self.service.core.leases.values()]
+        active.sort(key=lambda item: item["queued_at"])
+        if include_released:
+            active_ids = {item["id"] for item in active}
+            active += [row for row in self.metering.list_all() if row["id"] not in active_ids]
+        return active
+
+    def all_usage_json(self) -> dict[str, Any]:
+        return self.metering.usage_by_user_and_group()
+
     def metrics_text(self) -> str:
         return render_metrics(self)
 
@@ -419,6 +443,7 @@ class Gateway:
         emulated = self._emulated(lease)
         info: dict[str, Any] = {
             "id": lease.id,
+            "user": lease.user,
             "state": lease.state,
             "reason": lease.reason,
             "gpu": lease.spec,

@@ -75,6 +75,23 @@ class GatewayHandlerMixin:
                                 "operator", Reason.FORBIDDEN)
         return user
 
+    def require_operator(self, what: str) -> None:
+        """403 unless the caller is an operator (a Hub admin scope, or a configured operator)."""
+        assert self.current_user is not None
+        if not self.current_user.admin:
+            raise ApiError(403, f"user {self.current_user.name!r} is not an operator of this gateway: {what} is "
+                                "for operators (a Hub admin scope, or a name in c.HubIdentityProvider.operators); "
+                                "without all=1 you get your own", Reason.FORBIDDEN)
+
+    def owner_for(self, lease_id: str) -> str:
+        """Whose lease the caller may act on: their own, or anyone's for an operator."""
+        assert self.current_user is not None
+        owner = self.gateway.lease_owner(lease_id) if self.current_user.admin else None
+        return owner or self.current_user.name
+
+    def flag(self, name: str) -> bool:
+        return self.get_argument(name, "0") not in ("0", "false", "")  # type: ignore[attr-defined]
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Every error as ``{"message", "reason"}``; never a traceback to a client."""
         exc = kwargs.get("exc_info", (None, None, None))[1]
@@ -199,8 +216,11 @@ class LeasesHandler(ApiHandler):
     auth_resource = "leases"
 
     def get(self) -> None:
-        include_released = self.get_argument("all", "0") not in ("0", "false", "")
-        self.reply(self.gateway.leases_json(self.user, include_released))
+        if self.flag("all"):  # every user's
+            self.require_operator("all=1 (every user's leases)")
+            self.reply(self.gateway.all_leases_json(self.flag("released")))
+            return
+        self.reply(self.gateway.leases_json(self.user, self.flag("released")))
 
     def post(self) -> None:
         body = self.json_body()
@@ -219,17 +239,23 @@ class LeaseHandler(ApiHandler):
             seconds = min(float(wait), MAX_LONG_POLL)
         except ValueError:
             raise ApiError(400, f"'wait' must be seconds, got {wait!r}", Reason.BAD_WAIT) from None
-        self.reply(await self.gateway.wait_for_lease(self.user, lease_id, seconds))
+        self.reply(await self.gateway.wait_for_lease(self.owner_for(lease_id), lease_id, seconds))
 
     def delete(self, lease_id: str) -> None:
-        forget = self.get_argument("forget", "0") not in ("0", "false", "")  # keep none of its variables
-        self.reply(self.gateway.release_lease(self.user, lease_id, forget))  # deleting twice is harmless
+        owner = self.owner_for(lease_id)
+        reason = Reason.DELETED if owner == self.user else Reason.OPERATOR
+        # forget: keep none of its variables; deleting twice is harmless
+        self.reply(self.gateway.release_lease(owner, lease_id, self.flag("forget"), reason))
 
 
 class UsageHandler(ApiHandler):
     auth_resource = "usage"
 
     def get(self) -> None:
+        if self.flag("all"):  # by user and by group
+            self.require_operator("all=1 (every user's usage)")
+            self.reply(self.gateway.all_usage_json())
+            return
         self.reply(self.gateway.usage_json(self.user, self.groups))
 
 

@@ -45,6 +45,17 @@ class IdentityProvider(LoggingConfigurable):
     def get_user(self, handler: web.RequestHandler) -> User | Awaitable[User | None] | None:
         raise NotImplementedError
 
+    def check(self) -> None:
+        """Called once at start: raise ValueError (one clear line) when the provider cannot work."""
+
+    def web_settings(self) -> dict[str, Any]:
+        """Settings the provider needs in the tornado application (e.g. a cookie secret)."""
+        return {}
+
+    def routes(self) -> list[Any]:
+        """Handlers the provider adds (e.g. an OAuth login and callback), as tornado route tuples."""
+        return []
+
     def unauthenticated_message(self, handler: web.RequestHandler) -> str:
         """The 401's message: what the caller should send instead."""
         return "this request does not say who sent it in a way the gateway accepts"

@@ -188,9 +188,57 @@ class MeteringStore:
                  "granted_at": row["granted_at"], "released_at": row["released_at"],
                  "price_per_gpu_hour": row["price_per_gpu_hour"]} for row in rows]
 
+    def list_all(self, limit: int = 1000, *, now: float | None = None) -> list[dict[str, Any]]:
+        """Every user's leases, newest first (for operators)."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT {_COLUMNS} FROM leases ORDER BY queued_at DESC, rowid DESC LIMIT :limit",
+                {"limit": limit, "now": _now(now)},
+            ).fetchall()
+        return [_lease_dict(row) for row in rows]
+
+    def usage_by_user_and_group(self, *, now: float | None = None) -> dict[str, Any]:
+        """GPU-seconds, cost and lease count per user and per group, and the totals.
+
+        A lease counts in the groups its user had when they took it (what group budgets count),
+        so a user in two groups counts in both and groups need not add up to the total. A user's
+        ``groups`` are those of their newest lease.
+        """
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT user, groups, COUNT(*) AS leases, SUM({_GPU_SECONDS}) AS seconds, "
+                f"SUM({_GPU_SECONDS} * price_per_gpu_hour / 3600.0) AS cost, MAX(queued_at) AS newest "
+                "FROM leases GROUP BY user, groups ORDER BY user, newest",
+                {"now": _now(now)},
+            ).fetchall()
+        by_user: dict[str, dict[str, Any]] = {}
+        by_group: dict[str, dict[str, Any]] = {}
+        for row in rows:
+            groups = json.loads(row["groups"])
+            used = {"gpu_seconds": float(row["seconds"]), "cost": float(row["cost"]), "leases": int(row["leases"])}
+            user = by_user.setdefault(row["user"], {"gpu_seconds": 0.0, "cost": 0.0, "leases": 0})
+            user["groups"] = groups  # rows come oldest first: the newest lease's groups stay
+            _add(user, used)
+            for group in groups:
+                total = by_group.setdefault(group, {"gpu_seconds": 0.0, "cost": 0.0, "leases": 0, "users": []})
+                _add(total, used)
+                if row["user"] not in total["users"]:
+                    total["users"].append(row["user"])
+        return {
+            "by_user": by_user,
+            "by_group": dict(sorted(by_group.items())),
+            "total_gpu_seconds": sum((e["gpu_seconds"] for e in by_user.values()), 0.0),
+            "total_cost": sum((e["cost"] for e in by_user.values()), 0.0),
+        }
+
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def _add(total: dict[str, Any], used: dict[str, float]) -> None:
+    for key, value in used.items():
+        total[key] += value
 
 
 def _now(now: float | None) -> float:

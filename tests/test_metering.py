@@ -146,6 +146,35 @@ def test_users_see_only_their_own_leases(db: str) -> None:
     store.close()
 
 
+def test_usage_by_user_and_group_for_operators(db: str) -> None:
+    store = MeteringStore(db)
+    taken = (("a1", "alice", 60, {"physics", "gpu-users"}), ("a2", "alice", 120, {"physics", "gpu-users"}),
+             ("b1", "bob", 30, {"gpu-users"}), ("b2", "bob", 40, {"biology"}), ("c1", "carol", 10, set()))
+    for order, (lease_id, user, seconds, groups) in enumerate(taken):
+        lease = make_lease(lease_id, user)
+        lease.queued_at = T0 + order  # in this order: bob's newest lease is b2
+        lease.groups = frozenset(groups)
+        grant(lease, T0)
+        release(lease, T0 + seconds)
+        store.record(lease, 3.6)
+    usage = store.usage_by_user_and_group()
+    assert usage["by_user"] == {
+        "alice": {"gpu_seconds": 180.0, "cost": pytest.approx(0.18), "leases": 2, "groups": ["gpu-users", "physics"]},
+        # each lease counts in the groups of when it was taken; the user's groups are their newest lease's
+        "bob": {"gpu_seconds": 70.0, "cost": pytest.approx(0.07), "leases": 2, "groups": ["biology"]},
+        "carol": {"gpu_seconds": 10.0, "cost": pytest.approx(0.01), "leases": 1, "groups": []},
+    }
+    # a user in two groups counts in both; groups need not add up to the total
+    assert usage["by_group"] == {
+        "biology": {"gpu_seconds": 40.0, "cost": pytest.approx(0.04), "leases": 1, "users": ["bob"]},
+        "gpu-users": {"gpu_seconds": 210.0, "cost": pytest.approx(0.21), "leases": 3, "users": ["alice", "bob"]},
+        "physics": {"gpu_seconds": 180.0, "cost": pytest.approx(0.18), "leases": 2, "users": ["alice"]},
+    }
+    assert usage["total_gpu_seconds"] == pytest.approx(260.0) and usage["total_cost"] == pytest.approx(0.26)
+    assert sorted(row["id"] for row in store.list_all()) == ["a1", "a2", "b1", "b2", "c1"]
+    store.close()
+
+
 def test_groups_are_kept_and_this_months_spending_is_read_back(db: str) -> None:
     """What budgets count after a restart: ended leases of the period, with the groups they were recorded under."""
     store = MeteringStore(db)

@@ -137,7 +137,7 @@ async def test_another_users_lease_and_kernel_look_like_they_do_not_exist(gatewa
 
     assert gateway.get("bob", "/api/gpu/leases").body == []
     assert gateway.get("bob", "/api/kernels").body == []
-    assert lease_id not in {row["id"] for row in gateway.get("bob", "/api/gpu/leases?all=1").body}
+    assert lease_id not in {row["id"] for row in gateway.get("bob", "/api/gpu/leases?released=1").body}
     # bob's DELETEs did nothing: alice still holds her kernel and can use it.
     assert lease_now(gateway, "alice", lease_id)["state"] == "granted"
     assert [k["id"] for k in gateway.get("alice", "/api/kernels").body] == [kernel_id]

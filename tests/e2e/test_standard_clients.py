@@ -108,7 +108,7 @@ def jupyter(pool: GatewayProcess, tmp_path_factory: pytest.TempPathFactory) -> I
 
 
 def leases(gateway: GatewayProcess, user: str = "alice", everything: bool = False) -> list[dict[str, Any]]:
-    return list(gateway.get(user, "/api/gpu/leases" + ("?all=1" if everything else "")).body)
+    return list(gateway.get(user, "/api/gpu/leases" + ("?released=1" if everything else "")).body)
 
 
 @pytest.mark.asyncio

@@ -1,0 +1,63 @@
+"""``jupyter-gpu usage [--all]``: GPU-hours and cost from the gateway, mine or (operators) everyone's.
+
+The gateway is found as the magic finds it (``JUPYTER_GPU_URL`` / ``JUPYTER_GPU_TOKEN``, or the
+JupyterHub this runs under), so it works in a Hub terminal with no set-up as well.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Any
+
+from .client import GatewayClient, GatewayConfig, GatewayError
+
+
+def usage_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="jupyter-gpu usage", description="GPU time and cost metered by the gateway.")
+    parser.add_argument("--all", action="store_true", help="every user's usage, by user and by group (operators)")
+    parser.add_argument("--json", action="store_true", help="the gateway's JSON as it is")
+    args = parser.parse_args(argv)
+    try:
+        client = GatewayClient(GatewayConfig.from_env())
+        data = client.request("GET", "/api/gpu/usage" + ("?all=1" if args.all else ""))
+    except GatewayError as exc:
+        print(f"jupyter-gpu usage: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(data, indent=2))
+    else:
+        print(format_all(data) if args.all else format_mine(data))
+    return 0
+
+
+def _hours(seconds: float) -> str:
+    return f"{seconds / 3600:.3f}"
+
+
+def _table(title: str, rows: list[list[str]], header: list[str]) -> list[str]:
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    line = "  ".join
+    out = [title, line(h.ljust(w) for h, w in zip(header, widths, strict=True))]
+    out += [line(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in rows]
+    return out
+
+
+def format_all(data: dict[str, Any]) -> str:
+    """Usage by user (with groups) and by group, then the totals."""
+    users = [[name, str(e["leases"]), _hours(e["gpu_seconds"]), f"${e['cost']:.2f}", ",".join(e["groups"]) or "-"]
+             for name, e in data["by_user"].items()]
+    groups = [[name, str(len(e["users"])), str(e["leases"]), _hours(e["gpu_seconds"]), f"${e['cost']:.2f}"]
+              for name, e in data["by_group"].items()]
+    out = _table("by user", users, ["user", "leases", "GPU-hours", "cost", "groups"])
+    out += ["", *_table("by group", groups, ["group", "users", "leases", "GPU-hours", "cost"])]
+    out += ["", f"total: {_hours(data['total_gpu_seconds'])} GPU-hours, ${data['total_cost']:.2f}"]
+    return "\n".join(out)
+
+
+def format_mine(data: dict[str, Any]) -> str:
+    types = [[name, _hours(e["gpu_seconds"]), f"${e['cost']:.2f}"] for name, e in data["by_type"].items()]
+    out = _table(f"usage of {data['user']}", types, ["type", "GPU-hours", "cost"])
+    out += [f"total: {_hours(data['total_gpu_seconds'])} GPU-hours, ${data['total_cost']:.2f}"]
+    return "\n".join(out)
