@@ -1,4 +1,5 @@
-"""The pool on a real Ray cluster of namespace machines: placement, transport, membership.
+"""The pool on a real Ray cluster of namespace machines: placement, transport, membership, and a
+notebook (nbclient through the ``%%gpu`` magic) whose cells run there.
 
 Tests run in order on one shared cluster (see conftest); the node-loss test goes last.
 """
@@ -7,12 +8,17 @@ from __future__ import annotations
 
 import asyncio
 import os
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import pytest
 from e2e.gateway_process import poll, stdout_text
+from e2e.test_magic import LocalKernel, streamed, texts
+from nbclient import NotebookClient
 
 from .conftest import RayTestbed
 
@@ -112,6 +118,84 @@ def test_nodes_are_listed_with_their_gpus(testbed: RayTestbed) -> None:
         assert lease["node"] == "10.77.0.12"
     finally:
         testbed.gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
+
+
+# --- a notebook (nbclient, the %%gpu magic) whose cells run on the cluster's machines ---------
+
+
+def notebook_env(testbed: RayTestbed, user: str) -> dict[str, str]:
+    return {**os.environ, "JUPYTER_GPU_URL": testbed.gateway.url, "JUPYTER_GPU_TOKEN": testbed.gateway.tokens[user]}
+
+
+def no_leases_left(testbed: RayTestbed, user: str) -> None:
+    poll(lambda: testbed.gateway.get(user, "/api/gpu/leases").body == [], 30, f"{user}'s leases released")
+
+
+def test_a_notebook_runs_its_cells_on_the_machines_of_their_gpu_types(testbed: RayTestbed) -> None:
+    book = nbformat.v4.new_notebook()
+    book.cells = [nbformat.v4.new_code_cell(source) for source in (
+        "%load_ext jupyter_gpu",
+        "import numpy as np\nbig = np.random.default_rng(0).random(25_000_000)  # 200 MB\nchecksum = float(big.sum())",
+        # pushed to the h100 machine, doubled there, and pulled back
+        "%%gpu h100 --pull-limit 1GB\nimport os\nh100_net = os.stat('/proc/self/ns/net').st_ino\n"
+        "remote_sum = float(big.sum())\ndoubled = big * 2",
+        "%%gpu a100\nimport os\na100_net = os.stat('/proc/self/ns/net').st_ino",
+        "assert np.array_equal(doubled, big * 2) and remote_sum == checksum\nprint(h100_net, a100_net)",
+    )]
+    NotebookClient(book, timeout=180, kernel_name="python3").execute(env=notebook_env(testbed, "alice"))
+    # Each kernel lives in the network namespace of the machine that has its GPU type.
+    h100_net, a100_net = map(int, texts(book.cells[4]).split())
+    assert h100_net == testbed.cluster.netns_inode("n2") and a100_net == testbed.cluster.netns_inode("n1")
+    no_leases_left(testbed, "alice")  # the notebook's kernel shut down: its leases ended
+
+
+@pytest.fixture
+def notebook(testbed: RayTestbed) -> Iterator[LocalKernel]:
+    """A notebook's kernel (jupyter_client), for what nbclient cannot do: interrupt, watch timing."""
+    kernel = LocalKernel(notebook_env(testbed, "bob"))
+    kernel.run("%load_ext jupyter_gpu")
+    yield kernel
+    kernel.close()
+    no_leases_left(testbed, "bob")
+
+
+def test_output_of_a_remote_cell_arrives_while_it_runs(notebook: LocalKernel) -> None:
+    arrivals: list[tuple[float, str]] = []
+
+    def seen(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream":
+            arrivals.append((time.monotonic(), msg["content"]["text"]))
+
+    reply = notebook.kc.execute_interactive(
+        "%%gpu h100\nimport time\nprint('first', flush=True)\ntime.sleep(2)\nprint('second')",
+        timeout=60, output_hook=seen)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    [(first_at, first), (second_at, second)] = arrivals
+    assert (first, second) == ("first\n", "second\n")
+    assert second_at - first_at > 1.5  # 'first' was shown while the cell still slept on n2
+
+
+def test_interrupt_stops_a_cell_on_another_machine(notebook: LocalKernel) -> None:
+    notebook.run("%%gpu h100\nstate = 'kept'")
+    threading.Timer(2, notebook.km.interrupt_kernel).start()
+    started = time.monotonic()
+    reply, _ = notebook.run("%%gpu h100\nimport time\ntime.sleep(60)")
+    assert time.monotonic() - started < 20
+    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
+    reply, outputs = notebook.run("%%gpu h100\nprint(state)")
+    assert reply["status"] == "ok" and streamed(outputs) == "kept\n"
+
+
+def test_idle_release_of_a_remote_lease_tells_the_next_cell(testbed: RayTestbed, notebook: LocalKernel) -> None:
+    notebook.run("%%gpu a100 --idle 1 --pull-limit 1\nonly_remote = [1, 2, 3]")
+    [lease] = testbed.gateway.get("bob", "/api/gpu/leases").body
+    assert lease["node"] == "10.77.0.11"
+    poll(lambda: testbed.gateway.get("bob", f"/api/gpu/leases/{lease['id']}").body["state"] == "released", 20,
+         "the lease to idle out")
+    reply, outputs = notebook.run("%%gpu a100\nprint('fresh')")
+    assert reply["status"] == "ok" and streamed(outputs) == "fresh\n"
+    notice = streamed(outputs, "stderr")
+    assert "lease ended (idle)" in notice and "only_remote" in notice
 
 
 @pytest.mark.asyncio
