@@ -7,7 +7,9 @@ Tests run in order on one shared cluster (see conftest); the node-loss test goes
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import shutil
 import threading
 import time
 from collections.abc import Iterator
@@ -20,10 +22,14 @@ from e2e.gateway_process import poll, stdout_text
 from e2e.test_magic import LocalKernel, streamed, texts
 from nbclient import NotebookClient
 
-from .conftest import RayTestbed
+from .conftest import USERS, RayTestbed
 
 #: the first test also pays for bringing the shared cluster up (retried on a loaded machine)
 pytestmark = pytest.mark.timeout(600)
+
+
+#: a kernel's network namespace, read inside it (its pid is its sandbox's own, not the host's)
+NET_INODE = "os.stat('/proc/self/ns/net').st_ino"
 
 
 def types_of(testbed: RayTestbed) -> dict[str, dict[str, object]]:
@@ -54,11 +60,11 @@ async def test_kernel_runs_on_the_node_of_its_gpu_type(testbed: RayTestbed, gpu:
     lease = granted(testbed, "alice", gpu)
     socket = await gateway.connect("alice", lease["kernel_id"])
     try:
-        reply, outputs = await socket.run("import os; x = 1; print(os.getpid(), os.environ['CUDA_VISIBLE_DEVICES'])")
+        reply, outputs = await socket.run(f"import os; x = 1; print({NET_INODE}, os.environ['CUDA_VISIBLE_DEVICES'])")
         assert reply["content"]["status"] == "ok", reply
-        pid, visible = stdout_text(outputs).split()
+        net, visible = stdout_text(outputs).split()
         # The kernel process lives in that node's network namespace: it is on that "machine".
-        assert os.stat(f"/proc/{pid}/ns/net").st_ino == testbed.cluster.netns_inode(node)
+        assert int(net) == testbed.cluster.netns_inode(node)
         assert visible == ",".join(map(str, lease["gpu_indices"]))
         reply, outputs = await socket.run("print(x + 1)")
         assert stdout_text(outputs) == "2\n"
@@ -79,6 +85,53 @@ async def test_kernel_traffic_is_curve_encrypted(testbed: RayTestbed) -> None:
     finally:
         socket.close()
         gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="sandboxes need bubblewrap (apt-get install bubblewrap)")
+@pytest.mark.asyncio
+async def test_a_kernel_on_a_ray_node_cannot_reach_another_kernels_files_there(testbed: RayTestbed) -> None:
+    gateway = testbed.gateway
+    assert "bubblewrap" in types_of(testbed)["a100"]["isolation"]  # as the slot actors found their node
+    leases = {user: granted(testbed, user, "a100") for user in USERS}  # n1's two a100s: same machine
+    sockets = {user: await gateway.connect(user, leases[user]["kernel_id"]) for user in USERS}
+    try:
+        # Bob's kernel says where its connection file was written (then removed, once read)
+        # and what its pid is on the host is no secret to an attacker either.
+        _, outputs = await sockets["bob"].run(
+            "from ipykernel.kernelapp import IPKernelApp; print(IPKernelApp.instance().connection_file)")
+        bob_file = stdout_text(outputs).strip()
+        bob_runtime = os.path.dirname(bob_file)
+        assert os.path.isdir(bob_runtime)  # there, on n1's file system
+        attack = f"""
+import json, os
+def attempt(what):
+    try:
+        what()
+        return "ok"
+    except Exception as exc:
+        return type(exc).__name__
+def processes():
+    seen = [open(f"/proc/{{p}}/cmdline", "rb").read() for p in os.listdir("/proc") if p.isdigit()]
+    if any(b"raylet" in c or {leases['bob']['kernel_id']!r}.encode() in c for c in seen):
+        raise PermissionError("sees Ray's or bob's processes")
+print(json.dumps({{
+    "read connection file": attempt(lambda: open({bob_file!r}).read()),
+    "list bob's runtime": attempt(lambda: os.listdir({bob_runtime!r})),
+    "read the Ray token": attempt(lambda: open({str(testbed.cluster.token_path)!r}).read()),
+    "see other processes": attempt(processes),
+    "uid": os.getuid(),
+}}))
+"""
+        reply, outputs = await sockets["alice"].run(attack)
+        assert reply["content"]["status"] == "ok", reply
+        outcome = json.loads(stdout_text(outputs))
+    finally:
+        for user, socket in sockets.items():
+            socket.close()
+            gateway.delete(user, f"/api/gpu/leases/{leases[user]['id']}")
+    assert outcome.pop("uid") != 0  # a uid of its own, not Ray's root
+    assert outcome == {"read connection file": "FileNotFoundError", "list bob's runtime": "FileNotFoundError",
+                       "read the Ray token": "FileNotFoundError", "see other processes": "ok"}
 
 
 def test_released_kernel_is_replaced_by_a_warm_one_on_its_node(testbed: RayTestbed) -> None:
@@ -209,8 +262,8 @@ async def test_a_machine_that_joins_adds_its_gpus_and_runs_kernels(testbed: RayT
     lease = granted(testbed, "alice", "l4")
     socket = await gateway.connect("alice", lease["kernel_id"])
     try:
-        _, outputs = await socket.run("import os; print(os.getpid())")
-        assert os.stat(f"/proc/{stdout_text(outputs).strip()}/ns/net").st_ino == cluster.netns_inode("n3")
+        _, outputs = await socket.run(f"import os; print({NET_INODE})")
+        assert int(stdout_text(outputs)) == cluster.netns_inode("n3")
     finally:
         socket.close()
         gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
