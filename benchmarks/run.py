@@ -109,7 +109,7 @@ def guarded(results: dict[str, Any], key: str, what: Callable[[], Any]) -> None:
     results.setdefault("seconds", {})[key] = round(time.perf_counter() - started, 1)
 
 
-def measure(mode: str, peers: bool) -> dict[str, Any]:
+def measure(mode: str, peers: bool, ray: bool = False) -> dict[str, Any]:
     import baselines
     import ours
     import pool_sim
@@ -128,6 +128,10 @@ def measure(mode: str, peers: bool) -> dict[str, Any]:
         guarded(results, "kg", lambda: run_peer("kg", settings, timeout=1800))
     else:
         results["ipp"] = results["kg"] = {"skipped": "--no-peers"}
+    if ray or mode == "full":  # row 9: a namespace Ray cluster (root; skipped with the reason otherwise)
+        import ray_rows
+
+        guarded(results, "ray", lambda: ray_rows.run(mode))
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     return results
 
@@ -298,6 +302,11 @@ def build_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
             "jupyter-gpu pool core", f"{sim['decisions_per_s']:,.0f} decisions/s", secs(sim["wall_s"]) + " wall",
             f"{sim['decisions']:,} decisions", "< 10 s" if full_size else "",
             sim["wall_s"] < 10 and sim["finished"] if full_size else None, **sim)
+    # 9. the pool on a Ray cluster (--ray)
+    import ray_rows
+
+    for values in ray_rows.table_rows(r.get("ray")):
+        add(9, **values)
     return rows
 
 
@@ -335,10 +344,12 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--full", dest="mode", action="store_const", const="full", help="the README's table")
     group.add_argument("--smoke", dest="mode", action="store_const", const="smoke", help="tiny: does it run at all")
     parser.add_argument("--no-peers", action="store_true", help="measure jupyter-gpu and the baselines only")
+    parser.add_argument("--ray", action="store_true", help="add row 9, the pool on a namespace Ray cluster (root; "
+                        "--full includes it)")
     parser.add_argument("--out", default=str(REPO / "bench-results"), help="where the JSON and table go")
     args = parser.parse_args(argv)
     mode = args.mode or "quick"
-    results = measure(mode, peers=not args.no_peers)
+    results = measure(mode, peers=not args.no_peers, ray=args.ray)
     rows = build_rows(results)
     results["table"] = [{k: v for k, v in row.items()} for row in rows]
     text = render(results, rows)
