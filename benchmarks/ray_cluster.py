@@ -230,9 +230,11 @@ def measure(repeats: int, first_cells: int, transfer_bytes: int, transfers: int)
             first = magic_first_cells(remote, first_cells)
             first_local = magic_first_cells(local, first_cells)
             parts = asyncio.run(first_cell_parts(remote, first_cells))
+            parts_local = asyncio.run(first_cell_parts(local, first_cells))
             out["first_cell_warm"] = {"remote_ms": ms(first), "remote_p99_ms": round(first["p99"] * 1000, 2),
                                       "local_ms": ms(first_local), "target_ms": 50,
-                                      "websocket_parts_ms": {key: ms(value) for key, value in parts.items()}}
+                                      "websocket_parts_ms": {key: ms(value) for key, value in parts.items()},
+                                      "websocket_parts_local_ms": {k: ms(v) for k, v in parts_local.items()}}
             moved = magic_transfers(remote, transfer_bytes, transfers)
             tcp = raw_tcp_to(cluster, REMOTE_NODE, transfer_bytes, transfers)
             rates = {key: transfer_bytes / moved[key]["median"] / 1e6 for key in ("push", "pull")}
