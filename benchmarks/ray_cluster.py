@@ -2,7 +2,7 @@
 
     sudo .venv/bin/python benchmarks/ray_cluster.py [--repeats 30] [--transfer-bytes 1000000000]
 
-(or ``scripts/bench --ray``: benchmarks/ray_rows.py runs this and adds row 9 to the table). Brings up
+(or ``scripts/bench --ray``: benchmarks/ray_rows.py runs this and adds row 10 to the table). Brings up
 the test cluster of tests/ray_cluster (head n1: 2 x a100, n2: 1 x h100, gateway in gw; all
 emulated, every process real), plus a local-backend gateway in the same namespace, and a
 notebook kernel there with the ``%%gpu`` magic, and prints one JSON line per row:

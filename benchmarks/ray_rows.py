@@ -1,4 +1,4 @@
-"""Row 9 of the benchmark's table: the pool on a namespace Ray cluster (``scripts/bench --ray``).
+"""Row 10 of the benchmark's table: the pool on a namespace Ray cluster (``scripts/bench --ray``).
 
 benchmarks/ray_cluster.py measures (it needs root to make network namespaces, and says why not
 where it cannot); this runs it as its own process, since it enters namespaces and its
@@ -31,7 +31,7 @@ def run(mode: str, timeout: float = 1800) -> dict[str, Any]:
 
 
 def table_rows(ray: Any) -> list[dict[str, Any]]:
-    """benchmarks/run.py's row 9 (its ``add`` keywords), from :func:`measure`'s results."""
+    """benchmarks/run.py's row 10 (its ``add`` keywords), from :func:`measure`'s results."""
     if not isinstance(ray, dict) or "execute_x1" not in ray:
         return []
     x1, first, moved, death = (ray.get(key, {}) for key in ("execute_x1", "first_cell_warm", "transfer",

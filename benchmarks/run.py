@@ -113,6 +113,7 @@ def measure(mode: str, peers: bool, ray: bool = False) -> dict[str, Any]:
     import baselines
     import ours
     import pool_sim
+    import snapshot_rows
 
     settings = MODES[mode]
     results: dict[str, Any] = {"mode": mode, "machine": machine(), "settings": settings}
@@ -122,13 +123,14 @@ def measure(mode: str, peers: bool, ray: bool = False) -> dict[str, Any]:
     guarded(results, "tcp", lambda: {str(size): baselines.raw_tcp(size, count)
                                      for size, count in settings["transfer_sizes"]})
     guarded(results, "ours", lambda: ours.main(settings))
+    guarded(results, "snapshots", lambda: snapshot_rows.measure(mode))  # row 9: kept state (issue 12)
     if peers:
         guarded(results, "ipp", lambda: run_peer("ipp", {**settings, "cold_repeats": settings["ipp_cold_repeats"]},
                                                  timeout=1800))
         guarded(results, "kg", lambda: run_peer("kg", settings, timeout=1800))
     else:
         results["ipp"] = results["kg"] = {"skipped": "--no-peers"}
-    if ray or mode == "full":  # row 9: a namespace Ray cluster (root; skipped with the reason otherwise)
+    if ray or mode == "full":  # row 10: a namespace Ray cluster (root; skipped with the reason otherwise)
         import ray_rows
 
         guarded(results, "ray", lambda: ray_rows.run(mode))
@@ -302,11 +304,15 @@ def build_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
             "jupyter-gpu pool core", f"{sim['decisions_per_s']:,.0f} decisions/s", secs(sim["wall_s"]) + " wall",
             f"{sim['decisions']:,} decisions", "< 10 s" if full_size else "",
             sim["wall_s"] < 10 and sim["finished"] if full_size else None, **sim)
-    # 9. the pool on a Ray cluster (--ray)
+    # 9. kept state: snapshot, restore, re-acquire, switch (benchmarks/snapshot_rows.py)
+    import snapshot_rows
+
+    snapshot_rows.add_rows(r.get("snapshots"), add)
+    # 10. the pool on a Ray cluster (--ray; benchmarks/ray_rows.py)
     import ray_rows
 
     for values in ray_rows.table_rows(r.get("ray")):
-        add(9, **values)
+        add(10, **values)
     return rows
 
 
@@ -344,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--full", dest="mode", action="store_const", const="full", help="the README's table")
     group.add_argument("--smoke", dest="mode", action="store_const", const="smoke", help="tiny: does it run at all")
     parser.add_argument("--no-peers", action="store_true", help="measure jupyter-gpu and the baselines only")
-    parser.add_argument("--ray", action="store_true", help="add row 9, the pool on a namespace Ray cluster (root; "
+    parser.add_argument("--ray", action="store_true", help="add row 10, the pool on a namespace Ray cluster (root; "
                         "--full includes it)")
     parser.add_argument("--out", default=str(REPO / "bench-results"), help="where the JSON and table go")
     args = parser.parse_args(argv)

@@ -52,26 +52,35 @@ def touch(ns: dict[str, Any]) -> float:
     return float(sum(value[:: 4096 // 8].sum() for value in ns.values()))  # one read per page
 
 
+STAGING = "/dev/shm" if os.path.isdir("/dev/shm") else None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--gb", type=float, default=1.0)
-    parser.add_argument("--store", default=None, help="store directory (default: a temp dir on /tmp's disk)")
-    parser.add_argument("--staging", default="/dev/shm" if os.path.isdir("/dev/shm") else None)
+    parser.add_argument("--store", default=None, help="store directory (default: a temp dir on /var/tmp's disk)")
+    parser.add_argument("--staging", default=STAGING)
     parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
-    nbytes = int(args.gb * 1e9)
+    print(json.dumps(measure(args.gb, args.repeats, args.store, args.staging), indent=2))
+
+
+def measure(gb: float, repeats: int, store_dir_given: str | None = None, staging_root: str | None = STAGING
+            ) -> dict[str, Any]:
+    """The medians and the ratios to the raw copies (what main prints; benchmarks/snapshot_rows.py's row)."""
+    nbytes = int(gb * 1e9)
     # Four arrays, as a notebook holds several
     arrays = {f"a{i}": np.random.default_rng(i).random(nbytes // 8 // 4) for i in range(4)}
     total = sum(a.nbytes for a in arrays.values())
-    store_dir = args.store or tempfile.mkdtemp(prefix="snapbench-", dir="/var/tmp")
-    staging = tempfile.mkdtemp(prefix="snapbench-", dir=args.staging)
+    store_dir = store_dir_given or tempfile.mkdtemp(prefix="snapbench-", dir="/var/tmp")
+    staging = tempfile.mkdtemp(prefix="snapbench-", dir=staging_root)
     store = LocalSnapshotStore(os.path.join(store_dir, "store"), ttl=3600)
     figures: dict[str, list[float]] = {k: [] for k in (
         "raw_write_staging", "raw_copy_to_store", "raw_copy_to_staging", "raw_read",
         "snapshot_write_staging", "snapshot_to_store", "snapshot_total",
         "restore_to_staging", "restore_load_and_read", "restore_total")}
     try:
-        for _ in range(args.repeats):
+        for _ in range(repeats):
             blob = np.concatenate(list(arrays.values()))
             raw_staging, raw_store = os.path.join(staging, "raw"), os.path.join(store_dir, "raw")
             began = time.perf_counter()
@@ -117,20 +126,21 @@ def main() -> None:
             store.delete("bench", record.id)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
-        if args.store is None:
+        if store_dir_given is None:
             shutil.rmtree(store_dir, ignore_errors=True)
     medians = {k: statistics.median(v) for k, v in figures.items()}
     raw_snapshot = medians["raw_write_staging"] + medians["raw_copy_to_store"]
     raw_restore = medians["raw_copy_to_staging"] + medians["raw_read"]
-    result = {
+    return {
         "bytes": total,
         "seconds": {k: round(v, 3) for k, v in medians.items()},
         "snapshot_GBps": round(total / medians["snapshot_total"] / 1e9, 2),
         "restore_GBps": round(total / medians["restore_total"] / 1e9, 2),
+        "raw_snapshot_GBps": round(total / raw_snapshot / 1e9, 2),
+        "raw_restore_GBps": round(total / raw_restore / 1e9, 2),
         "snapshot_vs_raw": round(raw_snapshot / medians["snapshot_total"], 2),
         "restore_vs_raw": round(raw_restore / medians["restore_total"], 2),
     }
-    print(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -205,9 +205,12 @@ class GatewayClient:
             body["idle_timeout"] = idle_timeout
         return dict(self.request("POST", "/api/gpu/leases", body))
 
-    def get_lease(self, lease_id: str, wait: float = 0) -> dict[str, Any]:
+    def get_lease(self, lease_id: str, wait: float = 0, timeout: float | None = None) -> dict[str, Any]:
+        """The lease as the gateway describes it; ``wait``: long-poll while it is queued;
+        ``timeout``: seconds to wait for the answer (default: the client's, plus ``wait``)."""
         query = f"?wait={wait}" if wait else ""
-        return dict(self.request("GET", f"/api/gpu/leases/{lease_id}{query}", timeout=self.timeout + wait))
+        seconds = self.timeout + wait if timeout is None else timeout
+        return dict(self.request("GET", f"/api/gpu/leases/{lease_id}{query}", timeout=seconds))
 
     def delete_lease(self, lease_id: str, forget: bool = False) -> dict[str, Any]:
         """End a lease; ``forget``: keep none of its variables for the notebook's next lease."""

@@ -14,6 +14,7 @@ from typing import Any, Protocol
 from .analysis import CellNames
 from .client import GatewayClient, GatewayConfig, GatewayError
 from .kept_state import adopt_restored, waits_for_restore
+from .notices import NoticeBoard, format_notice
 from .outputs import CellRelay, Frontend
 from .protocol import KERNEL_DIED_ERROR
 from .remote import CellOptions, LeaseGone, RemoteSession, acquire_lease, check_remote_refs
@@ -40,6 +41,7 @@ class GpuClient:
         self.gateway = gateway
         self.notebook = notebook
         self.sessions: dict[str, RemoteSession] = {}
+        self.notice_board = NoticeBoard()
 
     @classmethod
     def from_env(cls, notebook: str = "") -> GpuClient:
@@ -95,11 +97,28 @@ class GpuClient:
         session = self.session(spec, idle, False, watcher)
         return _name_lost(session, session.run_cell(code, names.free, names.bound, ns, options, frontend))
 
+    def new_notices(self, timeout: float = 2.0) -> list[str]:
+        """Lines for the notices posted on this notebook's live leases since the last call.
+
+        One GET per live lease, bounded by ``timeout``: a gateway that does not answer only
+        means nothing is shown now (the next check tries again)."""
+        lines = []
+        for session in list(self.sessions.values()):
+            if not session.alive:
+                continue
+            try:
+                lease = self.gateway.get_lease(session.lease_id, timeout=timeout)
+            except GatewayError:
+                continue
+            lines += [format_notice(lease, notice) for notice in self.notice_board.unseen(lease)]
+        return lines
+
     def release(self, spec: str, forget: bool = False) -> RemoteSession:
         """Stop using this spec's session and end its lease (a no-op if it already ended);
         ``forget``: the gateway keeps none of its variables for the notebook's next lease."""
         session = self.sessions.pop(spec)
         session.close()
+        self.notice_board.forget(session.lease_id)
         try:
             self.gateway.delete_lease(session.lease_id, forget)
         except GatewayError:

@@ -39,6 +39,11 @@ def parse_size(text: str) -> int:
     return int(float(match.group(1)) * _UNITS[unit])
 
 
+#: Seconds between two looks for new lease notices: a cell that starts sooner shows none, so
+#: a notebook that runs many short cells does not pay a gateway round trip for each.
+NOTICE_CHECK_INTERVAL = 2.0
+
+
 def _notebook() -> str:
     """The notebook's path, as Jupyter tells its kernel: what kept variables are filed under."""
     return os.environ.get("JPY_SESSION_NAME", "")
@@ -105,6 +110,10 @@ class GpuMagics(Magics):
         self.client: GpuClient | None = None
         # A local kernel that shuts down or restarts starts clean: nothing kept for it either.
         atexit.register(self.release_all, True)
+        self._notices_checked = 0.0
+        # Every cell, local or %%gpu, shows what the gateway said about the notebook's leases
+        # since (a release for GPU idleness coming): the notebook hears it while it works.
+        shell.events.register("pre_run_cell", self.show_notices)
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -132,6 +141,18 @@ class GpuMagics(Magics):
             return ", ".join(t["name"] for t in self._client().gateway.types())
         except GatewayError:
             return "(the gateway did not answer)"
+
+    def show_notices(self, info: Any = None) -> None:
+        """Print the lease notices posted since the last look (at most one look per
+        NOTICE_CHECK_INTERVAL, and none while the notebook holds no lease)."""
+        if self.client is None or not self.client.sessions:
+            return
+        now = time.monotonic()
+        if now - self._notices_checked < NOTICE_CHECK_INTERVAL:
+            return
+        self._notices_checked = now
+        for line in self.client.new_notices():
+            print(line, file=sys.stderr)
 
     def release_all(self, forget: bool = False) -> None:
         if self.client is not None:

@@ -49,6 +49,7 @@ class Reason(StrEnum):
     NODE_LOST = "node_lost"
     RESTARTED = "restarted"  # a stock client restarted the kernel: a new lease behind the same kernel id
     OOM = "oom"  # the kernel went past its memory limit
+    GPU_IDLE = "gpu_idle"  # its GPUs did no work and its kernel ran no cell for the operator's gpu_idle_timeout
     # why the gateway refused a request
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"
@@ -89,6 +90,7 @@ REASON_GATEWAY_RESTART = Reason.GATEWAY_RESTART
 REASON_MAX_DURATION = Reason.MAX_DURATION
 REASON_NODE_LOST = Reason.NODE_LOST
 REASON_OOM = Reason.OOM
+REASON_GPU_IDLE = Reason.GPU_IDLE
 
 #: ``ename`` of the error a cell gets when its kernel dies under it (died, OOM, its machine lost)
 KERNEL_DIED_ERROR = "KernelDied"

@@ -176,6 +176,8 @@ class GatewayApp(JupyterApp):
         "idle-timeout": "PoolManager.idle_timeout",
         "max-idle-timeout": "PoolManager.max_idle_timeout",
         "max-lease-duration": "PoolManager.max_lease_duration",
+        "gpu-idle-timeout": "PoolManager.gpu_idle_timeout",
+        "gpu-idle-warning": "PoolManager.gpu_idle_warning",
         "max-gpus-per-user": "PoolManager.max_gpus_per_user",
         "warmup-code": "PoolManager.warmup_code",
         "ray": "RayPool.address",

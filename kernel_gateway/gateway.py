@@ -30,7 +30,7 @@ from jupyter_gpu.protocol import (
 from pool_manager.core import NO_CAPACITY, LeaseRequestError
 from pool_manager.inventory import gpu_status
 from pool_manager.manager import PoolManager
-from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted, LeaseSnapshot, LeaseView
+from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted, LeaseSnapshot, LeaseView, Notice
 from pool_manager.service import PoolService
 
 from .errors import ApiError
@@ -46,6 +46,7 @@ log = logging.getLogger(__name__)
 
 CLOSE_REASONS: dict[str, str] = {
     Reason.IDLE: "lease ended: no execution for its idle timeout",
+    Reason.GPU_IDLE: "lease ended: its GPUs did no work and no cell ran for the GPU idle timeout",
     Reason.DELETED: "lease ended: released by its owner",
     Reason.KERNEL_DIED: "lease ended: the kernel died",
     Reason.GATEWAY_RESTART: "lease ended: the gateway is stopping",
@@ -71,6 +72,10 @@ class NotFound(ApiError, LookupError):
 
 class MeteringFull(RuntimeError):
     """The usage database cannot be written (its disk is full): no new lease can be billed."""
+
+
+def notice_json(notice: Notice) -> dict[str, Any]:
+    return {"seq": notice.seq, "kind": notice.kind, "text": notice.text, "at": notice.at, "when": notice.when}
 
 
 def iso(ts: float | None) -> str | None:
@@ -399,6 +404,8 @@ class Gateway:
             "node": self._node(lease),
             # live NVML readings of the lease's GPUs; None where there is nothing real to read
             "gpu_status": None,
+            # what the pool or gateway tells the notebook before the lease ends (the magic shows new ones)
+            "notices": [notice_json(notice) for notice in lease.notices],
         }
         if self._real_gpus(lease):
             if readings is None:

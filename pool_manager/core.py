@@ -30,6 +30,7 @@ from jupyter_gpu.protocol import (
     GRANTED,
     QUEUED,
     REASON_CANCELLED,
+    REASON_GPU_IDLE,
     REASON_KERNEL_DIED,
     REASON_NODE_LOST,
     RELEASED,
@@ -39,6 +40,7 @@ from jupyter_gpu.protocol import (
 
 from .admission import Admission
 from .deadlines import Deadlines
+from .gpu_idleness import GpuIdleness
 from .lease_index import LeaseIndex
 from .model import (
     Action,
@@ -47,7 +49,9 @@ from .model import (
     Lease,
     LeaseEnded,
     LeaseGranted,
+    LeaseNoticed,
     LeaseView,
+    Notice,
     Slot,
     SlotState,
     StartKernel,
@@ -88,6 +92,10 @@ class PoolPolicy:
     max_gpus_per_user: int = 0
     #: after a kernel fails to start, wait this long before starting another of its type
     start_failure_backoff: float = 5.0
+    #: a lease whose GPUs did no work and whose kernel ran no cell for this long ends; 0: never
+    gpu_idle_timeout: float = 0.0
+    #: the notebook is told this long before such an end
+    gpu_idle_warning: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -129,6 +137,7 @@ class PoolCore:
         self._slot_index = SlotIndex()
         self._leases = LeaseIndex(policy.max_lease_duration)
         self._deadlines = Deadlines(policy.max_lease_duration)
+        self._gpu_idleness = GpuIdleness(policy.gpu_idle_timeout, policy.gpu_idle_warning)
         self.devices: dict[str, Device] = self._placement.devices
         self.leases: dict[str, Lease] = self._leases.active  # active ones only: queued or granted
         self._actions: list[Action] = []
@@ -209,6 +218,26 @@ class PoolCore:
             self._leases.activity()
             if not busy:
                 self._deadlines.arm_idle(lease)
+                self._gpu_idleness.arm(lease)
+
+    def gpu_used(self, lease_id: str) -> None:
+        """The lease's GPUs showed some utilization just now (the service samples NVML where
+        GPUs are real): its GPU idleness starts again from now."""
+        lease = self.leases.get(lease_id)
+        if lease is not None and lease.state == GRANTED:
+            lease.gpu_active_mono = self.clock()
+
+    def notify(self, lease_id: str, kind: str, text: str, when: float | None = None) -> Notice | None:
+        """Tell the notebook something about its granted lease before it ends (a LeaseNoticed
+        action goes out); ``when``: the wall time of what it announces. None if the lease is
+        not granted (a queued or ended one has no notebook listening)."""
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.state != GRANTED:
+            return None
+        notice = Notice(len(lease.notices) + 1, kind, text, self.wall_clock(), when)
+        lease.notices = (*lease.notices, notice)
+        self._actions.append(LeaseNoticed(lease.snapshot(), notice))
+        return notice
 
     # --- events: kernels ----------------------------------------------------------------
 
@@ -342,6 +371,13 @@ class PoolCore:
             reason = self._deadlines.expired(lease, now)
             if reason is not None:
                 self._end(lease, reason)
+        for item in self._gpu_idleness.due(now, self.leases):
+            if item.lease.state != GRANTED:
+                continue  # ended above
+            if item.warn:
+                self._warn_gpu_idle(item.lease, item.release_at - now)
+            else:
+                self._end(item.lease, REASON_GPU_IDLE)
         for gpu_type, until in list(self._backoff_until.items()):
             if until <= now:
                 del self._backoff_until[gpu_type]
@@ -350,7 +386,18 @@ class PoolCore:
     def next_deadline(self) -> float | None:
         """The earliest time (on :attr:`clock`) at which :meth:`tick` would change anything."""
         lease_deadline = self._deadlines.next(self.leases)
-        return min((lease_deadline, *self._backoff_until.values()), key=_or_inf, default=None)
+        gpu_idle = self._gpu_idleness.next(self.leases)
+        return min((lease_deadline, gpu_idle, *self._backoff_until.values()), key=_or_inf, default=None)
+
+    def _warn_gpu_idle(self, lease: Lease, seconds_left: float) -> None:
+        idle_for = _duration(self.policy.gpu_idle_timeout - seconds_left)
+        self.notify(
+            lease.id,
+            REASON_GPU_IDLE,
+            f"its GPUs did no work and no cell ran for {idle_for}: it will be released for GPU idleness; "
+            "run a cell on it to keep it",
+            when=self.wall_clock() + seconds_left,
+        )
 
     def shutdown(self, reason: str) -> None:
         """End every lease and kill every kernel (the gateway is stopping)."""
@@ -420,6 +467,21 @@ class PoolCore:
                 )
             )
         return rows
+
+    def leases_on_local_gpus(self) -> dict[str, tuple[int, ...]]:
+        """Granted leases on real GPUs of this machine (what NVML here can read): lease id ->
+        GPU indices. Empty unless leases can end for GPU idleness (nothing needs the readings)."""
+        if not self.policy.gpu_idle_timeout:
+            return {}
+        found = {}
+        for lease in self.leases.values():
+            slot = self.slots.get(lease.slot_id or "") if lease.state == GRANTED else None
+            if slot is None or not lease.gpu_indices:
+                continue
+            devices = [self.devices[key] for key in slot.devices]
+            if all(d.node == "local" and not d.emulated and d.index is not None for d in devices):
+                found[lease.id] = lease.gpu_indices
+        return found
 
     def leases_of(self, user: str) -> list[Lease]:
         """The user's active (queued or granted) leases, in the order they were requested."""
@@ -681,6 +743,7 @@ class PoolCore:
         self._queue.dequeue(lease.id)
         self._leases.granted(lease)
         self._deadlines.granted(lease)
+        self._gpu_idleness.arm(lease)
         log.info("lease %s granted to %s: %s on %s", lease.id, lease.user, lease.gpu_type, lease.gpu_indices)
         self._actions.append(LeaseGranted(lease.snapshot()))
 
@@ -694,6 +757,7 @@ class PoolCore:
             self._queue.dequeue(lease.id)
         else:
             self._deadlines.forget(lease.id)
+            self._gpu_idleness.forget(lease.id)
         slot = self.slots.get(lease.slot_id) if lease.slot_id else None
         if slot is not None and slot.lease_id == lease.id:
             slot.lease_id = None
@@ -753,6 +817,10 @@ class PoolCore:
         if preemptible != self._placement.preemptible.get(slot.id):
             self._placement.set_preemptible(slot.id, slot.devices, preemptible)
         self._slot_index.touch(slot)
+
+
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 def _or_inf(value: float | None) -> float:

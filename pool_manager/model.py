@@ -25,6 +25,21 @@ class Device:
     healthy: bool = True
 
 
+@dataclass(frozen=True)
+class Notice:
+    """Something the notebook should be told about a lease before it ends (a budget nearly
+    spent, a release for GPU idleness coming). ``kind`` is a short word code can compare
+    (``gpu_idle``, ``budget``); ``text`` is the sentence a user reads; ``at`` is when it was
+    posted and ``when`` (or None) when what it announces happens, both wall time (epoch
+    seconds). ``seq`` numbers a lease's notices from 1, so a client shows each one once."""
+
+    seq: int
+    kind: str
+    text: str
+    at: float
+    when: float | None = None
+
+
 class SlotState(enum.Enum):
     STARTING = "starting"
     WARM = "warm"
@@ -102,8 +117,12 @@ class Lease(_LeaseFacts):
     last_activity: float = 0.0
     granted_mono: float | None = None
     active_mono: float = 0.0
+    #: the last time its GPUs showed any utilization (monotonic; 0: never seen)
+    gpu_active_mono: float = 0.0
     busy: bool = False
     notebook: str = ""
+    #: what the notebook has been told about this lease, oldest first (a tuple: snapshots share it)
+    notices: tuple[Notice, ...] = ()
 
     def snapshot(self) -> LeaseSnapshot:
         # A copy of the field values in one step (the core takes two per lease, on its hot
@@ -135,8 +154,10 @@ class LeaseSnapshot(_LeaseFacts):
     last_activity: float
     granted_mono: float | None
     active_mono: float
+    gpu_active_mono: float
     busy: bool
     notebook: str
+    notices: tuple[Notice, ...]
 
 
 #: A live lease or one as it stood at an event: what read-only queries accept.
@@ -172,4 +193,12 @@ class LeaseEnded:
     lease: LeaseSnapshot
 
 
-Action = StartKernel | KillKernel | LeaseGranted | LeaseEnded
+@dataclass(frozen=True)
+class LeaseNoticed:
+    """A notice was posted on a granted lease (the gateway may push it to the notebook)."""
+
+    lease: LeaseSnapshot
+    notice: Notice
+
+
+Action = StartKernel | KillKernel | LeaseGranted | LeaseEnded | LeaseNoticed

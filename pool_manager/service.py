@@ -16,17 +16,26 @@ from jupyter_gpu.protocol import QUEUED, REASON_NODE_LOST, GpuChoice
 
 from .backend import KernelBackend, KernelInfo
 from .core import PoolCore
-from .model import Action, Device, KillKernel, Lease, LeaseEnded, LeaseGranted, StartKernel
+from .gpu_use import GpuUseSampler
+from .model import Action, Device, KillKernel, Lease, LeaseEnded, LeaseGranted, Notice, StartKernel
 
 log = logging.getLogger(__name__)
 
 Listener = Callable[[Action], None]
 
 
+#: Seconds between two looks at the utilization of leased GPUs (at most; a quarter of the GPU
+#: idle timeout when that is shorter): NVML's sample buffer covers the time in between.
+GPU_USE_INTERVAL = 10.0
+
+
 class PoolService:
-    def __init__(self, core: PoolCore, backend: KernelBackend) -> None:
+    def __init__(self, core: PoolCore, backend: KernelBackend, gpu_use: GpuUseSampler | None = None) -> None:
         self.core = core
         self.backend = backend
+        #: reads real GPUs' utilization for GPU idleness (emulated ones have none to read)
+        self.gpu_use = gpu_use or GpuUseSampler()
+        self._gpu_use_task: asyncio.Task[None] | None = None
         self.kernels: dict[str, KernelInfo] = {}  # by kernel id
         self.listeners: list[Listener] = []
         #: awaited before a kernel is killed, with its kernel id (the gateway saves the lease's variables there)
@@ -47,11 +56,17 @@ class PoolService:
         self.core.tick()  # emits the first warm starts
         self._run_actions()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
+        if self.core.policy.gpu_idle_timeout > 0:
+            self._gpu_use_task = asyncio.get_running_loop().create_task(self._sample_gpu_use_forever())
 
     async def stop(self, reason: str) -> None:
         """End all leases with ``reason``, kill every kernel, and wait until they are gone."""
         if self._ticker is not None:
             self._ticker.cancel()
+        if self._gpu_use_task is not None:
+            self._gpu_use_task.cancel()
+            await asyncio.gather(self._gpu_use_task, return_exceptions=True)
+            self.gpu_use.close()
         self.core.shutdown(reason)
         self._run_actions()
         while self._tasks:
@@ -71,6 +86,12 @@ class PoolService:
         lease = self.core.end_lease(lease_id, reason)
         self._run_actions()
         return lease
+
+    def notify(self, lease_id: str, kind: str, text: str, when: float | None = None) -> Notice | None:
+        """Post a notice on a granted lease (see :meth:`PoolCore.notify`); listeners hear it."""
+        notice = self.core.notify(lease_id, kind, text, when)
+        self._run_actions()
+        return notice
 
     def kernel_activity(self, kernel_id: str, busy: bool) -> None:
         slot_id = self.core.slot_for_kernel(kernel_id)
@@ -187,6 +208,23 @@ class PoolService:
         if slot_id is not None:
             self.core.kernel_died(slot_id, reason)
         self._run_actions()
+
+    async def _sample_gpu_use_forever(self) -> None:
+        """Tell the core which leases' real GPUs did some work, every GPU_USE_INTERVAL."""
+        interval = min(GPU_USE_INTERVAL, self.core.policy.gpu_idle_timeout / 4)
+        while True:
+            await asyncio.sleep(interval)
+            leases = self.core.leases_on_local_gpus()
+            if not leases:
+                continue
+            try:
+                used = await asyncio.to_thread(self.gpu_use.used, sorted({i for ix in leases.values() for i in ix}))
+            except Exception:  # a broken reading must not stop the next one
+                log.exception("reading GPU utilization failed")
+                continue
+            for lease_id, indices in leases.items():
+                if used.intersection(indices):
+                    self.core.gpu_used(lease_id)
 
     async def _tick_forever(self) -> None:
         """Tick when the core's next deadline comes, and not in between."""

@@ -1,6 +1,8 @@
 #!/usr/bin/env python
 """On a machine with CUDA: torch CUDA tensors and a model on the GPU go through a snapshot
-file to host memory and back onto the GPU, and what came back is checked and printed.
+file to host memory and back onto the GPU, and what came back is checked and printed. Then
+GPU idleness's NVML reading (pool_manager/gpu_use.py): a second of matrix products on the GPU
+must read as use, a quiet second should not.
 
     PYTHONPATH=. python scripts/gpu-check-snapshot.py [--mb 256]
 
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from jupyter_gpu import snapshot
+from pool_manager.gpu_use import GpuUseSampler
 
 
 def main() -> int:
@@ -85,10 +88,33 @@ def main() -> int:
         if os.path.exists(path):
             os.unlink(path)
         os.rmdir(folder)
+    failures += check_gpu_use(device)
     for failure in failures:
         print("FAIL:", failure)
     print("OK" if not failures else f"{len(failures)} failure(s)")
     return 1 if failures else 0
+
+
+def check_gpu_use(device: torch.device) -> list[str]:
+    """The sampler GPU idleness uses, through the real nvidia-ml-py calls (nvmlDeviceGetSamples)."""
+    index = device.index or 0  # CUDA_VISIBLE_DEVICES unset on the check machine: CUDA and NVML agree
+    sampler = GpuUseSampler()
+    try:
+        sampler.used([index])  # the first look takes what NVML buffered before the check
+        time.sleep(1.5)
+        quiet = sampler.used([index])
+        a = torch.randn(4096, 4096, device=device)
+        until = time.perf_counter() + 1.0
+        while time.perf_counter() < until:
+            a = (a @ a).clamp_(-1, 1)
+            torch.cuda.synchronize()
+        busy = sampler.used([index])
+    finally:
+        sampler.close()
+    print(f"GPU use (NVML samples): quiet second -> {sorted(quiet)}, second of matmuls -> {sorted(busy)}")
+    if quiet:
+        print("  note: the quiet second read as use (another process on this GPU?)")
+    return [] if busy == {index} else [f"a second of matrix products on GPU {index} did not read as use"]
 
 
 if __name__ == "__main__":

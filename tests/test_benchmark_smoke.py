@@ -21,7 +21,7 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.mark.timeout(240)
-def test_benchmark_runs_in_smoke_mode_and_reports_all_eight_rows(tmp_path: Path) -> None:
+def test_benchmark_runs_in_smoke_mode_and_reports_all_nine_rows(tmp_path: Path) -> None:
     command = [sys.executable, str(REPO / "benchmarks" / "run.py"), "--smoke", "--out", str(tmp_path)]
     if not PEERS_READY:
         command.append("--no-peers")
@@ -29,8 +29,8 @@ def test_benchmark_runs_in_smoke_mode_and_reports_all_eight_rows(tmp_path: Path)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
 
     result = json.loads((tmp_path / "latest-smoke.json").read_text())
-    assert {row["row"] for row in result["table"]} == set(range(1, 9))
-    for part in ("pool_sim", "zmq", "tcp", "ours", *(("ipp", "kg") if PEERS_READY else ())):
+    assert {row["row"] for row in result["table"]} == set(range(1, 10))
+    for part in ("pool_sim", "zmq", "tcp", "ours", "snapshots", *(("ipp", "kg") if PEERS_READY else ())):
         assert "error" not in result[part] and "skipped" not in result[part], result[part]
     ours = result["ours"]
     assert ours["warm"]["gpu_e2e"]["n"] == result["settings"]["repeats"]

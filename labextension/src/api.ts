@@ -25,6 +25,15 @@ export interface IGpuStatus {
   memory_total_mb: number;
 }
 
+/** What the gateway told the notebook about a lease before its end (GPU idleness, budgets). */
+export interface INotice {
+  seq: number;
+  kind: string;
+  text: string;
+  at: number;
+  when: number | null;
+}
+
 /** One of my leases, as the gateway describes it, plus the notebook path JupyterLab uses. */
 export interface ILease {
   id: string;
@@ -48,6 +57,7 @@ export interface ILease {
   cost: number;
   emulated: boolean;
   gpu_status: IGpuStatus[] | null;
+  notices?: INotice[];
 }
 
 /** What one poll returns. */

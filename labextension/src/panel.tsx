@@ -261,6 +261,11 @@ function LeaseItem(props: IPanelOptions & { lease: ILease }): JSX.Element {
           <dd className="jp-GpuPanel-mem">{memory(lease)}</dd>
         </dl>
       )}
+      {lease.notices?.length ? (
+        <p className="jp-GpuPanel-notice" role="status">
+          {lease.notices[lease.notices.length - 1].text}
+        </p>
+      ) : null}
       {failure && (
         <p className="jp-GpuPanel-error" role="alert">
           {failure}
