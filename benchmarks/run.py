@@ -109,7 +109,7 @@ def guarded(results: dict[str, Any], key: str, what: Callable[[], Any]) -> None:
     results.setdefault("seconds", {})[key] = round(time.perf_counter() - started, 1)
 
 
-def measure(mode: str, peers: bool) -> dict[str, Any]:
+def measure(mode: str, peers: bool, ray: bool = False) -> dict[str, Any]:
     import baselines
     import ours
     import pool_sim
@@ -130,6 +130,10 @@ def measure(mode: str, peers: bool) -> dict[str, Any]:
         guarded(results, "kg", lambda: run_peer("kg", settings, timeout=1800))
     else:
         results["ipp"] = results["kg"] = {"skipped": "--no-peers"}
+    if ray or mode == "full":  # row 10: a namespace Ray cluster (root; skipped with the reason otherwise)
+        import ray_rows
+
+        guarded(results, "ray", lambda: ray_rows.run(mode))
     results["total_seconds"] = round(time.perf_counter() - started, 1)
     return results
 
@@ -304,6 +308,11 @@ def build_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
     import snapshot_rows
 
     snapshot_rows.add_rows(r.get("snapshots"), add)
+    # 10. the pool on a Ray cluster (--ray; benchmarks/ray_rows.py)
+    import ray_rows
+
+    for values in ray_rows.table_rows(r.get("ray")):
+        add(10, **values)
     return rows
 
 
@@ -341,10 +350,12 @@ def main(argv: list[str] | None = None) -> int:
     group.add_argument("--full", dest="mode", action="store_const", const="full", help="the README's table")
     group.add_argument("--smoke", dest="mode", action="store_const", const="smoke", help="tiny: does it run at all")
     parser.add_argument("--no-peers", action="store_true", help="measure jupyter-gpu and the baselines only")
+    parser.add_argument("--ray", action="store_true", help="add row 10, the pool on a namespace Ray cluster (root; "
+                        "--full includes it)")
     parser.add_argument("--out", default=str(REPO / "bench-results"), help="where the JSON and table go")
     args = parser.parse_args(argv)
     mode = args.mode or "quick"
-    results = measure(mode, peers=not args.no_peers)
+    results = measure(mode, peers=not args.no_peers, ray=args.ray)
     rows = build_rows(results)
     results["table"] = [{k: v for k, v in row.items()} for row in rows]
     text = render(results, rows)

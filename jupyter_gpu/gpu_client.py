@@ -16,6 +16,7 @@ from .client import GatewayClient, GatewayConfig, GatewayError
 from .kept_state import adopt_restored, waits_for_restore
 from .notices import NoticeBoard, format_notice
 from .outputs import CellRelay, Frontend
+from .protocol import KERNEL_DIED_ERROR
 from .remote import CellOptions, LeaseGone, RemoteSession, acquire_lease, check_remote_refs
 
 
@@ -86,7 +87,7 @@ class GpuClient:
             # is staged, and then the gateway knows which values it brings back.
             session.remote_only.update(adopt_restored(self.gateway.get_lease(session.lease_id), ns))
         try:
-            return session.run_cell(code, names.free, names.bound, ns, options, frontend)
+            return _name_lost(session, session.run_cell(code, names.free, names.bound, ns, options, frontend))
         except LeaseGone as exc:
             if exc.executed:
                 self.release(spec)  # don't leave a lease we lost track of billing
@@ -94,7 +95,7 @@ class GpuClient:
         # It ended between cells (idle release raced us): nothing ran, so run it afresh.
         self._tell_ended(self.release(spec), watcher)
         session = self.session(spec, idle, False, watcher)
-        return session.run_cell(code, names.free, names.bound, ns, options, frontend)
+        return _name_lost(session, session.run_cell(code, names.free, names.bound, ns, options, frontend))
 
     def new_notices(self, timeout: float = 2.0) -> list[str]:
         """Lines for the notices posted on this notebook's live leases since the last call.
@@ -133,3 +134,10 @@ class GpuClient:
         except GatewayError:
             lease = {"gpu_type": session.lease["gpu_type"]}
         watcher.ended(session, lease)
+
+
+def _name_lost(session: RemoteSession, relay: CellRelay) -> CellRelay:
+    """A cell whose kernel died under it (its machine lost, say) names the values that died with it."""
+    if relay.error is not None and relay.error.ename == KERNEL_DIED_ERROR:
+        relay.error.lost = sorted(session.remote_only)
+    return relay

@@ -36,7 +36,9 @@ def adopt_restored(lease: dict[str, Any], ns: dict[str, Any]) -> list[str]:
 
 def ended_note(lease: dict[str, Any], remote_only: set[str]) -> str:
     """Why a lease is gone, and whether what lived only there is kept for the next one."""
-    note = f"jupyter-gpu: the {lease.get('gpu_type')} lease ended ({lease.get('reason') or 'closed'})"
+    node = lease.get("node")
+    where = f" on {node}" if node and node != "local" else ""
+    note = f"jupyter-gpu: the {lease.get('gpu_type')} lease{where} ended ({lease.get('reason') or 'closed'})"
     if lease.get("reason_message"):  # which budget ended it, and when it resets
         note += f": {lease['reason_message']}"
     kept = lease.get("snapshot") or {}

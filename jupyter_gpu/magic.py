@@ -99,6 +99,8 @@ class NotebookLeaseWatcher:
         self.handle = None
 
     def ended(self, session: RemoteSession, lease: dict[str, Any]) -> None:
+        # An ended lease no longer names its machine (a lost one took its slot along): the grant did.
+        lease = {**lease, "node": lease.get("node") or session.lease.get("node")}
         print(ended_note(lease, session.remote_only), file=sys.stderr)
 
 

@@ -39,6 +39,8 @@ class RemoteError(Exception):
         self.evalue = evalue
         self.traceback = traceback
         self.engine_info: dict[str, str] = {}
+        #: names whose values lived only on a kernel that died under this cell: gone with it
+        self.lost: list[str] = []
 
     def where(self) -> str:
         """``the a100 kernel of lease 1a2b3c4d on node gpu-7``, or '' when unknown."""
@@ -50,6 +52,8 @@ class RemoteError(Exception):
 
     def _render_traceback_(self) -> list[str]:
         lines = self.traceback or [f"{self.ename}: {self.evalue}"]
+        if self.lost:
+            lines = [*lines, f"These lived only on that kernel and are gone: {', '.join(self.lost)}"]
         return [f"[{self.where()}]", *lines] if self.engine_info else lines
 
 

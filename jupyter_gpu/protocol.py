@@ -95,6 +95,9 @@ REASON_OOM = Reason.OOM
 REASON_BUDGET = Reason.BUDGET
 REASON_GPU_IDLE = Reason.GPU_IDLE
 
+#: ``ename`` of the error a cell gets when its kernel dies under it (died, OOM, its machine lost)
+KERNEL_DIED_ERROR = "KernelDied"
+
 #: The comm target of the kernel-side helper, and the line that loads it at warm-up.
 HELPER_COMM_TARGET = "jupyter_gpu"
 HELPER_BOOT = "%load_ext jupyter_gpu.kernel_helper"

@@ -64,7 +64,7 @@ CLOSE_REASONS: dict[str, str] = {
 DEATHS: dict[str, str] = {
     Reason.KERNEL_DIED: "died",
     Reason.OOM: "went past its memory limit and was killed",
-    Reason.NODE_LOST: "ran on a machine that was lost, with every variable that lived only there",
+    Reason.NODE_LOST: "ran on machine {node}, which was lost, with every variable that lived only there",
 }
 
 
@@ -112,6 +112,8 @@ class Gateway:
         self.uploads = UploadReceiver()
         self.kernel_ids = KernelIds()
         self._relay_ready: dict[str, asyncio.Task[KernelRelay]] = {}
+        #: lease id -> the machine its kernel runs on, kept past the slot (which a lost node takes along)
+        self._lease_nodes: dict[str, str] = {}
         self.zmq_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
         self._heartbeat: asyncio.Task[None] | None = None
         self._closing: set[asyncio.Task[None]] = set()  # relays being closed after their lease
@@ -572,6 +574,7 @@ class Gateway:
     def _on_pool_action(self, action: Action) -> None:
         if isinstance(action, LeaseGranted):
             self._record(action.lease)
+            self._lease_nodes[action.lease.id] = self._node(action.lease) or "?"
             if self.snapshots is not None:
                 self.snapshots.lease_granted(action.lease)
             # Connect to the kernel now, while the client reads the grant: its first
@@ -584,6 +587,7 @@ class Gateway:
             self._record(lease)
             if lease.reason_message:
                 _remember(self.reason_messages, lease.id, lease.reason_message)
+            node = self._lease_nodes.pop(lease.id, "?")
             relay = self.relays.pop(lease.kernel_id or "", None) if lease.granted_at is not None else None
             self.kernel_ids.forget(lease.kernel_id or "")
             if self.snapshots is not None:
@@ -592,8 +596,8 @@ class Gateway:
                 death = DEATHS.get(lease.reason or "")
                 if death is not None:
                     relay.kernel_died(
-                        f"the kernel of lease {lease.id} ({lease.gpu_type}) {death}; the lease has ended. "
-                        "Run the cell again for a fresh kernel."
+                        f"the kernel of lease {lease.id} ({lease.gpu_type}) {death.format(node=node)}; the lease has "
+                        "ended. Run the cell again for a fresh kernel."
                     )
                 code = 1011 if death is not None else 1000
                 why = CLOSE_REASONS.get(lease.reason or "", "")

@@ -26,6 +26,8 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Protocol
 
+from jupyter_gpu.protocol import KERNEL_DIED_ERROR
+
 TO_KERNEL_CHANNELS = ("shell", "control", "stdin")
 Part = bytes | memoryview
 
@@ -286,7 +288,8 @@ class RelayState:
         """Tell every waiting client that its cell will never finish, and why."""
         out: list[Output] = []
         for msg_id, (session_id, header) in list(self.in_flight.items()):
-            error = {"ename": "KernelDied", "evalue": explanation, "traceback": [f"KernelDied: {explanation}"]}
+            error = {"ename": KERNEL_DIED_ERROR, "evalue": explanation,
+                     "traceback": [f"{KERNEL_DIED_ERROR}: {explanation}"]}
             self._broadcast(make_message("iopub", "error", error, header, self.session), session_id, out)
             reply = {"status": "error", "execution_count": None, **error}
             target = self.sessions.get(session_id)

@@ -123,8 +123,12 @@ class LocalKernelBackend(KernelBackend):
         sandbox: Sandbox | None = None,
         ip: str = "127.0.0.1",
         transport_encryption: str = "disabled",
+        local_sockets: bool = True,
     ) -> None:
         super().__init__()
+        #: sandboxed kernels talk over unix sockets in their runtime directory; False keeps
+        #: TCP on ``ip`` for a gateway on another machine (a Ray slot actor)
+        self.local_sockets = local_sockets
         #: where the kernel listens; a Ray node binds its own address so the gateway can reach it
         self.ip = ip
         #: CurveZMQ ('required' for kernels on other machines; see jupyter_client's KernelManager)
@@ -186,6 +190,7 @@ class LocalKernelBackend(KernelBackend):
                 self._sandboxes[request.kernel_id] = kernel
                 env = self.sandbox.environment(kernel, env, kernel_env)
                 manager = SandboxedKernelManager(self.sandbox, kernel, request.gpu_indices,
+                                                 local_sockets=self.local_sockets,
                                                  kernel_name=self.kernel_name, context=self._zmq_context,
                                                  ip=self.ip, transport_encryption=self.transport_encryption)
             self._managers[request.kernel_id] = manager

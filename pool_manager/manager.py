@@ -137,7 +137,12 @@ class PoolManager(LoggingConfigurable):
         warmup = "\n".join(code for code in (HELPER_BOOT, self.warmup_code) if code)
         ray_pool = RayPool(parent=self)
         if ray_pool.address:  # the GPUs are a Ray cluster's: nodes join and leave
-            return ray_pool.build_service(policy, self.kernel_name, warmup, self.build_admission())
+            # each slot actor sets the sandbox up on its own node
+            self.isolation = Isolation()
+            on_nodes = {"sandbox": self.sandbox, "kernel_uids": self.kernel_uids,
+                        "kernel_memory": self.kernel_memory, "kernel_cpus": self.kernel_cpus}
+            return ray_pool.build_service(policy, self.kernel_name, warmup, on_nodes, self.isolation,
+                                          admission=self.build_admission())
         devices = build_inventory(self.inventory or None, self.cpu_slots, self.log)
         sandbox = self.build_sandbox(any(not d.emulated and d.index is not None for d in devices), hidden)
         core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time, admission=self.build_admission())

@@ -21,16 +21,22 @@ from .backend import KernelBackend, KernelInfo, KernelStartError
 from .model import StartKernel
 from .ray_nodes import NodeTable
 from .ray_slot import KernelSlotActor, SlotSettings
+from .sandbox import Isolation
 
 log = logging.getLogger(__name__)
 
 
 class RayKernelBackend(KernelBackend):
-    def __init__(self, nodes: NodeTable, settings: SlotSettings, stop_timeout: float = 10.0) -> None:
+    def __init__(self, nodes: NodeTable, settings: SlotSettings, stop_timeout: float = 10.0,
+                 isolation: Isolation | None = None) -> None:
         super().__init__()
         self.nodes = nodes
         self.settings = settings
         self.stop_timeout = stop_timeout
+        #: how isolated kernels are, as the slot actors found on their nodes (listings show it;
+        #: updated in place, so whoever holds it sees the latest)
+        self.isolation = isolation or Isolation()
+        self.isolation.warnings = ["not known yet: no kernel has started on a Ray node"]
         #: who hears of a kernel whose actor went away (rather than the kernel dying inside
         #: it): the node may be lost, which membership decides; by default a kernel death
         self.on_actor_lost: Callable[[str, str], None] = lambda kernel_id, node: self._on_death(kernel_id, None)
@@ -53,11 +59,12 @@ class RayKernelBackend(KernelBackend):
         }
         if request.gpu_indices and node.accelerator:
             options["accelerator_type"] = node.accelerator
-        actor = KernelSlotActor.options(**options).remote(self.settings)
+        real_gpus = bool(request.gpu_indices) and not node.emulated
+        actor = KernelSlotActor.options(**options).remote(self.settings, real_gpus)
         self._actors[request.kernel_id] = actor
         self._node_of[request.kernel_id] = request.node
         try:
-            info: KernelInfo = await asyncio.wait_for(
+            info, isolation = await asyncio.wait_for(
                 _awaitable(actor.start.remote(request)), self.settings.startup_timeout + 30
             )
         except Exception as exc:
@@ -69,7 +76,14 @@ class RayKernelBackend(KernelBackend):
             raise KernelStartError(f"kernel {request.kernel_id} was stopped while it started")
         task = asyncio.get_running_loop().create_task(self._watch(request.kernel_id, actor))
         self._watchers[request.kernel_id] = task
-        return info
+        self._note_isolation(request.node, isolation)
+        return info  # type: ignore[no-any-return]
+
+    def _note_isolation(self, node: str, found: Isolation) -> None:
+        if found.summary != self.isolation.summary or found.warnings != self.isolation.warnings:
+            log.log(logging.WARNING if found.warnings else logging.INFO, "kernel isolation on node %s: %s%s", node,
+                    found.summary, "".join(f"; {warning}" for warning in found.warnings))
+        vars(self.isolation).update(vars(found))
 
     async def _watch(self, kernel_id: str, actor: Any) -> None:
         """Wait for the kernel to die inside its actor, or for the actor itself to go."""

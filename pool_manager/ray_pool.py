@@ -16,6 +16,7 @@ from traitlets.config import LoggingConfigurable
 from .admission import Admission
 from .core import PoolCore, PoolPolicy
 from .ray_nodes import NodeTable, devices_of
+from .sandbox import Isolation
 from .service import PoolService
 
 log = logging.getLogger(__name__)
@@ -90,8 +91,13 @@ class RayPool(LoggingConfigurable):
                 "ray start --head --system-config='%s'", seen, actual, wanted, json.dumps(self.system_config()))
 
     def build_service(self, policy: PoolPolicy, kernel_name: str, warmup_code: str,
+                      sandbox: dict[str, Any] | None = None, isolation: Isolation | None = None,
                       admission: Admission | None = None) -> PoolService:
-        """Connect to Ray, read its GPU nodes, and build the pool service over them."""
+        """Connect to Ray, read its GPU nodes, and build the pool service over them.
+
+        ``sandbox``: the kernels' sandbox settings (SlotSettings' fields of the same names), set
+        up by each slot actor on its node; ``isolation`` is kept up to date with what they found.
+        """
         from .ray_backend import RayKernelBackend
         from .ray_membership import RayPoolService
         from .ray_slot import SlotSettings
@@ -106,9 +112,9 @@ class RayPool(LoggingConfigurable):
         nodes = NodeTable()
         devices = [device for node in nodes.update(_read_nodes()).joined for device in devices_of(node)]
         settings = SlotSettings(kernel_name=kernel_name, warmup_code=warmup_code,
-                                transport_encryption=self.transport_encryption)
+                                transport_encryption=self.transport_encryption, **(sandbox or {}))
         core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time, admission=admission)
-        backend = RayKernelBackend(nodes, settings)
+        backend = RayKernelBackend(nodes, settings, isolation=isolation)
         return RayPoolService(core, backend, read_nodes=_read_nodes, poll_interval=self.poll_interval,
                               node_loss_grace=self.node_loss_seconds(self._cluster_health_settings()))
 

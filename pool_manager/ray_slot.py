@@ -3,12 +3,15 @@
 Ray places the actor (``num_gpus``, ``accelerator_type``, pinned to the node the pool core
 chose) and keeps its GPUs reserved while it lives; the actor starts the ipykernel with the
 same code as the local backend, bound to the node's own address and with CurveZMQ
-transport encryption, and answers the gateway's kill, interrupt and "tell me when it dies".
+transport encryption, in the same bubblewrap sandbox as the local backend's kernels (probed
+on this node: its bubblewrap, uids and control groups), and answers the gateway's kill,
+interrupt and "tell me when it dies".
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,6 +20,7 @@ import ray
 
 from .backend import KernelInfo, LocalKernelBackend
 from .model import StartKernel
+from .sandbox import Isolation, Sandbox
 
 
 @dataclass(frozen=True)
@@ -28,13 +32,35 @@ class SlotSettings:
     startup_timeout: float = 60.0
     transport_encryption: str = "required"
     extra_env: dict[str, str] = field(default_factory=dict)
+    #: the kernels' sandbox, as PoolManager's settings of the same names say
+    sandbox: str = "auto"
+    kernel_uids: str = "60000-60999"
+    kernel_memory: str = ""
+    kernel_cpus: float = 0.0
+
+
+def ray_private_paths() -> list[str]:
+    """What of Ray's a kernel on its node must not read: the cluster's auth token and Ray's
+    own state (the sandbox gives each kernel a private /tmp, which covers Ray's default temp
+    dir; these cover the places that may lie inside a directory the kernel sees)."""
+    paths = [os.path.expanduser("~/.ray")]
+    token = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    if token:
+        paths.append(token)
+    return paths
 
 
 class KernelSlot:
     """One kernel on this node (a Ray async actor: its methods run on the actor's event loop)."""
 
-    def __init__(self, settings: SlotSettings) -> None:
+    def __init__(self, settings: SlotSettings, real_gpus: bool) -> None:
         self.node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        # Probed here, on the kernel's node: its bubblewrap, uid range and control groups.
+        # SandboxUnavailable (sandbox 'required' on a node without one) fails this actor,
+        # and with it the kernel's start, saying why.
+        sandbox = Sandbox.probe(settings.sandbox, settings.kernel_uids, settings.kernel_memory,
+                                settings.kernel_cpus, real_gpus=real_gpus, hidden=ray_private_paths())
+        self.isolation = sandbox.isolation
         self.backend = LocalKernelBackend(
             kernel_name=settings.kernel_name,
             warmup_code=settings.warmup_code,
@@ -44,18 +70,23 @@ class KernelSlot:
             staging=False,
             ip=self.node_ip,
             transport_encryption=settings.transport_encryption,
+            sandbox=sandbox if sandbox.enabled or sandbox.limits else None,
+            # The gateway is on another machine: the kernel keeps TCP ports (CurveZMQ), not
+            # unix sockets in its runtime directory.
+            local_sockets=False,
         )
         self.kernel_id = ""
         self._died = asyncio.Event()
         self.backend.watch(lambda kernel_id, reason: self._died.set())
 
-    async def start(self, request: StartKernel) -> KernelInfo:
+    async def start(self, request: StartKernel) -> tuple[KernelInfo, Isolation]:
+        """The started kernel, and how isolated it is on this node (the gateway lists it)."""
         self.kernel_id = request.kernel_id
         # Ray runs an async actor's methods on a thread that blocks signals, and a child
         # inherits its parent thread's mask: the kernel would never see the SIGINT of an
         # interrupt. Unblock them in the thread that starts it.
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
-        return await self.backend.start_kernel(request)
+        return await self.backend.start_kernel(request), self.isolation
 
     async def interrupt(self) -> None:
         await self.backend.interrupt_kernel(self.kernel_id)

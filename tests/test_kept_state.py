@@ -39,3 +39,6 @@ def test_the_note_at_the_end_of_a_lease_says_what_was_kept() -> None:
     note = ended_note(failed, {"model"})
     assert "could not be kept (9 GB, 2 GB free)" in note and "gone: model" in note
     assert "gone: model" in ended_note({"gpu_type": "a100", "reason": "kernel_died"}, {"model"})
+    lost = ended_note({"gpu_type": "h100", "reason": "node_lost", "node": "10.0.0.7"}, {"model"})
+    assert lost.startswith("jupyter-gpu: the h100 lease on 10.0.0.7 ended (node_lost)") and "gone: model" in lost
+    assert " on " not in ended_note({"gpu_type": "a100", "reason": "idle", "node": "local"}, set())

@@ -109,6 +109,8 @@ def test_a_remote_error_says_which_lease_type_and_node_it_came_from() -> None:
     assert relay.error._render_traceback_() == ["ValueError: bad"]  # nothing known, nothing claimed
     relay.error.engine_info = {"lease_id": "1a2b3c4d5e6f", "gpu_type": "a100", "node": "gpu-7"}
     assert relay.error._render_traceback_() == ["[the a100 kernel of lease 1a2b3c4d on node gpu-7]", "ValueError: bad"]
+    relay.error.lost = ["model", "weights"]  # its kernel died under the cell: what went with it
+    assert relay.error._render_traceback_()[-1] == "These lived only on that kernel and are gone: model, weights"
 
 
 def test_input_request_is_answered_from_the_local_frontend() -> None:

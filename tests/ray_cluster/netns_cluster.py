@@ -160,10 +160,12 @@ class NamespaceCluster:
                               capture_output=True, text=True, timeout=timeout)
 
     def _renice(self, name: str) -> None:
-        """Back to normal priority once up: kernels started there later compete fairly."""
+        """Back to this process's own priority once up: kernels started there later compete
+        fairly with the gateway's and the local backend's (a niced test run stays niced)."""
+        own = os.getpriority(os.PRIO_PROCESS, 0)
         for pid in self.pids(name):
             with contextlib.suppress(OSError):
-                os.setpriority(os.PRIO_PROCESS, pid, 0)
+                os.setpriority(os.PRIO_PROCESS, pid, own)
 
     @staticmethod
     def _first(command: list[str]) -> list[str]:

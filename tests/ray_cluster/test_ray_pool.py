@@ -1,23 +1,34 @@
-"""The pool on a real Ray cluster of namespace machines: placement, transport, membership.
+"""The pool on a real Ray cluster of namespace machines: placement, transport, membership, and a
+notebook (nbclient through the ``%%gpu`` magic) whose cells run there.
 
 Tests run in order on one shared cluster (see conftest); the node-loss test goes last.
 """
 
 from __future__ import annotations
 
-import asyncio
+import json
 import os
+import shutil
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import nbformat
 import pytest
 from e2e.gateway_process import poll, stdout_text
+from e2e.test_magic import LocalKernel, streamed, texts
+from nbclient import NotebookClient
 
-from .conftest import RayTestbed
+from .conftest import USERS, RayTestbed
 
 #: the first test also pays for bringing the shared cluster up (retried on a loaded machine)
 pytestmark = pytest.mark.timeout(600)
+
+
+#: a kernel's network namespace, read inside it (its pid is its sandbox's own, not the host's)
+NET_INODE = "os.stat('/proc/self/ns/net').st_ino"
 
 
 def types_of(testbed: RayTestbed) -> dict[str, dict[str, object]]:
@@ -48,11 +59,11 @@ async def test_kernel_runs_on_the_node_of_its_gpu_type(testbed: RayTestbed, gpu:
     lease = granted(testbed, "alice", gpu)
     socket = await gateway.connect("alice", lease["kernel_id"])
     try:
-        reply, outputs = await socket.run("import os; x = 1; print(os.getpid(), os.environ['CUDA_VISIBLE_DEVICES'])")
+        reply, outputs = await socket.run(f"import os; x = 1; print({NET_INODE}, os.environ['CUDA_VISIBLE_DEVICES'])")
         assert reply["content"]["status"] == "ok", reply
-        pid, visible = stdout_text(outputs).split()
+        net, visible = stdout_text(outputs).split()
         # The kernel process lives in that node's network namespace: it is on that "machine".
-        assert os.stat(f"/proc/{pid}/ns/net").st_ino == testbed.cluster.netns_inode(node)
+        assert int(net) == testbed.cluster.netns_inode(node)
         assert visible == ",".join(map(str, lease["gpu_indices"]))
         reply, outputs = await socket.run("print(x + 1)")
         assert stdout_text(outputs) == "2\n"
@@ -73,6 +84,53 @@ async def test_kernel_traffic_is_curve_encrypted(testbed: RayTestbed) -> None:
     finally:
         socket.close()
         gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="sandboxes need bubblewrap (apt-get install bubblewrap)")
+@pytest.mark.asyncio
+async def test_a_kernel_on_a_ray_node_cannot_reach_another_kernels_files_there(testbed: RayTestbed) -> None:
+    gateway = testbed.gateway
+    assert "bubblewrap" in types_of(testbed)["a100"]["isolation"]  # as the slot actors found their node
+    leases = {user: granted(testbed, user, "a100") for user in USERS}  # n1's two a100s: same machine
+    sockets = {user: await gateway.connect(user, leases[user]["kernel_id"]) for user in USERS}
+    try:
+        # Bob's kernel says where its connection file was written (then removed, once read)
+        # and what its pid is on the host is no secret to an attacker either.
+        _, outputs = await sockets["bob"].run(
+            "from ipykernel.kernelapp import IPKernelApp; print(IPKernelApp.instance().connection_file)")
+        bob_file = stdout_text(outputs).strip()
+        bob_runtime = os.path.dirname(bob_file)
+        assert os.path.isdir(bob_runtime)  # there, on n1's file system
+        attack = f"""
+import json, os
+def attempt(what):
+    try:
+        what()
+        return "ok"
+    except Exception as exc:
+        return type(exc).__name__
+def processes():
+    seen = [open(f"/proc/{{p}}/cmdline", "rb").read() for p in os.listdir("/proc") if p.isdigit()]
+    if any(b"raylet" in c or {leases['bob']['kernel_id']!r}.encode() in c for c in seen):
+        raise PermissionError("sees Ray's or bob's processes")
+print(json.dumps({{
+    "read connection file": attempt(lambda: open({bob_file!r}).read()),
+    "list bob's runtime": attempt(lambda: os.listdir({bob_runtime!r})),
+    "read the Ray token": attempt(lambda: open({str(testbed.cluster.token_path)!r}).read()),
+    "see other processes": attempt(processes),
+    "uid": os.getuid(),
+}}))
+"""
+        reply, outputs = await sockets["alice"].run(attack)
+        assert reply["content"]["status"] == "ok", reply
+        outcome = json.loads(stdout_text(outputs))
+    finally:
+        for user, socket in sockets.items():
+            socket.close()
+            gateway.delete(user, f"/api/gpu/leases/{leases[user]['id']}")
+    assert outcome.pop("uid") != 0  # a uid of its own, not Ray's root
+    assert outcome == {"read connection file": "FileNotFoundError", "list bob's runtime": "FileNotFoundError",
+                       "read the Ray token": "FileNotFoundError", "see other processes": "ok"}
 
 
 def test_released_kernel_is_replaced_by_a_warm_one_on_its_node(testbed: RayTestbed) -> None:
@@ -114,6 +172,84 @@ def test_nodes_are_listed_with_their_gpus(testbed: RayTestbed) -> None:
         testbed.gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
 
 
+# --- a notebook (nbclient, the %%gpu magic) whose cells run on the cluster's machines ---------
+
+
+def notebook_env(testbed: RayTestbed, user: str) -> dict[str, str]:
+    return {**os.environ, "JUPYTER_GPU_URL": testbed.gateway.url, "JUPYTER_GPU_TOKEN": testbed.gateway.tokens[user]}
+
+
+def no_leases_left(testbed: RayTestbed, user: str) -> None:
+    poll(lambda: testbed.gateway.get(user, "/api/gpu/leases").body == [], 30, f"{user}'s leases released")
+
+
+def test_a_notebook_runs_its_cells_on_the_machines_of_their_gpu_types(testbed: RayTestbed) -> None:
+    book = nbformat.v4.new_notebook()
+    book.cells = [nbformat.v4.new_code_cell(source) for source in (
+        "%load_ext jupyter_gpu",
+        "import numpy as np\nbig = np.random.default_rng(0).random(25_000_000)  # 200 MB\nchecksum = float(big.sum())",
+        # pushed to the h100 machine, doubled there, and pulled back
+        "%%gpu h100 --pull-limit 1GB\nimport os\nh100_net = os.stat('/proc/self/ns/net').st_ino\n"
+        "remote_sum = float(big.sum())\ndoubled = big * 2",
+        "%%gpu a100\nimport os\na100_net = os.stat('/proc/self/ns/net').st_ino",
+        "assert np.array_equal(doubled, big * 2) and remote_sum == checksum\nprint(h100_net, a100_net)",
+    )]
+    NotebookClient(book, timeout=180, kernel_name="python3").execute(env=notebook_env(testbed, "alice"))
+    # Each kernel lives in the network namespace of the machine that has its GPU type.
+    h100_net, a100_net = map(int, texts(book.cells[4]).split())
+    assert h100_net == testbed.cluster.netns_inode("n2") and a100_net == testbed.cluster.netns_inode("n1")
+    no_leases_left(testbed, "alice")  # the notebook's kernel shut down: its leases ended
+
+
+@pytest.fixture
+def notebook(testbed: RayTestbed) -> Iterator[LocalKernel]:
+    """A notebook's kernel (jupyter_client), for what nbclient cannot do: interrupt, watch timing."""
+    kernel = LocalKernel(notebook_env(testbed, "bob"))
+    kernel.run("%load_ext jupyter_gpu")
+    yield kernel
+    kernel.close()
+    no_leases_left(testbed, "bob")
+
+
+def test_output_of_a_remote_cell_arrives_while_it_runs(notebook: LocalKernel) -> None:
+    arrivals: list[tuple[float, str]] = []
+
+    def seen(msg: dict[str, Any]) -> None:
+        if msg["msg_type"] == "stream":
+            arrivals.append((time.monotonic(), msg["content"]["text"]))
+
+    reply = notebook.kc.execute_interactive(
+        "%%gpu h100\nimport time\nprint('first', flush=True)\ntime.sleep(2)\nprint('second')",
+        timeout=60, output_hook=seen)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    [(first_at, first), (second_at, second)] = arrivals
+    assert (first, second) == ("first\n", "second\n")
+    assert second_at - first_at > 1.5  # 'first' was shown while the cell still slept on n2
+
+
+def test_interrupt_stops_a_cell_on_another_machine(notebook: LocalKernel) -> None:
+    notebook.run("%%gpu h100\nstate = 'kept'")
+    threading.Timer(2, notebook.km.interrupt_kernel).start()
+    started = time.monotonic()
+    reply, _ = notebook.run("%%gpu h100\nimport time\ntime.sleep(60)")
+    assert time.monotonic() - started < 20
+    assert reply["status"] == "error" and reply["ename"] == "KeyboardInterrupt"
+    reply, outputs = notebook.run("%%gpu h100\nprint(state)")
+    assert reply["status"] == "ok" and streamed(outputs) == "kept\n"
+
+
+def test_idle_release_of_a_remote_lease_tells_the_next_cell(testbed: RayTestbed, notebook: LocalKernel) -> None:
+    notebook.run("%%gpu a100 --idle 1 --pull-limit 1\nonly_remote = [1, 2, 3]")
+    [lease] = testbed.gateway.get("bob", "/api/gpu/leases").body
+    assert lease["node"] == "10.77.0.11"
+    poll(lambda: testbed.gateway.get("bob", f"/api/gpu/leases/{lease['id']}").body["state"] == "released", 20,
+         "the lease to idle out")
+    reply, outputs = notebook.run("%%gpu a100\nprint('fresh')")
+    assert reply["status"] == "ok" and streamed(outputs) == "fresh\n"
+    notice = streamed(outputs, "stderr")
+    assert "a100 lease on 10.77.0.11 ended (idle)" in notice and "only_remote" in notice
+
+
 @pytest.mark.asyncio
 async def test_a_machine_that_joins_adds_its_gpus_and_runs_kernels(testbed: RayTestbed) -> None:
     cluster, gateway = testbed.cluster, testbed.gateway
@@ -125,39 +261,45 @@ async def test_a_machine_that_joins_adds_its_gpus_and_runs_kernels(testbed: RayT
     lease = granted(testbed, "alice", "l4")
     socket = await gateway.connect("alice", lease["kernel_id"])
     try:
-        _, outputs = await socket.run("import os; print(os.getpid())")
-        assert os.stat(f"/proc/{stdout_text(outputs).strip()}/ns/net").st_ino == cluster.netns_inode("n3")
+        _, outputs = await socket.run(f"import os; print({NET_INODE})")
+        assert int(stdout_text(outputs)) == cluster.netns_inode("n3")
     finally:
         socket.close()
         gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
 
 
-@pytest.mark.asyncio
-async def test_a_killed_machine_ends_its_lease_with_node_lost(testbed: RayTestbed) -> None:
+def test_a_killed_machine_ends_its_lease_with_node_lost(testbed: RayTestbed, notebook: LocalKernel) -> None:
     cluster, gateway = testbed.cluster, testbed.gateway
-    lease = granted(testbed, "alice", "h100")
-    socket = await gateway.connect("alice", lease["kernel_id"])
-    try:
-        reply, _ = await socket.run("import time; y = 41")
-        assert reply["content"]["status"] == "ok"
-        running = socket.execute("time.sleep(120)")
-        await asyncio.sleep(0.5)  # the cell is running on n2
-        killed = time.monotonic()
+    # `weights` stays on n2 (over the pull limit): it dies with the machine.
+    reply, _ = notebook.run("%%gpu h100 --pull-limit 1\nimport time\nweights = [1.0] * 1000")
+    assert reply["status"] == "ok", reply
+    [lease] = gateway.get("bob", "/api/gpu/leases").body
+    killed: list[float] = []
+
+    def power_cut() -> None:
+        killed.append(time.monotonic())
         assert cluster.kill_machine("n2") > 0
-        reply, _ = await socket.collect(running, timeout=30)
-        waited = time.monotonic() - killed
-    finally:
-        socket.close()
-    # The cell fails saying why, within the 15 s the product promises.
-    assert reply["content"]["ename"] == "KernelDied" and "was lost" in reply["content"]["evalue"]
+
+    threading.Timer(2, power_cut).start()  # while the next cell runs on n2
+    reply, outputs = notebook.run("%%gpu h100\ntime.sleep(120)", timeout=60)
+    waited = time.monotonic() - killed[0]
+    # The cell fails within the 15 s the product promises, naming the machine and what was lost.
+    assert reply["status"] == "error" and reply["ename"] == "KernelDied", reply
+    assert "ran on machine 10.77.0.12, which was lost" in reply["evalue"]
+    assert "These lived only on that kernel and are gone: weights" in "\n".join(reply["traceback"])
     assert waited < 15, waited
     print(f"lease on the killed node ended {waited:.1f} s after kill -9")
-    ended = gateway.get("alice", f"/api/gpu/leases/{lease['id']}").body
+    ended = gateway.get("bob", f"/api/gpu/leases/{lease['id']}").body
     assert ended["state"] == "released" and ended["reason"] == "node_lost"
+    # The next cell says so again (no h100 is left to run it on).
+    reply, outputs = notebook.run("%%gpu h100\nx = 1")
+    notice = streamed(outputs, "stderr")
+    assert "the h100 lease on 10.77.0.12 ended (node_lost)" in notice and "gone: weights" in notice, notice
+    assert reply["status"] == "error" and "h100" in reply["evalue"], reply
     # Nothing stays behind for the dead node: no GPU, no kernel, no lease.
     assert types_of(testbed)["h100"]["total"] == 0
     assert all(n["node"] != "10.77.0.12" for n in gateway.get("alice", "/api/gpu/nodes").body)
-    assert gateway.get("alice", "/api/kernels").body == []
+    assert gateway.get("bob", "/api/kernels").body == []
     assert cluster.pids("n2") == []
 
 
