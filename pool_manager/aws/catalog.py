@@ -132,6 +132,12 @@ def with_spot_prices(offers: list[InstanceOffer], spot: Mapping[str, tuple[float
     return out
 
 
+def fetch_offers(ec2: Any, region: str, instance_types: list[str]) -> dict[str, InstanceOffer]:
+    """The named instance types that have GPUs, by name (on-demand prices only)."""
+    pages = ec2.get_paginator("describe_instance_types").paginate(InstanceTypes=instance_types)
+    return {offer.instance_type: offer for offer in offers_from_answers(pages, region)}
+
+
 def fetch_catalog(ec2: Any, region: str, now: datetime.datetime | None = None) -> list[InstanceOffer]:
     """The region's GPU instance types, with on-demand and spot prices (``ec2``: a boto3 EC2 client).
 

@@ -12,12 +12,14 @@ import os
 import sys
 from typing import Any
 
-from .catalog import InstanceOffer, fetch_catalog
+from .catalog import InstanceOffer, fetch_catalog, fetch_offers
 
 USAGE = """usage: jupyter-gpu aws COMMAND [options]
 
 commands:
   catalog         the region's GPU instance types in the pool's type names, with prices
+  cluster-config  write the Ray cluster config (for `ray up`) of an autoscaled pool; --check FILE
+                  checks one edited by hand
 """
 
 
@@ -78,6 +80,86 @@ def catalog_main(argv: list[str]) -> int:
     return 0
 
 
+def cluster_config_main(argv: list[str]) -> int:
+    import yaml
+
+    from ..ray_pool import RayPool
+    from . import cluster_config as cc
+
+    parser = argparse.ArgumentParser(
+        prog="jupyter-gpu aws cluster-config",
+        description="Write a Ray cluster config (the YAML `ray up` takes) whose GPU node types are the pool's "
+        "GPU types; Ray's autoscaler launches them on demand and terminates them when idle.")
+    parser.add_argument("--region", help="AWS region (default: AWS_REGION or the AWS profile's)")
+    parser.add_argument("--types", help="GPU type = instance type, e.g. h100=p5.48xlarge,a10g=g5.xlarge")
+    parser.add_argument("--min-nodes", default="", help="nodes kept up per type, e.g. a10g=1 (default 0)")
+    parser.add_argument("--max-nodes", default="",
+                        help=f"most nodes per type, e.g. h100=2 (default {cc.DEFAULT_MAX_NODES}, or what the cost cap "
+                        "allows)")
+    parser.add_argument("--idle-minutes", type=float, default=10.0, help="idle minutes before a node is terminated")
+    parser.add_argument("--spot", action="store_true", help="spot instances first, on-demand when spot is refused")
+    parser.add_argument("--max-cost-per-hour", type=float, help="dollars per hour the GPU nodes may never exceed")
+    parser.add_argument("--price", default="", help="on-demand $/h of types the catalog has no price for, "
+                        "e.g. g5.12xlarge=5.672")
+    parser.add_argument("--head-type", default="m5.large", help="instance type of the head (gateway, no GPUs)")
+    parser.add_argument("--cluster-name", default="jupyter-gpu")
+    parser.add_argument("-o", "--output", help="file to write (default: standard output)")
+    parser.add_argument("--check", metavar="FILE", help="check a config (e.g. edited by hand) with Ray's validation "
+                        "and list its GPU node types; needs no AWS")
+    args = parser.parse_args(argv)
+    try:
+        if args.check:
+            with open(args.check) as f:
+                config = yaml.safe_load(f)
+            cc.validate(config)
+            for t in cc.gpu_node_types(config):
+                market = "spot" if t.spot else "on-demand"
+                print(f"{t.name}: {t.gpu_type} on {t.instance_type} ({t.gpus} GPUs, {market}), "
+                      f"{t.min_nodes}-{t.max_nodes} nodes")
+            return 0
+        if not args.types:
+            parser.error("--types is needed, e.g. --types h100=p5.48xlarge,a10g=g5.xlarge")
+        types = cc.parse_assignments(args.types, "--types", "INSTANCE_TYPE")
+        gpu_types = [gpu_type for gpu_type, _ in types]
+        prices = {k: _dollars(v) for k, v in cc.parse_assignments(args.price, "--price", "DOLLARS")
+                  } if args.price else {}
+        region = _region(args)
+        try:
+            offers = fetch_offers(_ec2(region), region, sorted({instance for _, instance in types}))
+        except Exception as exc:
+            raise ValueError(f"could not read the instance types {args.types} in {region}: {exc}. Check the names "
+                             "(`jupyter-gpu aws catalog`) and the AWS credentials") from exc
+        plan = cc.plan_cluster(types, offers, cc.node_counts(args.min_nodes, "--min-nodes", gpu_types),
+                               cc.node_counts(args.max_nodes, "--max-nodes", gpu_types), args.spot,
+                               args.max_cost_per_hour, prices)
+        config = cc.cluster_config(plan, region, args.cluster_name, args.idle_minutes, args.head_type,
+                                   system_config=RayPool().system_config())
+        cc.validate(config)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        print(f"jupyter-gpu aws cluster-config: {exc}", file=sys.stderr)
+        return 2
+    text = yaml.safe_dump(config, sort_keys=False)
+    if args.output:
+        with open(args.output, "w") as f:
+            f.write(text)
+        print(f"wrote {args.output}: start it with `ray up {args.output}`", file=sys.stderr)
+    else:
+        print(text, end="")
+    for note in plan.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return 0
+
+
+def _dollars(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise ValueError(f"--price: {text!r} is not dollars per hour (e.g. 5.672)") from None
+    if not value > 0:
+        raise ValueError(f"--price: {text!r} must be more than 0")
+    return value
+
+
 def main(argv: list[str]) -> int:
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
@@ -85,5 +167,7 @@ def main(argv: list[str]) -> int:
     command, rest = argv[0], argv[1:]
     if command == "catalog":
         return catalog_main(rest)
+    if command == "cluster-config":
+        return cluster_config_main(rest)
     print(f"jupyter-gpu aws: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
