@@ -383,6 +383,8 @@ class Gateway:
             "kernel_id": self.kernel_ids.shown(lease.kernel_id or "") if lease.state == GRANTED else None,
             "queue_position": core.queue_position(lease),
             "expected_wait": round(core.expected_wait(lease), 1) if lease.state == QUEUED else 0.0,
+            # what the wait is for when a node must be launched (or why it ended): shown in place
+            "capacity_note": self.service.capacity_note(lease.id),
             "idle_timeout": lease.idle_timeout,
             "idle_remaining": core.idle_remaining(lease),
             "busy": lease.busy,

@@ -89,6 +89,7 @@ class DemandPlanner:
         self.boot_time = boot_time
         #: (time, decision) for every change of demand, refusal seen and wait ended, newest last
         self.log: deque[tuple[float, str]] = deque(maxlen=log_size)
+        self.log_total = 0  # entries ever made (the log keeps the last log_size)
         self._last_demand: dict[str, int] = {}
         self._last_refused: dict[str, str] = {}
 
@@ -166,6 +167,10 @@ class DemandPlanner:
         queue = f"; {ahead} ahead of you" if ahead else ""
         return f"{before}starting a {kind.instance_type}{market} for {gpu_type}: {self.boot_time}{queue}"
 
+    def _decide(self, entry: tuple[float, str]) -> None:
+        self.log.append(entry)
+        self.log_total += 1
+
     def _bundle(self, gpu_type: str, count: int) -> dict[str, float]:
         return {"GPU": float(count), accelerator_resource(gpu_type): ACCELERATOR_SHARE}
 
@@ -174,13 +179,13 @@ class DemandPlanner:
         for gpu_type in sorted(set(demand) | set(self._last_demand)):
             if demand.get(gpu_type, 0) != self._last_demand.get(gpu_type, 0):
                 kind = self.kinds[gpu_type]
-                self.log.append((now, f"demand {gpu_type}: {demand.get(gpu_type, 0)} GPU(s) queued "
+                self._decide((now, f"demand {gpu_type}: {demand.get(gpu_type, 0)} GPU(s) queued "
                                       f"-> {kind.instance_type} nodes ({', '.join(kind.node_types)})"))
         for node_type, why in sorted(report.refused.items()):
             if self._last_refused.get(node_type) != why:
-                self.log.append((now, f"refused {node_type}: {why}"))
+                self._decide((now, f"refused {node_type}: {why}"))
         for lease_id, why in expired.items():
-            self.log.append((now, f"lease {lease_id} ended no_capacity: {why}"))
+            self._decide((now, f"lease {lease_id} ended no_capacity: {why}"))
         self._last_demand, self._last_refused = demand, dict(report.refused)
 
 
