@@ -328,6 +328,7 @@ class Gateway:
             raise NotFound(lease_id, "lease")
         if self.snapshots is not None:
             row.update(self.snapshots.lease_info(lease_id))  # what its end kept
+        row["capacity_note"] = self.service.capacity_note(lease_id)  # why a wait for a node ended
         return row
 
     def leases_json(self, user: str, include_released: bool = False) -> list[dict[str, Any]]:
