@@ -25,6 +25,7 @@ from jupyter_gpu.protocol import GRANTED, QUEUED, GpuChoice, type_matches
 
 from .core import PoolCore
 from .ray_nodes import accelerator_resource
+from .scaler import NodeMayGo, Scaler
 
 #: what a slot actor with ``accelerator_type`` asks of its node's ``accelerator_type:X`` resource
 ACCELERATOR_SHARE = 0.001
@@ -38,6 +39,7 @@ class NodeKind:
     instance_type: str
     gpus: int
     node_types: tuple[str, ...]  # Ray's node type names (e.g. the spot twin and the on-demand type)
+    min_nodes: int = 0  # kept up whether used or not (the config's min_workers, all node types together)
 
 
 @dataclass(frozen=True)
@@ -132,10 +134,10 @@ class DemandPlanner:
                 ahead[gpu_type] = ahead.get(gpu_type, 0) + 1
             elif refused:
                 notes[lease_id] = "no capacity: " + "; ".join(f"{t}: {why}" for t, why in refused) + (
-                    f"; waiting up to {self.max_queue_wait / 60:.0f} min in all" if self.max_queue_wait else "")
+                    f"; waiting up to {_duration(self.max_queue_wait)} in all" if self.max_queue_wait else "")
             if self.max_queue_wait and now - lease.queued_at > self.max_queue_wait:
                 why = notes.get(lease_id, "no GPU became free")
-                expired[lease_id] = (f"no {lease.spec} within --max-queue-wait {self.max_queue_wait / 60:g} min "
+                expired[lease_id] = (f"no {lease.spec} within --max-queue-wait {_duration(self.max_queue_wait)} "
                                      f"({why}): try again later or ask for other types, e.g. `%%gpu {lease.spec}|any`")
         self._log_changes(now, demand, report, expired)
         return DemandPlan(bundles, notes, expired)
@@ -189,6 +191,52 @@ class DemandPlanner:
         self._last_demand, self._last_refused = demand, dict(report.refused)
 
 
+def _duration(seconds: float) -> str:
+    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
+
+
+class IdleNodes:
+    """Which nodes the pool stops using so that Ray's autoscaler can terminate them.
+
+    A spare (warm) kernel holds its GPUs through its slot actor, so Ray would never see its
+    node idle. The :class:`~pool_manager.scaler.Scaler` says which idle nodes the pool can do
+    without (beyond each type's minimum, idle ``wait_count`` rounds in a row); those are
+    drained: their GPUs are marked unusable, which stops their spare kernels and starts no new
+    one there, and Ray terminates the node after its idle timeout. Nodes that hold a lease, a
+    kernel starting for a queued lease, or a kernel whose variables are being saved are not
+    idle and are never drained. When a lease for the type queues meanwhile, its drained nodes
+    are taken back into use before anything is launched.
+    """
+
+    def __init__(self, scaler: Scaler) -> None:
+        self.scaler = scaler
+        self.draining: dict[str, str] = {}  # node -> its GPU type
+
+    @staticmethod
+    def device_keys(core: PoolCore, node: str, draining: bool) -> list[str]:
+        """The node's devices in the order to mark them: when draining, those no kernel holds
+        first (else a spare kernel stopped on one would start again on the next)."""
+        keys = [device.key for device in core.devices.values() if device.node == node]
+        held = {key for slot in core.slots.values() for key in slot.devices}
+        return sorted(keys, key=lambda key: key in held) if draining else keys
+
+    def plan(self, core: PoolCore) -> tuple[list[str], list[str]]:
+        """(nodes to drain, drained nodes to use again)."""
+        present = {device.node for device in core.devices.values()}
+        for node in [n for n in self.draining if n not in present]:
+            del self.draining[node]  # terminated: it left the pool
+        unmet = core.unmet_demand()
+        again = [node for node, gpu_type in self.draining.items() if unmet.get(gpu_type)]
+        for node in again:
+            del self.draining[node]
+        drain = []
+        for recommendation in self.scaler.recommendations(core):
+            if isinstance(recommendation, NodeMayGo) and recommendation.node not in self.draining:
+                self.draining[recommendation.node] = recommendation.gpu_type
+                drain.append(recommendation.node)
+        return drain, again
+
+
 def node_kinds(config: Mapping[str, Any]) -> dict[str, NodeKind]:
     """Per GPU type, its node types in a Ray cluster config (written by ``jupyter-gpu aws
     cluster-config`` or by hand): spot twins first, as Ray's scorer tries them."""
@@ -199,8 +247,9 @@ def node_kinds(config: Mapping[str, Any]) -> dict[str, NodeKind]:
         known = kinds.get(node_type.gpu_type)
         if known is None:
             kinds[node_type.gpu_type] = NodeKind(node_type.gpu_type, node_type.instance_type, node_type.gpus,
-                                                 (node_type.name,))
+                                                 (node_type.name,), node_type.min_nodes)
         else:
             kinds[node_type.gpu_type] = NodeKind(known.gpu_type, known.instance_type, max(known.gpus, node_type.gpus),
-                                                 (*known.node_types, node_type.name))
+                                                 (*known.node_types, node_type.name),
+                                                 known.min_nodes + node_type.min_nodes)
     return kinds

@@ -1,7 +1,8 @@
 """The Ray pool service on an autoscaled cluster: every ``interval`` it reads Ray's autoscaler
 status, plans the demand (:class:`~pool_manager.ray_autoscale.DemandPlanner`), hands it to
 ``ray.autoscaler.sdk.request_resources`` when it changed, ends the waits that ran out, and
-writes each decision to the gateway's log (logger ``pool_manager.autoscale``)."""
+drains the idle nodes the pool can do without (:class:`~pool_manager.ray_autoscale.IdleNodes`)
+and writes each decision to the gateway's log (logger ``pool_manager.autoscale``)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Callable
 from typing import Any
 
 from .core import NO_CAPACITY, PoolCore
-from .ray_autoscale import AutoscalerReport, DemandPlan, DemandPlanner, parse_report
+from .ray_autoscale import AutoscalerReport, DemandPlan, DemandPlanner, IdleNodes, parse_report
 from .ray_backend import RayKernelBackend
 from .ray_membership import NodeRows, RayPoolService
 
@@ -30,6 +31,7 @@ class AutoscaledRayPoolService(RayPoolService):
         backend: RayKernelBackend,
         read_nodes: NodeRows,
         planner: DemandPlanner,
+        idle_nodes: IdleNodes | None = None,
         request: Callable[[Bundles], None] | None = None,
         read_report: Callable[[], AutoscalerReport] | None = None,
         interval: float = 1.0,
@@ -37,6 +39,7 @@ class AutoscaledRayPoolService(RayPoolService):
     ) -> None:
         super().__init__(core, backend, read_nodes, **membership)
         self.planner = planner
+        self.idle_nodes = idle_nodes
         self.request = request or request_resources
         self.read_report = read_report or read_autoscaler_report
         self.interval = interval
@@ -56,7 +59,7 @@ class AutoscaledRayPoolService(RayPoolService):
         await super().stop(reason)
 
     def capacity_note(self, lease_id: str) -> str | None:
-        return self.notes.get(lease_id) or self._ended_notes.get(lease_id)
+        return self._ended_notes.get(lease_id) or self.notes.get(lease_id)
 
     async def _steer_forever(self) -> None:
         while True:
@@ -70,7 +73,7 @@ class AutoscaledRayPoolService(RayPoolService):
         """One round: read what the autoscaler said, plan, and act on the plan."""
         report = await asyncio.to_thread(self.read_report)
         plan = self.planner.plan(self.core, report)
-        self.notes = plan.notes
+        self.notes = {lease_id: note for lease_id, note in plan.notes.items() if lease_id not in plan.expired}
         for lease_id, message in plan.expired.items():
             self._ended_notes[lease_id] = message
             while len(self._ended_notes) > ENDED_NOTES_KEPT:
@@ -79,11 +82,25 @@ class AutoscaledRayPoolService(RayPoolService):
         if plan.bundles != self._requested:
             await asyncio.to_thread(self.request, plan.bundles)
             self._requested = plan.bundles
+        if self.idle_nodes is not None:
+            drain, again = self.idle_nodes.plan(self.core)
+            for node in drain:
+                log.info("autoscale: drain %s: idle and not needed; its spare kernels stop so that Ray can "
+                         "terminate it", node)
+                self._use_node(node, False)
+            for node in again:
+                log.info("autoscale: use %s again: a lease of its type is waiting", node)
+                self._use_node(node, True)
         entries = list(self.planner.log)
         for _, entry in entries[max(0, len(entries) - (self.planner.log_total - self._logged)):]:
             log.info("autoscale: %s", entry)
         self._logged = self.planner.log_total
         return plan
+
+
+    def _use_node(self, node: str, usable: bool) -> None:
+        for key in IdleNodes.device_keys(self.core, node, draining=not usable):
+            self.set_device_health(key, usable)
 
 
 def request_resources(bundles: Bundles) -> None:

@@ -124,12 +124,15 @@ class RayPool(LoggingConfigurable):
         membership: dict[str, Any] = {"poll_interval": self.poll_interval,
                                       "node_loss_grace": self.node_loss_seconds(self._cluster_health_settings())}
         if kinds:
-            from .ray_autoscale import DemandPlanner
+            from .ray_autoscale import DemandPlanner, IdleNodes
             from .ray_autoscale_service import AutoscaledRayPoolService
+            from .scaler import NodeGroup, Scaler
 
             planner = DemandPlanner(kinds, time.time, self.max_queue_wait)
-            return AutoscaledRayPoolService(core, backend, _read_nodes, planner, interval=self.autoscale_interval,
-                                            **membership)
+            groups = {gpu_type: NodeGroup(kind.gpus, kind.min_nodes) for gpu_type, kind in kinds.items()}
+            idle_nodes = IdleNodes(Scaler(groups, time.monotonic))
+            return AutoscaledRayPoolService(core, backend, _read_nodes, planner, idle_nodes,
+                                            interval=self.autoscale_interval, **membership)
         return RayPoolService(core, backend, read_nodes=_read_nodes, **membership)
 
     def _node_kinds(self) -> dict[str, NodeKind]:

@@ -13,8 +13,16 @@ import pytest
 
 from jupyter_gpu.protocol import GRANTED, QUEUED, parse_gpu_spec
 from pool_manager.core import NO_CAPACITY, LeaseRequestError, PoolCore, PoolPolicy
-from pool_manager.model import Device, Lease
-from pool_manager.ray_autoscale import AutoscalerReport, DemandPlanner, NodeKind, node_kinds, parse_report
+from pool_manager.model import Device, Lease, StartKernel
+from pool_manager.ray_autoscale import (
+    AutoscalerReport,
+    DemandPlanner,
+    IdleNodes,
+    NodeKind,
+    node_kinds,
+    parse_report,
+)
+from pool_manager.scaler import NodeGroup, Scaler
 
 H100 = NodeKind("h100", "p5.48xlarge", 8, ("h100-spot", "h100"))
 A100 = NodeKind("a100", "p4d.24xlarge", 8, ("a100",))
@@ -170,3 +178,65 @@ def test_node_kinds_of_a_generated_config() -> None:
     kinds = node_kinds(cc.cluster_config(plan, "us-east-1"))
     assert kinds["h100"] == NodeKind("h100", "p5.48xlarge", 8, ("h100-spot", "h100"))
     assert kinds["a10g"].node_types == ("a10g-spot", "a10g")
+
+
+# --- idle nodes drained so that Ray can terminate them ------------------------------------------
+
+
+NODE = "10.77.0.132"
+
+
+def pool_with_node(minimum: int = 0) -> tuple[PoolCore, IdleNodes]:
+    clock = FakeClock()
+    ids = itertools.count(1)
+    devices = [Device(f"n1/{i}", "h100", i, "H100", 81920, True, "10.77.0.132") for i in range(8)]
+    core = PoolCore(devices, PoolPolicy(min_warm=1), clock, new_id=lambda: f"id{next(ids)}", launchable={"h100": 8})
+    core.tick()  # the warm kernel's start, as the service's first tick
+    for action in core.pop_actions():
+        if isinstance(action, StartKernel):
+            core.kernel_ready(action.slot_id)
+    return core, IdleNodes(Scaler({"h100": NodeGroup(8, minimum)}, clock, wait_count=2))
+
+
+def use(core: PoolCore, node: str, usable: bool) -> list[object]:
+    for key in IdleNodes.device_keys(core, node, draining=not usable):
+        core.set_device_health(key, usable)
+    return core.pop_actions()
+
+
+def test_an_idle_node_with_a_warm_kernel_is_drained_after_the_wait_and_taken_back_for_a_lease() -> None:
+    core, idle = pool_with_node()
+    assert core.summaries()[0].warm == 1  # the warm kernel would keep Ray from ever seeing it idle
+    assert idle.plan(core) == ([], [])  # one round idle: not yet
+    assert idle.plan(core) == (["10.77.0.132"], [])
+    actions = use(core, NODE, False)
+    assert [type(a).__name__ for a in actions] == ["KillKernel"]  # the spare goes, none replaces it
+    assert idle.plan(core) == ([], [])
+    lease = ask(core, "h100")
+    assert lease.state == QUEUED and lease.slot_id is None
+    assert idle.plan(core) == ([], ["10.77.0.132"])
+    use(core, NODE, True)
+    assert lease.slot_id is not None  # placed on the node that was about to go
+
+
+def test_nodes_in_use_or_kept_as_the_minimum_are_never_drained() -> None:
+    core, idle = pool_with_node()
+    lease = ask(core, "h100")
+    assert lease.state == GRANTED  # on the warm kernel
+    for _ in range(4):
+        assert idle.plan(core) == ([], [])
+    core.end_lease(lease.id, "deleted")
+    core, idle = pool_with_node(minimum=1)
+    for _ in range(4):
+        assert idle.plan(core) == ([], [])
+
+
+def test_a_terminated_node_is_forgotten() -> None:
+    core, idle = pool_with_node()
+    idle.plan(core)
+    assert idle.plan(core) == (["10.77.0.132"], [])
+    use(core, NODE, False)
+    core.remove_node("10.77.0.132")
+    ask(core, "h100")
+    assert idle.plan(core) == ([], [])
+    assert idle.draining == {}
