@@ -34,6 +34,7 @@ from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted, LeaseSna
 from pool_manager.service import PoolService
 
 from .errors import ApiError
+from .instance_metering import InstanceHours
 from .kernel_ids import KernelIds
 from .metering import MeteringStore
 from .metrics import render_metrics
@@ -106,6 +107,13 @@ class Gateway:
         self._unwritten: dict[str, Lease | LeaseSnapshot] = {}
         self.started_at = time.time()
         service.listeners.append(self._on_pool_action)
+        #: an autoscaled pool's instance-hours, in the metering file next to the leases
+        self.instance_hours: InstanceHours | None = None
+        instance_listeners = getattr(service, "instance_listeners", None)
+        if instance_listeners is not None:
+            self.instance_hours = InstanceHours(metering.path)
+            self.instance_hours.close_open(time.time())  # nodes still up join this gateway again
+            instance_listeners.append(self.instance_hours.record)
 
     async def start(self) -> None:
         closed = self.metering.close_abandoned(time.time())
@@ -138,6 +146,8 @@ class Gateway:
             log.error("%d lease record(s) could not be written to %s (disk full?): they will be closed at their "
                       "last heartbeat when the gateway starts again", len(self._unwritten), self.metering.path)
         self.metering.close()
+        if self.instance_hours is not None:
+            self.instance_hours.close()
 
     # --- one call per API request -------------------------------------------------------
     # Handlers parse HTTP and call one of these; what they answer, or the ApiError that

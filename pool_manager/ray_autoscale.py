@@ -40,6 +40,21 @@ class NodeKind:
     gpus: int
     node_types: tuple[str, ...]  # Ray's node type names (e.g. the spot twin and the on-demand type)
     min_nodes: int = 0  # kept up whether used or not (the config's min_workers, all node types together)
+    price_per_hour: float | None = None  # on-demand list price of the instance type
+
+
+@dataclass(frozen=True)
+class InstanceEvent:
+    """A launched GPU node joined the pool or left it: what metering bills instance-hours by."""
+
+    node_id: str
+    address: str
+    gpu_type: str
+    instance_type: str
+    gpus: int
+    price_per_hour: float | None  # on-demand list price (an upper bound for a spot node); None: unknown
+    joined: bool
+    at: float  # wall time
 
 
 @dataclass(frozen=True)
@@ -241,15 +256,18 @@ def node_kinds(config: Mapping[str, Any]) -> dict[str, NodeKind]:
     """Per GPU type, its node types in a Ray cluster config (written by ``jupyter-gpu aws
     cluster-config`` or by hand): spot twins first, as Ray's scorer tries them."""
     from .aws.cluster_config import gpu_node_types
+    from .aws.list_prices import on_demand_price
 
+    region = str((config.get("provider") or {}).get("region", ""))
     kinds: dict[str, NodeKind] = {}
     for node_type in sorted(gpu_node_types(config), key=lambda t: not t.spot):
         known = kinds.get(node_type.gpu_type)
         if known is None:
+            price, _ = on_demand_price(node_type.instance_type, region)
             kinds[node_type.gpu_type] = NodeKind(node_type.gpu_type, node_type.instance_type, node_type.gpus,
-                                                 (node_type.name,), node_type.min_nodes)
+                                                 (node_type.name,), node_type.min_nodes, price)
         else:
             kinds[node_type.gpu_type] = NodeKind(known.gpu_type, known.instance_type, max(known.gpus, node_type.gpus),
                                                  (*known.node_types, node_type.name),
-                                                 known.min_nodes + node_type.min_nodes)
+                                                 known.min_nodes + node_type.min_nodes, known.price_per_hour)
     return kinds

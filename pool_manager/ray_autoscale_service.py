@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from .core import NO_CAPACITY, PoolCore
-from .ray_autoscale import AutoscalerReport, DemandPlan, DemandPlanner, IdleNodes, parse_report
+from .ray_autoscale import AutoscalerReport, DemandPlan, DemandPlanner, IdleNodes, InstanceEvent, parse_report
 from .ray_backend import RayKernelBackend
 from .ray_membership import NodeRows, RayPoolService
+from .ray_nodes import NodeChanges, NodeView
 
 log = logging.getLogger("pool_manager.autoscale")
 
@@ -40,6 +42,8 @@ class AutoscaledRayPoolService(RayPoolService):
         super().__init__(core, backend, read_nodes, **membership)
         self.planner = planner
         self.idle_nodes = idle_nodes
+        #: told of every launched node that joins or leaves (the gateway meters instance-hours)
+        self.instance_listeners: list[Callable[[InstanceEvent], None]] = []
         self.request = request or request_resources
         self.read_report = read_report or read_autoscaler_report
         self.interval = interval
@@ -51,12 +55,29 @@ class AutoscaledRayPoolService(RayPoolService):
 
     async def start(self) -> None:
         await super().start()
+        self._tell_instances(True, self.nodes.alive.values())  # up before this gateway: billed from now
         self._steering = asyncio.get_running_loop().create_task(self._steer_forever())
 
     async def stop(self, reason: str) -> None:
         if self._steering is not None:
             self._steering.cancel()
         await super().stop(reason)
+
+    def apply(self, changes: NodeChanges) -> None:
+        super().apply(changes)
+        self._tell_instances(True, changes.joined)
+        self._tell_instances(False, changes.lost)
+
+    def _tell_instances(self, joined: bool, nodes: Iterable[NodeView]) -> None:
+        now = time.time()
+        for node in nodes:
+            kind = self.planner.kinds.get(node.gpu_type)
+            if kind is None:
+                continue  # a node the autoscaler did not launch (e.g. a GPU head)
+            event = InstanceEvent(node.node_id, node.address, node.gpu_type, kind.instance_type, node.gpus,
+                                  kind.price_per_hour, joined, now)
+            for listener in self.instance_listeners:
+                listener(event)
 
     def capacity_note(self, lease_id: str) -> str | None:
         return self._ended_notes.get(lease_id) or self.notes.get(lease_id)

@@ -261,6 +261,13 @@ def test_the_idle_node_is_drained_and_terminated(aws: AwsTestbed) -> None:
     assert f"autoscale: drain {instance['PrivateIpAddress']}: idle and not needed" in aws.gateway.log_text()
     types = {t["name"]: t for t in aws.gateway.get("alice", "/api/gpu/types").body}
     assert types["h100"]["total"] == 0  # still offered: another node can be launched
+    # metered: the p5 was paid for from its join to its termination, and partly leased
+    metrics = {line.split(" ")[0]: float(line.split(" ")[1]) for line in aws.gateway.get("alice", "/metrics").body
+               .splitlines() if line and not line.startswith("#")}
+    paid = metrics['jupyter_gpu_paid_gpu_seconds_total{gpu_type="h100"}']
+    assert paid >= 8 * IDLE_MINUTES * 60  # 8 GPUs for at least the idle time
+    assert metrics['jupyter_gpu_paid_cost_dollars_total{gpu_type="h100"}'] == pytest.approx(paid / 8 / 3600 * 55.04)
+    assert 0 < metrics['jupyter_gpu_paid_utilization{gpu_type="h100"}'] < 1
     assert not aws.machines.errors
 
 
