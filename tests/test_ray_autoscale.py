@@ -176,7 +176,7 @@ def test_node_kinds_of_a_generated_config() -> None:
     offers = {o.instance_type: o for o in offers_from_answers([recorded], "us-east-1")}
     plan = cc.plan_cluster([("h100", "p5.48xlarge"), ("a10g", "g5.xlarge")], offers, spot=True)
     kinds = node_kinds(cc.cluster_config(plan, "us-east-1"))
-    assert kinds["h100"] == NodeKind("h100", "p5.48xlarge", 8, ("h100-spot", "h100"))
+    assert kinds["h100"] == NodeKind("h100", "p5.48xlarge", 8, ("h100-spot", "h100"), 0, 55.04)
     assert kinds["a10g"].node_types == ("a10g-spot", "a10g")
 
 

@@ -119,9 +119,9 @@ def cluster_config_main(argv: list[str]) -> int:
             return 0
         if not args.types:
             parser.error("--types is needed, e.g. --types h100=p5.48xlarge,a10g=g5.xlarge")
-        types = cc.parse_assignments(args.types, "--types", "INSTANCE_TYPE")
+        types = cc.parse_assignments(args.types, "--types", "TYPE=INSTANCE_TYPE")
         gpu_types = [gpu_type for gpu_type, _ in types]
-        prices = {k: _dollars(v) for k, v in cc.parse_assignments(args.price, "--price", "DOLLARS")
+        prices = {k: _dollars(v) for k, v in cc.parse_assignments(args.price, "--price", "INSTANCE_TYPE=DOLLARS")
                   } if args.price else {}
         region = _region(args)
         try:

@@ -51,30 +51,29 @@ class GpuNodeType:
 class ClusterPlan:
     node_types: list[GpuNodeType]
     max_workers: int
-    max_cost_per_hour: float | None = None
     notes: list[str] = field(default_factory=list)  # what an operator should know about the choices
 
 
-def parse_assignments(text: str, option: str, value_form: str) -> list[tuple[str, str]]:
+def parse_assignments(text: str, option: str, form: str) -> list[tuple[str, str]]:
     """``h100=p5.48xlarge,a10g=g5.xlarge`` -> pairs, in the order given; errors name the bad part."""
     pairs: list[tuple[str, str]] = []
     for part in filter(None, (p.strip() for p in text.split(","))):
         key, sep, value = part.partition("=")
         if not sep or not key.strip() or not value.strip():
-            raise ValueError(f"{option}: {part!r} is not TYPE={value_form} (e.g. {option} h100={_EXAMPLES[option]})")
+            raise ValueError(f"{option}: {part!r} is not {form} (e.g. {option} {_EXAMPLES[option]})")
         pairs.append((key.strip(), value.strip()))
     if not pairs:
-        raise ValueError(f"{option}: nothing given (e.g. {option} h100={_EXAMPLES[option]})")
+        raise ValueError(f"{option}: nothing given (e.g. {option} {_EXAMPLES[option]})")
     return pairs
 
 
-_EXAMPLES = {"--types": "p5.48xlarge,a10g=g5.xlarge", "--min-nodes": "1", "--max-nodes": "4",
-             "--price": "55.04"}
+_EXAMPLES = {"--types": "h100=p5.48xlarge,a10g=g5.xlarge", "--min-nodes": "a10g=1", "--max-nodes": "h100=2",
+             "--price": "g5.12xlarge=5.672"}
 
 
 def node_counts(text: str, option: str, gpu_types: list[str]) -> dict[str, int]:
     counts: dict[str, int] = {}
-    for gpu_type, value in parse_assignments(text, option, "N") if text else []:
+    for gpu_type, value in parse_assignments(text, option, "TYPE=N") if text else []:
         if gpu_type not in gpu_types:
             raise ValueError(f"{option}: {gpu_type!r} is not one of --types ({', '.join(gpu_types)})")
         if not value.isdigit():
@@ -109,7 +108,7 @@ def plan_cluster(
         chosen.append((gpu_type, offer, prices.get(instance_type, offer.on_demand_per_hour)))
     if len({gpu_type for gpu_type, _, _ in chosen}) < len(chosen):
         raise ValueError("--types: each GPU type once (fallbacks between types are the lease's: `%%gpu h100|a100`)")
-    plan = ClusterPlan(node_types=[], max_workers=0, max_cost_per_hour=max_cost_per_hour)
+    plan = ClusterPlan(node_types=[], max_workers=0)
     shares = _cost_shares(chosen, max_nodes, max_cost_per_hour)
     for gpu_type, offer, price in chosen:
         low = min_nodes.get(gpu_type, 0)

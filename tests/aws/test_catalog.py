@@ -107,7 +107,7 @@ def run_cli(endpoint: str, *args: str, region: bool = True) -> subprocess.Comple
                AWS_CONFIG_FILE=os.devnull, AWS_SHARED_CREDENTIALS_FILE=os.devnull, AWS_MAX_ATTEMPTS="1")
     argv = ["aws", *args, *(["--region", "us-east-1"] if region else [])]
     return subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", *argv], env=env, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=180)  # imports Ray: slow on a loaded machine
 
 
 def test_catalog_json_from_ec2(ec2_endpoint: str) -> None:

@@ -72,7 +72,7 @@ def test_wrong_types_are_refused_by_name(types: list[tuple[str, str]], message: 
 
 def test_bad_assignments_name_the_part_and_the_form() -> None:
     with pytest.raises(ValueError, match=r"'h100' is not TYPE=INSTANCE_TYPE \(e.g. --types h100=p5"):
-        cc.parse_assignments("h100", "--types", "INSTANCE_TYPE")
+        cc.parse_assignments("h100", "--types", "TYPE=INSTANCE_TYPE")
     with pytest.raises(ValueError, match=r"'l4' is not one of --types \(h100, a100\)"):
         cc.node_counts("l4=1", "--max-nodes", ["h100", "a100"])
     with pytest.raises(ValueError, match="h100='two' is not a whole number"):
