@@ -14,6 +14,7 @@ commands:
               and every group's
   simulate    replay a notebook GPU trace through the pool core: GPU-hours, waits and cost per
               release policy (jupyter-gpu simulate --help)
+  aws         the pool on AWS: aws catalog (GPU instance types and prices) | aws cluster-config
 """
 
 
@@ -67,6 +68,10 @@ def main(argv: list[str] | None = None) -> int:
         from pool_manager.simulate import main as simulate_main
 
         return simulate_main(rest)
+    if command == "aws":
+        from pool_manager.aws.cli import main as aws_main
+
+        return aws_main(rest)
     print(f"jupyter-gpu: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
     return 2
 

@@ -88,6 +88,8 @@ class NotebookLeaseWatcher:
     def waiting(self, spec: str, lease: dict[str, Any]) -> None:
         text = (f"jupyter-gpu: waiting for {spec}: position {lease['queue_position']} in the queue, "
                 f"about {lease['expected_wait']:.0f} s (interrupt to cancel)")
+        if lease.get("capacity_note"):  # a node is being launched for it: its own estimate
+            text = f"jupyter-gpu: waiting for {spec}: {lease['capacity_note']} (interrupt to cancel)"
         if self.handle is None:
             self.handle = display({"text/plain": text}, raw=True, display_id=True)
         else:

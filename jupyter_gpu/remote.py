@@ -359,5 +359,6 @@ def acquire_lease(client: GatewayClient, spec: str, idle_timeout: float | None, 
             pass
         raise
     if lease["state"] != "granted":
-        raise GatewayError(f"lease {lease['id'][:8]} ended before it was granted: {lease.get('reason')}")
+        why = f"{lease.get('reason')}: {lease['capacity_note']}" if lease.get("capacity_note") else lease.get("reason")
+        raise GatewayError(f"lease {lease['id'][:8]} ended before it was granted: {why}")
     return lease

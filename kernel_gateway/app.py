@@ -213,6 +213,8 @@ class GatewayApp(JupyterApp):
         "max-gpus-per-user": "PoolManager.max_gpus_per_user",
         "warmup-code": "PoolManager.warmup_code",
         "ray": "RayPool.address",
+        "cluster-config": "RayPool.cluster_config",
+        "max-queue-wait": "RayPool.max_queue_wait",
         "sandbox": "PoolManager.sandbox",
         "kernel-uids": "PoolManager.kernel_uids",
         "kernel-memory": "PoolManager.kernel_memory",

@@ -37,6 +37,7 @@ from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted, LeaseSna
 from pool_manager.service import PoolService
 
 from .errors import ApiError
+from .instance_metering import InstanceHours
 from .kernel_ids import KernelIds
 from .metering import MeteringStore
 from .metrics import render_metrics
@@ -124,6 +125,13 @@ class Gateway:
         self.reason_messages: OrderedDict[str, str] = OrderedDict()
         self.started_at = time.time()
         service.listeners.append(self._on_pool_action)
+        #: an autoscaled pool's instance-hours, in the metering file next to the leases
+        self.instance_hours: InstanceHours | None = None
+        instance_listeners = getattr(service, "instance_listeners", None)
+        if instance_listeners is not None:
+            self.instance_hours = InstanceHours(metering.path)
+            self.instance_hours.close_open(time.time())  # nodes still up join this gateway again
+            instance_listeners.append(self.instance_hours.record)
 
     async def start(self) -> None:
         closed = self.metering.close_abandoned(time.time())
@@ -157,6 +165,8 @@ class Gateway:
             log.error("%d lease record(s) could not be written to %s (disk full?): they will be closed at their "
                       "last heartbeat when the gateway starts again", len(self._unwritten), self.metering.path)
         self.metering.close()
+        if self.instance_hours is not None:
+            self.instance_hours.close()
 
     # --- one call per API request -------------------------------------------------------
     # Handlers parse HTTP and call one of these; what they answer, or the ApiError that
@@ -399,6 +409,7 @@ class Gateway:
         if self.snapshots is not None:
             row.update(self.snapshots.lease_info(lease_id))  # what its end kept
         row["reason_message"] = self.reason_messages.get(lease_id, "")
+        row["capacity_note"] = self.service.capacity_note(lease_id)  # why a wait for a node ended
         return row
 
     def leases_json(self, user: str, include_released: bool = False) -> list[dict[str, Any]]:
@@ -455,6 +466,8 @@ class Gateway:
             "kernel_id": self.kernel_ids.shown(lease.kernel_id or "") if lease.state == GRANTED else None,
             "queue_position": core.queue_position(lease),
             "expected_wait": round(core.expected_wait(lease), 1) if lease.state == QUEUED else 0.0,
+            # what the wait is for when a node must be launched (or why it ended): shown in place
+            "capacity_note": self.service.capacity_note(lease.id),
             "idle_timeout": lease.idle_timeout,
             "idle_remaining": core.idle_remaining(lease),
             "busy": lease.busy,

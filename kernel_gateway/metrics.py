@@ -53,6 +53,19 @@ def render_metrics(gateway: Gateway) -> str:
         "GPU-seconds held by leases, metered.",
         [(f'{{gpu_type="{t}"}}', v) for t, v in sorted(totals.items())],
     )
+    if gateway.instance_hours is not None:  # an autoscaled pool: what was paid for, and how much of it was used
+        paid = gateway.instance_hours.totals()
+        family("jupyter_gpu_instance_seconds_total", "counter",
+               "Seconds the GPU instances launched for the pool were up.",
+               [(f'{{gpu_type="{t}"}}', seconds) for t, (seconds, _, _) in paid.items()])
+        family("jupyter_gpu_paid_gpu_seconds_total", "counter", "GPU-seconds of the instances launched for the pool.",
+               [(f'{{gpu_type="{t}"}}', gpu_seconds) for t, (_, gpu_seconds, _) in paid.items()])
+        family("jupyter_gpu_paid_cost_dollars_total", "counter",
+               "What the launched instances cost at their on-demand list price (an upper bound for spot).",
+               [(f'{{gpu_type="{t}"}}', cost) for t, (_, _, cost) in paid.items()])
+        family("jupyter_gpu_paid_utilization", "gauge", "GPU-seconds leased over GPU-seconds launched.",
+               [(f'{{gpu_type="{t}"}}', totals.get(t, 0.0) / gpu_seconds)
+                for t, (_, gpu_seconds, _) in paid.items() if gpu_seconds > 0])
     family(
         "jupyter_gpu_kernel_starts_total",
         "counter",

@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import logging
 import uuid
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass
 
@@ -123,11 +123,13 @@ class PoolCore:
         new_id: Callable[[], str] = lambda: str(uuid.uuid4()),
         wall_clock: Callable[[], float] | None = None,
         admission: Admission | None = None,
+        launchable: Mapping[str, int] | None = None,
     ) -> None:
         """``devices``: the pool at start (more join with :meth:`add_devices`). ``clock`` is
         monotonic: every deadline counts on it. ``wall_clock`` (default: the same clock, as a
         fake one in tests) stamps what is shown and metered. ``admission`` defaults to the
-        policy's per-user cap."""
+        policy's per-user cap. ``launchable``: GPU types whose nodes an autoscaler starts on demand,
+        with the GPUs of their largest node: offered (leases queue) while none is up."""
         self.policy = policy
         self.clock = clock
         self.wall_clock = clock if wall_clock is None else wall_clock
@@ -150,6 +152,9 @@ class PoolCore:
         self._wanted: dict[tuple[GpuChoice, ...], Wanted] = {}
         self._offered: dict[str, list[str]] = {}
         self._placement.add(devices)
+        self.launchable = dict(launchable or {})
+        for gpu_type in self.launchable:
+            self._placement.declare(gpu_type)
 
     @property
     def types(self) -> list[str]:
@@ -211,8 +216,8 @@ class PoolCore:
         lease = self.leases.get(lease_id)
         if lease is None:
             return None
-        if lease.state == QUEUED:
-            reason = REASON_CANCELLED  # it never held a GPU: nothing was released
+        if lease.state == QUEUED and reason != NO_CAPACITY:
+            reason = REASON_CANCELLED  # it never held a GPU: nothing was released (no_capacity: why it stopped waiting)
         self._end(lease, reason)
         self._schedule()
         return lease
@@ -603,7 +608,7 @@ class PoolCore:
                 problems.append((f"unknown GPU type {choice.gpu_type!r}: this gateway offers {offered}",
                                  "unknown_type"))
                 continue
-            most = max(self._placement.largest_node(t) for t in types)
+            most = max(max(self._placement.largest_node(t), self.launchable.get(t, 0)) for t in types)
             if most == 0:
                 problems.append((
                     f"no node with {choice.gpu_type} GPUs is in the pool right now (all left): "

@@ -87,6 +87,14 @@ class PlacementIndex:
         self._reindex({device.gpu_type for device in added})
         return new_type
 
+    def declare(self, gpu_type: str) -> None:
+        """A type offered before any device of it is here (an autoscaled cluster launches its
+        nodes on demand): leases for it queue rather than being refused."""
+        if gpu_type not in self._free:
+            self._free[gpu_type], self._nodes_of[gpu_type], self.nodes_with[gpu_type] = [], [], [0]
+            self.facts[gpu_type] = (0, 0, False)
+            self.types = sorted(self._free)
+
     def remove(self, node: str) -> None:
         """The node's devices leave; the caller has released every one of them first."""
         types = set()

@@ -15,6 +15,7 @@ from traitlets.config import LoggingConfigurable
 
 from .admission import Admission
 from .core import PoolCore, PoolPolicy
+from .ray_autoscale import NodeKind
 from .ray_nodes import NodeTable, devices_of
 from .sandbox import Isolation
 from .service import PoolService
@@ -50,6 +51,17 @@ class RayPool(LoggingConfigurable):
     health_check_failure_threshold = Int(
         5, help="Ray GCS: failed checks in a row after which a node counts as dead."
     ).tag(config=True)
+
+    cluster_config = Unicode(
+        "",
+        help="The cluster's Ray config (the YAML `ray up` took, e.g. from `jupyter-gpu aws cluster-config`): "
+        "its GPU node types are offered before any node of them is up, and queued leases become demand for "
+        "Ray's autoscaler. Empty: the pool is the nodes that joined.",
+    ).tag(config=True)
+    max_queue_wait = Float(
+        0.0, help="With a cluster config: seconds a lease may wait for a node before it ends with reason "
+        "no_capacity (0: no limit).").tag(config=True)
+    autoscale_interval = Float(1.0, help="Seconds between two updates of the autoscaler's demand.").tag(config=True)
 
     def system_config(self) -> dict[str, int]:
         """What the head must be started with (``ray start --head --system-config=...``)."""
@@ -113,10 +125,45 @@ class RayPool(LoggingConfigurable):
         devices = [device for node in nodes.update(_read_nodes()).joined for device in devices_of(node)]
         settings = SlotSettings(kernel_name=kernel_name, warmup_code=warmup_code,
                                 transport_encryption=self.transport_encryption, **(sandbox or {}))
-        core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time, admission=admission)
+        kinds = self._node_kinds()
+        core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time,
+                        launchable={gpu_type: kind.gpus for gpu_type, kind in kinds.items()},
+                        admission=admission)
         backend = RayKernelBackend(nodes, settings, isolation=isolation)
-        return RayPoolService(core, backend, read_nodes=_read_nodes, poll_interval=self.poll_interval,
-                              node_loss_grace=self.node_loss_seconds(self._cluster_health_settings()))
+        membership: dict[str, Any] = {"poll_interval": self.poll_interval,
+                                      "node_loss_grace": self.node_loss_seconds(self._cluster_health_settings())}
+        if kinds:
+            from .ray_autoscale import DemandPlanner, IdleNodes
+            from .ray_autoscale_service import AutoscaledRayPoolService
+            from .scaler import NodeGroup, Scaler
+
+            planner = DemandPlanner(kinds, time.time, self.max_queue_wait)
+            groups = {gpu_type: NodeGroup(kind.gpus, kind.min_nodes) for gpu_type, kind in kinds.items()}
+            idle_nodes = IdleNodes(Scaler(groups, time.monotonic))
+            return AutoscaledRayPoolService(core, backend, _read_nodes, planner, idle_nodes,
+                                            interval=self.autoscale_interval, **membership)
+        return RayPoolService(core, backend, read_nodes=_read_nodes, **membership)
+
+    def _node_kinds(self) -> dict[str, NodeKind]:
+        """The GPU node types of the cluster config, if one is given."""
+        if not self.cluster_config:
+            return {}
+        import yaml
+
+        from .aws.cluster_config import validate
+        from .ray_autoscale import node_kinds
+
+        try:
+            with open(self.cluster_config) as f:
+                config = yaml.safe_load(f)
+            validate(config)
+        except (OSError, ValueError, yaml.YAMLError) as exc:
+            raise ValueError(f"--RayPool.cluster_config {self.cluster_config}: {exc}") from exc
+        kinds = node_kinds(config)
+        if not kinds:
+            raise ValueError(f"--RayPool.cluster_config {self.cluster_config}: no node type with resources GPU and "
+                             "accelerator_type:X (e.g. written by `jupyter-gpu aws cluster-config`)")
+        return kinds
 
 
 def _read_nodes() -> list[dict[str, Any]]:

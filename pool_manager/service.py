@@ -100,6 +100,11 @@ class PoolService:
         self._run_actions()
         return notice
 
+    def capacity_note(self, lease_id: str) -> str | None:
+        """What a queued lease waits for beyond free GPUs (a node being launched), or why it stopped
+        waiting; None here: a fixed pool has nothing to add to the queue position."""
+        return None
+
     def kernel_activity(self, kernel_id: str, busy: bool) -> None:
         slot_id = self.core.slot_for_kernel(kernel_id)
         if slot_id is not None:

@@ -181,11 +181,14 @@ class NamespaceCluster:
 
     # --- Ray -----------------------------------------------------------------------------------
 
-    def start_ray(self, name: str, gpus: dict[str, int], head: bool = False, attempts: int = 3) -> float:
+    def start_ray(self, name: str, gpus: dict[str, int], head: bool = False, attempts: int = 3,
+                  extra: tuple[str, ...] = (), env: dict[str, str] | None = None) -> float:
         """``ray start`` on node ``name`` with declared (emulated) GPUs; returns seconds taken.
 
         A node declares its GPUs the way Ray names real ones (``GPU`` and
         ``accelerator_type:A100``) and marks them emulated with :data:`EMULATED_RESOURCE`.
+        ``extra``: more ``ray start`` flags (a head with ``--autoscaling-config`` runs Ray's
+        autoscaler); ``env``: more environment for the node's processes.
         """
         node = self.nodes[name]
         node.gpus = dict(gpus)
@@ -203,12 +206,15 @@ class NamespaceCluster:
             "--include-log-monitor=false",
         ]
         if head:
-            command += ["--head", f"--port={RAY_PORT}", "--include-dashboard=false", "--no-monitor"]
+            command += ["--head", f"--port={RAY_PORT}", "--include-dashboard=false"]
+            if not any(flag.startswith("--autoscaling-config") for flag in extra):
+                command.append("--no-monitor")
             if self.health_check:
                 command.append(f"--system-config={json.dumps(self.health_check)}")
         else:
             command.append(f"--address={self.head_address}")
         command += [f"--{flag}={port}" for flag, (_, port) in AGENT_PORTS.items()]
+        command += extra
         began = time.monotonic()
         for _ in range(attempts):
             node_id = secrets.token_hex(28)
@@ -217,7 +223,8 @@ class NamespaceCluster:
             writer = threading.Thread(target=_announce_agent_ports, args=(temp_dir, node_id, stop), daemon=True)
             writer.start()
             try:
-                done = self.run_in(name, *self._first(command), env={"RAY_OVERRIDE_NODE_ID_FOR_TESTING": node_id})
+                done = self.run_in(name, *self._first(command),
+                                   env={**(env or {}), "RAY_OVERRIDE_NODE_ID_FOR_TESTING": node_id})
             finally:
                 stop.set()
                 writer.join()

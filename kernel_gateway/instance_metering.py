@@ -1,0 +1,72 @@
+"""Instance-hours of an autoscaled pool, next to the leases' GPU-seconds in the metering file.
+
+A GPU node the autoscaler launched is paid for from the moment it joins until it leaves,
+whether or not anyone leases its GPUs: one row per node (its Ray node id), with its GPU type,
+instance type, GPUs and on-demand price per hour (the list price: an upper bound for a spot
+node). Leased GPU-seconds over launched GPU-seconds is the pool's utilization of what it paid
+for. Rows still open when a gateway starts are closed then: the new gateway sees the nodes
+that are still up join again.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import threading
+import time
+
+from pool_manager.ray_autoscale import InstanceEvent
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS instances (
+    node_id TEXT PRIMARY KEY,
+    address TEXT NOT NULL,
+    gpu_type TEXT NOT NULL,
+    instance_type TEXT NOT NULL,
+    gpus INTEGER NOT NULL,
+    price_per_hour REAL,
+    joined_at REAL NOT NULL,
+    left_at REAL
+);
+"""
+
+_SECONDS = "MAX(0.0, COALESCE(left_at, :now) - joined_at)"
+
+
+class InstanceHours:
+    """The ``instances`` table of the metering file (its own connection; WAL shares the file)."""
+
+    def __init__(self, path: str) -> None:
+        self._lock = threading.Lock()
+        self._conn = sqlite3.connect(path, check_same_thread=False)
+        self._conn.row_factory = sqlite3.Row
+        with self._lock, self._conn:
+            self._conn.executescript(_SCHEMA)
+
+    def record(self, event: InstanceEvent) -> None:
+        with self._lock, self._conn:
+            if event.joined:
+                self._conn.execute(
+                    "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+                    (event.node_id, event.address, event.gpu_type, event.instance_type, event.gpus,
+                     event.price_per_hour, event.at))
+            else:
+                self._conn.execute("UPDATE instances SET left_at = ? WHERE node_id = ? AND left_at IS NULL",
+                                   (event.at, event.node_id))
+
+    def close_open(self, now: float) -> int:
+        with self._lock, self._conn:
+            return self._conn.execute("UPDATE instances SET left_at = ? WHERE left_at IS NULL", (now,)).rowcount
+
+    def totals(self, *, now: float | None = None) -> dict[str, tuple[float, float, float]]:
+        """Per GPU type: (instance-seconds, GPU-seconds launched, cost in dollars), open nodes up to now."""
+        with self._lock:
+            rows = self._conn.execute(
+                f"SELECT gpu_type, SUM({_SECONDS}) AS seconds, SUM({_SECONDS} * gpus) AS gpu_seconds, "
+                f"SUM({_SECONDS} / 3600.0 * COALESCE(price_per_hour, 0)) AS cost FROM instances "
+                "GROUP BY gpu_type ORDER BY gpu_type", {"now": time.time() if now is None else now}).fetchall()
+        return {row["gpu_type"]: (float(row["seconds"]), float(row["gpu_seconds"]), float(row["cost"]))
+                for row in rows}
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()

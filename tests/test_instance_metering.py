@@ -1,0 +1,44 @@
+"""Instance-hours of an autoscaled pool in a real SQLite file: rows per launched node, totals per
+type with open nodes counted up to now, and rows left open by a gateway that stopped."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kernel_gateway.instance_metering import InstanceHours
+from kernel_gateway.metering import MeteringStore
+from pool_manager.ray_autoscale import InstanceEvent
+
+
+def event(node_id: str, joined: bool, at: float, gpu_type: str = "h100", gpus: int = 8,
+          price: float | None = 55.04) -> InstanceEvent:
+    return InstanceEvent(node_id, f"10.0.0.{len(node_id)}", gpu_type, "p5.48xlarge", gpus, price, joined, at)
+
+
+def test_instance_hours_per_type_next_to_the_leases(tmp_path: Path) -> None:
+    db = str(tmp_path / "usage.sqlite")
+    metering = MeteringStore(db)  # the same file the leases are metered in
+    hours = InstanceHours(db)
+    hours.record(event("a", True, 1000.0))
+    hours.record(event("a", False, 1000.0 + 1800))  # half an hour
+    hours.record(event("b", True, 2000.0))  # still up
+    hours.record(event("c", True, 1000.0, "a10g", 1, None))  # price unknown: costs nothing known
+    hours.record(event("a", True, 5000.0))  # a repeated join changes nothing
+    totals = hours.totals(now=2000.0 + 3600)
+    seconds, gpu_seconds, cost = totals["h100"]
+    assert seconds == 1800 + 3600 and gpu_seconds == 8 * (1800 + 3600)
+    assert round(cost, 2) == round(55.04 * 1.5, 2)
+    assert totals["a10g"] == (4600.0, 4600.0, 0.0)
+    metering.close()
+    hours.close()
+
+
+def test_rows_left_open_are_closed_when_a_gateway_starts(tmp_path: Path) -> None:
+    db = str(tmp_path / "usage.sqlite")
+    hours = InstanceHours(db)
+    hours.record(event("a", True, 1000.0))
+    hours.close()
+    again = InstanceHours(db)
+    assert again.close_open(1600.0) == 1
+    assert again.totals(now=99999.0)["h100"][0] == 600.0  # not counted on past the restart
+    again.close()
