@@ -11,6 +11,7 @@ interrupt and "tell me when it dies".
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import signal
 from dataclasses import dataclass, field
@@ -50,11 +51,26 @@ def ray_private_paths() -> list[str]:
     return paths
 
 
+def on_gpus_ray_reserved(request: StartKernel, ray_gpu_ids: list[Any], real_gpus: bool) -> StartKernel:
+    """The start request with the GPUs Ray reserved for this actor, where they are real.
+
+    The pool core picks GPU indices on a node, but Ray reserves whole GPUs for each actor by its
+    own ids: on a node of real GPUs, pinning the kernel to the core's indices could put two
+    kernels on one GPU while another stays idle. Ray's ids are what is held, so the kernel's
+    CUDA_VISIBLE_DEVICES and its sandbox's device nodes follow them. Emulated GPUs have no
+    devices to pin: the core's indices stay, which is what the listings show.
+    """
+    if not real_gpus or not ray_gpu_ids:
+        return request
+    return dataclasses.replace(request, gpu_indices=tuple(int(gpu) for gpu in ray_gpu_ids))
+
+
 class KernelSlot:
     """One kernel on this node (a Ray async actor: its methods run on the actor's event loop)."""
 
     def __init__(self, settings: SlotSettings, real_gpus: bool) -> None:
         self.node_ip: str = ray.util.get_node_ip_address()  # type: ignore[no-untyped-call]
+        self.real_gpus = real_gpus
         # Probed here, on the kernel's node: its bubblewrap, uid range and control groups.
         # SandboxUnavailable (sandbox 'required' on a node without one) fails this actor,
         # and with it the kernel's start, saying why.
@@ -86,6 +102,7 @@ class KernelSlot:
         # inherits its parent thread's mask: the kernel would never see the SIGINT of an
         # interrupt. Unblock them in the thread that starts it.
         signal.pthread_sigmask(signal.SIG_SETMASK, set())
+        request = on_gpus_ray_reserved(request, ray.get_gpu_ids(), self.real_gpus)
         return await self.backend.start_kernel(request), self.isolation
 
     async def interrupt(self) -> None:
