@@ -19,6 +19,7 @@ import asyncio
 import functools
 import http.client
 import json
+import mmap
 import os
 import select
 import socket
@@ -42,7 +43,7 @@ from .protocol import (
     error_body,
     serialize_ws_v1,
 )
-from .transfer import UPLOAD_PROTOCOL
+from .transfer import DOWNLOAD_PROTOCOL, UPLOAD_PROTOCOL
 
 
 class GatewayError(RuntimeError):
@@ -248,30 +249,10 @@ class GatewayClient:
         GatewayError, with ``reason == Reason.UNSUPPORTED`` where the gateway cannot stage.
         """
         view = memoryview(blob).cast("B")
-        port = self._parsed.port or (443 if self._parsed.scheme == "https" else 80)
-        host = self._parsed.hostname or ""
+        sock = self._connect(timeout)
         switched = False
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as exc:
-            raise GatewayError(f"gateway at {self.config.url} does not answer ({exc})", 0,
-                               Reason.GATEWAY_UNREACHABLE) from None
-        try:
-            if self._parsed.scheme == "https":
-                import ssl
-
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-            request = (
-                f"GET {self._parsed.path}/api/kernels/{kernel_id}/upload?nbytes={len(view)} HTTP/1.1\r\n"
-                f"Host: {self._parsed.netloc}\r\nAuthorization: token {self.config.token}\r\n"
-                f"Connection: Upgrade\r\nUpgrade: {UPLOAD_PROTOCOL}\r\n\r\n"
-            )
-            sock.sendall(request.encode())
-            reader = sock.makefile("rb")
-            status, headers = _read_head(reader)
-            if status != 101:
-                body = reader.read(int(headers.get("content-length", "0") or 0))
-                raise self._error(status, body)
+            reader = self._upgrade(sock, f"/api/kernels/{kernel_id}/upload?nbytes={len(view)}", UPLOAD_PROTOCOL)
             switched = True
             # The gateway reads exactly len(view) bytes. Sent in slices, so that the timeout
             # is for a stall, not for the whole (sendall's timeout is a total).
@@ -289,6 +270,76 @@ class GatewayClient:
                                f"{type(exc).__name__}: {exc}", 0, Reason.LOST if switched else "") from None
         finally:
             sock.close()
+
+    def download(self, kernel_id: str, download_id: str, nbytes: int, timeout: float = 60.0) -> mmap.mmap:
+        """Fetch one large pulled buffer from the kernel's staging directory, into new memory.
+
+        One HTTP/1.1 Upgrade request: the gateway checks token, kernel and file and answers
+        101, then exactly ``nbytes`` raw bytes follow, received straight into the buffer the
+        value is rebuilt on (no copy in Python). Raises GatewayError: 404 (``not_found``) when
+        the file or the kernel is gone, ``lost`` when the connection ends early.
+        """
+        # Anonymous and faulted in at once, as the push side does (see transfer.Assembler).
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        buffer = mmap.mmap(-1, max(1, nbytes), flags=flags)
+        view = memoryview(buffer)[:nbytes]
+        sock = self._connect(timeout)
+        switched = False
+        got = 0
+        try:
+            reader = self._upgrade(sock, f"/api/kernels/{kernel_id}/download/{download_id}?nbytes={nbytes}",
+                                   DOWNLOAD_PROTOCOL)
+            switched = True
+            while got < nbytes:  # the reader hands over what it read ahead, then receives in place
+                received = reader.readinto(view[got:])
+                if not received:
+                    raise ConnectionError(f"the gateway closed the download after {got:,} of {nbytes:,} bytes")
+                got += received
+        except (OSError, ValueError) as exc:
+            view.release()
+            buffer.close()
+            raise GatewayError(f"download of {nbytes:,} bytes from the gateway at {self.config.url} failed: "
+                               f"{type(exc).__name__}: {exc}", 0, Reason.LOST if switched else "") from None
+        except BaseException:
+            view.release()
+            buffer.close()
+            raise
+        finally:
+            sock.close()
+        view.release()
+        return buffer
+
+    def _connect(self, timeout: float) -> socket.socket:
+        """A new connection to the gateway for one upload or download (TLS where the URL says https)."""
+        host = self._parsed.hostname or ""
+        port = self._parsed.port or (443 if self._parsed.scheme == "https" else 80)
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise GatewayError(f"gateway at {self.config.url} does not answer ({exc})", 0,
+                               Reason.GATEWAY_UNREACHABLE) from None
+        if self._parsed.scheme == "https":
+            import ssl
+
+            try:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            except OSError as exc:
+                sock.close()
+                raise GatewayError(f"no TLS connection to the gateway at {self.config.url}: {exc}", 0,
+                                   Reason.GATEWAY_UNREACHABLE) from None
+        return sock
+
+    def _upgrade(self, sock: socket.socket, path: str, protocol: str) -> Any:
+        """Ask for ``path`` with ``Upgrade: protocol``; the reader past the gateway's 101, else its error."""
+        sock.sendall((f"GET {self._parsed.path}{path} HTTP/1.1\r\nHost: {self._parsed.netloc}\r\n"
+                      f"Authorization: token {self.config.token}\r\n"
+                      f"Connection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n").encode())
+        reader = sock.makefile("rb")
+        status, headers = _read_head(reader)
+        if status != 101:
+            body = reader.read(int(headers.get("content-length", "0") or 0))
+            raise self._error(status, body)
+        return reader
 
 
 _UPLOAD_SLICE = 64 * 2**20

@@ -11,6 +11,11 @@ stage them: the client sends each as the raw body of an HTTP/1.1 Upgrade request
 (UPLOAD_PROTOCOL), the gateway moves the bytes from its socket into a file in the kernel's
 staging directory, and the first message names the file (``staged``: blob index -> upload
 id) instead of carrying pieces. The kernel maps that file; nothing is copied on the way.
+
+Pulls take the mirror path: the kernel writes each blob of at least DOWNLOAD_MIN_BYTES into
+a file of its own staging directory, the first ``pulled`` message names it (``downloads``:
+blob index -> download id), and the client fetches it with one HTTP/1.1 Upgrade request
+(DOWNLOAD_PROTOCOL); the gateway opens and unlinks the file, then sends it with sendfile(2).
 """
 
 from __future__ import annotations
@@ -35,6 +40,16 @@ UPLOAD_PROTOCOL = "jupyter-gpu-upload"
 STAGING_DIR_ENV = "JUPYTER_GPU_STAGING_DIR"
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 
+#: Pulled blobs from this size on leave the kernel as staged files where the client asked
+#: for it and the kernel has a staging directory.
+DOWNLOAD_MIN_BYTES = 4 * 2**20
+#: The ``Upgrade`` token of a download request; after ``101`` the gateway sends exactly the
+#: ``nbytes`` the request named and closes.
+DOWNLOAD_PROTOCOL = "jupyter-gpu-download"
+#: A pulled blob's file in the kernel's staging directory: ``pull-`` and 32 hex digits, a name
+#: no upload or snapshot file has, so that a download can only ever serve what a pull wrote.
+DOWNLOAD_ID = re.compile(r"pull-[0-9a-f]{32}")
+
 Piece = tuple[int, int, int, memoryview]
 
 
@@ -42,19 +57,25 @@ def new_upload_id() -> str:
     return os.urandom(16).hex()
 
 
-def split(blobs: Sequence[Any], chunk: int = CHUNK_BYTES,
-          staged: Mapping[int, str] | None = None) -> Iterator[tuple[dict[str, Any], list[memoryview]]]:
+def new_download_id() -> str:
+    return "pull-" + os.urandom(16).hex()
+
+
+def split(blobs: Sequence[Any], chunk: int = CHUNK_BYTES, staged: Mapping[int, str] | None = None,
+          downloads: Mapping[int, str] | None = None) -> Iterator[tuple[dict[str, Any], list[memoryview]]]:
     """Yield ``(data, buffers)`` per message; ``data`` has seq, last, pieces (and sizes first).
 
-    Blobs in ``staged`` (index -> upload id) were uploaded already: the first message names
+    Blobs in ``staged`` (index -> upload id) were uploaded already, and those in ``downloads``
+    (index -> download id) wait in the kernel's staging directory: the first message names
     them and no piece of them is sent.
     """
     staged = staged or {}
+    downloads = downloads or {}
     views = [memoryview(blob).cast("B") for blob in blobs]
     batches: list[list[Piece]] = [[]]
     size = 0
     for index, view in enumerate(views):
-        if index in staged:
+        if index in staged or index in downloads:
             continue
         for offset in range(0, max(1, len(view)), chunk):
             piece = view[offset : offset + chunk]
@@ -70,6 +91,8 @@ def split(blobs: Sequence[Any], chunk: int = CHUNK_BYTES,
             data["sizes"] = [len(view) for view in views]
             if staged:
                 data["staged"] = {str(index): upload for index, upload in staged.items()}
+            if downloads:
+                data["downloads"] = {str(index): download for index, download in downloads.items()}
         yield data, [piece for *_, piece in batch]
 
 
@@ -80,6 +103,8 @@ class Assembler:
         self.staging_dir = staging_dir
         self.blobs: list[Any] = []
         self.sizes: list[int] = []
+        #: blobs still to fetch from the kernel's staging directory: index -> download id
+        self.downloads: dict[int, str] = {}
         self.complete = False
 
     def feed(self, data: dict[str, Any], buffers: Sequence[Any]) -> None:
@@ -87,6 +112,7 @@ class Assembler:
             self.sizes = list(data.get("sizes", []))
             self.blobs = [None] * len(self.sizes)
             self.complete = False
+            self.downloads = {int(index): str(download) for index, download in (data.get("downloads") or {}).items()}
             for index, upload in (data.get("staged") or {}).items():
                 self.blobs[int(index)] = self._map_staged(upload, self.sizes[int(index)])
         for (index, offset, length), buffer in zip(data.get("pieces", []), buffers, strict=True):
@@ -125,3 +151,33 @@ class Assembler:
             return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE)
         finally:
             os.close(fd)
+
+
+def stage_download(staging_dir: str, blob: Any) -> str | None:
+    """Write a pulled blob into a new file of the kernel's staging directory; its download id.
+
+    None where it does not fit (the caller sends the blob over the websocket instead): the
+    file would fill the staging area other transfers of this kernel need, so a blob larger
+    than half of what is free never goes there. A file only partly written is removed.
+    """
+    view = memoryview(blob).cast("B")
+    stat = os.statvfs(staging_dir)
+    if len(view) > stat.f_bavail * stat.f_frsize // 2:
+        return None
+    download = new_download_id()
+    path = os.path.join(staging_dir, download)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    try:
+        written = 0
+        while written < len(view):
+            written += os.write(fd, view[written : written + _WRITE_SLICE])
+    except OSError:
+        os.close(fd)
+        os.unlink(path)
+        return None
+    os.close(fd)
+    return download
+
+
+#: Bytes per write(2) of a staged download (Linux moves at most 2 GiB per call anyway).
+_WRITE_SLICE = 64 * 2**20

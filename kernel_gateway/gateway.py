@@ -33,6 +33,7 @@ from pool_manager.manager import PoolManager
 from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted, LeaseSnapshot, LeaseView
 from pool_manager.service import PoolService
 
+from .download_sender import DownloadSender
 from .errors import ApiError
 from .kernel_ids import KernelIds
 from .metering import MeteringStore
@@ -96,6 +97,7 @@ class Gateway:
         self.relays: dict[str, KernelRelay] = {}
         self.relay_totals = RelayTotals()
         self.uploads = UploadReceiver()
+        self.downloads = DownloadSender()
         self.kernel_ids = KernelIds()
         self._relay_ready: dict[str, asyncio.Task[KernelRelay]] = {}
         self.zmq_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -118,6 +120,7 @@ class Gateway:
 
     async def stop(self, reason: str) -> None:
         self.uploads.abort()
+        self.downloads.abort()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         # Relays still connecting: their kernels are about to die, so waiting for them helps
