@@ -12,17 +12,22 @@ stage them: the client sends each as the raw body of an HTTP/1.1 Upgrade request
 staging directory, and the first message names the file (``staged``: blob index -> upload
 id) instead of carrying pieces. The kernel maps that file; nothing is copied on the way.
 
-Pulls take the mirror path: the kernel writes each blob of at least DOWNLOAD_MIN_BYTES into
-a file of its own staging directory, the first ``pulled`` message names it (``downloads``:
-blob index -> download id), and the client fetches it with one HTTP/1.1 Upgrade request
-(DOWNLOAD_PROTOCOL); the gateway opens and unlinks the file, then sends it with sendfile(2).
+Pulls take the mirror path: the kernel offers each blob of at least DOWNLOAD_MIN_BYTES as a
+FIFO in its own staging directory (:class:`DownloadOffer`), the first ``pulled`` message
+names it (``downloads``: blob index -> download id), and the client fetches it with one
+HTTP/1.1 Upgrade request (DOWNLOAD_PROTOCOL); the gateway opens and unlinks the FIFO and
+splices what the kernel writes into it straight into the client's socket.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import re
+import select
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -46,8 +51,8 @@ DOWNLOAD_MIN_BYTES = 4 * 2**20
 #: The ``Upgrade`` token of a download request; after ``101`` the gateway sends exactly the
 #: ``nbytes`` the request named and closes.
 DOWNLOAD_PROTOCOL = "jupyter-gpu-download"
-#: A pulled blob's file in the kernel's staging directory: ``pull-`` and 32 hex digits, a name
-#: no upload or snapshot file has, so that a download can only ever serve what a pull wrote.
+#: A pulled blob's FIFO in the kernel's staging directory: ``pull-`` and 32 hex digits, a name
+#: no upload or snapshot file has, so that a download can only ever serve what a pull offered.
 DOWNLOAD_ID = re.compile(r"pull-[0-9a-f]{32}")
 
 Piece = tuple[int, int, int, memoryview]
@@ -153,31 +158,61 @@ class Assembler:
             os.close(fd)
 
 
-def stage_download(staging_dir: str, blob: Any) -> str | None:
-    """Write a pulled blob into a new file of the kernel's staging directory; its download id.
 
-    None where it does not fit (the caller sends the blob over the websocket instead): the
-    file would fill the staging area other transfers of this kernel need, so a blob larger
-    than half of what is free never goes there. A file only partly written is removed.
+class DownloadOffer:
+    """A pulled blob offered through a FIFO in the kernel's staging directory.
+
+    The bytes go from the value's own memory into the pipe and from there, spliced by the
+    gateway, into the client's socket: no file is written, no staging space is used, and no
+    fresh memory is touched on the kernel's side (on a VM that hands freed memory back to
+    its host, fresh memory is what makes a gigabyte slow). A thread feeds the pipe; the FIFO
+    is opened read-write so that feeding never waits for the gateway to open it, and gives up
+    (removing the FIFO) when nobody has read for ``OFFER_STALL_SECONDS`` or when cancelled.
     """
-    view = memoryview(blob).cast("B")
-    stat = os.statvfs(staging_dir)
-    if len(view) > stat.f_bavail * stat.f_frsize // 2:
-        return None
-    download = new_download_id()
-    path = os.path.join(staging_dir, download)
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-    try:
-        written = 0
-        while written < len(view):
-            written += os.write(fd, view[written : written + _WRITE_SLICE])
-    except OSError:
-        os.close(fd)
-        os.unlink(path)
-        return None
-    os.close(fd)
-    return download
+
+    def __init__(self, staging_dir: str, blob: Any) -> None:
+        self.id = new_download_id()
+        self.path = os.path.join(staging_dir, self.id)
+        self.cancelled = threading.Event()
+        os.mkfifo(self.path, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            os.unlink(self.path)
+            raise
+        try:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+        except OSError:  # a smaller pipe only means more wake-ups
+            pass
+        threading.Thread(target=self._feed, args=(fd, memoryview(blob).cast("B")), daemon=True,
+                         name="jupyter-gpu-pull").start()
+
+    def _feed(self, fd: int, view: memoryview) -> None:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        done, last_progress = 0, time.monotonic()
+        try:
+            while done < len(view) and not self.cancelled.is_set():
+                if time.monotonic() - last_progress > OFFER_STALL_SECONDS:
+                    return
+                if not poller.poll(_POLL_MS):
+                    continue
+                try:
+                    done += os.write(fd, view[done : done + _PIPE_BYTES])
+                except BlockingIOError:
+                    continue
+                last_progress = time.monotonic()
+        finally:
+            os.close(fd)
+            try:
+                os.unlink(self.path)  # the gateway unlinks it when it opens it; not if nobody came
+            except FileNotFoundError:
+                pass
 
 
-#: Bytes per write(2) of a staged download (Linux moves at most 2 GiB per call anyway).
-_WRITE_SLICE = 64 * 2**20
+#: An offered download nobody reads from for this long is withdrawn.
+OFFER_STALL_SECONDS = 120.0
+_POLL_MS = 1000
+#: The pipe's size (the largest an unprivileged process may ask for), and bytes per write.
+_PIPE_BYTES = 2**20
+_F_SETPIPE_SZ = 1031

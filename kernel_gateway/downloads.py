@@ -1,14 +1,15 @@
 """Large pulled values, straight from the kernel's staging file to the client's socket.
 
-The mirror of :mod:`kernel_gateway.uploads`: the kernel writes each large pulled buffer into
-a file of its own staging directory and names it in its ``pulled`` message; the client asks
+The mirror of :mod:`kernel_gateway.uploads`: the kernel offers each large pulled buffer as a
+FIFO in its own staging directory and names it in its ``pulled`` message; the client asks
 for it with one HTTP/1.1 Upgrade request per buffer
 (``GET /api/kernels/ID/download/DOWNLOAD?nbytes=N`` with ``Upgrade: jupyter-gpu-download``).
-The gateway checks the token, that the kernel is the caller's and that the file is one the
-kernel wrote of N bytes, unlinks it, answers ``101`` and sends exactly N raw bytes with
-sendfile(2) from a worker thread of its :class:`~kernel_gateway.download_sender.DownloadSender`
-(the bytes never enter Python), then closes the connection. Anything short of N bytes is a
-failed download. The gateway only moves the bytes: it never unpickles them.
+The gateway checks the token, that the kernel is the caller's and that the name is a FIFO
+the kernel offered, unlinks it, answers ``101`` and splices N raw bytes from the FIFO into
+the connection from a worker thread of its
+:class:`~kernel_gateway.download_sender.DownloadSender` (the bytes never enter Python), then
+closes it. Anything short of N bytes is a failed download. The gateway only moves the
+bytes: it never unpickles them.
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ class DownloadHandler(UpgradedHandler):
         if staging is None:
             raise ApiError(404, f"kernel {kernel_id} has no staging area to download from", Reason.NOT_FOUND)
         try:
-            fd = open_download(staging, download_id, int(nbytes_text))
+            fd = open_download(staging, download_id)
         except DownloadUnavailable as exc:
             raise ApiError(404, f"{exc}: pull the value again by re-running the cell", Reason.NOT_FOUND) from None
         try:
