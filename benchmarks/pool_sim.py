@@ -36,7 +36,8 @@ and the trace's users grow together (copies of the trace in proportion to the GP
 1,000), so every pool sees the same shape of demand per GPU. To keep the largest pool's run
 short, each scale replays one window of the trace (``WINDOW_HOURS`` from the start of its
 busiest day), repeated with new draws until at least ``min_decisions`` decisions were
-timed; the figure is wall time per decision, so pools of any size compare directly.
+timed, the scales taking turns; the figure is CPU time per decision, so pools of any size
+compare directly, and so do scales measured while the machine's load changed.
 
 ``listing`` measures what the sidebar polls, on the same 1,000 GPUs after 3,000 requests
 arrived at once (50 users, 60 leases each): one user's leases described as the API does
@@ -143,26 +144,35 @@ def window_requests(gpus: int, hours: float, seed: int) -> Workload:
 
 
 def scaling(scales: tuple[int, ...] = SCALES, hours: float = 6.0, min_decisions: int = 200_000,
-            time_limit: float = 300.0) -> dict[str, Any]:
-    """Wall time per core decision at each pool size, under the same demand per GPU."""
-    out = []
-    for gpus in scales:
-        pool = scaled_pool(gpus)
-        decisions, wall, requests_count, runs, waits = 0, 0.0, 0, 0, []
-        while decisions < min_decisions:
-            workload = window_requests(gpus, hours, seed=runs)
-            outcome = replay(workload, parse_policy(f"idle:{IDLE_S:g}s", 0.0), pool, Timing(START_S, STOP_S),
-                             warm=1, gpus_per_node=GPUS_PER_NODE, time_limit=time_limit)
-            decisions += outcome.core_calls
-            wall += outcome.wall_s
-            requests_count += len(workload.sessions)
-            waits += outcome.all_waits()
-            runs += 1
-        out.append({"gpus": sum(pool.values()), "runs": runs, "requests": requests_count, "decisions": decisions,
-                    "wall_s": wall, "us_per_decision": wall / decisions * 1e6,
-                    "queue_wait_median_s": percentile(waits, 0.5) if waits else None,
-                    "queue_wait_p99_s": percentile(waits, 0.99) if waits else None})
-    return {"hours": hours, "scales": out,
+            rounds: int = 4, time_limit: float = 300.0) -> dict[str, Any]:
+    """CPU time per core decision at each pool size, under the same demand per GPU.
+
+    CPU time, not wall time, and the scales taken in turn over ``rounds`` rounds: on a shared
+    machine the load changes during the run, and neither may favour one scale.
+    """
+    totals = {gpus: {"runs": 0, "requests": 0, "decisions": 0, "cpu_s": 0.0, "wall_s": 0.0} for gpus in scales}
+    waits: dict[int, list[float]] = {gpus: [] for gpus in scales}
+    for _ in range(rounds):
+        for gpus in scales:
+            total = totals[gpus]
+            goal = total["decisions"] + min_decisions / rounds
+            while total["decisions"] < goal:
+                workload = window_requests(gpus, hours, seed=total["runs"])
+                outcome = replay(workload, parse_policy(f"idle:{IDLE_S:g}s", 0.0), scaled_pool(gpus),
+                                 Timing(START_S, STOP_S), warm=1, gpus_per_node=GPUS_PER_NODE, time_limit=time_limit)
+                total["runs"] += 1
+                total["requests"] += len(workload.sessions)
+                total["decisions"] += outcome.core_calls
+                total["cpu_s"] += outcome.cpu_s
+                total["wall_s"] += outcome.wall_s
+                waits[gpus] += outcome.all_waits()
+    out = [{"gpus": sum(scaled_pool(gpus).values()), **total,
+            "us_per_decision": total["cpu_s"] / total["decisions"] * 1e6,
+            "wall_us_per_decision": total["wall_s"] / total["decisions"] * 1e6,
+            "queue_wait_median_s": percentile(waits[gpus], 0.5) if waits[gpus] else None,
+            "queue_wait_p99_s": percentile(waits[gpus], 0.99) if waits[gpus] else None}
+           for gpus, total in totals.items()]
+    return {"hours": hours, "rounds": rounds, "scales": out,
             "largest_vs_smallest": out[-1]["us_per_decision"] / out[0]["us_per_decision"]}
 
 

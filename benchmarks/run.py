@@ -97,8 +97,11 @@ def run_peer(name: str, settings: dict[str, Any], timeout: float) -> dict[str, A
     if not python.exists():
         return {"skipped": f"{python.parent.parent} is missing: run scripts/bench to set it up"}
     script = HERE / f"peer_{name}.py"
+    # A PYTHONPATH that puts a checkout of this project first (its kernel_gateway package) must
+    # not reach a peer's environment: the peer runs on its own packages only.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     proc = subprocess.run([str(python), str(script), json.dumps(settings)], capture_output=True, text=True,
-                          timeout=timeout, cwd=str(HERE))
+                          timeout=timeout, cwd=str(HERE), env=env)
     try:
         return dict(parse_emitted(proc.stdout))
     except ValueError:
@@ -314,7 +317,8 @@ def build_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
         largest = scale is scales[-1] and len(scales) > 1 and scale["gpus"] >= 100_000
         share = ratio(scale["us_per_decision"], scales[0]["us_per_decision"])
         add(8, f"pool core per decision, {scale['gpus']:,} GPUs (same demand per GPU)", "jupyter-gpu pool core",
-            f"{scale['us_per_decision']:.1f} us", f"{scale['decisions']:,} decisions, {scale['requests']:,} requests",
+            f"{scale['us_per_decision']:.1f} us CPU", f"{scale['decisions']:,} decisions, {scale['requests']:,} "
+            f"requests, {scale['wall_us_per_decision']:.1f} us wall",
             f"{fmt_ratio(share)} of {scales[0]['gpus']:,} GPUs", "<= 1.5x of the smallest" if largest else "",
             share is not None and share <= 1.5 if largest else None, **scale)
     return rows
