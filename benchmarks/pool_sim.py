@@ -31,6 +31,14 @@ release, tick): each one updates the pool and places what it can. Idle timeouts 
 by a ``tick()`` at each lease's idle deadline, as the service does (it sleeps until
 ``core.next_deadline()``; ticking between deadlines changes nothing).
 
+``scaling`` is the same replay at 100, 1,000, 10,000 and 100,000 GPUs: the pool's nodes
+and the trace's users grow together (copies of the trace in proportion to the GPUs, 4 per
+1,000), so every pool sees the same shape of demand per GPU. To keep the largest pool's run
+short, each scale replays one window of the trace (``WINDOW_HOURS`` from the start of its
+busiest day), repeated with new draws until at least ``min_decisions`` decisions were
+timed, the scales taking turns; the figure is CPU time per decision, so pools of any size
+compare directly, and so do scales measured while the machine's load changed.
+
 ``listing`` measures what the sidebar polls, on the same 1,000 GPUs after 3,000 requests
 arrived at once (50 users, 60 leases each): one user's leases described as the API does
 (queue position and expected wait of each) and the per-type summary.
@@ -101,6 +109,71 @@ def requests(count: int, seed: int = 0) -> Workload:
                                 arrival + event.duration + after, (cell,)))
     sessions.sort(key=lambda session: session.start)
     return Workload("pool-sim", tuple(sessions), f"{count} requests from {COPIES} copies of {find_trace().name}")
+
+
+#: The month's busiest day (most GPU-time submitted), where the scaling windows start.
+BUSIEST_DAY_S = 22 * 86400
+SCALES = (100, 1_000, 10_000, 100_000)
+_events: list[Any] = []
+
+
+def scaled_pool(gpus: int) -> dict[str, int]:
+    """The 1,000-GPU pool's mix of types, in nodes of 8, grown or shrunk to about ``gpus``."""
+    return {gpu_type: max(1, round(nodes * gpus / 1000)) * GPUS_PER_NODE for gpu_type, nodes in NODES.items()}
+
+
+def window_requests(gpus: int, hours: float, seed: int) -> Workload:
+    """The sessions of ``hours`` of the busiest day for a pool of ``gpus``: COPIES copies of
+    the trace per 1,000 GPUs (users of different copies are different people)."""
+    if not _events:
+        _events.extend(read_training_events(find_trace()))
+    window = [e for e in _events if BUSIEST_DAY_S <= e.submit < BUSIEST_DAY_S + hours * 3600]
+    copies = COPIES * gpus / 1000
+    rng = random.Random(seed)
+    pool = [(copy, event) for copy in range(max(1, int(copies + 0.999))) for event in window]
+    sessions = []
+    for number, (copy, event) in enumerate(rng.sample(pool, round(len(window) * copies))):
+        types = ("any",) if event.job_id % 10 == 0 else SPEC_BY_MODEL[event.model_name]
+        arrival = event.submit + rng.random() * 60
+        after = RELEASE_AFTER_S if event.job_id % 2 == 0 else IDLE_S + RELEASE_AFTER_S
+        cell = Cell(arrival, event.duration, tuple(GpuChoice(t, event.gpus) for t in types))
+        sessions.append(Session(str(number), f"user{copy}-{event.job_id % 300}", arrival,
+                                arrival + event.duration + after, (cell,)))
+    sessions.sort(key=lambda session: session.start)
+    return Workload("pool-scaling", tuple(sessions), f"{len(sessions)} requests, {hours:g} h of day 22")
+
+
+def scaling(scales: tuple[int, ...] = SCALES, hours: float = 6.0, min_decisions: int = 200_000,
+            rounds: int = 4, time_limit: float = 300.0) -> dict[str, Any]:
+    """CPU time per core decision at each pool size, under the same demand per GPU.
+
+    CPU time, not wall time, and the scales taken in turn over ``rounds`` rounds: on a shared
+    machine the load changes during the run, and neither may favour one scale.
+    """
+    totals = {gpus: {"runs": 0, "requests": 0, "decisions": 0, "cpu_s": 0.0, "wall_s": 0.0} for gpus in scales}
+    waits: dict[int, list[float]] = {gpus: [] for gpus in scales}
+    for _ in range(rounds):
+        for gpus in scales:
+            total = totals[gpus]
+            goal = total["decisions"] + min_decisions / rounds
+            while total["decisions"] < goal:
+                workload = window_requests(gpus, hours, seed=total["runs"])
+                outcome = replay(workload, parse_policy(f"idle:{IDLE_S:g}s", 0.0), scaled_pool(gpus),
+                                 Timing(START_S, STOP_S), warm=1, gpus_per_node=GPUS_PER_NODE, time_limit=time_limit)
+                total["runs"] += 1
+                total["requests"] += len(workload.sessions)
+                total["decisions"] += outcome.core_calls
+                total["cpu_s"] += outcome.cpu_s
+                total["wall_s"] += outcome.wall_s
+                waits[gpus] += outcome.all_waits()
+    out = [{"gpus": sum(scaled_pool(gpus).values()), **total,
+            "us_per_decision": total["cpu_s"] / total["decisions"] * 1e6,
+            "wall_us_per_decision": total["wall_s"] / total["decisions"] * 1e6,
+            "queue_wait_median_s": percentile(waits[gpus], 0.5) if waits[gpus] else None,
+            "queue_wait_p99_s": percentile(waits[gpus], 0.99) if waits[gpus] else None}
+           for gpus, total in totals.items()]
+    return {"hours": hours, "rounds": rounds, "scales": out,
+            "largest_vs_smallest": out[-1]["us_per_decision"] / out[0]["us_per_decision"]}
 
 
 def listing(requests_count: int = 3000, users: int = 50, repeats: int = 20) -> dict[str, Any]:

@@ -16,9 +16,11 @@ magic reads while a cell runs.
 from __future__ import annotations
 
 import asyncio
+import collections
 import functools
 import http.client
 import json
+import mmap
 import os
 import select
 import socket
@@ -30,8 +32,11 @@ from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, ParamSpec, TypeVar
 
-from websockets.exceptions import ConnectionClosed
-from websockets.sync.client import ClientConnection, connect
+from websockets.client import ClientProtocol
+from websockets.frames import Frame, Opcode
+from websockets.protocol import State
+from websockets.typing import Subprotocol
+from websockets.uri import parse_uri
 
 from . import hub
 from .protocol import (
@@ -43,7 +48,7 @@ from .protocol import (
     error_body,
     serialize_ws_v1,
 )
-from .transfer import UPLOAD_PROTOCOL
+from .transfer import DOWNLOAD_PROTOCOL, UPLOAD_PROTOCOL
 
 
 class GatewayError(RuntimeError):
@@ -265,30 +270,10 @@ class GatewayClient:
         GatewayError, with ``reason == Reason.UNSUPPORTED`` where the gateway cannot stage.
         """
         view = memoryview(blob).cast("B")
-        port = self._parsed.port or (443 if self._parsed.scheme == "https" else 80)
-        host = self._parsed.hostname or ""
+        sock = self._connect(timeout)
         switched = False
         try:
-            sock = socket.create_connection((host, port), timeout=timeout)
-        except OSError as exc:
-            raise GatewayError(f"gateway at {self.config.url} does not answer ({exc})", 0,
-                               Reason.GATEWAY_UNREACHABLE) from None
-        try:
-            if self._parsed.scheme == "https":
-                import ssl
-
-                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
-            request = (
-                f"GET {self._parsed.path}/api/kernels/{kernel_id}/upload?nbytes={len(view)} HTTP/1.1\r\n"
-                f"Host: {self._parsed.netloc}\r\nAuthorization: token {self.config.token}\r\n"
-                f"Connection: Upgrade\r\nUpgrade: {UPLOAD_PROTOCOL}\r\n\r\n"
-            )
-            sock.sendall(request.encode())
-            reader = sock.makefile("rb")
-            status, headers = _read_head(reader)
-            if status != 101:
-                body = reader.read(int(headers.get("content-length", "0") or 0))
-                raise self._error(status, body)
+            reader = self._upgrade(sock, f"/api/kernels/{kernel_id}/upload?nbytes={len(view)}", UPLOAD_PROTOCOL)
             switched = True
             # The gateway reads exactly len(view) bytes. Sent in slices, so that the timeout
             # is for a stall, not for the whole (sendall's timeout is a total).
@@ -306,6 +291,76 @@ class GatewayClient:
                                f"{type(exc).__name__}: {exc}", 0, Reason.LOST if switched else "") from None
         finally:
             sock.close()
+
+    def download(self, kernel_id: str, download_id: str, nbytes: int, timeout: float = 60.0) -> mmap.mmap:
+        """Fetch one large pulled buffer from the kernel's staging directory, into new memory.
+
+        One HTTP/1.1 Upgrade request: the gateway checks token, kernel and file and answers
+        101, then exactly ``nbytes`` raw bytes follow, received straight into the buffer the
+        value is rebuilt on (no copy in Python). Raises GatewayError: 404 (``not_found``) when
+        the file or the kernel is gone, ``lost`` when the connection ends early.
+        """
+        # Anonymous and faulted in at once, as the push side does (see transfer.Assembler).
+        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
+        buffer = mmap.mmap(-1, max(1, nbytes), flags=flags)
+        view = memoryview(buffer)[:nbytes]
+        sock = self._connect(timeout)
+        switched = False
+        got = 0
+        try:
+            reader = self._upgrade(sock, f"/api/kernels/{kernel_id}/download/{download_id}?nbytes={nbytes}",
+                                   DOWNLOAD_PROTOCOL)
+            switched = True
+            while got < nbytes:  # the reader hands over what it read ahead, then receives in place
+                received = reader.readinto(view[got:])
+                if not received:
+                    raise ConnectionError(f"the gateway closed the download after {got:,} of {nbytes:,} bytes")
+                got += received
+        except (OSError, ValueError) as exc:
+            view.release()
+            buffer.close()
+            raise GatewayError(f"download of {nbytes:,} bytes from the gateway at {self.config.url} failed: "
+                               f"{type(exc).__name__}: {exc}", 0, Reason.LOST if switched else "") from None
+        except BaseException:
+            view.release()
+            buffer.close()
+            raise
+        finally:
+            sock.close()
+        view.release()
+        return buffer
+
+    def _connect(self, timeout: float) -> socket.socket:
+        """A new connection to the gateway for one upload or download (TLS where the URL says https)."""
+        host = self._parsed.hostname or ""
+        port = self._parsed.port or (443 if self._parsed.scheme == "https" else 80)
+        try:
+            sock = socket.create_connection((host, port), timeout=timeout)
+        except OSError as exc:
+            raise GatewayError(f"gateway at {self.config.url} does not answer ({exc})", 0,
+                               Reason.GATEWAY_UNREACHABLE) from None
+        if self._parsed.scheme == "https":
+            import ssl
+
+            try:
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=host)
+            except OSError as exc:
+                sock.close()
+                raise GatewayError(f"no TLS connection to the gateway at {self.config.url}: {exc}", 0,
+                                   Reason.GATEWAY_UNREACHABLE) from None
+        return sock
+
+    def _upgrade(self, sock: socket.socket, path: str, protocol: str) -> Any:
+        """Ask for ``path`` with ``Upgrade: protocol``; the reader past the gateway's 101, else its error."""
+        sock.sendall((f"GET {self._parsed.path}{path} HTTP/1.1\r\nHost: {self._parsed.netloc}\r\n"
+                      f"Authorization: token {self.config.token}\r\n"
+                      f"Connection: Upgrade\r\nUpgrade: {protocol}\r\n\r\n").encode())
+        reader = sock.makefile("rb")
+        status, headers = _read_head(reader)
+        if status != 101:
+            body = reader.read(int(headers.get("content-length", "0") or 0))
+            raise self._error(status, body)
+        return reader
 
 
 _UPLOAD_SLICE = 64 * 2**20
@@ -340,19 +395,24 @@ def _read_head(reader: Any) -> tuple[int, dict[str, str]]:
         headers[name.strip().lower()] = value.strip()
 
 
-class _BulkClientConnection(ClientConnection):
-    """Reads the socket in 4 MiB gulps: pulled arrays arrive as multi-megabyte messages, and
-    the default 64 KiB reads cost a Python round of parsing per 64 KiB."""
-
-    recv_bufsize = 4 * 2**20
-
-
 class KernelChannel:
-    """One websocket to a kernel, speaking the v1 binary framing."""
+    """One websocket to a kernel, speaking the v1 binary framing, read on the caller's thread.
 
-    def __init__(self, ws: ClientConnection, session_id: str) -> None:
-        self.ws = ws
+    websockets' sans-I/O protocol on a plain blocking socket: the threaded sync client reads
+    on a thread of its own and hands every message over through a queue, a thread switch per
+    message (seven per cell), which on a busy machine was the largest fixed cost of a cell.
+    The socket is read in 4 MiB gulps: pulled arrays arrive as multi-megabyte messages.
+    """
+
+    def __init__(self, sock: socket.socket, protocol: ClientProtocol, session_id: str) -> None:
+        self.sock = sock
+        self.protocol = protocol
         self.session_id = session_id
+        self._poller = select.poll()
+        self._poller.register(sock, select.POLLIN)
+        self._fragments: list[bytes | bytearray | memoryview] = []
+        self._text = False  # the message being received is text
+        self._messages: collections.deque[bytes | bytearray | memoryview | str] = collections.deque()
 
     @classmethod
     def open(cls, config: GatewayConfig, kernel_id: str, session_id: str | None = None) -> KernelChannel:
@@ -361,23 +421,68 @@ class KernelChannel:
         url = f"{base}/api/kernels/{kernel_id}/channels?session_id={session_id}"
         parsed = urllib.parse.urlsplit(config.url)
         port = parsed.port or (443 if parsed.scheme == "https" else 80)
-        sock = socket.create_connection((parsed.hostname or "", port), timeout=10)
+        try:
+            sock = socket.create_connection((parsed.hostname or "", port), timeout=10)
+        except OSError as exc:
+            raise GatewayError(f"could not open the kernel websocket at {url}: {exc}") from None
         sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small messages, sent now
         try:
-            ws = connect(
-                url,
-                sock=sock,
-                subprotocols=[KERNEL_WS_PROTOCOL_V1],  # type: ignore[list-item]
-                additional_headers={"Authorization": f"token {config.token}"},
-                max_size=None,
-                compression=None,
-                create_connection=_BulkClientConnection,
-                open_timeout=30,
-            )
+            if parsed.scheme == "https":
+                import ssl
+
+                sock = ssl.create_default_context().wrap_socket(sock, server_hostname=parsed.hostname)
+            protocol = ClientProtocol(parse_uri(url), subprotocols=[Subprotocol(KERNEL_WS_PROTOCOL_V1)],
+                                      max_size=None)
+            request = protocol.connect()
+            request.headers["Authorization"] = f"token {config.token}"
+            protocol.send_request(request)
+            sock.settimeout(30)
+            sock.sendall(b"".join(protocol.data_to_send()))
+            while not protocol.events_received():
+                data = sock.recv(65536)
+                if not data:
+                    raise ConnectionError("the gateway closed the connection during the handshake")
+                protocol.receive_data(data)
+            if protocol.handshake_exc is not None:
+                raise protocol.handshake_exc
+            sock.settimeout(None)
         except Exception as exc:
             sock.close()
             raise GatewayError(f"could not open the kernel websocket at {url}: {exc}") from None
-        return cls(ws, session_id)
+        return cls(sock, protocol, session_id)
+
+    def _flush(self) -> None:
+        """Send what the protocol has to send (our frames, pongs, the close handshake)."""
+        for data in self.protocol.data_to_send():
+            if data:
+                self.sock.sendall(data)
+            elif self.protocol.close_expected():
+                self.sock.shutdown(socket.SHUT_WR)
+
+    def _receive(self, timeout: float | None) -> bool:
+        """Read once from the socket (waiting up to ``timeout``); False when nothing came."""
+        if not self._poller.poll(None if timeout is None else max(0, int(timeout * 1000))):
+            return False
+        try:
+            data = self.sock.recv(_WS_READ_BYTES)
+        except OSError:
+            data = b""
+        if data:
+            self.protocol.receive_data(data)
+        else:
+            self.protocol.receive_eof()
+        for event in self.protocol.events_received():
+            if not isinstance(event, Frame) or event.opcode not in (Opcode.TEXT, Opcode.BINARY, Opcode.CONT):
+                continue  # pings are answered by the protocol; a close ends the loop in recv()
+            if event.opcode is not Opcode.CONT:
+                self._text = event.opcode is Opcode.TEXT
+            self._fragments.append(event.data)
+            if event.fin:
+                whole = self._fragments[0] if len(self._fragments) == 1 else b"".join(self._fragments)
+                self._fragments = []
+                self._messages.append(bytes(whole).decode() if self._text else whole)
+        self._flush()
+        return True
 
     def send(self, channel: str, msg_type: str, content: dict[str, Any], buffers: Sequence[Any] = (),
              metadata: dict[str, Any] | None = None, parent: dict[str, Any] | None = None) -> str:
@@ -386,40 +491,59 @@ class KernelChannel:
                   "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "version": "5.3"}
         parts = [json.dumps(header).encode(), json.dumps(parent or {}).encode(),
                  json.dumps(metadata or {}).encode(), json.dumps(content).encode(), *buffers]
-        self.ws.send(serialize_ws_v1(channel, parts))
+        if self.protocol.state is not State.OPEN:
+            raise self.protocol.close_exc
+        self.protocol.send_binary(serialize_ws_v1(channel, parts))
+        try:
+            self._flush()
+        except OSError:
+            self.protocol.receive_eof()
+            raise self.protocol.close_exc from None
         return msg_id
 
     def recv(self, timeout: float | None) -> dict[str, Any] | None:
         """The next message, or None when ``timeout`` passed. Raises ConnectionClosed."""
-        try:
-            raw = self.ws.recv(timeout=timeout)
-        except TimeoutError:
-            return None
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while not self._messages:
+            if self.protocol.state is State.CLOSED:
+                raise self.protocol.close_exc
+            if not self._receive(None if deadline is None else deadline - time.monotonic()):
+                return None
+        raw = self._messages.popleft()
         if isinstance(raw, str):
             msg: dict[str, Any] = json.loads(raw)
             return msg
-        channel, parts = deserialize_ws_v1(raw)
+        channel, parts = deserialize_ws_v1(memoryview(raw))
         header, parent, metadata, content = (json.loads(bytes(p)) for p in parts[:4])
         return {"channel": channel, "header": header, "parent_header": parent, "metadata": metadata,
                 "content": content, "buffers": parts[4:]}
 
     @property
     def closed(self) -> bool:
-        from websockets.protocol import State
-
-        return bool(self.ws.protocol.state is not State.OPEN)
+        # Between cells nothing reads the socket: take in what came meanwhile (the gateway's
+        # close when the lease ended) before answering.
+        while self.protocol.state is State.OPEN and self._receive(0):
+            pass
+        return bool(self.protocol.state is not State.OPEN)
 
     def close_reason(self) -> str:
-        rcvd = self.ws.protocol.close_rcvd
+        rcvd = self.protocol.close_rcvd
         return rcvd.reason if rcvd is not None else ""
 
     @property
     def closed_by_gateway(self) -> bool:
         """The gateway closed the socket on purpose (lease ended), as opposed to a lost connection."""
-        return self.ws.protocol.close_rcvd is not None
+        return self.protocol.close_rcvd is not None
 
     def close(self) -> None:
         try:
-            self.ws.close()
-        except ConnectionClosed:
+            if self.protocol.state is State.OPEN:
+                self.protocol.send_close()
+                self._flush()
+        except OSError:
             pass
+        self.sock.close()
+
+
+#: Bytes per read of the kernel websocket.
+_WS_READ_BYTES = 4 * 2**20

@@ -18,7 +18,7 @@ from typing import Any
 from . import reaper, serialize, write_tracking
 from .kernel_snapshot import KernelSnapshots
 from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY
-from .transfer import STAGING_DIR_ENV, Assembler, split
+from .transfer import DOWNLOAD_MIN_BYTES, STAGING_DIR_ENV, Assembler, DownloadOffer, split
 
 _ERROR_NAME = "__jupyter_gpu_push_error__"
 ABANDONED_UPLOAD_SECONDS = 120.0
@@ -53,6 +53,8 @@ class KernelHelper:
         write_tracking.tracker.trust_deleted_files_in(self._staging_dir)
         self._incoming = Assembler(self._staging_dir)
         self._values: list[dict[str, Any]] = []
+        #: the last pull's offers, withdrawn at the next one if the client never fetched them
+        self._offers: list[DownloadOffer] = []
         self.snapshots = KernelSnapshots(shell, self._staging_dir)
 
     def register(self) -> None:
@@ -149,10 +151,28 @@ class KernelHelper:
         packed = {item["name"]: item["hash"] for item in items if item["kind"] == "pickle"}
         hashes = {name: packed[name] if name in packed else self._fingerprint(ns[name]) if name in ns else None
                   for name in pull.get("verify", [])}
-        for data, pieces in split(buffers):
+        for data, pieces in split(buffers, downloads=self._offer_downloads(buffers, pull)):
             if data["seq"] == 0:
                 data.update(values=items, hashes=hashes)
             self.comm.send({"op": "pulled", **data}, buffers=pieces)
+
+    def _offer_downloads(self, buffers: list[Any], pull: dict[str, Any]) -> dict[int, str]:
+        """Large blobs are offered for the client to fetch through the gateway: index -> download id."""
+        for offer in self._offers:  # the client fetches within its cell: these it never will
+            offer.cancelled.set()
+        self._offers = []
+        if not pull.get("downloads") or self._staging_dir is None:
+            return {}
+        offered: dict[int, str] = {}
+        for index, blob in enumerate(buffers):
+            if memoryview(blob).nbytes >= DOWNLOAD_MIN_BYTES:
+                try:
+                    offer = DownloadOffer(self._staging_dir, blob)
+                except OSError:
+                    break  # no FIFO here (a file system without them): the websocket carries the rest
+                offered[index] = offer.id
+                self._offers.append(offer)
+        return offered
 
     @staticmethod
     def _fingerprint(value: Any) -> str | None:

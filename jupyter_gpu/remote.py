@@ -23,7 +23,7 @@ from . import reaper, serialize, write_tracking
 from .client import GatewayClient, GatewayError
 from .outputs import CellRelay, Frontend
 from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY, Reason
-from .transfer import UPLOAD_MIN_BYTES, split
+from .transfer import UPLOAD_MIN_BYTES, Assembler, split
 
 #: Libraries often present on GPU kernels but not in a notebook's CPU environment.
 _HEAVY_MODULES = ("torch", "tensorflow", "jax", "jaxlib", "cupy", "transformers", "tensorrt", "triton")
@@ -119,6 +119,8 @@ class RemoteSession:
         self.remote_only: set[str] = set()
         self.missing_modules = missing_local_modules()
         self.bytes_pushed = 0
+        #: bytes of pulled values fetched as downloads (past the websocket)
+        self.bytes_downloaded = 0
 
     @property
     def lease_id(self) -> str:
@@ -227,6 +229,8 @@ class RemoteSession:
             "keep_remote": options.no_pull,
             "limit": options.pull_limit,
             "missing_modules": sorted(self.missing_modules),
+            # large values may come back as staged files fetched past the websocket
+            "downloads": self.uploads,
             # names whose remote value the cache vouches for: the kernel reports what it
             # holds after the cell, in case the cell changed them in place
             "verify": [n for n in push_names if n in self.remote_hashes or any(i["name"] == n for i in items)],
@@ -255,8 +259,34 @@ class RemoteSession:
             else:
                 self.remote_hashes[name] = digest
         if relay.pulled:
-            self._bind_pulled(relay.pulled, relay.pulled_blobs.blobs, ns)
+            failed = self._fetch_downloads(relay.pulled_blobs)
+            ended = self._lease_end_reason() if failed else None
+            lost = self._bind_pulled(relay.pulled, relay.pulled_blobs.blobs, ns, failed, ended is None)
+            if ended is not None and lost:
+                listed = ", ".join(repr(name) for name in lost)
+                raise LeaseGone(f"the GPU kernel's lease ended ({ended}) before {listed} came back "
+                                f"({next(iter(failed.values()))}); those values are lost: re-run the cell",
+                                executed=True)
         return relay
+
+    def _fetch_downloads(self, blobs: Assembler) -> dict[int, str]:
+        """The blobs the kernel staged for download, fetched in place; index -> why, for those not fetched."""
+        failed: dict[int, str] = {}
+        for index, download in blobs.downloads.items():
+            try:
+                blobs.blobs[index] = self.client.download(self.lease["kernel_id"], download, blobs.sizes[index])
+                self.bytes_downloaded += blobs.sizes[index]
+            except GatewayError as exc:
+                failed[index] = str(exc)
+        return failed
+
+    def _lease_end_reason(self) -> str | None:
+        """Why this session's lease ended, or None while it is granted."""
+        try:
+            lease = self.client.get_lease(self.lease_id)
+        except GatewayError as exc:
+            return str(exc)
+        return None if lease.get("state") == "granted" else str(lease.get("reason") or lease.get("state"))
 
     def _follow(self, relay: CellRelay, timeout: float | None) -> None:
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -310,10 +340,22 @@ class RemoteSession:
                 time.sleep(0.5)
         return False
 
-    def _bind_pulled(self, values: list[dict[str, Any]], buffers: list[Any], ns: dict[str, Any]) -> None:
+    def _bind_pulled(self, values: list[dict[str, Any]], buffers: list[Any], ns: dict[str, Any],
+                     failed: dict[int, str], remote_alive: bool = True) -> list[str]:
+        """Bind what came back; returns the names whose data could not be fetched, which become
+        RemoteRefs while the kernel lives (else they are left as they were)."""
+        lost: list[str] = []
         for item in values:
             name = item["name"]
             kind = item["kind"]
+            unfetched = [failed[i] for i in range(item.get("blob", 0), item.get("blob", 0) + 1 + item.get("nbuf", 0))
+                         if i in failed] if kind == "pickle" else []
+            if unfetched:
+                lost.append(name)
+                if not remote_alive:
+                    continue
+                item = {**item, "kind": "remote", "why": f"it could not be fetched ({unfetched[0]})"}
+                kind = "remote"
             if name in ns:
                 reaper.release_later(ns[name])  # a replaced gigabyte is unmapped off the cell's thread
             if kind == "module":
@@ -342,6 +384,7 @@ class RemoteSession:
                                  item.get("why", "it stays remote"))
             self.remote_only.add(name)
             self.remote_hashes.pop(name, None)
+        return lost
 
 
 def acquire_lease(client: GatewayClient, spec: str, idle_timeout: float | None, notebook: str,

@@ -11,13 +11,23 @@ stage them: the client sends each as the raw body of an HTTP/1.1 Upgrade request
 (UPLOAD_PROTOCOL), the gateway moves the bytes from its socket into a file in the kernel's
 staging directory, and the first message names the file (``staged``: blob index -> upload
 id) instead of carrying pieces. The kernel maps that file; nothing is copied on the way.
+
+Pulls take the mirror path: the kernel offers each blob of at least DOWNLOAD_MIN_BYTES as a
+FIFO in its own staging directory (:class:`DownloadOffer`), the first ``pulled`` message
+names it (``downloads``: blob index -> download id), and the client fetches it with one
+HTTP/1.1 Upgrade request (DOWNLOAD_PROTOCOL); the gateway opens and unlinks the FIFO and
+splices what the kernel writes into it straight into the client's socket.
 """
 
 from __future__ import annotations
 
+import fcntl
 import mmap
 import os
 import re
+import select
+import threading
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
@@ -35,6 +45,16 @@ UPLOAD_PROTOCOL = "jupyter-gpu-upload"
 STAGING_DIR_ENV = "JUPYTER_GPU_STAGING_DIR"
 _UPLOAD_ID = re.compile(r"[0-9a-f]{32}")
 
+#: Pulled blobs from this size on leave the kernel as staged files where the client asked
+#: for it and the kernel has a staging directory.
+DOWNLOAD_MIN_BYTES = 4 * 2**20
+#: The ``Upgrade`` token of a download request; after ``101`` the gateway sends exactly the
+#: ``nbytes`` the request named and closes.
+DOWNLOAD_PROTOCOL = "jupyter-gpu-download"
+#: A pulled blob's FIFO in the kernel's staging directory: ``pull-`` and 32 hex digits, a name
+#: no upload or snapshot file has, so that a download can only ever serve what a pull offered.
+DOWNLOAD_ID = re.compile(r"pull-[0-9a-f]{32}")
+
 Piece = tuple[int, int, int, memoryview]
 
 
@@ -42,19 +62,25 @@ def new_upload_id() -> str:
     return os.urandom(16).hex()
 
 
-def split(blobs: Sequence[Any], chunk: int = CHUNK_BYTES,
-          staged: Mapping[int, str] | None = None) -> Iterator[tuple[dict[str, Any], list[memoryview]]]:
+def new_download_id() -> str:
+    return "pull-" + os.urandom(16).hex()
+
+
+def split(blobs: Sequence[Any], chunk: int = CHUNK_BYTES, staged: Mapping[int, str] | None = None,
+          downloads: Mapping[int, str] | None = None) -> Iterator[tuple[dict[str, Any], list[memoryview]]]:
     """Yield ``(data, buffers)`` per message; ``data`` has seq, last, pieces (and sizes first).
 
-    Blobs in ``staged`` (index -> upload id) were uploaded already: the first message names
+    Blobs in ``staged`` (index -> upload id) were uploaded already, and those in ``downloads``
+    (index -> download id) wait in the kernel's staging directory: the first message names
     them and no piece of them is sent.
     """
     staged = staged or {}
+    downloads = downloads or {}
     views = [memoryview(blob).cast("B") for blob in blobs]
     batches: list[list[Piece]] = [[]]
     size = 0
     for index, view in enumerate(views):
-        if index in staged:
+        if index in staged or index in downloads:
             continue
         for offset in range(0, max(1, len(view)), chunk):
             piece = view[offset : offset + chunk]
@@ -70,6 +96,8 @@ def split(blobs: Sequence[Any], chunk: int = CHUNK_BYTES,
             data["sizes"] = [len(view) for view in views]
             if staged:
                 data["staged"] = {str(index): upload for index, upload in staged.items()}
+            if downloads:
+                data["downloads"] = {str(index): download for index, download in downloads.items()}
         yield data, [piece for *_, piece in batch]
 
 
@@ -80,6 +108,8 @@ class Assembler:
         self.staging_dir = staging_dir
         self.blobs: list[Any] = []
         self.sizes: list[int] = []
+        #: blobs still to fetch from the kernel's staging directory: index -> download id
+        self.downloads: dict[int, str] = {}
         self.complete = False
 
     def feed(self, data: dict[str, Any], buffers: Sequence[Any]) -> None:
@@ -87,6 +117,7 @@ class Assembler:
             self.sizes = list(data.get("sizes", []))
             self.blobs = [None] * len(self.sizes)
             self.complete = False
+            self.downloads = {int(index): str(download) for index, download in (data.get("downloads") or {}).items()}
             for index, upload in (data.get("staged") or {}).items():
                 self.blobs[int(index)] = self._map_staged(upload, self.sizes[int(index)])
         for (index, offset, length), buffer in zip(data.get("pieces", []), buffers, strict=True):
@@ -125,3 +156,63 @@ class Assembler:
             return mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE)
         finally:
             os.close(fd)
+
+
+
+class DownloadOffer:
+    """A pulled blob offered through a FIFO in the kernel's staging directory.
+
+    The bytes go from the value's own memory into the pipe and from there, spliced by the
+    gateway, into the client's socket: no file is written, no staging space is used, and no
+    fresh memory is touched on the kernel's side (on a VM that hands freed memory back to
+    its host, fresh memory is what makes a gigabyte slow). A thread feeds the pipe; the FIFO
+    is opened read-write so that feeding never waits for the gateway to open it, and gives up
+    (removing the FIFO) when nobody has read for ``OFFER_STALL_SECONDS`` or when cancelled.
+    """
+
+    def __init__(self, staging_dir: str, blob: Any) -> None:
+        self.id = new_download_id()
+        self.path = os.path.join(staging_dir, self.id)
+        self.cancelled = threading.Event()
+        os.mkfifo(self.path, 0o600)
+        try:
+            fd = os.open(self.path, os.O_RDWR | os.O_NONBLOCK | os.O_CLOEXEC)
+        except OSError:
+            os.unlink(self.path)
+            raise
+        try:
+            fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
+        except OSError:  # a smaller pipe only means more wake-ups
+            pass
+        threading.Thread(target=self._feed, args=(fd, memoryview(blob).cast("B")), daemon=True,
+                         name="jupyter-gpu-pull").start()
+
+    def _feed(self, fd: int, view: memoryview) -> None:
+        poller = select.poll()
+        poller.register(fd, select.POLLOUT)
+        done, last_progress = 0, time.monotonic()
+        try:
+            while done < len(view) and not self.cancelled.is_set():
+                if time.monotonic() - last_progress > OFFER_STALL_SECONDS:
+                    return
+                if not poller.poll(_POLL_MS):
+                    continue
+                try:
+                    done += os.write(fd, view[done : done + _PIPE_BYTES])
+                except BlockingIOError:
+                    continue
+                last_progress = time.monotonic()
+        finally:
+            os.close(fd)
+            try:
+                os.unlink(self.path)  # the gateway unlinks it when it opens it; not if nobody came
+            except FileNotFoundError:
+                pass
+
+
+#: An offered download nobody reads from for this long is withdrawn.
+OFFER_STALL_SECONDS = 120.0
+_POLL_MS = 1000
+#: The pipe's size (the largest an unprivileged process may ask for), and bytes per write.
+_PIPE_BYTES = 2**20
+_F_SETPIPE_SZ = 1031

@@ -29,6 +29,7 @@ from .auth import TokenAuthenticator
 from .authorizer import Authorizer
 from .channels import ChannelsHandler
 from .config_watch import ConfigWatcher
+from .downloads import DownloadHandler
 from .errors import ApiError
 from .gateway import Gateway
 from .identity import IdentityProvider, TokenIdentityProvider
@@ -64,6 +65,7 @@ def make_app(
         (rf"/api/kernels/{kernel}/(?P<action>interrupt|restart)/?", h.KernelActionHandler),
         (rf"/api/kernels/{kernel}/channels", ChannelsHandler),
         (rf"/api/kernels/{kernel}/upload", UploadHandler),
+        (rf"/api/kernels/{kernel}/download/{_ID.format('download_id')}", DownloadHandler),
         (r"/api/gpu/types/?", h.TypesHandler),
         (r"/api/gpu/leases/?", h.LeasesHandler),
         (rf"/api/gpu/leases/{lease}/?", h.LeaseHandler),

@@ -36,6 +36,7 @@ from pool_manager.manager import PoolManager
 from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted, LeaseSnapshot, LeaseView, Notice
 from pool_manager.service import PoolService
 
+from .download_sender import DownloadSender
 from .errors import ApiError
 from .instance_metering import InstanceHours
 from .kernel_ids import KernelIds
@@ -111,6 +112,7 @@ class Gateway:
         self.relays: dict[str, KernelRelay] = {}
         self.relay_totals = RelayTotals()
         self.uploads = UploadReceiver()
+        self.downloads = DownloadSender()
         self.kernel_ids = KernelIds()
         self._relay_ready: dict[str, asyncio.Task[KernelRelay]] = {}
         #: lease id -> the machine its kernel runs on, kept past the slot (which a lost node takes along)
@@ -145,6 +147,7 @@ class Gateway:
 
     async def stop(self, reason: str) -> None:
         self.uploads.abort()
+        self.downloads.abort()
         if self._heartbeat is not None:
             self._heartbeat.cancel()
         # Relays still connecting: their kernels are about to die, so waiting for them helps

@@ -28,9 +28,35 @@ from .handlers import ApiHandler
 from .upload_receiver import close_quietly, unlink_quietly
 
 
-class UploadHandler(ApiHandler):
+class UpgradedHandler(ApiHandler):
+    """A request whose connection leaves HTTP after ``101`` to carry raw bytes (uploads, downloads)."""
+
+    upgrade_protocol = ""
+
+    async def _switch_protocols(self) -> socket.socket:
+        """Answer 101 and take the connection's socket away from tornado."""
+        self.clear_header("Content-Type")
+        self.set_status(101)
+        self.set_header("Upgrade", self.upgrade_protocol)
+        self.set_header("Connection", "Upgrade")
+        self.finish()
+        stream = self.detach()
+        await stream.write(b"")  # the 101 is on the wire
+        if getattr(stream, "_read_buffer_size", 0):
+            # The client sent data before the 101: tornado holds part of it; refuse rather
+            # than reassemble from a private buffer.
+            stream.close()
+            raise ConnectionError("the client sent data before the gateway answered 101")
+        assert stream.socket is not None
+        sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
+        stream.close()  # closes tornado's descriptor only: the connection lives on in ours
+        return sock
+
+
+class UploadHandler(UpgradedHandler):
     auth_resource = "kernels"
     auth_action = "execute"  # data goes into the kernel
+    upgrade_protocol = UPLOAD_PROTOCOL
 
     async def get(self, kernel_id: str) -> None:
         if self.request.headers.get("Upgrade", "").lower() != UPLOAD_PROTOCOL:
@@ -58,22 +84,3 @@ class UploadHandler(ApiHandler):
             close_quietly(fd)
             unlink_quietly(path)
             raise
-
-    async def _switch_protocols(self) -> socket.socket:
-        """Answer 101 and take the connection's socket away from tornado."""
-        self.clear_header("Content-Type")
-        self.set_status(101)
-        self.set_header("Upgrade", UPLOAD_PROTOCOL)
-        self.set_header("Connection", "Upgrade")
-        self.finish()
-        stream = self.detach()
-        await stream.write(b"")  # the 101 is on the wire
-        if getattr(stream, "_read_buffer_size", 0):
-            # The client sent data before the 101: tornado holds part of it; refuse rather
-            # than reassemble from a private buffer.
-            stream.close()
-            raise ConnectionError("the client sent data before the gateway answered 101")
-        assert stream.socket is not None
-        sock = socket.socket(fileno=os.dup(stream.socket.fileno()))
-        stream.close()  # closes tornado's descriptor only: the connection lives on in ours
-        return sock

@@ -15,8 +15,9 @@ import bisect
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from .first_fit import FirstFit
 from .model import Device
-from .sorted_list import remove_sorted
+from .sorted_list import SortedInts
 
 #: (GPU type, node name): a node's devices of one type
 NodeKey = tuple[str, str]
@@ -42,7 +43,7 @@ class PlacementIndex:
         self.types: list[str] = []
         self._position: dict[str, int] = {}  # key -> place in inventory order (joining order)
         self._key_at: dict[int, str] = {}
-        self._free: dict[str, list[int]] = {}  # type -> positions of healthy, unbound devices, sorted
+        self._free: dict[str, SortedInts] = {}  # type -> positions of healthy, unbound devices
         self._bound: dict[str, str] = {}  # device key -> slot id
         #: slot id -> whether a multi-GPU lease may take its GPUs (no lease, not draining)
         self.preemptible: dict[str, bool] = {}
@@ -52,6 +53,9 @@ class PlacementIndex:
         self._node_devices: dict[NodeKey, list[str]] = {}
         self._usable: dict[NodeKey, int] = {}
         self._nodes_of: dict[str, list[NodeKey]] = {}  # by their first device's position
+        # per type: each node's usable GPUs, by place in _nodes_of (where to look for room)
+        self._room: dict[str, FirstFit] = {}
+        self._node_place: dict[NodeKey, int] = {}
         #: per type: how many nodes have exactly k usable GPUs; its length is the largest node + 1
         self.nodes_with: dict[str, list[int]] = {}
         # what summaries() says of each type: healthy GPUs, most memory, emulated
@@ -75,11 +79,11 @@ class PlacementIndex:
             self._keys_on.setdefault(device.node, []).append(device.key)
             if device.gpu_type not in self._free:
                 new_type = True
-                self._free[device.gpu_type] = []
+                self._free[device.gpu_type] = SortedInts()
                 self._nodes_of[device.gpu_type] = []
                 self.nodes_with[device.gpu_type] = [0]
             if device.healthy:
-                self._free[device.gpu_type].append(position)  # the largest position so far
+                self._free[device.gpu_type].add(position)
                 self._node_devices.setdefault((device.gpu_type, device.node), []).append(device.key)
                 self._usable[(device.gpu_type, device.node)] = self._usable.get((device.gpu_type, device.node), 0) + 1
         if new_type:
@@ -91,9 +95,10 @@ class PlacementIndex:
         """A type offered before any device of it is here (an autoscaled cluster launches its
         nodes on demand): leases for it queue rather than being refused."""
         if gpu_type not in self._free:
-            self._free[gpu_type], self._nodes_of[gpu_type], self.nodes_with[gpu_type] = [], [], [0]
+            self._free[gpu_type] = SortedInts()
             self.facts[gpu_type] = (0, 0, False)
             self.types = sorted(self._free)
+            self._reindex({gpu_type})  # no nodes yet: empty room and node counts
 
     def remove(self, node: str) -> None:
         """The node's devices leave; the caller has released every one of them first."""
@@ -105,10 +110,11 @@ class PlacementIndex:
             position = self._position.pop(key)
             del self._key_at[position]
             if device.healthy:
-                remove_sorted(self._free[device.gpu_type], position)
+                self._free[device.gpu_type].discard(position)
         for gpu_type in types:
             self._node_devices.pop((gpu_type, node), None)
             self._usable.pop((gpu_type, node), None)
+            self._node_place.pop((gpu_type, node), None)
         self._reindex(types)
 
     def set_health(self, key: str, healthy: bool) -> Device:
@@ -125,14 +131,14 @@ class PlacementIndex:
             keys.insert(bisect.bisect_left([self._position[k] for k in keys], self._position[key]), key)
             self._usable[node] = self._usable.get(node, 0) + usable
             if key not in self._bound:
-                bisect.insort(self._free[device.gpu_type], self._position[key])
+                self._free[device.gpu_type].add(self._position[key])
         else:
             self._node_devices[node].remove(key)
             self._usable[node] -= usable
             if key not in self._bound:
-                remove_sorted(self._free[device.gpu_type], self._position[key])
+                self._free[device.gpu_type].discard(self._position[key])
             if not self._node_devices[node]:
-                del self._node_devices[node], self._usable[node]
+                del self._node_devices[node], self._usable[node], self._node_place[node]
             self.devices[key] = updated
         self._reindex({device.gpu_type})
         return updated
@@ -143,6 +149,8 @@ class PlacementIndex:
             nodes = [node for node in self._node_devices if node[0] == gpu_type]
             nodes.sort(key=lambda node: self._position[self._node_devices[node][0]])
             self._nodes_of[gpu_type] = nodes
+            self._node_place.update((node, place) for place, node in enumerate(nodes))
+            self._room[gpu_type] = FirstFit([self._usable[node] for node in nodes])
             histogram = [0] * (max((len(self._node_devices[node]) for node in nodes), default=0) + 1)
             for node in nodes:
                 histogram[self._usable[node]] += 1
@@ -158,7 +166,8 @@ class PlacementIndex:
 
     def free_devices(self, gpu_type: str, limit: int) -> list[Device]:
         """The first ``limit`` healthy, unbound devices of the type, in inventory order."""
-        return [self.devices[self._key_at[p]] for p in self._free.get(gpu_type, [])[:limit]]
+        free = self._free.get(gpu_type)
+        return [] if free is None else [self.devices[self._key_at[p]] for p in free.first(limit)]
 
     def largest_node(self, gpu_type: str) -> int:
         histogram = self.nodes_with.get(gpu_type)
@@ -182,7 +191,11 @@ class PlacementIndex:
             return None
         best: NodeKey | None = None
         best_position = -1
-        for node in self._nodes_of[gpu_type]:
+        # Nodes before the first with room enough would all be skipped below.
+        first = self._room[gpu_type].first_at_least(count)
+        nodes = self._nodes_of[gpu_type]
+        for place in range(len(nodes) if first is None else first, len(nodes)):
+            node = nodes[place]
             keys = self._node_devices[node]
             if best is not None and self._position[keys[0]] > best_position:
                 break
@@ -217,7 +230,7 @@ class PlacementIndex:
         self._bound[key] = slot_id
         device = self.devices[key]
         if device.healthy:
-            remove_sorted(self._free[device.gpu_type], self._position[key])
+            self._free[device.gpu_type].discard(self._position[key])
             if not self.preemptible[slot_id]:
                 self._add_usable(device, -1)
 
@@ -225,7 +238,7 @@ class PlacementIndex:
         slot_id = self._bound.pop(key)
         device = self.devices[key]
         if device.healthy:
-            bisect.insort(self._free[device.gpu_type], self._position[key])
+            self._free[device.gpu_type].add(self._position[key])
             if not self.preemptible.get(slot_id, True):
                 self._add_usable(device, 1)
 
@@ -244,4 +257,5 @@ class PlacementIndex:
         histogram[self._usable[node]] -= 1
         self._usable[node] += step
         histogram[self._usable[node]] += 1
+        self._room[device.gpu_type].set(self._node_place[node], self._usable[node])
 

@@ -30,7 +30,8 @@ def test_benchmark_runs_in_smoke_mode_and_reports_all_nine_rows(tmp_path: Path) 
 
     result = json.loads((tmp_path / "latest-smoke.json").read_text())
     assert {row["row"] for row in result["table"]} == set(range(1, 10))
-    for part in ("pool_sim", "zmq", "tcp", "ours", "snapshots", *(("ipp", "kg") if PEERS_READY else ())):
+    for part in ("pool_sim", "pool_scaling", "zmq", "tcp", "ours", "snapshots",
+                 *(("ipp", "kg") if PEERS_READY else ())):
         assert "error" not in result[part] and "skipped" not in result[part], result[part]
     ours = result["ours"]
     assert ours["warm"]["gpu_e2e"]["n"] == result["settings"]["repeats"]

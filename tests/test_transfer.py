@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from jupyter_gpu.transfer import Assembler, split
+from jupyter_gpu.transfer import Assembler, DownloadOffer, split
 
 
 def test_blobs_split_into_bounded_messages_and_reassemble() -> None:
@@ -86,3 +88,33 @@ def test_a_staged_upload_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="holds 5 bytes, not 10"):
         Assembler(str(tmp_path)).feed({"seq": 0, "last": True, "sizes": [10], "pieces": [], "staged": {"0": upload}},
                                       [])
+
+
+def test_a_download_offer_delivers_exactly_its_bytes_then_ends(tmp_path: Path) -> None:
+    data = np.random.default_rng(3).integers(0, 255, 3 * 2**20 + 7, dtype=np.uint8)
+    offer = DownloadOffer(str(tmp_path), data)
+    path = tmp_path / offer.id
+    assert stat.S_ISFIFO(path.lstat().st_mode) and path.lstat().st_mode & 0o777 == 0o600
+    fd = os.open(path, os.O_RDONLY)  # as the gateway opens it: what the kernel wrote, nothing else
+    try:
+        received = bytearray()
+        while chunk := os.read(fd, 2**20):
+            received += chunk
+    finally:
+        os.close(fd)
+    assert bytes(received) == data.tobytes()  # and then end of file: the offer closed its end
+    _wait_until_gone(path)
+
+
+def test_a_download_offer_nobody_fetches_is_withdrawn_when_cancelled(tmp_path: Path) -> None:
+    offer = DownloadOffer(str(tmp_path), np.ones(5 * 2**20, dtype=np.uint8))
+    assert (tmp_path / offer.id).exists()
+    offer.cancelled.set()
+    _wait_until_gone(tmp_path / offer.id)
+
+
+def _wait_until_gone(path: Path) -> None:
+    deadline = time.monotonic() + 10
+    while path.exists() or path.is_symlink():
+        assert time.monotonic() < deadline, f"{path} is still there"
+        time.sleep(0.05)

@@ -17,7 +17,7 @@ from .gateway_process import GatewayProcess
 
 USERS = ("alice", "bob")
 #: module-scoped gateway fixtures whose leases are released after every test
-SHARED_GATEWAYS = ("gateway", "cpu_gateway", "upload_gateway")
+SHARED_GATEWAYS = ("gateway", "cpu_gateway", "upload_gateway", "download_gateway")
 
 
 def make_gateway(tmp: Path, *extra: str, users: tuple[str, ...] = USERS) -> GatewayProcess:

@@ -341,7 +341,7 @@ def test_a_dropped_connection_mid_cell_reconnects_and_loses_no_output(local_kern
     local_kernel.run(
         "import socket, threading\n"
         "session = get_ipython().magics_manager.registry['GpuMagics'].sessions['cpu']\n"
-        "threading.Timer(1.0, lambda: session.channel.ws.socket.shutdown(socket.SHUT_RDWR)).start()"
+        "threading.Timer(1.0, lambda: session.channel.sock.shutdown(socket.SHUT_RDWR)).start()"
     )
     reply, outputs = local_kernel.run(
         "%%gpu cpu\nimport time\nfor i in range(30):\n    print(i, flush=True)\n    time.sleep(0.1)\nafter = 'kept'"

@@ -1,0 +1,51 @@
+"""Large pulled values, straight from the kernel's staging file to the client's socket.
+
+The mirror of :mod:`kernel_gateway.uploads`: the kernel offers each large pulled buffer as a
+FIFO in its own staging directory and names it in its ``pulled`` message; the client asks
+for it with one HTTP/1.1 Upgrade request per buffer
+(``GET /api/kernels/ID/download/DOWNLOAD?nbytes=N`` with ``Upgrade: jupyter-gpu-download``).
+The gateway checks the token, that the kernel is the caller's and that the name is a FIFO
+the kernel offered, unlinks it, answers ``101`` and splices N raw bytes from the FIFO into
+the connection from a worker thread of its
+:class:`~kernel_gateway.download_sender.DownloadSender` (the bytes never enter Python), then
+closes it. Anything short of N bytes is a failed download. The gateway only moves the
+bytes: it never unpickles them.
+"""
+
+from __future__ import annotations
+
+from jupyter_gpu.protocol import Reason
+from jupyter_gpu.transfer import DOWNLOAD_PROTOCOL
+
+from .download_sender import DownloadUnavailable, open_download
+from .errors import ApiError
+from .upload_receiver import close_quietly
+from .uploads import UpgradedHandler
+
+
+class DownloadHandler(UpgradedHandler):
+    auth_resource = "kernels"
+    auth_action = "execute"  # what a kernel's cell made, as its websocket carries it
+    upgrade_protocol = DOWNLOAD_PROTOCOL
+
+    async def get(self, kernel_id: str, download_id: str) -> None:
+        staging = self.gateway.staging_dir(self.gateway.owned_kernel(self.user, kernel_id).kernel_id or "")
+        if self.request.headers.get("Upgrade", "").lower() != DOWNLOAD_PROTOCOL:
+            raise ApiError(400, f"a download is a request with 'Connection: Upgrade' and 'Upgrade: "
+                                f"{DOWNLOAD_PROTOCOL}'; the raw bytes follow the gateway's 101", Reason.BAD_REQUEST)
+        nbytes_text = self.get_query_argument("nbytes", "")
+        if not nbytes_text.isdigit():
+            raise ApiError(400, f"nbytes={nbytes_text!r}: say how many bytes the download holds, as a whole number",
+                           Reason.BAD_REQUEST)
+        if staging is None:
+            raise ApiError(404, f"kernel {kernel_id} has no staging area to download from", Reason.NOT_FOUND)
+        try:
+            fd = open_download(staging, download_id)
+        except DownloadUnavailable as exc:
+            raise ApiError(404, f"{exc}: pull the value again by re-running the cell", Reason.NOT_FOUND) from None
+        try:
+            sock = await self._switch_protocols()
+        except BaseException:
+            close_quietly(fd)
+            raise
+        await self.gateway.downloads.send(sock, fd, int(nbytes_text))
