@@ -42,6 +42,9 @@ class GpuClient:
         self.notebook = notebook
         self.sessions: dict[str, RemoteSession] = {}
         self.notice_board = NoticeBoard()
+        #: leases whose kernel died under a cell: the cell's error told it, and the next cell
+        #: tells it again as it takes a fresh one; the watcher tells nothing in between
+        self.died_in_cell: set[str] = set()
 
     @classmethod
     def from_env(cls, notebook: str = "") -> GpuClient:
@@ -87,7 +90,7 @@ class GpuClient:
             # is staged, and then the gateway knows which values it brings back.
             session.remote_only.update(adopt_restored(self.gateway.get_lease(session.lease_id), ns))
         try:
-            return _name_lost(session, session.run_cell(code, names.free, names.bound, ns, options, frontend))
+            return self._name_lost(session, session.run_cell(code, names.free, names.bound, ns, options, frontend))
         except LeaseGone as exc:
             if exc.executed:
                 self.release(spec)  # don't leave a lease we lost track of billing
@@ -95,12 +98,15 @@ class GpuClient:
         # It ended between cells (idle release raced us): nothing ran, so run it afresh.
         self._ended(spec, watcher)
         session = self.session(spec, idle, False, watcher)
-        return _name_lost(session, session.run_cell(code, names.free, names.bound, ns, options, frontend))
+        return self._name_lost(session, session.run_cell(code, names.free, names.bound, ns, options, frontend))
 
     @property
     def holds_lease(self) -> bool:
         """Whether a lease of this notebook may still have news: one whose end it has not heard of."""
-        return any(not self.notice_board.ended(s.lease_id) for s in dict(self.sessions).values())
+        return any(not self._told(s.lease_id) for s in dict(self.sessions).values())
+
+    def _told(self, lease_id: str) -> bool:
+        return self.notice_board.ended(lease_id) or lease_id in self.died_in_cell
 
     def lease_news(self, timeout: float = 2.0, ends: bool = False) -> list[LeaseNews]:
         """What the gateway said about this notebook's leases since the last look: new notices,
@@ -111,7 +117,7 @@ class GpuClient:
         nothing is shown now (the next look tries again)."""
         news: list[LeaseNews] = []
         for session in dict(self.sessions).values():  # a copy: the cell's thread may change them
-            if self.notice_board.ended(session.lease_id) or not (ends or session.alive):
+            if self._told(session.lease_id) or not (ends or session.alive):
                 continue
             try:
                 lease = self.gateway.get_lease(session.lease_id, timeout=timeout)
@@ -135,6 +141,7 @@ class GpuClient:
         session = self.sessions.pop(spec)
         session.close()
         self.notice_board.end(session.lease_id)  # ended here: nobody tells the notebook it did
+        self.died_in_cell.discard(session.lease_id)
         try:
             self.gateway.delete_lease(session.lease_id, forget)
         except GatewayError:
@@ -143,6 +150,13 @@ class GpuClient:
 
     def release_all(self, forget: bool = False) -> list[RemoteSession]:
         return [self.release(spec, forget) for spec in list(self.sessions)]
+
+    def _name_lost(self, session: RemoteSession, relay: CellRelay) -> CellRelay:
+        """A cell whose kernel died under it (its machine lost, say) names the values that died with it."""
+        if relay.error is not None and relay.error.ename == KERNEL_DIED_ERROR:
+            relay.error.lost = sorted(session.remote_only)
+            self.died_in_cell.add(session.lease_id)
+        return relay
 
     def _ended(self, spec: str, watcher: LeaseWatcher) -> None:
         """``spec``'s lease ended on its own: release it here, and say why unless the notice
@@ -167,10 +181,3 @@ NEXT_CELL_GETS_ONE = "The next %%gpu cell gets a fresh GPU kernel."
 def _with_node(lease: dict[str, Any], session: RemoteSession) -> dict[str, Any]:
     """An ended lease no longer names its machine (a lost one took its slot along): the grant did."""
     return {**lease, "node": lease.get("node") or session.lease.get("node")}
-
-
-def _name_lost(session: RemoteSession, relay: CellRelay) -> CellRelay:
-    """A cell whose kernel died under it (its machine lost, say) names the values that died with it."""
-    if relay.error is not None and relay.error.ename == KERNEL_DIED_ERROR:
-        relay.error.lost = sorted(session.remote_only)
-    return relay

@@ -102,6 +102,17 @@ class Notebook:
                 continue
         return seen
 
+    def quiet_for(self, seconds: float) -> list[dict[str, Any]]:
+        """IOPub messages during ``seconds`` while no cell runs."""
+        seen: list[dict[str, Any]] = []
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            try:
+                seen.append(self.kc.get_iopub_msg(timeout=0.2))
+            except Exception:  # queue.Empty: nothing yet
+                continue
+        return seen
+
     def close(self) -> None:
         self.kc.stop_channels()
         self.km.shutdown_kernel(now=False)
@@ -155,5 +166,26 @@ def test_an_idle_notebook_is_told_in_its_last_cell_and_no_thread_is_left(idle_ga
         assert idle_gateway.get("bob", "/api/gpu/leases").body == []
         _, outputs = notebook.execute("print('gpu' in get_ipython().magics_manager.magics['cell'])")
         assert "False" in "".join(m["content"].get("text", "") for m in outputs)
+    finally:
+        notebook.close()
+
+
+def test_a_kernel_that_died_in_a_cell_is_told_by_that_cell_and_the_next_not_by_the_watcher(
+        idle_gateway: GatewayProcess) -> None:
+    notebook = Notebook(idle_gateway, "bob", "work/died.ipynb")
+    try:
+        notebook.execute(f"%load_ext jupyter_gpu\n{WATCH_OFTEN}")
+        notebook.execute("%%gpu a100\nx = 1")
+        outputs: list[dict[str, Any]] = []
+        reply = notebook.kc.execute_interactive("%%gpu a100\nimport os, time; time.sleep(0.5); os._exit(1)",
+                                                timeout=60, output_hook=outputs.append)
+        assert reply["content"]["ename"] == "KernelDied", reply["content"]
+        # the cell's error said it: while no cell runs, the watcher (a look every 0.5 s) says nothing more
+        heard = notebook.quiet_for(3.0)
+        assert not [msg for msg in heard if msg["msg_type"] in ("display_data", "update_display_data", "stream")]
+        # the next cell says it again as it takes a fresh kernel
+        _, outputs = notebook.execute("%%gpu a100\nprint('fresh')")
+        streams = "".join(m["content"].get("text", "") for m in outputs if m["msg_type"] == "stream")
+        assert "the a100 lease ended (kernel_died)" in streams and "fresh" in streams, outputs
     finally:
         notebook.close()
