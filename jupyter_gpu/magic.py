@@ -139,11 +139,11 @@ class NotebookNoticeDisplay:
             return
         cell_id = str(cell["header"]["msg_id"])
         shown = self._lines.get(news.lease_id)
-        update = shown is not None and shown[0] == cell_id
-        if shown is not None and update:
+        if shown is not None and shown[0] == cell_id:
             _, display_id, texts = shown
+            update = True
         else:  # the first news of this lease since this cell ran: a line of its own
-            display_id, texts = f"jupyter-gpu-{uuid.uuid4().hex}", {}
+            display_id, texts, update = f"jupyter-gpu-{uuid.uuid4().hex}", {}, False
         if news.kind == ENDED:
             texts.clear()
         texts[news.kind] = news.text
