@@ -13,6 +13,17 @@ def load_ipython_extension(ipython: object) -> None:
     ipython.register_magics(GpuMagics)  # type: ignore[attr-defined]
 
 
+def unload_ipython_extension(ipython: object) -> None:
+    """``%unload_ext jupyter_gpu``: ends the leases (their variables kept for the notebook's
+    next lease), stops the notice watcher's thread and removes ``%%gpu`` and ``%gpu``."""
+    manager = ipython.magics_manager  # type: ignore[attr-defined]
+    magics = manager.registry.pop("GpuMagics", None)
+    if magics is not None:
+        magics.close()
+    for kind in ("line", "cell"):
+        manager.magics[kind].pop("gpu", None)
+
+
 def _jupyter_server_extension_points() -> list[dict[str, str]]:
     """The sidebar's REST API (``/jupyter-gpu/...``); imported only by jupyter_server."""
     return [{"module": "jupyter_gpu.server_extension"}]

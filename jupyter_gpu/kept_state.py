@@ -34,8 +34,9 @@ def adopt_restored(lease: dict[str, Any], ns: dict[str, Any]) -> list[str]:
     return adopted
 
 
-def ended_note(lease: dict[str, Any], remote_only: set[str]) -> str:
-    """Why a lease is gone, and whether what lived only there is kept for the next one."""
+def ended_note(lease: dict[str, Any], remote_only: set[str], next_step: str = "Getting a fresh GPU kernel.") -> str:
+    """Why a lease is gone, and whether what lived only there is kept for the next one;
+    ``next_step``: what happens now (the next cell's note, or the watcher's while no cell runs)."""
     node = lease.get("node")
     where = f" on {node}" if node and node != "local" else ""
     note = f"jupyter-gpu: the {lease.get('gpu_type')} lease{where} ended ({lease.get('reason') or 'closed'})"
@@ -52,7 +53,7 @@ def ended_note(lease: dict[str, Any], remote_only: set[str]) -> str:
             note += f"; its variables could not be kept ({kept.get('message')})"
         if remote_only:
             note += f"; these lived only there and are gone: {', '.join(sorted(remote_only))}"
-    return note + ". Getting a fresh GPU kernel."
+    return f"{note}. {next_step}"
 
 
 def format_snapshots(snapshots: list[dict[str, Any]], notebook: str) -> str:

@@ -8,6 +8,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from typing import Any
 
 from IPython.core.display_functions import DisplayHandle, display, publish_display_data
@@ -23,6 +24,7 @@ from .client import GatewayError
 from .defaults import read_default_type
 from .gpu_client import GpuClient
 from .kept_state import ended_note, format_snapshots
+from .notices import ENDED, LeaseNews, NoticeWatcher
 from .outputs import RemoteResult
 from .protocol import Reason, SpecError, format_gpu_spec, parse_gpu_spec
 from .remote import CellOptions, LeaseGone, PushRefused, RemoteSession
@@ -43,6 +45,11 @@ def parse_size(text: str) -> int:
 #: Seconds between two looks for new lease notices: a cell that starts sooner shows none, so
 #: a notebook that runs many short cells does not pay a gateway round trip for each.
 NOTICE_CHECK_INTERVAL = 2.0
+
+#: Seconds between two looks of the notice watcher, the thread that shows lease notices (and a
+#: lease's end) while the notebook runs no cell; None: no watcher, notices wait for the next cell.
+#: Read when the notebook's first lease is granted.
+NOTICE_WATCH_INTERVAL: float | None = 3.0
 
 
 def _notebook() -> str:
@@ -106,17 +113,63 @@ class NotebookLeaseWatcher:
         print(ended_note(lease, session.remote_only), file=sys.stderr)
 
 
+class NotebookNoticeDisplay:
+    """Shows lease news in the notebook from the watcher's thread, in the output of the cell
+    that ran last: where a notebook shows output that comes after its cell finished (JupyterLab
+    keeps only the last cell's request listening), and where its user looks. Addressed to that
+    cell's execute_request explicitly: the kernel's own default is its last shell request,
+    which may be a completion or an inspection that no cell shows.
+
+    One line per lease and cell, updated in place (a display id): a notice of another kind
+    joins it, a newer one of the same kind replaces it, the lease's end replaces them all.
+    """
+
+    def __init__(self, kernel: Any) -> None:
+        self.kernel = kernel
+        self.cell: dict[str, Any] | None = None  # the execute_request of the cell that ran last
+        self._lines: dict[str, tuple[str, str, dict[str, str]]] = {}  # lease -> (cell msg id, display id, texts)
+
+    def cell_started(self) -> None:
+        """On the cell's own thread, as it starts (its request is the kernel's parent then)."""
+        self.cell = self.kernel.get_parent("shell")
+
+    def show(self, news: LeaseNews) -> None:
+        cell = self.cell
+        if not cell:
+            return
+        cell_id = str(cell["header"]["msg_id"])
+        shown = self._lines.get(news.lease_id)
+        if shown is not None and shown[0] == cell_id:
+            _, display_id, texts = shown
+            update = True
+        else:  # the first news of this lease since this cell ran: a line of its own
+            display_id, texts, update = f"jupyter-gpu-{uuid.uuid4().hex}", {}, False
+        if news.kind == ENDED:
+            texts.clear()
+        texts[news.kind] = news.text
+        self._lines[news.lease_id] = (cell_id, display_id, texts)
+        content = {"data": {"text/plain": "\n".join(texts.values())}, "metadata": {},
+                   "transient": {"display_id": display_id}}
+        self.kernel.session.send(self.kernel.iopub_socket, "update_display_data" if update else "display_data",
+                                 content, parent=cell)
+
+
 @magics_class
 class GpuMagics(Magics):
     def __init__(self, shell: Any) -> None:
         super().__init__(shell)
         self.client: GpuClient | None = None
         # A local kernel that shuts down or restarts starts clean: nothing kept for it either.
-        atexit.register(self.release_all, True)
+        atexit.register(self._exit)
         self._notices_checked = 0.0
+        # In a kernel, a thread shows lease news while no cell runs (a terminal has no place
+        # to show them between prompts: there they wait for the next cell).
+        kernel = getattr(shell, "kernel", None)
+        self._notice_display = NotebookNoticeDisplay(kernel) if kernel is not None else None
+        self._notice_watcher: NoticeWatcher | None = None
         # Every cell, local or %%gpu, shows what the gateway said about the notebook's leases
         # since (a release for GPU idleness coming): the notebook hears it while it works.
-        shell.events.register("pre_run_cell", self.show_notices)
+        shell.events.register("pre_run_cell", self._before_cell)
 
     # --- plumbing ---------------------------------------------------------------------------
 
@@ -144,6 +197,37 @@ class GpuMagics(Magics):
             return ", ".join(t["name"] for t in self._client().gateway.types())
         except GatewayError:
             return "(the gateway did not answer)"
+
+    def _before_cell(self, info: Any = None) -> None:
+        if self._notice_display is not None:
+            self._notice_display.cell_started()
+        self.show_notices()
+
+    def _watch_notices(self) -> None:
+        """After a %%gpu cell: watch for lease news while a lease is held (a thread already
+        watching goes on; one that found no lease left has ended)."""
+        if self._notice_display is None or self.client is None or NOTICE_WATCH_INTERVAL is None:
+            return
+        if self._notice_watcher is None:
+            client = self.client
+            self._notice_watcher = NoticeWatcher(lambda: client.lease_news(ends=True), lambda: client.holds_lease,
+                                                 self._notice_display.show, NOTICE_WATCH_INTERVAL)
+        self._notice_watcher.start()
+
+    def close(self) -> None:
+        """``%unload_ext jupyter_gpu``: no thread, no hook and no lease left behind; the leases'
+        variables are kept for the notebook's next lease, as with ``%gpu release``."""
+        assert self.shell is not None
+        self.shell.events.unregister("pre_run_cell", self._before_cell)
+        atexit.unregister(self._exit)
+        if self._notice_watcher is not None:
+            self._notice_watcher.stop()
+        self.release_all()
+
+    def _exit(self) -> None:
+        if self._notice_watcher is not None:  # not in the middle of a look while the kernel goes
+            self._notice_watcher.stop()
+        self.release_all(True)
 
     def show_notices(self, info: Any = None) -> None:
         """Print the lease notices posted since the last look (at most one look per
@@ -194,6 +278,8 @@ class GpuMagics(Magics):
                                             args.new, NotebookLeaseWatcher())
         except (PushRefused, LeaseGone, GatewayError) as exc:
             raise UsageError(str(exc)) from None
+        finally:
+            self._watch_notices()
         if relay.timed_out:
             raise TimeoutError(f"the cell ran past --timeout {args.timeout:g} s; the GPU kernel was interrupted and "
                                "the lease is still yours")

@@ -85,7 +85,9 @@ def test_a_money_budget_warns_in_the_notebook_ends_the_lease_keeping_its_variabl
     gateway = budget_gateway
     notebook = Notebook(gateway, "alice")
     with notebook.client.setup_kernel(env=notebook.env):
-        notebook.run("%load_ext jupyter_gpu")
+        # The path that tells before the next cell, alone: the watcher that tells an idle
+        # notebook at once is tested in test_gpu_idle.py.
+        notebook.run("%load_ext jupyter_gpu\nimport jupyter_gpu.magic\njupyter_gpu.magic.NOTICE_WATCH_INTERVAL = None")
         assert "made x" in notebook.run("%%gpu a100 --no-pull\nx = 41\nprint('made x')")
 
         # $13.50 of a100 time later, the lease has its warning; the notebook's next cell shows it

@@ -191,6 +191,9 @@ def test_input_prompts_in_the_local_notebook(local_kernel: LocalKernel) -> None:
 def test_idle_release_then_next_cell_gets_a_fresh_kernel(
     local_kernel: LocalKernel, cpu_gateway: GatewayProcess
 ) -> None:
+    # The next cell's note alone: the watcher that tells an idle notebook at once is tested in
+    # tests/e2e/test_gpu_idle.py.
+    local_kernel.run("import jupyter_gpu.magic\njupyter_gpu.magic.NOTICE_WATCH_INTERVAL = None")
     local_kernel.run("%%gpu cpu --idle 1 --pull-limit 1\nonly_remote = [1, 2, 3]")
     lease = cpu_gateway.get("bob", "/api/gpu/leases").body[0]
     deadline = time.monotonic() + 20

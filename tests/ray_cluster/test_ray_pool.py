@@ -239,6 +239,9 @@ def test_interrupt_stops_a_cell_on_another_machine(notebook: LocalKernel) -> Non
 
 
 def test_idle_release_of_a_remote_lease_tells_the_next_cell(testbed: RayTestbed, notebook: LocalKernel) -> None:
+    # The next cell's note alone: the watcher that tells an idle notebook at once is tested in
+    # tests/e2e/test_gpu_idle.py.
+    notebook.run("import jupyter_gpu.magic\njupyter_gpu.magic.NOTICE_WATCH_INTERVAL = None")
     notebook.run("%%gpu a100 --idle 1 --pull-limit 1\nonly_remote = [1, 2, 3]")
     [lease] = testbed.gateway.get("bob", "/api/gpu/leases").body
     assert lease["node"] == "10.77.0.11"
