@@ -52,7 +52,7 @@ class HubIdentityProvider(IdentityProvider):
     ).tag(config=True)
     cache_max_age = Int(
         MAX_CACHE_SECONDS,
-        help=f"Seconds the Hub's answer about a token is reused (at most {MAX_CACHE_SECONDS}: a revoked token or "
+        help=f"Seconds the Hub's answer about a token is reused (1 to {MAX_CACHE_SECONDS}: a revoked token or "
         "removed user stops working within this).",
     ).tag(config=True)
     api_url = Unicode(help="The Hub's API URL (default: $JUPYTERHUB_API_URL).").tag(config=True)
@@ -82,9 +82,11 @@ class HubIdentityProvider(IdentityProvider):
     @validate("cache_max_age")
     def _at_most_thirty(self, proposal: Any) -> int:
         value = int(proposal["value"])
-        if not 0 <= value <= MAX_CACHE_SECONDS:
-            raise TraitError(f"HubIdentityProvider.cache_max_age={value}: give 0 to {MAX_CACHE_SECONDS} seconds "
-                             "(a revoked Hub token must stop working within 30 s)")
+        # Not 0: JupyterHub's cache reads a max age of 0 as "keep forever", so a revoked token would never stop.
+        if not 1 <= value <= MAX_CACHE_SECONDS:
+            raise TraitError(f"HubIdentityProvider.cache_max_age={value}: give 1 to {MAX_CACHE_SECONDS} seconds "
+                             "(a revoked Hub token must stop working within 30 s; JupyterHub keeps answers forever "
+                             "at 0)")
         return value
 
     @property
