@@ -17,7 +17,7 @@ from typing import Any
 
 from jupyterhub.services.auth import HubAuth, HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
 from jupyterhub.utils import url_path_join
-from tornado import web
+from tornado import web, websocket
 from traitlets import Int, List, TraitError, Unicode, default, validate
 
 from jupyter_gpu.protocol import Reason
@@ -115,6 +115,10 @@ class HubIdentityProvider(IdentityProvider):
             own = self.tokens.user_for(token)  # the gateway's own tokens still work
             if own is not None:
                 return User(own, admin=own in self.operators)
+        if not token and isinstance(handler, websocket.WebSocketHandler):
+            # No login cookie on a kernel's websocket: browsers send it along from any page, and the
+            # socket takes any origin (its clients are kernels and servers, which send tokens).
+            return None
         try:
             if token:
                 model = await self.hub_auth.user_for_token(token, sync=False)

@@ -23,6 +23,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import InvalidStatus
+from websockets.sync.client import connect
 
 from jupyter_gpu.client import GatewayConfig, GatewayError
 
@@ -178,7 +180,8 @@ def test_a_token_without_the_services_scope_is_refused(hub: HubProcess) -> None:
 
 def test_a_browser_logs_in_through_the_hub(hub: HubProcess, leases: dict[str, dict[str, Any]]) -> None:
     """OAuth: the Hub's login page, then the gateway's oauth_login through the proxy: a cookie the API accepts."""
-    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    jar = http.cookiejar.CookieJar()
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     page = browser.open(f"{hub.url}/hub/login", timeout=30).read().decode()
     xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page)
     form = urllib.parse.urlencode({"username": "bob", "password": "any", **({"_xsrf": xsrf[1]} if xsrf else {})})
@@ -186,6 +189,14 @@ def test_a_browser_logs_in_through_the_hub(hub: HubProcess, leases: dict[str, di
     with browser.open(f"{hub.url}/services/{SERVICE}/oauth_login", timeout=30) as response:
         assert response.geturl().endswith(f"/services/{SERVICE}/api/gpu/leases")
         assert [lease["id"] for lease in json.loads(response.read())] == [leases["bob"]["id"]]
+    # The login cookie opens no kernel websocket: any page bob visits could make his browser send it
+    # there (the socket takes every origin), and run code in his kernel.
+    cookies = "; ".join(f"{cookie.name}={cookie.value}" for cookie in jar)
+    kernel = f"{hub.gateway_url.replace('http', 'ws', 1)}/services/{SERVICE}/api/kernels/{leases['bob']['kernel_id']}"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"{kernel}/channels", additional_headers={"Cookie": cookies, "Origin": "http://evil.example"},
+                open_timeout=30).close()
+    assert refused.value.response.status_code == 401
 
 
 def test_an_external_service_gateway(hub: HubProcess, tmp_path: Path) -> None:
