@@ -23,10 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from websockets.exceptions import InvalidStatus
+from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import connect
 
-from jupyter_gpu.client import GatewayConfig, GatewayError
+from jupyter_gpu.client import GatewayClient, GatewayConfig, GatewayError
+from kernel_gateway.channels import IDENTITY_RECHECK_SECONDS
 
 from .gateway_process import GatewayProcess
 from .hub_process import SERVER_TOKEN_SCOPES, SERVICE, HubProcess, fetch, proxy_command
@@ -158,10 +159,12 @@ def test_someone_else_in_a_users_server_gets_their_own_leases_from_its_sidebar(
     assert refused.status == 502 and ACCESS in refused.body["message"]
 
 
-def test_a_revoked_token_is_refused_within_the_cache_time(hub: HubProcess) -> None:
+def test_a_revoked_token_is_refused_within_the_cache_time(hub: HubProcess, leases: dict[str, dict[str, Any]]) -> None:
     token, token_id = hub.token_for("alice", [ACCESS])
     mine = fetch(hub.gateway_url + "/api/gpu/leases", token=token)
     assert mine.status == 200 and {lease["user"] for lease in mine.body} == {"alice"}
+    # a websocket opened on her kernel with the token before it is revoked
+    channel = GatewayClient(GatewayConfig(hub.gateway_url, token)).open_channel(leases["alice"]["kernel_id"])
     hub.revoke("alice", token_id)
     revoked = time.monotonic()
     while fetch(hub.gateway_url + "/api/gpu/leases", token=token).status == 200:
@@ -169,6 +172,11 @@ def test_a_revoked_token_is_refused_within_the_cache_time(hub: HubProcess) -> No
         time.sleep(0.2)
     reply = fetch(hub.gateway_url + "/api/gpu/types", token=token)
     assert reply.status == 401 and "not valid" in reply.body["message"]
+    # the open socket closes too, within the cache time and one look at it
+    with pytest.raises(ConnectionClosed):
+        while channel.recv(timeout=1.0) is not None or not channel.closed:
+            assert time.monotonic() - revoked < CACHE_SECONDS + IDENTITY_RECHECK_SECONDS + 3, "socket kept open"
+    assert "no longer works" in channel.close_reason()
 
 
 def test_a_token_without_the_services_scope_is_refused(hub: HubProcess) -> None:
