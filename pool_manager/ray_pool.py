@@ -47,7 +47,9 @@ def open_cluster_warnings(address: str, token_auth: bool | None, sandbox_mode: s
 
 
 def _token_auth() -> bool | None:
-    """Whether this driver, and so the cluster it joined, uses Ray's token auth (None: unknown)."""
+    """Whether this driver uses Ray's token auth (None: unknown). A driver without it that joined
+    the cluster proves the cluster takes no token; one with it cannot tell whether every node checks
+    tokens (a node started without RAY_AUTH_MODE=token would not), so that stays the operator's."""
     try:
         from ray._private.authentication.authentication_utils import is_token_auth_enabled
     except ImportError:
