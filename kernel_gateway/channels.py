@@ -7,6 +7,7 @@ JSON protocol. Either way the frames go to the kernel's :class:`KernelRelay`.
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import struct
@@ -14,7 +15,7 @@ import uuid
 from collections.abc import Sequence
 from typing import Any
 
-from tornado import websocket
+from tornado import ioloop, websocket
 from tornado.iostream import StreamClosedError
 
 from jupyter_gpu.protocol import (
@@ -25,6 +26,7 @@ from jupyter_gpu.protocol import (
     ws_v1_prefix,
 )
 
+from .errors import ApiError
 from .handlers import GatewayHandlerMixin
 from .relay import KernelRelay
 from .relay_state import TO_KERNEL_CHANNELS, Part, RelayedMessage, make_message
@@ -38,6 +40,11 @@ class MalformedMessage(ValueError):
 
 #: parts at least this large are written as views rather than copied into one buffer
 LARGE_PART = 64 * 1024
+#: Seconds between looks at whether an open websocket's token still works (app setting
+#: ``identity_recheck_interval``): with the Hub's 30 s cache, a revoked token's socket closes within 40 s.
+IDENTITY_RECHECK_SECONDS = 10.0
+#: The close code for a socket whose token stopped working (policy violation, as RFC 6455 names it).
+REVOKED = 1008
 
 
 class _GatewayProtocol(websocket.WebSocketProtocol13):
@@ -87,6 +94,7 @@ class ChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
     auth_action = "execute"  # code goes to the kernel
     relay: KernelRelay
     session_id: str
+    _recheck: ioloop.PeriodicCallback | None = None
 
     def select_subprotocol(self, subprotocols: list[str]) -> str | None:
         return KERNEL_WS_PROTOCOL_V1 if KERNEL_WS_PROTOCOL_V1 in subprotocols else None
@@ -110,6 +118,27 @@ class ChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
             self.close(1000, "lease ended")
             return
         self.relay.attach(self.session_id, self)
+        # The token was checked once, at the handshake; a socket lives for hours. Without a
+        # look now and then, a revoked token (or a user removed) kept running code here.
+        interval = float(self.settings.get("identity_recheck_interval", IDENTITY_RECHECK_SECONDS))
+        if interval > 0:
+            self._recheck = ioloop.PeriodicCallback(self._close_if_no_longer_allowed, interval * 1000)
+            self._recheck.start()
+
+    async def _close_if_no_longer_allowed(self) -> None:
+        """Ask the identity provider again (the Hub's answer is cached): close the socket when the
+        token no longer names the user who opened it."""
+        identity = self.settings["identity_provider"]
+        try:
+            found = identity.get_user(self)
+            user = await found if inspect.isawaitable(found) else found
+        except ApiError as exc:
+            if exc.status_code >= 500:
+                return  # the Hub did not answer: no proof of revocation, so look again next time
+            user = None
+        if user is None or user.name != self.user:
+            log.info("closing %s's websocket to kernel %s: its token no longer works", self.user, self.relay.kernel_id)
+            self.close(REVOKED, "the token of this connection no longer works (revoked?): reconnect with a valid one")
 
     def on_message(self, message: str | bytes) -> None:
         if self.relay.closed:  # its lease just ended; the close frame is on its way
@@ -197,12 +226,15 @@ class ChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
         self.close(code, reason[:120])
 
     def on_close(self) -> None:
+        if self._recheck is not None:
+            self._recheck.stop()
         relay = getattr(self, "relay", None)
         if relay is not None:
             relay.detach(self)
 
     def check_origin(self, origin: str) -> bool:
-        # Token auth, not cookies, guards this socket, so a foreign page gains nothing.
+        # Token auth, not cookies, guards this socket (the Hub identity takes no login cookie
+        # here), so a foreign page gains nothing.
         return True
 
 

@@ -2,8 +2,8 @@
 and, when one changed, reads them again and puts the new ``c.Budgets`` in force.
 
 Only budgets are taken from a re-read file (the pool's other settings are built into running
-objects: ports, inventory, sandbox); a file that no longer parses, or budgets that do not
-check, are logged and the budgets in force stay as they were.
+objects: ports, inventory, sandbox); a file that no longer parses, budgets that do not check,
+or a file that is gone are logged and the budgets in force stay as they were.
 """
 
 from __future__ import annotations
@@ -66,7 +66,15 @@ class ConfigWatcher:
         stamps = self._read_stamps()
         if stamps == self._stamps:
             return False
+        gone = [path for path, before, now in zip(self.paths, self._stamps, stamps, strict=True)
+                if before is not None and now is None]
         self._stamps = stamps
+        if gone:
+            # Moved away, or an editor between removing it and writing the new one: read without
+            # it, every budget in it would be lifted (and a deleted file is no way to say "none").
+            log.error("config file %s is gone: the budgets in force stay until it is back (to lift budgets, write "
+                      "it with c.Budgets.users = {} and the like)", ", ".join(gone))
+            return False
         try:
             budgets = read_budgets(self.paths, self.command_line)
         except Exception as exc:  # a half-written or broken file: keep what is in force

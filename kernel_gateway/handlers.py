@@ -92,6 +92,18 @@ class GatewayHandlerMixin:
     def flag(self, name: str) -> bool:
         return self.get_argument(name, "0") not in ("0", "false", "")  # type: ignore[attr-defined]
 
+    def _request_summary(self) -> str:
+        """Tornado's words for a request in its log lines (a refused one's warning, an uncaught
+        error), without the query string: ``?token=`` there would put a user's token in the log."""
+        return f"{self.request.method} {self.request.path} ({self.request.remote_ip})"
+
+    def log_exception(self, typ: Any, value: BaseException | None, tb: Any) -> None:
+        """As tornado's, but an uncaught error is logged without ``repr(request)`` (the full URI, token and all)."""
+        if isinstance(value, web.HTTPError):
+            super().log_exception(typ, value, tb)  # type: ignore[misc]
+            return
+        log.error("uncaught exception %s", self._request_summary(), exc_info=value)
+
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Every error as ``{"message", "reason"}``; never a traceback to a client."""
         exc = kwargs.get("exc_info", (None, None, None))[1]

@@ -17,7 +17,7 @@ from typing import Any
 
 from jupyterhub.services.auth import HubAuth, HubOAuth, HubOAuthCallbackHandler, HubOAuthenticated
 from jupyterhub.utils import url_path_join
-from tornado import web
+from tornado import web, websocket
 from traitlets import Int, List, TraitError, Unicode, default, validate
 
 from jupyter_gpu.protocol import Reason
@@ -52,7 +52,7 @@ class HubIdentityProvider(IdentityProvider):
     ).tag(config=True)
     cache_max_age = Int(
         MAX_CACHE_SECONDS,
-        help=f"Seconds the Hub's answer about a token is reused (at most {MAX_CACHE_SECONDS}: a revoked token or "
+        help=f"Seconds the Hub's answer about a token is reused (1 to {MAX_CACHE_SECONDS}: a revoked token or "
         "removed user stops working within this).",
     ).tag(config=True)
     api_url = Unicode(help="The Hub's API URL (default: $JUPYTERHUB_API_URL).").tag(config=True)
@@ -82,9 +82,11 @@ class HubIdentityProvider(IdentityProvider):
     @validate("cache_max_age")
     def _at_most_thirty(self, proposal: Any) -> int:
         value = int(proposal["value"])
-        if not 0 <= value <= MAX_CACHE_SECONDS:
-            raise TraitError(f"HubIdentityProvider.cache_max_age={value}: give 0 to {MAX_CACHE_SECONDS} seconds "
-                             "(a revoked Hub token must stop working within 30 s)")
+        # Not 0: JupyterHub's cache reads a max age of 0 as "keep forever", so a revoked token would never stop.
+        if not 1 <= value <= MAX_CACHE_SECONDS:
+            raise TraitError(f"HubIdentityProvider.cache_max_age={value}: give 1 to {MAX_CACHE_SECONDS} seconds "
+                             "(a revoked Hub token must stop working within 30 s; JupyterHub keeps answers forever "
+                             "at 0)")
         return value
 
     @property
@@ -113,6 +115,10 @@ class HubIdentityProvider(IdentityProvider):
             own = self.tokens.user_for(token)  # the gateway's own tokens still work
             if own is not None:
                 return User(own, admin=own in self.operators)
+        if not token and isinstance(handler, websocket.WebSocketHandler):
+            # No login cookie on a kernel's websocket: browsers send it along from any page, and the
+            # socket takes any origin (its clients are kernels and servers, which send tokens).
+            return None
         try:
             if token:
                 model = await self.hub_auth.user_for_token(token, sync=False)

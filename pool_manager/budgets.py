@@ -251,8 +251,9 @@ class BudgetPolicy:
     # --- what happened ------------------------------------------------------------------------
 
     def requested(self, lease_id: str, user: str, choices: Sequence[GpuChoice], groups: Iterable[str]) -> None:
-        fewest = min(choice.count for choice in choices)
-        self._add(_Entry(lease_id, user, frozenset(groups), fewest, gpus=not _cpu_only(choices)))
+        # Until granted it holds the most GPUs any of its choices may take ("a100:4|a100" may get 4).
+        count = _most_gpus(choices) or min(choice.count for choice in choices)
+        self._add(_Entry(lease_id, user, frozenset(groups), count, gpus=not _cpu_only(choices)))
 
     def granted(self, lease_id: str, count: int, gpu_type: str, at: float) -> None:
         entry = self._entries.get(lease_id)
@@ -297,7 +298,9 @@ class BudgetPolicy:
         if self.config.empty:
             return None
         self._prune(now)
-        fewest = min(choice.count for choice in choices)
+        # Its largest choice, not its smallest: the pool places choices in order, so "a100:8|a100"
+        # under a budget of 1 GPU would get 8 when they are free.
+        most = _most_gpus(choices)
         # CPU kernels are no GPUs, and cost money only where the operator gave them a price
         exempt = {GPUS, GPU_HOURS_PER_DAY} if _cpu_only(choices) else set()
         if _cpu_only(choices) and not self.price(CPU_TYPE) > 0:
@@ -307,9 +310,10 @@ class BudgetPolicy:
                 if standing.budget in exempt:
                     continue
                 if standing.budget == GPUS:
-                    if standing.used + fewest > standing.limit:
-                        return (f"budget {GPUS} of {scope} does not allow {fewest} more: {standing.describe()}; "
-                                "it frees as leases end (%gpu release)" + _ask(scope))
+                    if standing.used + most > standing.limit:
+                        fallback = " (a request counts its largest choice)" if len(choices) > 1 else ""
+                        return (f"budget {GPUS} of {scope} does not allow {most} more{fallback}: "
+                                f"{standing.describe()}; it frees as leases end (%gpu release)" + _ask(scope))
                 elif standing.used >= standing.limit:
                     assert standing.resets_at is not None
                     return (f"budget {standing.budget} of {scope} is used up: {standing.describe()}; it resets at "
@@ -543,6 +547,11 @@ class BudgetPolicy:
 
 
 _NO_LIMITS = Limits()
+
+
+def _most_gpus(choices: Sequence[GpuChoice]) -> int:
+    """The most GPUs a request may be granted (CPU kernels are none)."""
+    return max((choice.count for choice in choices if choice.gpu_type != CPU_TYPE), default=0)
 
 
 def _cpu_only(choices: Sequence[GpuChoice]) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
@@ -28,7 +28,7 @@ log = logging.getLogger(__name__)
 
 class RayKernelBackend(KernelBackend):
     def __init__(self, nodes: NodeTable, settings: SlotSettings, stop_timeout: float = 10.0,
-                 isolation: Isolation | None = None) -> None:
+                 isolation: Isolation | None = None, cluster_warnings: Sequence[str] = ()) -> None:
         super().__init__()
         self.nodes = nodes
         self.settings = settings
@@ -36,7 +36,9 @@ class RayKernelBackend(KernelBackend):
         #: how isolated kernels are, as the slot actors found on their nodes (listings show it;
         #: updated in place, so whoever holds it sees the latest)
         self.isolation = isolation or Isolation()
-        self.isolation.warnings = ["not known yet: no kernel has started on a Ray node"]
+        #: what the cluster itself leaves open (no Ray token), listed ahead of what nodes found
+        self.cluster_warnings = list(cluster_warnings)
+        self.isolation.warnings = [*self.cluster_warnings, "not known yet: no kernel has started on a Ray node"]
         #: who hears of a kernel whose actor went away (rather than the kernel dying inside
         #: it): the node may be lost, which membership decides; by default a kernel death
         self.on_actor_lost: Callable[[str, str], None] = lambda kernel_id, node: self._on_death(kernel_id, None)
@@ -80,10 +82,12 @@ class RayKernelBackend(KernelBackend):
         return info  # type: ignore[no-any-return]
 
     def _note_isolation(self, node: str, found: Isolation) -> None:
-        if found.summary != self.isolation.summary or found.warnings != self.isolation.warnings:
+        warnings = [*self.cluster_warnings, *found.warnings]
+        if found.summary != self.isolation.summary or warnings != self.isolation.warnings:
             log.log(logging.WARNING if found.warnings else logging.INFO, "kernel isolation on node %s: %s%s", node,
                     found.summary, "".join(f"; {warning}" for warning in found.warnings))
         vars(self.isolation).update(vars(found))
+        self.isolation.warnings = warnings
 
     async def _watch(self, kernel_id: str, actor: Any) -> None:
         """Wait for the kernel to die inside its actor, or for the actor itself to go."""

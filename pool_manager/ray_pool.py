@@ -26,6 +26,37 @@ log = logging.getLogger(__name__)
 HEALTH_CHECK_KEYS = ("health_check_period_ms", "health_check_timeout_ms", "health_check_failure_threshold")
 
 
+def open_cluster_warnings(address: str, token_auth: bool | None, sandbox_mode: str) -> list[str]:
+    """What a Ray cluster without token auth leaves open to kernels, for the isolation listing.
+
+    Kernels share their node's network (they listen on it for the gateway): a cluster that takes
+    no token lets a cell submit a job or task (Ray's job agent on every node, its GCS on the
+    head) that runs as Ray's user outside every sandbox, on any node, with other users' kernels.
+    ``token_auth`` None: unknown (a Ray without token auth support). ``--sandbox required``
+    refuses to start on such a cluster (ValueError).
+    """
+    if token_auth is not False:
+        return []
+    problem = (f"the Ray cluster at {address} takes no token (RAY_AUTH_MODE is not 'token'): any cell can run code "
+               "through Ray outside its sandbox on every node, other users' kernels included. Start every Ray "
+               "node and the gateway with RAY_AUTH_MODE=token and one shared token (RAY_AUTH_TOKEN_PATH)")
+    if sandbox_mode == "required":
+        raise ValueError(f"--sandbox required, but {problem}")
+    log.critical("KERNEL ISOLATION: %s", problem)
+    return [problem]
+
+
+def _token_auth() -> bool | None:
+    """Whether this driver uses Ray's token auth (None: unknown). A driver without it that joined
+    the cluster proves the cluster takes no token; one with it cannot tell whether every node checks
+    tokens (a node started without RAY_AUTH_MODE=token would not), so that stays the operator's."""
+    try:
+        from ray._private.authentication.authentication_utils import is_token_auth_enabled
+    except ImportError:
+        return None
+    return bool(is_token_auth_enabled())
+
+
 class RayPool(LoggingConfigurable):
     """The pool's GPUs are a Ray cluster's, e.g. ``c.RayPool.address = "10.0.0.1:6379"``."""
 
@@ -129,7 +160,8 @@ class RayPool(LoggingConfigurable):
         core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time,
                         launchable={gpu_type: kind.gpus for gpu_type, kind in kinds.items()},
                         admission=admission)
-        backend = RayKernelBackend(nodes, settings, isolation=isolation)
+        cluster_warnings = open_cluster_warnings(self.address, _token_auth(), settings.sandbox)
+        backend = RayKernelBackend(nodes, settings, isolation=isolation, cluster_warnings=cluster_warnings)
         membership: dict[str, Any] = {"poll_interval": self.poll_interval,
                                       "node_loss_grace": self.node_loss_seconds(self._cluster_health_settings())}
         if kinds:

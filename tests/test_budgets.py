@@ -137,6 +137,25 @@ def test_gpus_at_once_count_held_and_queued_leases_and_free_as_leases_end() -> N
     assert core.request_lease("alice", parse_gpu_spec("a100")).user == "alice"
 
 
+def test_a_fallback_to_more_gpus_cannot_take_more_than_the_gpus_budget() -> None:
+    """The pool tries choices in order: a small last choice must not let a large first one past the cap."""
+    core, _ = make_pool(users={"alice": {"gpus": 2}}, spec="a100=4")
+    assert refusal(core, "alice", "a100:4|a100") == (
+        "budget gpus of user alice does not allow 4 more (a request counts its largest choice): 0 of 2 GPUs held or "
+        "waited for; it frees as leases end (%gpu release) (ask the operator to raise c.Budgets.users['alice'])")
+    assert "does not allow 3 more" in refusal(core, "alice", "h100|a100:3")  # a type the pool lacks changes nothing
+    # one that fits holds its largest choice while it waits, so a second cannot add to it
+    busy = hold(core, "bob", "a100:4")
+    waiting = core.request_lease("alice", parse_gpu_spec("a100:2|a100"))
+    assert "does not allow 1 more: 2 of 2 GPUs" in refusal(core, "alice")
+    core.end_lease(busy.id, REASON_DELETED)
+    assert busy.slot_id is not None
+    core.kernel_stopped(busy.slot_id)  # its GPUs come free once its kernel is gone
+    assert waiting.slot_id is not None
+    core.kernel_ready(waiting.slot_id)
+    assert waiting.state == GRANTED and waiting.count == 2
+
+
 def test_a_group_budget_is_shared_by_its_members_and_ends_all_their_leases() -> None:
     core, clock = make_pool(groups={"physics": {"gpu_hours_per_day": 1, "members": ["alice"]}})
     alice = hold(core, "alice")  # a member by the budget config

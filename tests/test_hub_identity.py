@@ -6,6 +6,7 @@ real Hub); here the decisions on it, which need no Hub.
 
 from __future__ import annotations
 
+import time
 from typing import Any
 
 import pytest
@@ -73,5 +74,17 @@ def test_the_scope_follows_the_service_name_or_what_the_hub_says(monkeypatch: py
 def test_the_hubs_answers_are_kept_at_most_thirty_seconds() -> None:
     assert provider().hub_auth.cache_max_age == 30
     assert provider(cache_max_age=5).hub_auth.cache_max_age == 5
-    with pytest.raises(TraitError, match="give 0 to 30 seconds"):
+    with pytest.raises(TraitError, match="give 1 to 30 seconds"):
         provider(cache_max_age=300)
+
+
+def test_no_cache_age_keeps_a_revoked_tokens_answer_forever() -> None:
+    """JupyterHub's cache reads a max age of 0 as "forever": 0 would let a revoked token work for good."""
+    with pytest.raises(TraitError, match="keeps answers forever at 0"):
+        provider(cache_max_age=0)
+    # what is allowed does forget: the Hub's answer about a token is asked again after the age
+    hub_auth = provider(cache_max_age=1).hub_auth
+    hub_auth.cache["token:alice"] = model()
+    assert "token:alice" in hub_auth.cache
+    time.sleep(1.1)
+    assert "token:alice" not in hub_auth.cache

@@ -23,8 +23,11 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from websockets.exceptions import ConnectionClosed, InvalidStatus
+from websockets.sync.client import connect
 
-from jupyter_gpu.client import GatewayConfig, GatewayError
+from jupyter_gpu.client import GatewayClient, GatewayConfig, GatewayError
+from kernel_gateway.channels import IDENTITY_RECHECK_SECONDS
 
 from .gateway_process import GatewayProcess
 from .hub_process import SERVER_TOKEN_SCOPES, SERVICE, HubProcess, fetch, proxy_command
@@ -156,10 +159,12 @@ def test_someone_else_in_a_users_server_gets_their_own_leases_from_its_sidebar(
     assert refused.status == 502 and ACCESS in refused.body["message"]
 
 
-def test_a_revoked_token_is_refused_within_the_cache_time(hub: HubProcess) -> None:
+def test_a_revoked_token_is_refused_within_the_cache_time(hub: HubProcess, leases: dict[str, dict[str, Any]]) -> None:
     token, token_id = hub.token_for("alice", [ACCESS])
     mine = fetch(hub.gateway_url + "/api/gpu/leases", token=token)
     assert mine.status == 200 and {lease["user"] for lease in mine.body} == {"alice"}
+    # a websocket opened on her kernel with the token before it is revoked
+    channel = GatewayClient(GatewayConfig(hub.gateway_url, token)).open_channel(leases["alice"]["kernel_id"])
     hub.revoke("alice", token_id)
     revoked = time.monotonic()
     while fetch(hub.gateway_url + "/api/gpu/leases", token=token).status == 200:
@@ -167,6 +172,11 @@ def test_a_revoked_token_is_refused_within_the_cache_time(hub: HubProcess) -> No
         time.sleep(0.2)
     reply = fetch(hub.gateway_url + "/api/gpu/types", token=token)
     assert reply.status == 401 and "not valid" in reply.body["message"]
+    # the open socket closes too, within the cache time and one look at it
+    with pytest.raises(ConnectionClosed):
+        while channel.recv(timeout=1.0) is not None or not channel.closed:
+            assert time.monotonic() - revoked < CACHE_SECONDS + IDENTITY_RECHECK_SECONDS + 3, "socket kept open"
+    assert "no longer works" in channel.close_reason()
 
 
 def test_a_token_without_the_services_scope_is_refused(hub: HubProcess) -> None:
@@ -178,7 +188,8 @@ def test_a_token_without_the_services_scope_is_refused(hub: HubProcess) -> None:
 
 def test_a_browser_logs_in_through_the_hub(hub: HubProcess, leases: dict[str, dict[str, Any]]) -> None:
     """OAuth: the Hub's login page, then the gateway's oauth_login through the proxy: a cookie the API accepts."""
-    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+    jar = http.cookiejar.CookieJar()
+    browser = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(jar))
     page = browser.open(f"{hub.url}/hub/login", timeout=30).read().decode()
     xsrf = re.search(r'name="_xsrf" value="([^"]+)"', page)
     form = urllib.parse.urlencode({"username": "bob", "password": "any", **({"_xsrf": xsrf[1]} if xsrf else {})})
@@ -186,6 +197,14 @@ def test_a_browser_logs_in_through_the_hub(hub: HubProcess, leases: dict[str, di
     with browser.open(f"{hub.url}/services/{SERVICE}/oauth_login", timeout=30) as response:
         assert response.geturl().endswith(f"/services/{SERVICE}/api/gpu/leases")
         assert [lease["id"] for lease in json.loads(response.read())] == [leases["bob"]["id"]]
+    # The login cookie opens no kernel websocket: any page bob visits could make his browser send it
+    # there (the socket takes every origin), and run code in his kernel.
+    cookies = "; ".join(f"{cookie.name}={cookie.value}" for cookie in jar)
+    kernel = f"{hub.gateway_url.replace('http', 'ws', 1)}/services/{SERVICE}/api/kernels/{leases['bob']['kernel_id']}"
+    with pytest.raises(InvalidStatus) as refused:
+        connect(f"{kernel}/channels", additional_headers={"Cookie": cookies, "Origin": "http://evil.example"},
+                open_timeout=30).close()
+    assert refused.value.response.status_code == 401
 
 
 def test_an_external_service_gateway(hub: HubProcess, tmp_path: Path) -> None:
