@@ -60,6 +60,7 @@ CLOSE_REASONS: dict[str, str] = {
     Reason.RESTARTED: "lease ended: the kernel was restarted, a new lease took its place",
     Reason.OPERATOR: "lease ended: released by an operator of the pool",
     Reason.BUDGET: "lease ended: a budget of its user or group was used up",
+    Reason.SPOT_INTERRUPTED: "lease ended: AWS takes its spot machine back (a spot interruption)",
 }
 #: Ends that kill the kernel under a running cell: its clients hear why.
 DEATHS: dict[str, str] = {

@@ -12,13 +12,14 @@ import logging
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-from jupyter_gpu.protocol import QUEUED, REASON_NODE_LOST, GpuChoice
+from jupyter_gpu.protocol import GRANTED, QUEUED, REASON_NODE_LOST, GpuChoice
 
 from .backend import KernelBackend, KernelInfo
 from .budgets import BudgetConfig
 from .core import PoolCore
 from .gpu_use import GpuUseSampler
 from .model import Action, Device, KillKernel, Lease, LeaseEnded, LeaseGranted, Notice, StartKernel
+from .spot_notice import SpotWatch
 
 log = logging.getLogger(__name__)
 
@@ -51,9 +52,13 @@ class PoolService:
         self._sleeping_until: float | None = None
         self.kernel_starts = 0
         self.ticks = 0
+        #: watches the nodes' metadata service for spot interruption notices (None: not on spot)
+        self.spot_watch: SpotWatch | None = None
 
     async def start(self) -> None:
         self.backend.watch(self._on_kernel_death)
+        if self.spot_watch is not None:
+            self.spot_watch.start()
         self.core.tick()  # emits the first warm starts
         self._run_actions()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
@@ -64,6 +69,8 @@ class PoolService:
         """End all leases with ``reason``, kill every kernel, and wait until they are gone."""
         if self._ticker is not None:
             self._ticker.cancel()
+        if self.spot_watch is not None:
+            self.spot_watch.stop()
         if self._gpu_use_task is not None:
             self._gpu_use_task.cancel()
             await asyncio.gather(self._gpu_use_task, return_exceptions=True)
@@ -127,6 +134,22 @@ class PoolService:
     def set_device_health(self, key: str, healthy: bool) -> None:
         self.core.set_device_health(key, healthy)
         self._run_actions()
+
+    def interrupt_node(self, node: str, reason: str, message: str) -> list[Lease]:
+        """The node goes away soon but its kernels still run (a spot interruption notice): it is
+        drained (no new kernel goes there, its spare kernels stop) and its leases end
+        with ``reason`` and ``message``, their kernels killed after ``before_kill`` kept their state."""
+        for key in [device.key for device in self.core.devices.values() if device.node == node]:
+            self.core.set_device_health(key, False)
+        on_node = {slot.lease_id for slot in self.core.slots.values() if slot.node == node and slot.lease_id}
+        ended = []
+        for lease in [self.core.leases[lease_id] for lease_id in on_node if lease_id in self.core.leases]:
+            if lease.state == GRANTED:
+                lease.reason_message = message
+                self.core.end_lease(lease.id, reason)
+                ended.append(lease)
+        self._run_actions()
+        return ended
 
     async def interrupt(self, kernel_id: str) -> None:
         await self.backend.interrupt_kernel(kernel_id)
