@@ -374,6 +374,11 @@ class Gateway:
     def metrics_text(self) -> str:
         return render_metrics(self)
 
+    def decisions_json(self) -> dict[str, Any]:
+        """The pool's decisions about its machines, oldest first (the last DECISIONS_KEPT)."""
+        decisions = self.service.decisions
+        return {"decisions": [{"at": iso(at), "text": text} for at, text in decisions], "kept": decisions.maxlen}
+
     # --- leases ---------------------------------------------------------------------------
 
     def request_lease(

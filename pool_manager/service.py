@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
 from jupyter_gpu.protocol import GRANTED, QUEUED, REASON_NODE_LOST, GpuChoice
@@ -22,6 +23,10 @@ from .model import Action, Device, KillKernel, Lease, LeaseEnded, LeaseGranted, 
 from .spot_notice import SpotWatch
 
 log = logging.getLogger(__name__)
+#: the scaling decisions, in the gateway's log under their own name
+decision_log = logging.getLogger("pool_manager.autoscale")
+#: how many decisions the gateway keeps for operators to read (the log file has them all)
+DECISIONS_KEPT = 1000
 
 Listener = Callable[[Action], None]
 
@@ -54,6 +59,8 @@ class PoolService:
         self.ticks = 0
         #: watches the nodes' metadata service for spot interruption notices (None: not on spot)
         self.spot_watch: SpotWatch | None = None
+        #: (wall time, what was decided and why): demand, launches, drains, terminations, interruptions
+        self.decisions: deque[tuple[float, str]] = deque(maxlen=DECISIONS_KEPT)
 
     async def start(self) -> None:
         self.backend.watch(self._on_kernel_death)
@@ -148,8 +155,14 @@ class PoolService:
                 lease.reason_message = message
                 self.core.end_lease(lease.id, reason)
                 ended.append(lease)
+        self.decide(f"{message}: node drained, {len(ended)} lease(s) ended ({reason})")
         self._run_actions()
         return ended
+
+    def decide(self, text: str, at: float | None = None) -> None:
+        """Keep a decision about the pool's machines for operators (``jupyter-gpu aws log``) and log it."""
+        self.decisions.append((time.time() if at is None else at, text))
+        decision_log.info("autoscale: %s", text)
 
     async def interrupt(self, kernel_id: str) -> None:
         await self.backend.interrupt_kernel(kernel_id)

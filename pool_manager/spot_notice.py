@@ -112,6 +112,4 @@ class SpotWatch:
             if action is None:
                 continue
             self.interrupted[node] = action
-            log.warning("spot interruption of node %s: %s at %s; ending its leases (state kept) and placing "
-                        "nothing new there", node, action.action, action.time)
             self.service.interrupt_node(node, Reason.SPOT_INTERRUPTED, action.message(node))

@@ -6,6 +6,9 @@ notebook's next lease on the replacement machine gets them back."""
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -15,18 +18,25 @@ import pytest
 from tests.aws.imds_standin import ImdsStandIn
 
 from .conftest import make_gateway
+from .gateway_process import GatewayProcess
 from .test_snapshots import poll, run, text
 
 NOTEBOOK = "work/spot.ipynb"
 
 
+def aws_log(gateway: GatewayProcess, user: str) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "JUPYTER_GPU_URL": gateway.url, "JUPYTER_GPU_TOKEN": gateway.tokens[user]}
+    return subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", "aws", "log"], env=env, capture_output=True,
+                          text=True, timeout=60)
+
+
 @pytest.mark.asyncio
 async def test_a_spot_notice_ends_the_lease_keeps_its_variables_and_drains_the_machine(tmp_path: Path) -> None:
     with ImdsStandIn() as imds:
-        gateway = make_gateway(tmp_path, "--cpu-slots", "2", "--min-warm", "1",
+        gateway = make_gateway(tmp_path, "--TokenIdentityProvider.operators=ops", "--cpu-slots", "2", "--min-warm", "1",
                                "--snapshot-store", str(tmp_path / "store"),
                                f"--PoolManager.spot_notice_url={imds.url}",
-                               "--PoolManager.spot_notice_interval=0.2").start()
+                               "--PoolManager.spot_notice_interval=0.2", users=("alice", "bob", "ops")).start()
         try:
             lease = gateway.lease("alice", "cpu", notebook=NOTEBOOK)
             socket = await gateway.connect("alice", lease["kernel_id"])
@@ -47,7 +57,13 @@ async def test_a_spot_notice_ends_the_lease_keeps_its_variables_and_drains_the_m
                 "reason_message"]
             assert "progress" in row["snapshot"]["names"]
             socket.close()
-            assert "spot interruption of node local" in gateway.log_text()
+            # the operator reads why in the decision log; a user may not
+            decisions = aws_log(gateway, "ops")
+            assert decisions.returncode == 0, decisions.stderr
+            assert ("AWS takes back the spot instance of node local (terminate at 2026-11-29T10:40:00Z): a spot "
+                    "interruption: node drained, 1 lease(s) ended (spot_interrupted)") in decisions.stdout
+            refused = aws_log(gateway, "alice")
+            assert refused.returncode == 1 and "'alice' is not an operator" in refused.stderr
 
             # drained: no warm kernel comes back there, and with no other machine a request is refused
             time.sleep(1.0)
