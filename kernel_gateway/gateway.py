@@ -37,7 +37,7 @@ from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted, LeaseSna
 from pool_manager.service import PoolService
 
 from .errors import ApiError
-from .instance_metering import InstanceHours
+from .instance_metering import InstanceHours, paid_capacity
 from .kernel_ids import KernelIds
 from .metering import MeteringStore
 from .metrics import render_metrics
@@ -369,7 +369,10 @@ class Gateway:
         return active
 
     def all_usage_json(self) -> dict[str, Any]:
-        return self.metering.usage_by_user_and_group()
+        usage = self.metering.usage_by_user_and_group()
+        if self.instance_hours is not None:  # an autoscaled pool: what its machines cost, and how much was used
+            usage["paid"] = paid_capacity(self.metering.totals(), self.instance_hours.totals())
+        return usage
 
     def metrics_text(self) -> str:
         return render_metrics(self)
