@@ -149,8 +149,14 @@ class PoolManager(LoggingConfigurable):
             self.isolation = Isolation()
             on_nodes = {"sandbox": self.sandbox, "kernel_uids": self.kernel_uids,
                         "kernel_memory": self.kernel_memory, "kernel_cpus": self.kernel_cpus}
-            return ray_pool.build_service(policy, self.kernel_name, warmup, on_nodes, self.isolation,
-                                          admission=self.build_admission())
+            ray_service = ray_pool.build_service(policy, self.kernel_name, warmup, on_nodes, self.isolation,
+                                                 admission=self.build_admission())
+            if self.spot_notice_url:  # each node asks its own metadata service
+                from .ray_spot import node_probes
+
+                probes = node_probes(ray_service, self.spot_notice_url)
+                ray_service.spot_watch = SpotWatch(ray_service, probes, self.spot_notice_interval)
+            return ray_service
         devices = build_inventory(self.inventory or None, self.cpu_slots, self.log)
         sandbox = self.build_sandbox(any(not d.emulated and d.index is not None for d in devices), hidden)
         core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time, admission=self.build_admission())
