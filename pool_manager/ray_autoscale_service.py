@@ -108,7 +108,7 @@ class AutoscaledRayPoolService(RayPoolService):
             await asyncio.to_thread(self.request, plan.bundles)
             self._requested = plan.bundles
         if self.idle_nodes is not None:
-            drain, again = self.idle_nodes.plan(self.core)
+            drain, again = self.idle_nodes.plan(self.core, self.spot_watch.interrupted if self.spot_watch else ())
             for node in drain:
                 self.decide(f"drain {node}: idle and not needed; its spare kernels stop so that Ray can "
                             "terminate it")
