@@ -7,8 +7,8 @@ import re
 import pytest
 from traitlets.config import Config
 
-from pool_manager.manager import PoolManager
 from pool_manager.aws.list_prices import on_demand_price
+from pool_manager.manager import PoolManager
 from pool_manager.prices import INSTANCE_PRICES, KNOWN_PRICES, list_price
 
 
