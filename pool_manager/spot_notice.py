@@ -97,7 +97,10 @@ class SpotWatch:
 
     async def look(self) -> None:
         """One round over the nodes not interrupted yet."""
-        for node, probe in self.probes().items():
+        probes = self.probes()
+        for gone in [node for node in self.interrupted if node not in probes]:
+            del self.interrupted[gone]  # it left: a new machine may come up at its address
+        for node, probe in probes.items():
             if node in self.interrupted:
                 continue
             try:

@@ -52,7 +52,8 @@ async def test_the_watch_tells_the_pool_once_per_node_and_keeps_asking_a_node_th
             failing_calls += 1
             raise OSError("connection refused")
 
-        watch = SpotWatch(pool, lambda: {"10.0.0.5": lambda: read_spot_action(imds.url), "10.0.0.6": failing})
+        nodes = {"10.0.0.5": lambda: read_spot_action(imds.url), "10.0.0.6": failing}
+        watch = SpotWatch(pool, lambda: dict(nodes))
         await watch.look()
         assert pool.calls == []
         imds.notice = {"action": "stop", "time": "2026-11-29T10:40:00Z"}
@@ -63,3 +64,10 @@ async def test_the_watch_tells_the_pool_once_per_node_and_keeps_asking_a_node_th
         assert "10.0.0.5" in call[2] and "stop at 2026-11-29T10:40:00Z" in call[2] and "spot interruption" in call[2]
         assert imds.action_reads == 2  # an interrupted node is not asked again
         assert failing_calls == 3
+
+        # the interrupted node leaves; a new instance that comes up at its address is watched anew
+        probe = nodes.pop("10.0.0.5")
+        await watch.look()
+        nodes["10.0.0.5"] = probe
+        await watch.look()
+        assert [node for node, _, _ in pool.calls] == ["10.0.0.5", "10.0.0.5"]
