@@ -146,7 +146,9 @@ class PoolService:
         """The node goes away soon but its kernels still run (a spot interruption notice): it is
         drained (no new kernel goes there, its spare kernels stop) and its leases end
         with ``reason`` and ``message``, their kernels killed after ``before_kill`` kept their state."""
-        for key in [device.key for device in self.core.devices.values() if device.node == node]:
+        # free GPUs first: a spare kernel stopped on a held one would else start again on a free one
+        held = {key for slot in self.core.slots.values() for key in slot.devices}
+        for key in sorted((d.key for d in self.core.devices.values() if d.node == node), key=lambda k: k in held):
             self.core.set_device_health(key, False)
         on_node = {slot.lease_id for slot in self.core.slots.values() if slot.node == node and slot.lease_id}
         ended = []
