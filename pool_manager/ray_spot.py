@@ -14,14 +14,21 @@ from .spot_notice import Probes, SpotAction, read_spot_action
 PROBE_TIMEOUT = 20.0
 
 
+@functools.cache
+def _remote_read() -> Any:
+    """``read_spot_action`` as a Ray task that reserves no CPU (made once: every round uses it).
+    Any: Ray's stubs type a remote function by its arguments only as far as five overloads reach."""
+    import ray
+
+    return ray.remote(num_cpus=0)(read_spot_action)
+
+
 def read_on_node(node_id: str, url: str) -> SpotAction | None:
     """``read_spot_action`` run on the Ray node ``node_id``; OSError where it does not answer."""
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    # Any: Ray's stubs type a remote function by its arguments only as far as five overloads reach
-    task: Any = ray.remote(num_cpus=0)(read_spot_action).options(
-        scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
+    task = _remote_read().options(scheduling_strategy=NodeAffinitySchedulingStrategy(node_id, soft=False))
     pending = task.remote(url)
     try:
         action: SpotAction | None = ray.get(pending, timeout=PROBE_TIMEOUT)

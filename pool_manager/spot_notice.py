@@ -105,7 +105,7 @@ class SpotWatch:
                 continue
             try:
                 action = await asyncio.to_thread(probe)
-            except (OSError, ValueError) as exc:
+            except Exception as exc:  # no metadata service, an odd answer, or Ray's own errors on the way there
                 if node not in self._failing:
                     log.warning("spot notices: cannot read the metadata service of node %s (%s); asking again "
                                 "every %.0f s", node, exc, self.interval)
