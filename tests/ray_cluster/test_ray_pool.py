@@ -280,7 +280,8 @@ def test_a_spot_notice_on_one_machine_ends_its_leases_there_and_drains_it(testbe
         imds = ImdsStandIn()  # bound in n1's network: only a probe running on n1 reaches it
     with imds, cluster.inside("gw"):
         gateway = ray_gateway(cluster, tmp_path / "spot", "--min-warm", "0",
-                              f"--PoolManager.spot_notice_url={imds.url}", "--PoolManager.spot_notice_interval=0.5")
+                              f"--PoolManager.spot_notice_url={imds.url}", "--PoolManager.spot_notice_interval=0.5",
+                              wait_warm=False)  # no warm kernels: the shared gateway's hold n2's only GPU
         try:
             lease = gateway.lease("alice", "a100")
             lease = gateway.get("alice", f"/api/gpu/leases/{lease['id']}?wait=60").body
