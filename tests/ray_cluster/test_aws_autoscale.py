@@ -239,15 +239,16 @@ def test_a_queued_h100_launches_a_spot_p5_that_joins_and_runs_the_cell(aws: AwsT
     async def run() -> str:
         socket = await aws.gateway.connect("alice", lease["kernel_id"])
         try:
-            reply, outputs = await socket.run("import os; print(os.getpid())")
+            # read inside the kernel: its pid is its sandbox's own, not the host's
+            reply, outputs = await socket.run("import os; print(os.stat('/proc/self/ns/net').st_ino)")
             assert reply["content"]["status"] == "ok", reply
             return stdout_text(outputs).strip()
         finally:
             socket.close()
 
-    pid = asyncio.run(run())
+    net_inode = int(asyncio.run(run()))
     machine = aws.machines.booted[instance["InstanceId"]]
-    assert os.stat(f"/proc/{pid}/ns/net").st_ino == aws.cluster.netns_inode(machine)
+    assert net_inode == aws.cluster.netns_inode(machine)
     assert "autoscale: demand h100: 1 GPU(s) queued -> p5.48xlarge nodes (h100-spot, h100)" in aws.gateway.log_text()
     aws.gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
 
