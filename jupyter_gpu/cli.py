@@ -15,6 +15,7 @@ commands:
   simulate    replay a notebook GPU trace through the pool core: GPU-hours, waits and cost per
               release policy (jupyter-gpu simulate --help)
   aws         the pool on AWS: aws catalog (GPU instance types and prices) | aws cluster-config
+              | aws log (the gateway's scaling decisions, operators)
 """
 
 
@@ -68,6 +69,10 @@ def main(argv: list[str] | None = None) -> int:
         from pool_manager.simulate import main as simulate_main
 
         return simulate_main(rest)
+    if command == "aws" and rest[:1] == ["log"]:  # read from the gateway, as usage is
+        from .decision_log import log_main
+
+        return log_main(rest[1:])
     if command == "aws":
         from pool_manager.aws.cli import main as aws_main
 

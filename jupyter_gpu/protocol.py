@@ -52,6 +52,7 @@ class Reason(StrEnum):
     OPERATOR = "operator"  # an operator released another user's lease
     BUDGET = "budget"  # a budget of its user or group was used up (also: a request refused for one)
     GPU_IDLE = "gpu_idle"  # its GPUs did no work and its kernel ran no cell for the operator's gpu_idle_timeout
+    SPOT_INTERRUPTED = "spot_interrupted"  # AWS announced it takes the node's spot instance back (state kept)
     # why the gateway refused a request
     UNAUTHORIZED = "unauthorized"
     FORBIDDEN = "forbidden"

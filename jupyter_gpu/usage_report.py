@@ -53,7 +53,22 @@ def format_all(data: dict[str, Any]) -> str:
     out = _table("by user", users, ["user", "leases", "GPU-hours", "cost", "groups"])
     out += ["", *_table("by group", groups, ["group", "users", "leases", "GPU-hours", "cost"])]
     out += ["", f"total: {_hours(data['total_gpu_seconds'])} GPU-hours, ${data['total_cost']:.2f}"]
+    if "paid" in data:  # an autoscaled pool: the machines launched for it
+        out += ["", *format_paid(data["paid"])]
     return "\n".join(out)
+
+
+def _share(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0%}"
+
+
+def format_paid(paid: dict[str, Any]) -> list[str]:
+    """Instance-hours and cost of the launched machines per type, and how much of them leases used."""
+    rows = [[name, _hours(e["instance_seconds"]), _hours(e["launched_gpu_seconds"]), _hours(e["leased_gpu_seconds"]),
+             _share(e["utilization"]), f"${e['cost']:.2f}"] for name, e in paid["by_type"].items()]
+    out = _table("launched instances (cost at on-demand list price)", rows,
+                 ["type", "instance-hours", "GPU-hours paid", "GPU-hours leased", "utilization", "cost"])
+    return [*out, f"paid: ${paid['total_cost']:.2f}, utilization of paid GPUs {_share(paid['utilization'])}"]
 
 
 def format_mine(data: dict[str, Any]) -> str:

@@ -72,6 +72,7 @@ def make_app(
         (r"/api/gpu/nodes/?", NodesHandler),
         (r"/api/gpu/usage/?", h.UsageHandler),
         (r"/api/gpu/budgets/?", h.BudgetsHandler),
+        (r"/api/gpu/decisions/?", h.DecisionsHandler),
         (r"/api/gpu/info/?", InfoHandler),
         (r"/api/gpu/snapshots/?", SnapshotsHandler),
         (rf"/api/gpu/snapshots/{_ID.format('snapshot_id')}/?", SnapshotsHandler),

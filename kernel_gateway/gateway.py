@@ -38,7 +38,7 @@ from pool_manager.service import PoolService
 
 from .download_sender import DownloadSender
 from .errors import ApiError
-from .instance_metering import InstanceHours
+from .instance_metering import InstanceHours, paid_capacity
 from .kernel_ids import KernelIds
 from .metering import MeteringStore
 from .metrics import render_metrics
@@ -61,6 +61,7 @@ CLOSE_REASONS: dict[str, str] = {
     Reason.RESTARTED: "lease ended: the kernel was restarted, a new lease took its place",
     Reason.OPERATOR: "lease ended: released by an operator of the pool",
     Reason.BUDGET: "lease ended: a budget of its user or group was used up",
+    Reason.SPOT_INTERRUPTED: "lease ended: AWS takes its spot machine back (a spot interruption)",
 }
 #: Ends that kill the kernel under a running cell: its clients hear why.
 DEATHS: dict[str, str] = {
@@ -371,10 +372,18 @@ class Gateway:
         return active
 
     def all_usage_json(self) -> dict[str, Any]:
-        return self.metering.usage_by_user_and_group()
+        usage = self.metering.usage_by_user_and_group()
+        if self.instance_hours is not None:  # an autoscaled pool: what its machines cost, and how much was used
+            usage["paid"] = paid_capacity(self.metering.totals(), self.instance_hours.totals())
+        return usage
 
     def metrics_text(self) -> str:
         return render_metrics(self)
+
+    def decisions_json(self) -> dict[str, Any]:
+        """The pool's decisions about its machines, oldest first (the last DECISIONS_KEPT)."""
+        decisions = self.service.decisions
+        return {"decisions": [{"at": iso(at), "text": text} for at, text in decisions], "kept": decisions.maxlen}
 
     # --- leases ---------------------------------------------------------------------------
 

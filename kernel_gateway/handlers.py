@@ -280,6 +280,16 @@ class BudgetsHandler(ApiHandler):
         self.reply(self.gateway.budgets_json(self.user, self.groups))
 
 
+class DecisionsHandler(ApiHandler):
+    """The autoscaling decision log (demand, launches, drains, terminations, spot interruptions)."""
+
+    auth_resource = "usage"
+
+    def get(self) -> None:
+        self.require_operator("the pool's decision log")
+        self.reply(self.gateway.decisions_json())
+
+
 class MetricsHandler(ApiHandler):
     auth_resource = "metrics"
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tornado import web
-from traitlets import Instance
+from traitlets import Instance, List, Unicode
 from traitlets.config import LoggingConfigurable
 
 from .auth import TokenAuthenticator, token_from_request
@@ -64,11 +64,16 @@ class IdentityProvider(LoggingConfigurable):
 class TokenIdentityProvider(IdentityProvider):
     """``Authorization: token T`` (or ``Bearer T``, or ``?token=T`` on websockets) -> the token's user."""
 
+    operators = List(
+        Unicode(), help="Names of the gateway's token users that are operators (every lease and all usage, the "
+        "decision log), for a gateway without a Hub."
+    ).tag(config=True)
+
     def get_user(self, handler: web.RequestHandler) -> User | None:
         if self.tokens is None:
             return None
         name = self.tokens.user_for(request_token(handler))
-        return User(name) if name is not None else None
+        return User(name, admin=name in self.operators) if name is not None else None
 
     def unauthenticated_message(self, handler: web.RequestHandler) -> str:
         what = "no token given" if not request_token(handler) else "the token is not valid"

@@ -13,6 +13,8 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
+from collections.abc import Mapping
+from typing import Any
 
 from pool_manager.ray_autoscale import InstanceEvent
 
@@ -70,3 +72,18 @@ class InstanceHours:
     def close(self) -> None:
         with self._lock:
             self._conn.close()
+
+
+def paid_capacity(leased: Mapping[str, float], paid: Mapping[str, tuple[float, float, float]]) -> dict[str, Any]:
+    """Per type what was launched (instance-seconds, GPU-seconds, cost) next to the GPU-seconds
+    leased (``MeteringStore.totals``), with the utilization of what was paid for; and the totals."""
+    by_type = {
+        gpu_type: {"instance_seconds": seconds, "launched_gpu_seconds": gpu_seconds,
+                   "leased_gpu_seconds": leased.get(gpu_type, 0.0), "cost": cost,
+                   "utilization": leased.get(gpu_type, 0.0) / gpu_seconds if gpu_seconds > 0 else None}
+        for gpu_type, (seconds, gpu_seconds, cost) in paid.items()
+    }
+    launched = sum(gpu_seconds for _, gpu_seconds, _ in paid.values())
+    used = sum(leased.get(gpu_type, 0.0) for gpu_type in paid)
+    return {"by_type": by_type, "total_cost": sum(cost for _, _, cost in paid.values()),
+            "utilization": used / launched if launched > 0 else None}

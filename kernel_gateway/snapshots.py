@@ -1,8 +1,8 @@
 """Kept state: a lease's variables saved before its kernel is killed, and staged into the
 same notebook's next kernel (any GPU type) before that kernel's first message.
 
-- Save: when a lease ends by idle timeout, GPU idleness, release, maximum duration or a used-up
-  budget (not by kernel
+- Save: when a lease ends by idle timeout, GPU idleness, release, maximum duration, a used-up
+  budget or a spot interruption notice (not by kernel
   death, not with ``forget``), the pool service waits for ``before_kill`` before it kills
   the kernel. The kernel writes its variables into its own staging area (the gateway asks
   with a silent execute of its own, on a connection of its own); the gateway takes the
@@ -30,7 +30,14 @@ from typing import Any
 
 from jupyter_client.asynchronous.client import AsyncKernelClient
 
-from jupyter_gpu.protocol import REASON_BUDGET, REASON_DELETED, REASON_GPU_IDLE, REASON_IDLE, REASON_MAX_DURATION
+from jupyter_gpu.protocol import (
+    REASON_BUDGET,
+    REASON_DELETED,
+    REASON_GPU_IDLE,
+    REASON_IDLE,
+    REASON_MAX_DURATION,
+    Reason,
+)
 from jupyter_gpu.snapshot_format import RESTORE_NAME, SNAPSHOT_SUBDIR, read_header, summary
 from pool_manager.model import Lease, LeaseSnapshot
 from pool_manager.service import PoolService
@@ -40,7 +47,8 @@ from .snapshot_store import SnapshotQuotaExceeded, SnapshotRecord, SnapshotStore
 log = logging.getLogger(__name__)
 
 #: Lease endings whose kernel is still there and healthy to ask for its variables.
-KEEP_REASONS = frozenset({REASON_IDLE, REASON_GPU_IDLE, REASON_DELETED, REASON_MAX_DURATION, REASON_BUDGET})
+KEEP_REASONS = frozenset({REASON_IDLE, REASON_GPU_IDLE, REASON_DELETED, REASON_MAX_DURATION, REASON_BUDGET,
+                          Reason.SPOT_INTERRUPTED})  # a spot notice comes minutes ahead: the kernel still runs
 #: How many ended leases' snapshot outcomes the API can still report.
 _REMEMBERED = 4096
 SWEEP_INTERVAL = 300.0

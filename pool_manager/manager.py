@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Sequence
 
@@ -20,6 +21,7 @@ from .prices import list_price, lookup
 from .ray_pool import RayPool
 from .sandbox import SANDBOX_MODES, Isolation, Sandbox
 from .service import PoolService
+from .spot_notice import SpotWatch, read_spot_action
 
 
 class PoolManager(LoggingConfigurable):
@@ -88,6 +90,12 @@ class PoolManager(LoggingConfigurable):
         "reason 'oom'. Empty: no limit."
     ).tag(config=True)
     kernel_cpus = Float(0.0, help="CPU limit per kernel in cores, e.g. 8 or 0.5; 0 for no limit.").tag(config=True)
+    spot_notice_url = Unicode(
+        "", help="The instance metadata service that announces spot interruptions (http://169.254.169.254 on "
+        "an EC2 spot instance; empty: not watched). On a notice the machine's leases end with reason "
+        "spot_interrupted, their variables kept, and no new kernel goes there."
+    ).tag(config=True)
+    spot_notice_interval = Float(5.0, help="Seconds between two looks for a spot interruption notice.").tag(config=True)
     #: What the kernels' sandbox does, once build_service has set it up (listings show it).
     isolation = Instance(Isolation, args=())
 
@@ -141,8 +149,14 @@ class PoolManager(LoggingConfigurable):
             self.isolation = Isolation()
             on_nodes = {"sandbox": self.sandbox, "kernel_uids": self.kernel_uids,
                         "kernel_memory": self.kernel_memory, "kernel_cpus": self.kernel_cpus}
-            return ray_pool.build_service(policy, self.kernel_name, warmup, on_nodes, self.isolation,
-                                          admission=self.build_admission())
+            ray_service = ray_pool.build_service(policy, self.kernel_name, warmup, on_nodes, self.isolation,
+                                                 admission=self.build_admission())
+            if self.spot_notice_url:  # each node asks its own metadata service
+                from .ray_spot import node_probes
+
+                probes = node_probes(ray_service, self.spot_notice_url)
+                ray_service.spot_watch = SpotWatch(ray_service, probes, self.spot_notice_interval)
+            return ray_service
         devices = build_inventory(self.inventory or None, self.cpu_slots, self.log)
         sandbox = self.build_sandbox(any(not d.emulated and d.index is not None for d in devices), hidden)
         core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time, admission=self.build_admission())
@@ -153,4 +167,8 @@ class PoolManager(LoggingConfigurable):
             staging=self.staging_dir != "off",
             sandbox=sandbox if sandbox.enabled or sandbox.limits else None,
         )
-        return PoolService(core, backend)
+        service = PoolService(core, backend)
+        if self.spot_notice_url:  # this machine is the one node: it asks its own metadata service
+            probe = functools.partial(read_spot_action, self.spot_notice_url)
+            service.spot_watch = SpotWatch(service, lambda: {"local": probe}, self.spot_notice_interval)
+        return service

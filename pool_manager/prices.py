@@ -1,16 +1,43 @@
-"""Default prices of one GPU-hour for the GPU types people know, so that a gateway nobody has
-configured (the demo, an emulated pool) shows what a lease would really cost.
+"""List prices: the one table of what the GPU instances people know cost, from which come both
+the default price of one GPU-hour of each GPU type (so that a gateway nobody has configured, the
+demo, an emulated pool, shows what a lease would really cost) and the on-demand price of each
+instance type that ``jupyter-gpu aws catalog`` and the autoscaled pool's metering show.
 
-Each price is a public cloud's on-demand list price of an instance divided by its GPUs: AWS EC2
-On-Demand, Linux, US East (N. Virginia), from https://aws.amazon.com/ec2/pricing/on-demand/ as
-listed in July 2025 (P5 after AWS's June 2025 price cut). Single-GPU instances include their
-vCPUs and memory, as a pooled kernel does. Operators override any of them with
-``c.PoolManager.price_per_gpu_hour``.
+AWS EC2 On-Demand, Linux, US East (N. Virginia), from https://aws.amazon.com/ec2/pricing/on-demand/
+as listed in July 2025 (P5 after AWS's June 2025 price cut). A GPU type's price is its instance's
+divided by its GPUs, to the cent; single-GPU instances include their vCPUs and memory, as a pooled
+kernel does. Operators override any GPU type's price with ``c.PoolManager.price_per_gpu_hour``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+
+LIST_PRICE_REGION = "us-east-1"
+LIST_PRICE_AS_OF = "2025-07"
+
+
+@dataclass(frozen=True)
+class InstancePrice:
+    """One instance type's on-demand dollars per hour in LIST_PRICE_REGION, and its GPUs."""
+
+    gpu_type: str  # normalised (see inventory.normalize_gpu_name)
+    gpus: int
+    gpu_name: str
+    per_hour: float
+
+
+#: instance type -> its list price; the first instance of a GPU type sets that type's price per GPU-hour
+INSTANCE_PRICES: dict[str, InstancePrice] = {
+    "p4d.24xlarge": InstancePrice("a100", 8, "A100 40GB", 32.7726),
+    "p4de.24xlarge": InstancePrice("a100-80gb", 8, "A100 80GB", 40.9657),
+    "p5.48xlarge": InstancePrice("h100", 8, "H100 80GB", 55.04),
+    "p3.2xlarge": InstancePrice("v100", 1, "V100 16GB", 3.06),
+    "g5.xlarge": InstancePrice("a10g", 1, "A10G 24GB", 1.006),
+    "g6e.xlarge": InstancePrice("l40s", 1, "L40S 48GB", 1.861),
+    "g6.xlarge": InstancePrice("l4", 1, "L4 24GB", 0.8048),
+    "g4dn.xlarge": InstancePrice("t4", 1, "T4 16GB", 0.526),
+}
 
 
 @dataclass(frozen=True)
@@ -20,19 +47,18 @@ class ListPrice:
     as_of: str
 
 
-_AWS_JULY_2025 = "2025-07"
+def per_gpu_prices(instances: dict[str, InstancePrice]) -> dict[str, ListPrice]:
+    """Per GPU type, the first of its instances' price divided by its GPUs, to the cent."""
+    prices: dict[str, ListPrice] = {}
+    for instance_type, price in instances.items():
+        prices.setdefault(price.gpu_type, ListPrice(
+            round(price.per_hour / price.gpus, 2),
+            f"AWS {instance_type}, {price.gpus}x {price.gpu_name}, ${price.per_hour:g}/h", LIST_PRICE_AS_OF))
+    return prices
 
-#: normalised GPU type (see inventory.normalize_gpu_name) -> its list price
-KNOWN_PRICES: dict[str, ListPrice] = {
-    "a100": ListPrice(4.10, "AWS p4d.24xlarge, 8x A100 40GB, $32.7726/h", _AWS_JULY_2025),
-    "a100-80gb": ListPrice(5.12, "AWS p4de.24xlarge, 8x A100 80GB, $40.9657/h", _AWS_JULY_2025),
-    "h100": ListPrice(6.88, "AWS p5.48xlarge, 8x H100 80GB, $55.04/h", _AWS_JULY_2025),
-    "v100": ListPrice(3.06, "AWS p3.2xlarge, 1x V100 16GB, $3.06/h", _AWS_JULY_2025),
-    "a10g": ListPrice(1.01, "AWS g5.xlarge, 1x A10G 24GB, $1.006/h", _AWS_JULY_2025),
-    "l40s": ListPrice(1.86, "AWS g6e.xlarge, 1x L40S 48GB, $1.861/h", _AWS_JULY_2025),
-    "l4": ListPrice(0.80, "AWS g6.xlarge, 1x L4 24GB, $0.8048/h", _AWS_JULY_2025),
-    "t4": ListPrice(0.53, "AWS g4dn.xlarge, 1x T4 16GB, $0.526/h", _AWS_JULY_2025),
-}
+
+#: normalised GPU type -> its list price per GPU-hour
+KNOWN_PRICES = per_gpu_prices(INSTANCE_PRICES)
 
 
 def lookup(gpu_type: str, prices: dict[str, float]) -> float | None:

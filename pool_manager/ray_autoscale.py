@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import json
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -235,13 +235,14 @@ class IdleNodes:
         held = {key for slot in core.slots.values() for key in slot.devices}
         return sorted(keys, key=lambda key: key in held) if draining else keys
 
-    def plan(self, core: PoolCore) -> tuple[list[str], list[str]]:
-        """(nodes to drain, drained nodes to use again)."""
+    def plan(self, core: PoolCore, going: Collection[str] = ()) -> tuple[list[str], list[str]]:
+        """(nodes to drain, drained nodes to use again); ``going``: nodes never taken back (AWS
+        announced their end)."""
         present = {device.node for device in core.devices.values()}
         for node in [n for n in self.draining if n not in present]:
             del self.draining[node]  # terminated: it left the pool
         unmet = core.unmet_demand()
-        again = [node for node, gpu_type in self.draining.items() if unmet.get(gpu_type)]
+        again = [node for node, gpu_type in self.draining.items() if unmet.get(gpu_type) and node not in going]
         for node in again:
             del self.draining[node]
         drain = []

@@ -76,6 +76,10 @@ class AutoscaledRayPoolService(RayPoolService):
                 continue  # a node the autoscaler did not launch (e.g. a GPU head)
             event = InstanceEvent(node.node_id, node.address, node.gpu_type, kind.instance_type, node.gpus,
                                   kind.price_per_hour, joined, now)
+            price = "" if kind.price_per_hour is None else f", ${kind.price_per_hour:g}/h on demand"
+            self.decide(f"node {node.address} {'joined' if joined else 'left'}: {kind.instance_type} for "
+                        f"{node.gpu_type} ({node.gpus} GPUs{price})" + ("" if joined else
+                        "; billed until now (terminated by Ray's autoscaler, or lost)"), now)
             for listener in self.instance_listeners:
                 listener(event)
 
@@ -104,17 +108,17 @@ class AutoscaledRayPoolService(RayPoolService):
             await asyncio.to_thread(self.request, plan.bundles)
             self._requested = plan.bundles
         if self.idle_nodes is not None:
-            drain, again = self.idle_nodes.plan(self.core)
+            drain, again = self.idle_nodes.plan(self.core, self.spot_watch.interrupted if self.spot_watch else ())
             for node in drain:
-                log.info("autoscale: drain %s: idle and not needed; its spare kernels stop so that Ray can "
-                         "terminate it", node)
+                self.decide(f"drain {node}: idle and not needed; its spare kernels stop so that Ray can "
+                            "terminate it")
                 self._use_node(node, False)
             for node in again:
-                log.info("autoscale: use %s again: a lease of its type is waiting", node)
+                self.decide(f"use {node} again: a lease of its type is waiting")
                 self._use_node(node, True)
         entries = list(self.planner.log)
-        for _, entry in entries[max(0, len(entries) - (self.planner.log_total - self._logged)):]:
-            log.info("autoscale: %s", entry)
+        for at, entry in entries[max(0, len(entries) - (self.planner.log_total - self._logged)):]:
+            self.decide(entry, at)
         self._logged = self.planner.log_total
         return plan
 

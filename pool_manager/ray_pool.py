@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from traitlets import Float, Int, Unicode
 from traitlets.config import LoggingConfigurable
@@ -18,7 +18,9 @@ from .core import PoolCore, PoolPolicy
 from .ray_autoscale import NodeKind
 from .ray_nodes import NodeTable, devices_of
 from .sandbox import Isolation
-from .service import PoolService
+
+if TYPE_CHECKING:  # ray_membership imports ray: only where a Ray pool is built
+    from .ray_membership import RayPoolService
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +137,7 @@ class RayPool(LoggingConfigurable):
 
     def build_service(self, policy: PoolPolicy, kernel_name: str, warmup_code: str,
                       sandbox: dict[str, Any] | None = None, isolation: Isolation | None = None,
-                      admission: Admission | None = None) -> PoolService:
+                      admission: Admission | None = None) -> RayPoolService:
         """Connect to Ray, read its GPU nodes, and build the pool service over them.
 
         ``sandbox``: the kernels' sandbox settings (SlotSettings' fields of the same names), set

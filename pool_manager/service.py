@@ -10,17 +10,23 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 
-from jupyter_gpu.protocol import QUEUED, REASON_NODE_LOST, GpuChoice
+from jupyter_gpu.protocol import GRANTED, QUEUED, REASON_NODE_LOST, GpuChoice
 
 from .backend import KernelBackend, KernelInfo
 from .budgets import BudgetConfig
 from .core import PoolCore
 from .gpu_use import GpuUseSampler
 from .model import Action, Device, KillKernel, Lease, LeaseEnded, LeaseGranted, Notice, StartKernel
+from .spot_notice import SpotWatch
 
 log = logging.getLogger(__name__)
+#: the scaling decisions, in the gateway's log under their own name
+decision_log = logging.getLogger("pool_manager.autoscale")
+#: how many decisions the gateway keeps for operators to read (the log file has them all)
+DECISIONS_KEPT = 1000
 
 Listener = Callable[[Action], None]
 
@@ -51,9 +57,15 @@ class PoolService:
         self._sleeping_until: float | None = None
         self.kernel_starts = 0
         self.ticks = 0
+        #: watches the nodes' metadata service for spot interruption notices (None: not on spot)
+        self.spot_watch: SpotWatch | None = None
+        #: (wall time, what was decided and why): demand, launches, drains, terminations, interruptions
+        self.decisions: deque[tuple[float, str]] = deque(maxlen=DECISIONS_KEPT)
 
     async def start(self) -> None:
         self.backend.watch(self._on_kernel_death)
+        if self.spot_watch is not None:
+            self.spot_watch.start()
         self.core.tick()  # emits the first warm starts
         self._run_actions()
         self._ticker = asyncio.get_running_loop().create_task(self._tick_forever())
@@ -64,6 +76,8 @@ class PoolService:
         """End all leases with ``reason``, kill every kernel, and wait until they are gone."""
         if self._ticker is not None:
             self._ticker.cancel()
+        if self.spot_watch is not None:
+            self.spot_watch.stop()
         if self._gpu_use_task is not None:
             self._gpu_use_task.cancel()
             await asyncio.gather(self._gpu_use_task, return_exceptions=True)
@@ -127,6 +141,30 @@ class PoolService:
     def set_device_health(self, key: str, healthy: bool) -> None:
         self.core.set_device_health(key, healthy)
         self._run_actions()
+
+    def interrupt_node(self, node: str, reason: str, message: str) -> list[Lease]:
+        """The node goes away soon but its kernels still run (a spot interruption notice): it is
+        drained (no new kernel goes there, its spare kernels stop) and its leases end
+        with ``reason`` and ``message``, their kernels killed after ``before_kill`` kept their state."""
+        # free GPUs first: a spare kernel stopped on a held one would else start again on a free one
+        held = {key for slot in self.core.slots.values() for key in slot.devices}
+        for key in sorted((d.key for d in self.core.devices.values() if d.node == node), key=lambda k: k in held):
+            self.core.set_device_health(key, False)
+        on_node = {slot.lease_id for slot in self.core.slots.values() if slot.node == node and slot.lease_id}
+        ended = []
+        for lease in [self.core.leases[lease_id] for lease_id in on_node if lease_id in self.core.leases]:
+            if lease.state == GRANTED:
+                lease.reason_message = message
+                self.core.end_lease(lease.id, reason)
+                ended.append(lease)
+        self.decide(f"{message}: node drained, {len(ended)} lease(s) ended ({reason})")
+        self._run_actions()
+        return ended
+
+    def decide(self, text: str, at: float | None = None) -> None:
+        """Keep a decision about the pool's machines for operators (``jupyter-gpu aws log``) and log it."""
+        self.decisions.append((time.time() if at is None else at, text))
+        decision_log.info("autoscale: %s", text)
 
     async def interrupt(self, kernel_id: str) -> None:
         await self.backend.interrupt_kernel(kernel_id)

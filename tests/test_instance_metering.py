@@ -5,8 +5,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from kernel_gateway.instance_metering import InstanceHours
+from jupyter_gpu.protocol import GRANTED, RELEASED, GpuChoice
+from jupyter_gpu.usage_report import format_all
+from kernel_gateway.instance_metering import InstanceHours, paid_capacity
 from kernel_gateway.metering import MeteringStore
+from pool_manager.model import Lease
 from pool_manager.ray_autoscale import InstanceEvent
 
 
@@ -42,3 +45,28 @@ def test_rows_left_open_are_closed_when_a_gateway_starts(tmp_path: Path) -> None
     assert again.close_open(1600.0) == 1
     assert again.totals(now=99999.0)["h100"][0] == 600.0  # not counted on past the restart
     again.close()
+
+
+def test_usage_all_shows_what_the_launched_instances_cost_and_how_much_leases_used(tmp_path: Path) -> None:
+    """What ``jupyter-gpu usage --all`` prints for an autoscaled pool, from a real metering file."""
+    db = str(tmp_path / "usage.sqlite")
+    metering = MeteringStore(db)
+    hours = InstanceHours(db)
+    lease = Lease(id="l1", user="ada", choices=(GpuChoice("h100", 2),), idle_timeout=600.0, queued_at=1000.0,
+                  state=GRANTED, gpu_type="h100", count=2, granted_at=1000.0)
+    metering.record(lease, 6.88)
+    lease.state, lease.released_at = RELEASED, 1000.0 + 3600
+    metering.record(lease, 6.88)
+    hours.record(event("a", True, 1000.0))  # one p5.48xlarge (8 GPUs) up for the hour
+    hours.record(event("a", False, 1000.0 + 3600))
+    paid = paid_capacity(metering.totals(), hours.totals())
+    h100 = paid["by_type"]["h100"]
+    assert (h100["instance_seconds"], h100["launched_gpu_seconds"], h100["leased_gpu_seconds"]) == (3600, 28800, 7200)
+    assert h100["utilization"] == paid["utilization"] == 0.25
+    text = format_all({**metering.usage_by_user_and_group(), "paid": paid})
+    assert "launched instances (cost at on-demand list price)" in text
+    row = next(line for line in text.splitlines() if line.startswith("h100 "))
+    assert row.split() == ["h100", "1.000", "8.000", "2.000", "25%", "$55.04"]
+    assert text.endswith("paid: $55.04, utilization of paid GPUs 25%")
+    metering.close()
+    hours.close()

@@ -7,8 +7,9 @@ import re
 import pytest
 from traitlets.config import Config
 
+from pool_manager.aws.list_prices import on_demand_price
 from pool_manager.manager import PoolManager
-from pool_manager.prices import KNOWN_PRICES
+from pool_manager.prices import INSTANCE_PRICES, KNOWN_PRICES, list_price
 
 
 def pool(**settings: object) -> PoolManager:
@@ -49,3 +50,11 @@ def test_every_list_price_names_its_instance_and_matches_its_per_gpu_share(gpu_t
     gpus, instance_price = int(match.group(1)), float(match.group(2))
     assert listed.per_gpu_hour == pytest.approx(instance_price / gpus, abs=0.005)
     assert re.fullmatch(r"\d{4}-\d{2}", listed.as_of)
+
+
+@pytest.mark.parametrize("instance_type", sorted(INSTANCE_PRICES))
+def test_the_catalog_s_instance_price_and_the_gpu_hour_price_come_from_one_table(instance_type: str) -> None:
+    per_hour, source = on_demand_price(instance_type, "us-east-1")
+    gpu_type, gpus = INSTANCE_PRICES[instance_type].gpu_type, INSTANCE_PRICES[instance_type].gpus
+    assert per_hour is not None and "us-east-1" in source
+    assert list_price(gpu_type) == pytest.approx(per_hour / gpus, abs=0.005)

@@ -240,3 +240,13 @@ def test_a_terminated_node_is_forgotten() -> None:
     ask(core, "h100")
     assert idle.plan(core) == ([], [])
     assert idle.draining == {}
+
+
+def test_a_drained_node_whose_spot_end_was_announced_is_not_taken_back_for_a_lease() -> None:
+    core, idle = pool_with_node()
+    idle.plan(core)
+    assert idle.plan(core) == ([NODE], [])
+    use(core, NODE, False)
+    lease = ask(core, "h100")
+    assert idle.plan(core, going={NODE}) == ([], [])
+    assert lease.state == QUEUED and lease.slot_id is None  # it waits for a node that stays

@@ -20,6 +20,8 @@ commands:
   catalog         the region's GPU instance types in the pool's type names, with prices
   cluster-config  write the Ray cluster config (for `ray up`) of an autoscaled pool; --check FILE
                   checks one edited by hand
+  log             what the running gateway decided and why (demand, launches, drains, terminations,
+                  spot interruptions); for operators, read from the gateway as `usage --all` is
 """
 
 

@@ -35,7 +35,7 @@ class RayTestbed:
     worker_seconds: float
 
 
-def ray_gateway(cluster: NamespaceCluster, tmp: Path, *extra: str) -> GatewayProcess:
+def ray_gateway(cluster: NamespaceCluster, tmp: Path, *extra: str, wait_warm: bool = True) -> GatewayProcess:
     """A gateway process in ``gw`` against the cluster (call inside ``cluster.inside("gw")``)."""
     tmp.mkdir(parents=True, exist_ok=True)
     users_file = tmp / "users.json"
@@ -46,7 +46,7 @@ def ray_gateway(cluster: NamespaceCluster, tmp: Path, *extra: str) -> GatewayPro
     args = ["--users", str(users_file), "--db", str(tmp / "usage.sqlite"), "--ray", cluster.head_address,
             "--cpu-slots", "0", *extra]
     with mock.patch.dict(os.environ, cluster.env("gw"), clear=True):
-        return GatewayProcess(tmp, args, tokens).start(timeout=120)
+        return GatewayProcess(tmp, args, tokens).start(wait_warm=wait_warm, timeout=120)
 
 
 @pytest.fixture(scope="module")

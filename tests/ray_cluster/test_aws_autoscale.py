@@ -190,7 +190,8 @@ def aws() -> Iterator[AwsTestbed]:
         watcher.start()
         with cluster.inside("gw"):
             gateway = ray_gateway(cluster, cluster.root / "gateway", "--cluster-config", str(config),
-                                  "--max-queue-wait", str(MAX_QUEUE_WAIT), "--log-level", "INFO")
+                                  "--max-queue-wait", str(MAX_QUEUE_WAIT), "--log-level", "INFO",
+                                  "--TokenIdentityProvider.operators=bob")
             yield AwsTestbed(cluster, gateway, machines, refuse_file)
             gateway.stop()
         assert moto.poll() is None  # it lives in n1 and goes with it
@@ -238,16 +239,16 @@ def test_a_queued_h100_launches_a_spot_p5_that_joins_and_runs_the_cell(aws: AwsT
     async def run() -> str:
         socket = await aws.gateway.connect("alice", lease["kernel_id"])
         try:
-            # read inside the kernel: in its sandbox its pid is the sandbox's own, not the host's
+            # read inside the kernel: its pid is its sandbox's own, not the host's
             reply, outputs = await socket.run("import os; print(os.stat('/proc/self/ns/net').st_ino)")
             assert reply["content"]["status"] == "ok", reply
             return stdout_text(outputs).strip()
         finally:
             socket.close()
 
-    kernel_net = int(asyncio.run(run()))
+    net_inode = int(asyncio.run(run()))
     machine = aws.machines.booted[instance["InstanceId"]]
-    assert kernel_net == aws.cluster.netns_inode(machine)
+    assert net_inode == aws.cluster.netns_inode(machine)
     assert "autoscale: demand h100: 1 GPU(s) queued -> p5.48xlarge nodes (h100-spot, h100)" in aws.gateway.log_text()
     aws.gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
 
@@ -270,6 +271,22 @@ def test_the_idle_node_is_drained_and_terminated(aws: AwsTestbed) -> None:
     cost = metrics['jupyter_gpu_paid_cost_dollars_total{gpu_type="h100"}']
     assert cost == pytest.approx(paid / 8 / 3600 * 55.04, rel=1e-4)  # /metrics writes 6 digits
     assert 0 < metrics['jupyter_gpu_paid_utilization{gpu_type="h100"}'] < 1
+    # the operator (bob) reads the same in `usage --all`, and why it came and went in the decision log
+    h100 = aws.gateway.get("bob", "/api/gpu/usage?all=1").body["paid"]["by_type"]["h100"]
+    assert h100["launched_gpu_seconds"] >= 8 * IDLE_MINUTES * 60 and 0 < h100["utilization"] < 1
+    assert h100["cost"] == pytest.approx(h100["launched_gpu_seconds"] / 8 / 3600 * 55.04, rel=1e-6)
+    ip = instance["PrivateIpAddress"]
+
+    def decisions() -> list[str]:
+        return [entry["text"] for entry in aws.gateway.get("bob", "/api/gpu/decisions").body["decisions"]]
+
+    log = poll(lambda: (d := decisions()) and any(t.startswith(f"node {ip} left") for t in d) and d, 30,
+               "the node's departure in the decision log")
+    order = [next(i for i, text in enumerate(log) if text.startswith(start)) for start in (
+        "demand h100: 1 GPU(s) queued", f"node {ip} joined: p5.48xlarge for h100 (8 GPUs, $55.04/h on demand)",
+        f"drain {ip}: idle and not needed", f"node {ip} left")]
+    assert order == sorted(order), log
+    assert aws.gateway.get("alice", "/api/gpu/decisions").status == 403
     assert not aws.machines.errors
 
 

@@ -21,7 +21,9 @@ from e2e.gateway_process import poll, stdout_text
 from e2e.test_magic import LocalKernel, streamed, texts
 from nbclient import NotebookClient
 
-from .conftest import USERS, RayTestbed
+from tests.aws.imds_standin import ImdsStandIn
+
+from .conftest import USERS, RayTestbed, ray_gateway
 
 #: the first test also pays for bringing the shared cluster up (retried on a loaded machine)
 pytestmark = pytest.mark.timeout(600)
@@ -269,6 +271,35 @@ async def test_a_machine_that_joins_adds_its_gpus_and_runs_kernels(testbed: RayT
     finally:
         socket.close()
         gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
+
+
+def test_a_spot_notice_on_one_machine_ends_its_leases_there_and_drains_it(testbed: RayTestbed, tmp_path: Path
+                                                                          ) -> None:
+    """Each node asks its own metadata service (a stand-in on n1's loopback, as an instance's
+    own 169.254.169.254) through a Ray task there; a second gateway, so the shared one's pool
+    stays whole for the tests after this one."""
+    cluster = testbed.cluster
+    with cluster.inside("n1"):
+        imds = ImdsStandIn()  # bound in n1's network: only a probe running on n1 reaches it
+    with imds, cluster.inside("gw"):
+        gateway = ray_gateway(cluster, tmp_path / "spot", "--min-warm", "0",
+                              f"--PoolManager.spot_notice_url={imds.url}", "--PoolManager.spot_notice_interval=0.5",
+                              wait_warm=False)  # no warm kernels: the shared gateway's hold n2's only GPU
+        try:
+            lease = gateway.lease("alice", "a100")
+            lease = gateway.get("alice", f"/api/gpu/leases/{lease['id']}?wait=60").body
+            assert lease["state"] == "granted", lease
+            poll(lambda: imds.action_reads >= 1, 60, "n1's metadata service asked from n1")
+            imds.notice = {"action": "terminate", "time": "2026-11-29T11:15:00Z"}
+            ended = poll(lambda: (r := gateway.get("alice", f"/api/gpu/leases/{lease['id']}").body)["state"]
+                         == "released" and r, 30, "the lease on the interrupted node to end")
+            assert ended["reason"] == "spot_interrupted", ended
+            assert "spot instance of node 10.77.0.11 (terminate at 2026-11-29T11:15:00Z)" in ended["reason_message"]
+            # n1 is drained: its a100s take no new lease
+            refused = gateway.post("bob", "/api/gpu/leases", {"gpu": "a100"})
+            assert refused.status == 503 and refused.body["reason"] == "no_capacity", refused
+        finally:
+            gateway.stop()
 
 
 def test_a_killed_machine_ends_its_lease_with_node_lost(testbed: RayTestbed, notebook: LocalKernel) -> None:
