@@ -45,13 +45,16 @@ def direct_zmq(repeats: int, warmup: int) -> dict[str, Any]:
     return {"zmq_execute": summarize(samples), "local_run_cell": summarize(local)}
 
 
-def raw_tcp(size: int, count: int) -> dict[str, Any]:
-    """Seconds to send ``size`` bytes from one process to another over loopback TCP (until acked)."""
+def raw_tcp(size: int, count: int, host: str = "127.0.0.1", launch: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Seconds to send ``size`` bytes from one process to another over TCP (until acked): over
+    loopback by default, or to a receiver started with ``launch`` in front of its command (e.g.
+    ``ip netns exec NS``), listening on every address, reached at ``host``."""
     import socket
 
     import numpy as np
 
-    receiver = subprocess.Popen([sys.executable, "-c", RECEIVER, str(size), str(count)], stdout=subprocess.PIPE,
+    code = RECEIVER if not launch else RECEIVER.replace('"127.0.0.1"', '"0.0.0.0"')
+    receiver = subprocess.Popen([*launch, sys.executable, "-c", code, str(size), str(count)], stdout=subprocess.PIPE,
                                 text=True)
     try:
         assert receiver.stdout is not None
@@ -60,7 +63,7 @@ def raw_tcp(size: int, count: int) -> dict[str, Any]:
         samples = []
         for _ in range(count):
             started = time.perf_counter()
-            with socket.create_connection(("127.0.0.1", port)) as sock:
+            with socket.create_connection((host, port)) as sock:
                 sock.sendall(memoryview(data))
                 if sock.recv(1) != b"k":
                     raise RuntimeError("receiver did not acknowledge")
@@ -69,4 +72,5 @@ def raw_tcp(size: int, count: int) -> dict[str, Any]:
     finally:
         if receiver.poll() is None:
             receiver.kill()
+            receiver.wait()
     return summarize(samples)

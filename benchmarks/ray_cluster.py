@@ -26,8 +26,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,7 +35,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path[:0] = [str(REPO / "tests"), str(REPO)]
 
-from baselines import RECEIVER  # noqa: E402
+from baselines import raw_tcp  # noqa: E402
 from common import LocalKernel, emit, in_kernel_loop, summarize  # noqa: E402
 
 #: the rows' types: Ray's remote node has the h100; the local gateway declares one too
@@ -158,30 +156,8 @@ def magic_transfers(gateway: Any, size: int, count: int) -> dict[str, Any]:
 
 def raw_tcp_to(cluster: Any, node: str, size: int, count: int) -> dict[str, Any]:
     """Seconds to send ``size`` bytes from this namespace to a receiver on ``node`` (until acked)."""
-    import numpy as np
-
-    receiver = subprocess.Popen(
-        ["ip", "netns", "exec", cluster.nodes[node].namespace, sys.executable, "-c",
-         RECEIVER.replace('"127.0.0.1"', '"0.0.0.0"'), str(size), str(count)],
-        stdout=subprocess.PIPE, text=True)
-    try:
-        assert receiver.stdout is not None
-        port = int(receiver.stdout.readline())
-        data = np.ones(size, dtype=np.uint8)
-        samples = []
-        for _ in range(count):
-            began = time.perf_counter()
-            with socket.create_connection((cluster.nodes[node].ip, port)) as sock:
-                sock.sendall(memoryview(data))
-                if sock.recv(1) != b"k":
-                    raise RuntimeError("receiver did not acknowledge")
-            samples.append(time.perf_counter() - began)
-        receiver.wait(30)
-    finally:
-        if receiver.poll() is None:
-            receiver.kill()
-            receiver.wait()
-    return summarize(samples)
+    return raw_tcp(size, count, host=cluster.nodes[node].ip,
+                   launch=("ip", "netns", "exec", cluster.nodes[node].namespace))
 
 
 def node_death(cluster: Any, gateway: Any) -> float:
