@@ -14,31 +14,12 @@ from jupyter_gpu.protocol import GRANTED, REASON_BUDGET, REASON_DELETED, RELEASE
 from pool_manager.admission import Admission
 from pool_manager.budgets import BudgetConfig, BudgetPolicy, Limits
 from pool_manager.core import LeaseRequestError, PoolCore, PoolPolicy
-from pool_manager.model import Device, Lease, LeaseEnded, LeaseNoticed
+from pool_manager.model import Lease, LeaseEnded, LeaseNoticed
+from tests.test_pool_core import FakeClock, inventory
 
 #: Sunday 2026-11-29 10:00 UTC
 T0 = datetime(2026, 11, 29, 10, 0, tzinfo=UTC).timestamp()
 PRICES = {"a100": 4.0, "h100": 8.0, "cpu": 0.0}
-
-
-class FakeClock:
-    """Wall-clock seconds that move only when the test says so (the core's both clocks)."""
-
-    def __init__(self) -> None:
-        self.now = 0.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def set(self, now: float) -> None:
-        self.now = float(now)
-
-
-def inventory(spec: str) -> list[Device]:
-    counts = dict(part.split("=") for part in spec.split(","))
-    numbered = enumerate((t for t, n in counts.items() for _ in range(int(n))))
-    return [Device(f"dev-{i}", gpu_type, None if gpu_type == "cpu" else i, gpu_type.upper(), 81920)
-            for i, gpu_type in numbered]
 
 
 def make_pool(users: dict[str, Any] | None = None, groups: dict[str, Any] | None = None,

@@ -23,22 +23,16 @@ from pool_manager.ray_autoscale import (
     parse_report,
 )
 from pool_manager.scaler import NodeGroup, Scaler
+from tests.test_pool_core import FakeClock
 
 H100 = NodeKind("h100", "p5.48xlarge", 8, ("h100-spot", "h100"))
 A100 = NodeKind("a100", "p4d.24xlarge", 8, ("a100",))
 CAPACITY = "InsufficientInstanceCapacity"
 
 
-class FakeClock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
 def make_pool(max_queue_wait: float = 0.0) -> tuple[PoolCore, DemandPlanner, FakeClock]:
     clock = FakeClock()
+    clock.set(1000.0)
     ids = itertools.count(1)
     core = PoolCore([], PoolPolicy(min_warm=0), clock, new_id=lambda: f"id{next(ids)}",
                     launchable={"h100": 8, "a100": 8})
@@ -188,6 +182,7 @@ NODE = "10.77.0.132"
 
 def pool_with_node(minimum: int = 0) -> tuple[PoolCore, IdleNodes]:
     clock = FakeClock()
+    clock.set(1000.0)
     ids = itertools.count(1)
     devices = [Device(f"n1/{i}", "h100", i, "H100", 81920, True, "10.77.0.132") for i in range(8)]
     core = PoolCore(devices, PoolPolicy(min_warm=1), clock, new_id=lambda: f"id{next(ids)}", launchable={"h100": 8})

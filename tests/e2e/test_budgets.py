@@ -9,16 +9,16 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
 from .conftest import make_gateway
-from .gateway_process import GatewayProcess
+from .gateway_process import GatewayProcess, poll
 
 NOTEBOOK = "work/budget.ipynb"
 USERS = ("alice", "bob", "carol", "dave")
@@ -26,7 +26,6 @@ PRICES = 'c.PoolManager.price_per_gpu_hour = {"a100": 3600.0}  # $1 a second\n'
 BUDGETS = """c.Budgets.users = {"alice": {"money_per_month": 15}}
 c.Budgets.groups = {"lab": {"gpu_hours_per_day": 6 / 3600, "members": ["bob", "carol"]}}
 """
-T = TypeVar("T")
 
 
 @pytest.fixture(scope="module")
@@ -47,14 +46,6 @@ def write_config(gateway: GatewayProcess, text: str) -> None:
     os.utime(path, (stamp, stamp))
 
 
-def wait_for(what: Callable[[], T | None], timeout: float = 20.0, message: str = "") -> T:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        found = what()
-        if found:
-            return found
-        time.sleep(0.2)
-    raise TimeoutError(message)
 
 
 class Notebook:
@@ -95,7 +86,7 @@ def test_a_money_budget_warns_in_the_notebook_ends_the_lease_keeping_its_variabl
             leases = gateway.get("alice", "/api/gpu/leases").body
             return next((lease for lease in leases if lease["notices"]), None)
 
-        lease = wait_for(warned, timeout=30, message=gateway.log_text())
+        lease = poll(warned, 30, "the 90% notice")
         assert [n["kind"] for n in lease["notices"]] == ["budget"]
         text = notebook.run("print('thinking')")
         # $13.50 at the tick, plus what the tick comes late ($1 a second: a loaded 2-core machine
@@ -106,12 +97,12 @@ def test_a_money_budget_warns_in_the_notebook_ends_the_lease_keeping_its_variabl
         assert " UTC; then its leases end, keeping their variables (in " in text, text
 
         # at $15 it ends, with reason budget, after its variables were saved
-        ended = wait_for(lambda: (row := gateway.get("alice", f"/api/gpu/leases/{lease['id']}").body)["state"]
-                         == "released" and row, timeout=10, message=gateway.log_text())
+        ended = poll(lambda: (row := gateway.get("alice", f"/api/gpu/leases/{lease['id']}").body)["state"]
+                     == "released" and row, 10, "the lease's end at 100%")
         assert ended["reason"] == "budget"
         assert ended["gpu_seconds"] == pytest.approx(15.4, abs=0.5)  # due at 15 s; the tick may come late
-        kept = wait_for(lambda: [s["names"] for s in gateway.get("alice", "/api/gpu/snapshots").body
-                                 if s["state"] == "kept" and s["notebook"] == NOTEBOOK], timeout=10)
+        kept = poll(lambda: [s["names"] for s in gateway.get("alice", "/api/gpu/snapshots").body
+                             if s["state"] == "kept" and s["notebook"] == NOTEBOOK], 10, "the kept snapshot")
         assert kept == [["x"]]
 
         text = notebook.run("%%gpu a100\nprint(x + 1)")
@@ -147,7 +138,7 @@ def test_a_group_budget_is_shared_by_two_users_and_ends_both_leases(budget_gatew
                   for user, lease in (("bob", bobs), ("carol", carols))]
         return leases if all(lease["state"] == "released" for lease in leases) else None
 
-    ended = wait_for(both_ended, message=gateway.log_text())
+    ended = poll(both_ended, 20, "both leases to end")
     assert [lease["reason"] for lease in ended] == ["budget", "budget"]
     assert all("budget gpu_hours_per_day of group lab is used up" in lease["reason_message"] for lease in ended)
     # 6 GPU-seconds between them, whichever got its kernel first
@@ -181,19 +172,19 @@ def test_budgets_change_without_a_restart(budget_gateway: GatewayProcess) -> Non
             return None
         return dict(reply.body)
 
-    body = wait_for(refused, timeout=10, message=gateway.log_text())
+    body = poll(refused, 10, "the new budget to refuse")
     assert body["message"].startswith("budget gpus of user dave does not allow 1 more: 1 of 1 GPUs held or "
                                       "waited for; it frees as leases end")
 
     # A broken file changes nothing: the budgets in force stay.
     write_config(gateway, "c.Budgets.users = {\n")
-    wait_for(lambda: "config changed but was not applied" in gateway.log_text(), timeout=10)
+    poll(lambda: "config changed but was not applied" in gateway.log_text(), 10, "the broken file to be logged")
     assert gateway.post("dave", "/api/gpu/leases", {"gpu": "a100"}).status == 403
 
     # A budget lowered under what a running lease used ends it at once.
     write_config(gateway, PRICES + 'c.Budgets.users = {"dave": {"gpu_hours_per_day": 0.0001}}\n')
-    lease = wait_for(lambda: (row := gateway.get("dave", f"/api/gpu/leases/{held['id']}").body)["state"]
-                     == "released" and row, timeout=10, message=gateway.log_text())
+    lease = poll(lambda: (row := gateway.get("dave", f"/api/gpu/leases/{held['id']}").body)["state"]
+                 == "released" and row, 10, "the lease to end under the lowered budget")
     assert lease["reason"] == "budget"
 
 

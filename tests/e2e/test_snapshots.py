@@ -14,7 +14,7 @@ import pytest
 from nbclient import NotebookClient
 
 from .conftest import make_gateway
-from .gateway_process import GatewayProcess
+from .gateway_process import GatewayProcess, poll
 
 NOTEBOOK = "work/analysis.ipynb"
 
@@ -147,14 +147,6 @@ def test_a_gateway_restart_keeps_snapshots(tmp_path: Path) -> None:
         gateway.stop()
 
 
-def poll(predicate: Any, timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise TimeoutError(what)
 
 
 @pytest.mark.asyncio
