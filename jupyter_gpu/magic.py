@@ -231,8 +231,11 @@ class GpuMagics(Magics):
 
     def show_notices(self, info: Any = None) -> None:
         """Print the lease notices posted since the last look (at most one look per
-        NOTICE_CHECK_INTERVAL, and none while the notebook holds no lease)."""
+        NOTICE_CHECK_INTERVAL, and none while the notebook holds no lease or while the watcher
+        thread looks: it shows them in this cell by itself, so the cell pays no round trip)."""
         if self.client is None or not self.client.sessions:
+            return
+        if self._notice_watcher is not None and self._notice_watcher.running:
             return
         now = time.monotonic()
         if now - self._notices_checked < NOTICE_CHECK_INTERVAL:
