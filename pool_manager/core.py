@@ -413,7 +413,7 @@ class PoolCore:
         return min((lease_deadline, gpu_idle, budget_due, *self._backoff_until.values()), key=_or_inf, default=None)
 
     def _warn_gpu_idle(self, lease: Lease, seconds_left: float) -> None:
-        idle_for = _duration(self.policy.gpu_idle_timeout - seconds_left)
+        idle_for = duration_text(self.policy.gpu_idle_timeout - seconds_left)
         self.notify(
             lease.id,
             REASON_GPU_IDLE,
@@ -871,7 +871,8 @@ class PoolCore:
         self._slot_index.touch(slot)
 
 
-def _duration(seconds: float) -> str:
+def duration_text(seconds: float) -> str:
+    """``45 s`` or ``12 min``: how long, as messages to users say it."""
     return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 from jupyter_gpu.protocol import GRANTED, QUEUED, GpuChoice, type_matches
 
-from .core import PoolCore
+from .core import PoolCore, duration_text
 from .ray_nodes import accelerator_resource
 from .scaler import NodeMayGo, Scaler
 
@@ -149,10 +149,10 @@ class DemandPlanner:
                 ahead[gpu_type] = ahead.get(gpu_type, 0) + 1
             elif refused:
                 notes[lease_id] = "no capacity: " + "; ".join(f"{t}: {why}" for t, why in refused) + (
-                    f"; waiting up to {_duration(self.max_queue_wait)} in all" if self.max_queue_wait else "")
+                    f"; waiting up to {duration_text(self.max_queue_wait)} in all" if self.max_queue_wait else "")
             if self.max_queue_wait and now - lease.queued_at > self.max_queue_wait:
                 why = notes.get(lease_id, "no GPU became free")
-                expired[lease_id] = (f"no {lease.spec} within --max-queue-wait {_duration(self.max_queue_wait)} "
+                expired[lease_id] = (f"no {lease.spec} within --max-queue-wait {duration_text(self.max_queue_wait)} "
                                      f"({why}): try again later or ask for other types, e.g. `%%gpu {lease.spec}|any`")
         self._log_changes(now, demand, report, expired)
         return DemandPlan(bundles, notes, expired)
@@ -204,10 +204,6 @@ class DemandPlanner:
         for lease_id, why in expired.items():
             self._decide((now, f"lease {lease_id} ended no_capacity: {why}"))
         self._last_demand, self._last_refused = demand, dict(report.refused)
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds:.0f} s" if seconds < 120 else f"{seconds / 60:.0f} min"
 
 
 class IdleNodes:

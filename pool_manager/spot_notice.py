@@ -100,15 +100,16 @@ class SpotWatch:
         probes = self.probes()
         for gone in [node for node in self.interrupted if node not in probes]:
             del self.interrupted[gone]  # it left: a new machine may come up at its address
-        for node, probe in probes.items():
-            if node in self.interrupted:
-                continue
-            try:
-                action = await asyncio.to_thread(probe)
-            except Exception as exc:  # no metadata service, an odd answer, or Ray's own errors on the way there
+        asking = [node for node in probes if node not in self.interrupted]
+        # All at once: a node that does not answer must not hold back the others' notices (AWS
+        # gives two minutes; a probe may take its whole timeout).
+        answers = await asyncio.gather(*(asyncio.to_thread(probes[node]) for node in asking), return_exceptions=True)
+        for node, action in zip(asking, answers, strict=True):
+            if isinstance(action, BaseException):
+                # no metadata service, an odd answer, or Ray's own errors on the way there
                 if node not in self._failing:
                     log.warning("spot notices: cannot read the metadata service of node %s (%s); asking again "
-                                "every %.0f s", node, exc, self.interval)
+                                "every %.0f s", node, action, self.interval)
                     self._failing.add(node)
                 continue
             self._failing.discard(node)
