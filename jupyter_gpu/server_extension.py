@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,9 @@ from .protocol import TOKEN_ENV, URL_ENV, Reason, SpecError, error_body, parse_g
 API_PREFIX = "jupyter-gpu"
 #: Gateway clients one server keeps (one per identity it forwards).
 _MAX_CLIENTS = 16
+#: Seconds a failed look for the gateway in the Hub's service list is remembered: the look is a
+#: blocking call to the Hub on the server's event loop, and the sidebar asks every few seconds.
+HUB_RETRY_SECONDS = 30.0
 
 
 class JupyterGpu(Configurable):
@@ -53,25 +57,29 @@ class JupyterGpu(Configurable):
     def _token_from_env(self) -> str:
         return os.environ.get(TOKEN_ENV, "")
 
+    _hub_error: hub.HubDiscoveryError | None = None
+    _hub_error_at = 0.0
+
     @property
     def url(self) -> str:
         if not self.gateway_url and hub.in_hub():
             # A JupyterHub single-user server: the gateway is one of the Hub's services.
+            if self._hub_error is not None and time.monotonic() - self._hub_error_at < HUB_RETRY_SECONDS:
+                return ""  # client() says why
             try:
                 self.gateway_url = hub.gateway_url_from_hub()
-            except hub.HubDiscoveryError:
-                return ""  # client() says why
+                self._hub_error = None
+            except hub.HubDiscoveryError as exc:
+                self._hub_error, self._hub_error_at = exc, time.monotonic()
+                return ""
         return self.gateway_url.rstrip("/")
 
     def client(self, hub_token: str = "") -> GatewayClient:
         """The same client the ``%%gpu`` magic uses, with this server's token (``hub_token``: the
         logged-in JupyterHub user's own token, which then stands for them instead)."""
         if not self.url:
-            if hub.in_hub():
-                try:
-                    hub.gateway_url_from_hub()
-                except hub.HubDiscoveryError as exc:
-                    raise GatewayError(str(exc), 0, exc.reason) from None
+            if self._hub_error is not None:
+                raise GatewayError(str(self._hub_error), 0, self._hub_error.reason)
             raise GatewayError(
                 f"no gateway configured: start JupyterLab with {URL_ENV} and {TOKEN_ENV} set "
                 "(or c.JupyterGpu.gateway_url and c.JupyterGpu.gateway_token)",
