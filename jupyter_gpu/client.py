@@ -1,7 +1,7 @@
 """The one client of the gateway: the ``%%gpu`` magic and the sidebar's server extension both use it.
 
-Its REST methods block, each with a one-line async twin (``atypes`` for ``types``) that runs
-it in a worker thread: the magic (a plain function on the kernel's main thread, inside the
+Its REST methods block; those the server extension calls have a one-line async twin (``atypes``
+for ``types``) that runs it in a worker thread: the magic (a plain function on the kernel's main thread, inside the
 kernel's running event loop) calls them directly, the server extension awaits the twins on
 jupyter_server's loop. Blocking first because the magic is where latency shows: a call costs
 one round trip on a kept-alive connection, with no event loop or thread in between, and it
@@ -205,7 +205,7 @@ class GatewayClient:
         message = str(error.get("message") or f"gateway at {self.config.url} answered {status}")
         return GatewayError(message, status, str(error.get("reason") or Reason.GATEWAY_ERROR))
 
-    # --- the API (blocking, and each one's async twin) ----------------------------------------
+    # --- the API (blocking; the server extension's calls have async twins) ----------------------
 
     def types(self) -> list[dict[str, Any]]:
         return list(self.request("GET", "/api/gpu/types"))
@@ -249,14 +249,8 @@ class GatewayClient:
 
     atypes = _in_thread(types)
     aleases = _in_thread(leases)
-    acreate_lease = _in_thread(create_lease)
-    aget_lease = _in_thread(get_lease)
     adelete_lease = _in_thread(delete_lease)
-    asnapshots = _in_thread(snapshots)
-    aforget_snapshots = _in_thread(forget_snapshots)
-    ausage = _in_thread(usage)
     abudgets = _in_thread(budgets)
-    ainterrupt = _in_thread(interrupt)
 
     def open_channel(self, kernel_id: str, session_id: str | None = None) -> KernelChannel:
         return KernelChannel.open(self.config, kernel_id, session_id)

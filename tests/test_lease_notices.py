@@ -154,7 +154,7 @@ async def test_notices_reach_the_notebook_through_the_lease_view(tmp_path: Path)
         assert await asyncio.to_thread(notebook.new_notices) == []
         when = running.gateway.service.core.wall_clock() + 300
         running.gateway.service.notify(session.lease_id, "budget", "90% of today's GPU budget is spent", when)
-        view = await running.client().aget_lease(session.lease_id)
+        view = await asyncio.to_thread(running.client().get_lease, session.lease_id)
         assert [(n["seq"], n["kind"], n["when"]) for n in view["notices"]] == [(1, "budget", when)]
         lines = await asyncio.to_thread(notebook.new_notices)
         assert lines == ["jupyter-gpu: cpu lease: 90% of today's GPU budget is spent (in 5 min)"]
