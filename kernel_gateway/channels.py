@@ -7,7 +7,6 @@ JSON protocol. Either way the frames go to the kernel's :class:`KernelRelay`.
 
 from __future__ import annotations
 
-import inspect
 import json
 import logging
 import struct
@@ -28,6 +27,7 @@ from jupyter_gpu.protocol import (
 
 from .errors import ApiError
 from .handlers import GatewayHandlerMixin
+from .identity import User
 from .relay import KernelRelay
 from .relay_state import TO_KERNEL_CHANNELS, Part, RelayedMessage, make_message
 
@@ -126,12 +126,10 @@ class ChannelsHandler(GatewayHandlerMixin, websocket.WebSocketHandler):
             self._recheck.start()
 
     async def _close_if_no_longer_allowed(self) -> None:
-        """Ask the identity provider again (the Hub's answer is cached): close the socket when the
-        token no longer names the user who opened it."""
-        identity = self.settings["identity_provider"]
+        """The handshake's check again (the Hub's answer is cached): close the socket when the
+        token no longer names the user who opened it, or that user may no longer execute code."""
         try:
-            found = identity.get_user(self)
-            user = await found if inspect.isawaitable(found) else found
+            user: User | None = await self.identify()
         except ApiError as exc:
             if exc.status_code >= 500:
                 return  # the Hub did not answer: no proof of revocation, so look again next time
