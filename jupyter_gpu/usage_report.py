@@ -11,6 +11,7 @@ import json
 import sys
 from typing import Any
 
+from .budget_view import format_budgets
 from .client import GatewayClient, GatewayConfig, GatewayError
 
 
@@ -72,7 +73,10 @@ def format_paid(paid: dict[str, Any]) -> list[str]:
 
 
 def format_mine(data: dict[str, Any]) -> str:
+    """A user's usage as ``jupyter-gpu usage`` and ``%gpu usage`` both print it: GPU-hours and
+    cost per type as a bill shows them, the total, then what is left of each budget."""
     types = [[name, _hours(e["gpu_seconds"]), f"${e['cost']:.2f}"] for name, e in data["by_type"].items()]
     out = _table(f"usage of {data['user']}", types, ["type", "GPU-hours", "cost"])
     out += [f"total: {_hours(data['total_gpu_seconds'])} GPU-hours, ${data['total_cost']:.2f}"]
+    out += [format_budgets(data.get("budgets", []))]
     return "\n".join(out)
