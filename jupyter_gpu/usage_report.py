@@ -1,35 +1,21 @@
-"""``jupyter-gpu usage [--all]``: GPU-hours and cost from the gateway, mine or (operators) everyone's.
-
-The gateway is found as the magic finds it (``JUPYTER_GPU_URL`` / ``JUPYTER_GPU_TOKEN``, or the
-JupyterHub this runs under), so it works in a Hub terminal with no set-up as well.
-"""
+"""``jupyter-gpu usage [--all]``: GPU-hours and cost from the gateway, mine or (operators) everyone's."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from typing import Any
 
 from .budget_view import format_budgets
-from .client import GatewayClient, GatewayConfig, GatewayError
+from .gateway_command import as_json, command_parser, fetch
 
 
 def usage_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jupyter-gpu usage", description="GPU time and cost metered by the gateway.")
+    parser = command_parser("jupyter-gpu usage", "GPU time and cost metered by the gateway.")
     parser.add_argument("--all", action="store_true", help="every user's usage, by user and by group (operators)")
-    parser.add_argument("--json", action="store_true", help="the gateway's JSON as it is")
     args = parser.parse_args(argv)
-    try:
-        client = GatewayClient(GatewayConfig.from_env())
-        data = client.request("GET", "/api/gpu/usage" + ("?all=1" if args.all else ""))
-    except GatewayError as exc:
-        print(f"jupyter-gpu usage: {exc}", file=sys.stderr)
+    data = fetch(parser.prog, "/api/gpu/usage" + ("?all=1" if args.all else ""))
+    if data is None:
         return 1
-    if args.json:
-        print(json.dumps(data, indent=2))
-    else:
-        print(format_all(data) if args.all else format_mine(data))
+    print(as_json(data) if args.json else format_all(data) if args.all else format_mine(data))
     return 0
 
 
