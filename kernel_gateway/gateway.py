@@ -10,7 +10,6 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -78,10 +77,6 @@ class NotFound(ApiError, LookupError):
         super().__init__(404, f"no {what} {name}", Reason.NOT_FOUND)
 
 
-#: How many ended leases' reason messages (which budget ended them) the API can still show.
-_REMEMBERED = 4096
-
-
 class MeteringFull(RuntimeError):
     """The usage database cannot be written (its disk is full): no new lease can be billed."""
 
@@ -124,8 +119,6 @@ class Gateway:
         self._preconnecting: set[asyncio.Task[None]] = set()
         # Leases whose newest state could not be written (disk full), written at the next heartbeat.
         self._unwritten: dict[str, Lease | LeaseSnapshot] = {}
-        #: lease id -> why an ended lease ended, in words (which budget)
-        self.reason_messages: OrderedDict[str, str] = OrderedDict()
         self.started_at = time.time()
         service.listeners.append(self._on_pool_action)
         #: an autoscaled pool's instance-hours, in the metering file next to the leases
@@ -420,7 +413,6 @@ class Gateway:
             raise NotFound(lease_id, "lease")
         if self.snapshots is not None:
             row.update(self.snapshots.lease_info(lease_id))  # what its end kept
-        row["reason_message"] = self.reason_messages.get(lease_id, "")
         row["capacity_note"] = self.service.capacity_note(lease_id)  # why a wait for a node ended
         return row
 
@@ -610,8 +602,6 @@ class Gateway:
         elif isinstance(action, LeaseEnded):
             lease = action.lease
             self._record(lease)
-            if lease.reason_message:
-                _remember(self.reason_messages, lease.id, lease.reason_message)
             node = self._lease_nodes.pop(lease.id, "?")
             relay = self.relays.pop(lease.kernel_id or "", None) if lease.granted_at is not None else None
             self.kernel_ids.forget(lease.kernel_id or "")
@@ -678,10 +668,3 @@ class Gateway:
                 self.metering.heartbeat(held, time.time())
             except Exception:  # a full disk must not take the gateway down
                 log.exception("metering heartbeat failed")
-
-
-def _remember(table: OrderedDict[str, str], lease_id: str, message: str) -> None:
-    table[lease_id] = message
-    table.move_to_end(lease_id)
-    while len(table) > _REMEMBERED:
-        table.popitem(last=False)
