@@ -238,21 +238,24 @@ class Gateway:
         except MeteringFull as exc:
             raise ApiError(507, str(exc), Reason.METERING_UNAVAILABLE) from None
 
-    async def wait_for_lease(self, user: str, lease_id: str, seconds: float) -> dict[str, Any]:
-        """The lease, once it leaves the queue or ``seconds`` pass (a long poll)."""
+    async def wait_for_lease(self, user: str, lease_id: str, seconds: float, operator: bool = False) -> dict[str, Any]:
+        """The lease, once it leaves the queue or ``seconds`` pass (a long poll); an ``operator``'s
+        question may be about anyone's."""
         if seconds > 0:
             with contextlib.suppress(NotFound):
-                await self.service.wait_while_queued(self.active_lease(user, lease_id), seconds)
-        return self.lease_json(user, lease_id)
+                await self.service.wait_while_queued(self.active_lease(user, lease_id, operator), seconds)
+        return self.lease_json(user, lease_id, operator)
 
-    def release_lease(self, user: str, lease_id: str, forget: bool = False,
-                      reason: str = Reason.DELETED) -> dict[str, Any]:
-        """End (or cancel) the lease; one that ended already is answered as it is.
+    def release_lease(self, user: str, lease_id: str, forget: bool = False, operator: bool = False) -> dict[str, Any]:
+        """End (or cancel) the lease; one that ended already is answered as it is. An ``operator``
+        may end anyone's (reason ``operator`` where it is not their own).
         ``forget``: keep none of its variables for the notebook's next lease."""
         try:
-            return self.end_lease(user, lease_id, reason, forget)
+            lease = self.active_lease(user, lease_id, operator)
         except NotFound:
-            return self.lease_json(user, lease_id)
+            return self.lease_json(user, lease_id, operator)
+        reason = Reason.DELETED if lease.user == user else Reason.OPERATOR
+        return self.end_lease(lease.user, lease_id, reason, forget)
 
     async def start_kernel(self, user: str, name: Any, timeout: float, groups: Iterable[str] = ()) -> dict[str, Any]:
         """``POST /api/kernels`` of stock Jupyter clients: a kernelspec ``gpu-TYPE`` means a lease.
@@ -347,14 +350,6 @@ class Gateway:
 
     # --- operators: every user's leases and usage -----------------------------------------
 
-    def lease_owner(self, lease_id: str) -> str | None:
-        """Whose lease this is, active or ended (None: no such lease)."""
-        lease = self.service.core.leases.get(lease_id) or self._unwritten.get(lease_id)
-        if lease is not None:
-            return lease.user
-        row = self.metering.get(lease_id)
-        return str(row["user"]) if row is not None else None
-
     def all_leases_json(self, include_released: bool = False) -> list[dict[str, Any]]:
         """Every user's active leases (``user`` says whose), oldest first; ended ones too on request."""
         active = [self.describe(lease) for lease in self.service.core.leases.values()]
@@ -398,18 +393,21 @@ class Gateway:
             ) from None
         return lease
 
-    def active_lease(self, user: str, lease_id: str) -> Lease:
+    def active_lease(self, user: str, lease_id: str, operator: bool = False) -> Lease:
+        """The user's active lease (an ``operator``'s: anyone's)."""
         lease = self.service.core.leases.get(lease_id)
-        if lease is None or lease.user != user:
+        if lease is None or not (operator or lease.user == user):
             raise NotFound(lease_id, "lease")
         return lease
 
-    def lease_json(self, user: str, lease_id: str) -> dict[str, Any]:
+    def lease_json(self, user: str, lease_id: str, operator: bool = False) -> dict[str, Any]:
+        """The user's lease (an ``operator``'s: anyone's), active or ended: an ended one is read
+        from the metering file once, whose it is and all."""
         lease = self.service.core.leases.get(lease_id) or self._unwritten.get(lease_id)
-        if lease is not None and lease.user == user:
+        if lease is not None and (operator or lease.user == user):
             return self.describe(lease)
         row = self.metering.get(lease_id)
-        if row is None or row["user"] != user:
+        if row is None or not (operator or row["user"] == user):
             raise NotFound(lease_id, "lease")
         if self.snapshots is not None:
             row.update(self.snapshots.lease_info(lease_id))  # what its end kept
