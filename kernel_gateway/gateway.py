@@ -125,7 +125,7 @@ class Gateway:
         self.instance_hours: InstanceHours | None = None
         instance_listeners = getattr(service, "instance_listeners", None)
         if instance_listeners is not None:
-            self.instance_hours = InstanceHours(metering.path)
+            self.instance_hours = InstanceHours(metering)
             self.instance_hours.close_open(time.time())  # nodes still up join this gateway again
             instance_listeners.append(self.instance_hours.record)
 
@@ -161,9 +161,7 @@ class Gateway:
         if self._unwritten:
             log.error("%d lease record(s) could not be written to %s (disk full?): they will be closed at their "
                       "last heartbeat when the gateway starts again", len(self._unwritten), self.metering.path)
-        self.metering.close()
-        if self.instance_hours is not None:
-            self.instance_hours.close()
+        self.metering.close()  # and with it instance_hours, which shares its connection
 
     # --- one call per API request -------------------------------------------------------
     # Handlers parse HTTP and call one of these; what they answer, or the ApiError that

@@ -7,10 +7,12 @@ numbers a user sees and the numbers the operator scrapes cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from jupyter_gpu.protocol import GRANTED, QUEUED, RELEASED, Reason
@@ -98,6 +100,14 @@ class MeteringStore:
                 self._conn.execute("ALTER TABLE leases ADD COLUMN reason_message TEXT NOT NULL DEFAULT ''")
             self._conn.executescript(_SCHEMA)
             self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """The store's one connection, held under its lock, for another table of the same file
+        (:class:`.instance_metering.InstanceHours`): one connection to the file, one lock for
+        every thread that writes it."""
+        with self._lock:
+            yield self._conn
 
     def record(self, lease: Lease | LeaseSnapshot, price_per_gpu_hour: float) -> None:
         """Insert the lease on first sight, else update what changes as it moves through its states."""
