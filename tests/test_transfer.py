@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from jupyter_gpu import transfer
 from jupyter_gpu.transfer import Assembler, DownloadOffer, split
 
 
@@ -90,9 +91,15 @@ def test_a_staged_upload_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
                                       [])
 
 
-def test_a_download_offer_delivers_exactly_its_bytes_then_ends(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["writable array", "read-only bytes", "no vmsplice"])
+def test_a_download_offer_delivers_exactly_its_bytes_then_ends(tmp_path: Path, kind: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A writable buffer's pages go into the pipe by reference; read-only bytes, or a system
+    # without vmsplice, are copied into it: the reader gets the same bytes either way.
     data = np.random.default_rng(3).integers(0, 255, 3 * 2**20 + 7, dtype=np.uint8)
-    offer = DownloadOffer(str(tmp_path), data)
+    if kind == "no vmsplice":
+        monkeypatch.setattr(transfer, "_libc_vmsplice", None)
+    offer = DownloadOffer(str(tmp_path), data.tobytes() if kind == "read-only bytes" else data)
     path = tmp_path / offer.id
     assert stat.S_ISFIFO(path.lstat().st_mode) and path.lstat().st_mode & 0o777 == 0o600
     fd = os.open(path, os.O_RDONLY)  # as the gateway opens it: what the kernel wrote, nothing else
