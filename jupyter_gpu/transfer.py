@@ -191,8 +191,12 @@ class DownloadOffer:
             fcntl.fcntl(fd, _F_SETPIPE_SZ, _PIPE_BYTES)
         except OSError:  # a smaller pipe only means more wake-ups
             pass
-        threading.Thread(target=self._feed, args=(fd, memoryview(blob).cast("B")), daemon=True,
-                         name="jupyter-gpu-pull").start()
+        # Held until the offer is dropped (the kernel helper drops it at the next pull, after the
+        # client's fetch): the pipe, and then the socket, refer to the value's pages until the
+        # client has read them, so its memory must not be freed and reused before (a CUDA
+        # tensor's host copy, say, lives only as long as this reference).
+        self.view = memoryview(blob).cast("B")
+        threading.Thread(target=self._feed, args=(fd, self.view), daemon=True, name="jupyter-gpu-pull").start()
 
     def _feed(self, fd: int, view: memoryview) -> None:
         poller = select.poll()

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -111,6 +113,27 @@ def test_a_download_offer_delivers_exactly_its_bytes_then_ends(tmp_path: Path, k
         os.close(fd)
     assert bytes(received) == data.tobytes()  # and then end of file: the offer closed its end
     _wait_until_gone(path)
+
+
+def test_a_download_offer_keeps_the_value_alive_until_it_is_dropped(tmp_path: Path) -> None:
+    # The pipe and the gateway's socket refer to the value's pages after the offer fed them:
+    # freed and reused meanwhile (a CUDA tensor's host copy exists only for the pull), the
+    # client would receive whatever was written there next.
+    data = np.arange(5 * 2**20, dtype=np.uint8)
+    alive = weakref.ref(data)
+    offer = DownloadOffer(str(tmp_path), data)
+    del data
+    fd = os.open(tmp_path / offer.id, os.O_RDONLY)
+    try:
+        while os.read(fd, 2**20):
+            pass
+    finally:
+        os.close(fd)
+    _wait_until_gone(tmp_path / offer.id)  # fed whole, the feeding thread is done with it
+    assert alive() is not None
+    del offer
+    gc.collect()
+    assert alive() is None
 
 
 def test_a_download_offer_nobody_fetches_is_withdrawn_when_cancelled(tmp_path: Path) -> None:
