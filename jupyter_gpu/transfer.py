@@ -169,9 +169,10 @@ class DownloadOffer:
     written, no staging space is used, and no fresh memory is touched on the kernel's side
     (on a VM that hands freed memory back to its host, fresh memory is what makes a gigabyte
     slow). Copying them into the pipe instead cost the kernel ~0.3 s of CPU per gigabyte on a
-    2-core VM, on the cores the gateway and the client need. The pipe holds the pages until
-    the gateway has sent them, within the pull: a value the cell's own threads still change
-    meanwhile arrives as torn as a copy made at the same moment would. A read-only buffer
+    2-core VM, on the cores the gateway and the client need. The pipe, then the socket, refer
+    to the pages until the client has read them, within the pull: the offer holds the value
+    until it is dropped, and a value the cell's own threads still change meanwhile arrives as
+    torn as a copy made at the same moment would. A read-only buffer
     (which vmsplice cannot take the address of here) is written. A thread feeds the pipe; the FIFO
     is opened read-write so that feeding never waits for the gateway to open it, and gives up
     (removing the FIFO) when nobody has read for ``OFFER_STALL_SECONDS`` or when cancelled.
