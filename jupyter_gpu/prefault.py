@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import mmap
+import sys
 import threading
 from typing import Any
 
@@ -67,6 +68,8 @@ class PrefaultedBuffer:
 
 
 def _libc_madvise() -> Any:
+    if not sys.platform.startswith("linux"):  # the advice's number means something else elsewhere
+        return None
     try:
         madvise = ctypes.CDLL(None, use_errno=True).madvise
     except (AttributeError, OSError):
