@@ -13,7 +13,8 @@ notebook kernel there with the ``%%gpu`` magic, and prints one JSON line per row
 - ``first_cell_warm``: a new notebook's first ``%%gpu h100`` cell with a warm kernel on n2, ms
   (target <= 50); and its parts over the websocket: lease request, websocket open, first execute;
 - ``transfer``: push and pull of ``--transfer-bytes`` through ``%%gpu h100`` (kernel on n2) vs
-  raw TCP from gw to n2 (target: push >= 40% of TCP);
+  raw TCP from gw to n2 (target: >= 40% of TCP), relayed to n2's node receiver, and (rounds
+  alternating, same lease) over the websocket as with ``c.RayPool.bulk_transfers = False``;
 - ``node_death_to_lease_end``: kill -9 of n2's processes until its lease reads ``node_lost``, s
   (target <= 15).
 
@@ -138,18 +139,40 @@ async def first_cell_parts(gateway: Any, count: int) -> dict[str, Any]:
     return {key: summarize(values) for key, values in parts.items()}
 
 
+#: the notebook's session of the rows' type (its ``uploads`` says whether bulk bytes go past the websocket)
+SESSION = f"get_ipython().magics_manager.registry['GpuMagics'].sessions['{GPU}']"
+#: how a round moves large values: past the websocket (relayed to the node's receiver), or over it
+PATHS = ("node", "websocket")
+
+
+def bulk_bytes_via_nodes(gateway: Any) -> float:
+    text = gateway.get("alice", "/metrics").body
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("jupyter_gpu_bulk_bytes_total") and 'path="node"' in line)
+
+
 def magic_transfers(gateway: Any, size: int, count: int) -> dict[str, Any]:
-    """Push and pull of ``size`` bytes through ``%%gpu h100`` (a changed array each time)."""
+    """Push and pull of ``size`` bytes through ``%%gpu h100`` (a changed array each time), rounds
+    alternating between the node's receiving end and the websocket (as with bulk_transfers off)."""
     kernel = notebook(gateway)
     try:
         kernel.run(f"import numpy as np\na = np.ones({size}, dtype=np.uint8)")
         cell(kernel, f"%%gpu {GPU}\nx = 1")  # the lease, held for the transfers
-        push = kernel.value(in_kernel_loop(f"a[0] = _i % 256; get_ipython().run_cell_magic('gpu', '{GPU}', "
-                                           "'n = len(a)')", count))
-        pull = kernel.value(in_kernel_loop(f"get_ipython().run_cell_magic('gpu', '{GPU} --no-push a --pull-limit "
-                                           "4GB', 'b = a'); del b", count))
+        samples: dict[str, dict[str, list[float]]] = {path: {"push": [], "pull": []} for path in PATHS}
+        relayed = 0.0
+        for _ in range(count):
+            for path in PATHS:
+                kernel.run(f"{SESSION}.uploads = {path == 'node'}")
+                before = bulk_bytes_via_nodes(gateway)
+                samples[path]["push"] += kernel.value(in_kernel_loop(
+                    f"a[0] = _i % 256; get_ipython().run_cell_magic('gpu', '{GPU}', 'n = len(a)')", 1))
+                samples[path]["pull"] += kernel.value(in_kernel_loop(
+                    f"get_ipython().run_cell_magic('gpu', '{GPU} --no-push a --pull-limit 4GB', 'b = a'); del b", 1))
+                if path == "node":
+                    relayed += bulk_bytes_via_nodes(gateway) - before
         kernel.run("%gpu release")
-        return {"push": summarize(push), "pull": summarize(pull)}
+        return {"relayed_bytes": relayed,
+                **{path: {way: summarize(values) for way, values in ways.items()} for path, ways in samples.items()}}
     finally:
         kernel.close()
 
@@ -213,12 +236,15 @@ def measure(repeats: int, first_cells: int, transfer_bytes: int, transfers: int)
                                       "websocket_parts_local_ms": {k: ms(v) for k, v in parts_local.items()}}
             moved = magic_transfers(remote, transfer_bytes, transfers)
             tcp = raw_tcp_to(cluster, REMOTE_NODE, transfer_bytes, transfers)
-            rates = {key: transfer_bytes / moved[key]["median"] / 1e6 for key in ("push", "pull")}
             tcp_rate = transfer_bytes / tcp["median"] / 1e6
-            out["transfer"] = {"bytes": transfer_bytes, "push_mb_s": round(rates["push"]),
-                               "pull_mb_s": round(rates["pull"]), "tcp_mb_s": round(tcp_rate),
-                               "push_share_of_tcp": round(rates["push"] / tcp_rate, 3),
-                               "pull_share_of_tcp": round(rates["pull"] / tcp_rate, 3), "target_share": 0.4}
+            out["transfer"] = {"bytes": transfer_bytes, "tcp_mb_s": round(tcp_rate), "target_share": 0.4,
+                               # every byte of the node rounds went through the node's receiver
+                               "relayed_via_node": moved["relayed_bytes"] >= 2 * transfers * transfer_bytes}
+            for path, prefix in (("node", ""), ("websocket", "websocket_")):
+                for way in ("push", "pull"):
+                    rate = transfer_bytes / moved[path][way]["median"] / 1e6
+                    out["transfer"][f"{prefix}{way}_mb_s"] = round(rate)
+                    out["transfer"][f"{prefix}{way}_share_of_tcp"] = round(rate / tcp_rate, 3)
             out["node_death_to_lease_end"] = {"seconds": round(node_death(cluster, remote), 1), "target_s": 15}
             for gateway in gateways:
                 gateway.stop()
