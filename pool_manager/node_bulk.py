@@ -148,6 +148,7 @@ class NodeReceiver:
         self.endpoint = BulkEndpoint(host, self._listener.getsockname()[1], self.secret)
         self._workers = ThreadPoolExecutor(NODE_WORKERS, thread_name_prefix="jupyter-gpu-node-bulk")
         self._active: set[socket.socket] = set()
+        self._lock = threading.Lock()  # _active: the accepting thread, the workers and close() all touch it
         self._closed = False
         self._acceptor = threading.Thread(target=self._accept, name="jupyter-gpu-node-bulk-accept", daemon=True)
         self._acceptor.start()
@@ -155,7 +156,9 @@ class NodeReceiver:
     def close(self) -> None:
         """Stop listening and cut every transfer in progress (the kernel is going away)."""
         self._closed = True
-        for sock in [self._listener, *self._active]:
+        with self._lock:
+            cut = [self._listener, *self._active]
+        for sock in cut:
             try:
                 sock.shutdown(socket.SHUT_RDWR)
             except OSError:
@@ -169,12 +172,12 @@ class NodeReceiver:
                 sock, _ = self._listener.accept()
             except OSError:
                 return  # closed
-            self._active.add(sock)
+            with self._lock:
+                self._active.add(sock)
             try:
                 self._workers.submit(self._serve, sock)
             except RuntimeError:  # shut down meanwhile
-                self._active.discard(sock)
-                sock.close()
+                self._forget(sock)
 
     def _serve(self, sock: socket.socket) -> None:
         try:
@@ -194,8 +197,12 @@ class NodeReceiver:
         except (OSError, ValueError) as exc:
             log.warning("bulk transfer from %s failed: %s", node_name(sock), exc)
         finally:
+            self._forget(sock)
+
+    def _forget(self, sock: socket.socket) -> None:
+        with self._lock:
             self._active.discard(sock)
-            sock.close()
+        sock.close()
 
     def _refusal(self, challenge: str, request: dict[str, Any]) -> dict[str, str] | None:
         """Why the request is not served, or None when it is the gateway's and well formed."""
