@@ -33,6 +33,7 @@ from pool_manager.core import NO_CAPACITY, LeaseRequestError
 from pool_manager.inventory import gpu_status
 from pool_manager.manager import PoolManager
 from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted, LeaseSnapshot, LeaseView, Notice
+from pool_manager.node_bulk import BulkEndpoint
 from pool_manager.service import PoolService
 
 from .download_sender import DownloadSender
@@ -507,10 +508,20 @@ class Gateway:
         """Where uploads for this kernel go (the kernel maps them from there), if anywhere."""
         return self.service.backend.staging_dir(kernel_id)
 
-    def upload_target(self, user: str, kernel_id: str, nbytes_text: str, limit: int) -> tuple[str, int]:
-        """Where an upload of ``nbytes_text`` bytes to the user's kernel goes, and its size,
-        once it is allowed and fits (raises NotFound or the ApiError that says why not)."""
-        staging = self.staging_dir(self.owned_kernel(user, kernel_id).kernel_id or "")
+    def node_endpoint(self, kernel_id: str) -> BulkEndpoint | None:
+        """Where this kernel's bulk bytes go when its staging directory is on another machine (a Ray node)."""
+        return self.service.backend.bulk_endpoint(kernel_id)
+
+    def upload_target(self, user: str, kernel_id: str, nbytes_text: str, limit: int
+                      ) -> tuple[str | BulkEndpoint, int]:
+        """Where an upload of ``nbytes_text`` bytes to the user's kernel goes (its staging directory
+        here, or its node's receiving end), and its size, once it is allowed and fits (raises
+        NotFound or the ApiError that says why not; the node checks its own free space)."""
+        kernel = self.owned_kernel(user, kernel_id).kernel_id or ""
+        endpoint = self.node_endpoint(kernel)
+        if endpoint is not None:
+            return endpoint, self.uploads.check_size(nbytes_text, limit)
+        staging = self.staging_dir(kernel)
         nbytes = self.uploads.check(staging, nbytes_text, limit)
         assert staging is not None  # check() refuses uploads without a staging area
         return staging, nbytes
