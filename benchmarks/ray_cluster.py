@@ -175,8 +175,9 @@ def ms(summary: dict[str, Any]) -> float:
     return round(summary["median"] * 1000, 2)
 
 
-def measure(repeats: int, first_cells: int, transfer_bytes: int, transfers: int) -> dict[str, Any]:
-    """Every row, on a cluster brought up here and torn down after (its namespaces too)."""
+def measure(repeats: int, first_cells: int, transfer_bytes: int, transfers: int,
+            first_cell_only: bool = False) -> dict[str, Any]:
+    """Every row (or the first cell's alone), on a cluster brought up here and torn down after (its namespaces too)."""
     from e2e.conftest import make_gateway
     from ray_cluster.conftest import ray_gateway
     from ray_cluster.netns_cluster import NamespaceCluster
@@ -197,12 +198,13 @@ def measure(repeats: int, first_cells: int, transfer_bytes: int, transfers: int)
             gateways.append(remote)
             local = make_gateway(cluster.root / "local-gateway", "--inventory", f"{GPU}=1", "--cpu-slots", "0").start()
             gateways.append(local)
-            on_ray, on_local = magic_x1(remote, repeats), magic_x1(local, repeats)
-            ws_ray, ws_local = asyncio.run(websocket_x1(remote, repeats)), asyncio.run(websocket_x1(local, repeats))
-            out["execute_x1"] = {
-                "remote_ms": ms(on_ray), "local_ms": ms(on_local), "remote_p99_ms": round(on_ray["p99"] * 1000, 2),
-                "ratio": round(on_ray["median"] / on_local["median"], 2), "target_ratio": 1.3,
-                "websocket_remote_ms": ms(ws_ray), "websocket_local_ms": ms(ws_local)}
+            if not first_cell_only:
+                on_ray, on_local = magic_x1(remote, repeats), magic_x1(local, repeats)
+                ws_ray, ws_local = asyncio.run(websocket_x1(remote, repeats)), asyncio.run(websocket_x1(local, repeats))
+                out["execute_x1"] = {
+                    "remote_ms": ms(on_ray), "local_ms": ms(on_local), "remote_p99_ms": round(on_ray["p99"] * 1000, 2),
+                    "ratio": round(on_ray["median"] / on_local["median"], 2), "target_ratio": 1.3,
+                    "websocket_remote_ms": ms(ws_ray), "websocket_local_ms": ms(ws_local)}
             first = magic_first_cells(remote, first_cells)
             first_local = magic_first_cells(local, first_cells)
             parts = asyncio.run(first_cell_parts(remote, first_cells))
@@ -211,15 +213,16 @@ def measure(repeats: int, first_cells: int, transfer_bytes: int, transfers: int)
                                       "local_ms": ms(first_local), "target_ms": 50,
                                       "websocket_parts_ms": {key: ms(value) for key, value in parts.items()},
                                       "websocket_parts_local_ms": {k: ms(v) for k, v in parts_local.items()}}
-            moved = magic_transfers(remote, transfer_bytes, transfers)
-            tcp = raw_tcp_to(cluster, REMOTE_NODE, transfer_bytes, transfers)
-            rates = {key: transfer_bytes / moved[key]["median"] / 1e6 for key in ("push", "pull")}
-            tcp_rate = transfer_bytes / tcp["median"] / 1e6
-            out["transfer"] = {"bytes": transfer_bytes, "push_mb_s": round(rates["push"]),
-                               "pull_mb_s": round(rates["pull"]), "tcp_mb_s": round(tcp_rate),
-                               "push_share_of_tcp": round(rates["push"] / tcp_rate, 3),
-                               "pull_share_of_tcp": round(rates["pull"] / tcp_rate, 3), "target_share": 0.4}
-            out["node_death_to_lease_end"] = {"seconds": round(node_death(cluster, remote), 1), "target_s": 15}
+            if not first_cell_only:
+                moved = magic_transfers(remote, transfer_bytes, transfers)
+                tcp = raw_tcp_to(cluster, REMOTE_NODE, transfer_bytes, transfers)
+                rates = {key: transfer_bytes / moved[key]["median"] / 1e6 for key in ("push", "pull")}
+                tcp_rate = transfer_bytes / tcp["median"] / 1e6
+                out["transfer"] = {"bytes": transfer_bytes, "push_mb_s": round(rates["push"]),
+                                   "pull_mb_s": round(rates["pull"]), "tcp_mb_s": round(tcp_rate),
+                                   "push_share_of_tcp": round(rates["push"] / tcp_rate, 3),
+                                   "pull_share_of_tcp": round(rates["pull"] / tcp_rate, 3), "target_share": 0.4}
+                out["node_death_to_lease_end"] = {"seconds": round(node_death(cluster, remote), 1), "target_s": 15}
             for gateway in gateways:
                 gateway.stop()
     finally:
@@ -239,6 +242,8 @@ def main() -> None:
     parser.add_argument("--first-cells", type=int, default=5, help="new notebooks, one first cell each")
     parser.add_argument("--transfer-bytes", type=int, default=10**9)
     parser.add_argument("--transfers", type=int, default=3, help="pushes and pulls each")
+    parser.add_argument("--first-cell-only", action="store_true",
+                        help="only the first cell's row (quick A/B runs of the warm pool)")
     parser.add_argument("--emit", action="store_true", help="also hand the results to benchmarks/run.py")
     args = parser.parse_args()
     from ray_cluster.netns_cluster import namespaces_unavailable
@@ -249,7 +254,7 @@ def main() -> None:
             emit({"skipped": why})
             return
         sys.exit(why)
-    results = measure(args.repeats, args.first_cells, args.transfer_bytes, args.transfers)
+    results = measure(args.repeats, args.first_cells, args.transfer_bytes, args.transfers, args.first_cell_only)
     for name, values in results.items():
         print(json.dumps({"row": name, **values} if isinstance(values, dict) else {name: values}), flush=True)
     if args.emit:
