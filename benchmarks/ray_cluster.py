@@ -1,6 +1,7 @@
 """The pool on a Ray cluster of namespace machines vs the local backend (root only):
 
     sudo .venv/bin/python benchmarks/ray_cluster.py [--repeats 30] [--transfer-bytes 1000000000]
+    sudo .venv/bin/python benchmarks/ray_cluster.py --first-cell-only [--first-cells 8]   # that row alone
 
 (or ``scripts/bench --ray``: benchmarks/ray_rows.py runs this and adds row 10 to the table). Brings up
 the test cluster of tests/ray_cluster (head n1: 2 x a100, n2: 1 x h100, gateway in gw; all
