@@ -1,6 +1,7 @@
 """The pool on a Ray cluster of namespace machines vs the local backend (root only):
 
     sudo .venv/bin/python benchmarks/ray_cluster.py [--repeats 30] [--transfer-bytes 1000000000]
+    sudo .venv/bin/python benchmarks/ray_cluster.py --first-cell-only [--first-cells 8]   # that row alone
 
 (or ``scripts/bench --ray``: benchmarks/ray_rows.py runs this and adds row 10 to the table). Brings up
 the test cluster of tests/ray_cluster (head n1: 2 x a100, n2: 1 x h100, gateway in gw; all
@@ -200,14 +201,18 @@ def ms(summary: dict[str, Any]) -> float:
     return round(summary["median"] * 1000, 2)
 
 
-def measure_latency(out: dict[str, Any], remote: Any, local: Any, repeats: int, first_cells: int) -> None:
-    """The rows ``execute_x1`` and ``first_cell_warm`` into ``out``."""
+def measure_execute(out: dict[str, Any], remote: Any, local: Any, repeats: int) -> None:
+    """The row ``execute_x1`` into ``out``."""
     on_ray, on_local = magic_x1(remote, repeats), magic_x1(local, repeats)
     ws_ray, ws_local = asyncio.run(websocket_x1(remote, repeats)), asyncio.run(websocket_x1(local, repeats))
     out["execute_x1"] = {
         "remote_ms": ms(on_ray), "local_ms": ms(on_local), "remote_p99_ms": round(on_ray["p99"] * 1000, 2),
         "ratio": round(on_ray["median"] / on_local["median"], 2), "target_ratio": 1.3,
         "websocket_remote_ms": ms(ws_ray), "websocket_local_ms": ms(ws_local)}
+
+
+def measure_first_cell(out: dict[str, Any], remote: Any, local: Any, first_cells: int) -> None:
+    """The row ``first_cell_warm`` into ``out``."""
     first = magic_first_cells(remote, first_cells)
     first_local = magic_first_cells(local, first_cells)
     parts = asyncio.run(first_cell_parts(remote, first_cells))
@@ -218,9 +223,10 @@ def measure_latency(out: dict[str, Any], remote: Any, local: Any, repeats: int, 
                               "websocket_parts_local_ms": {k: ms(v) for k, v in parts_local.items()}}
 
 
-def measure(repeats: int, first_cells: int, transfer_bytes: int, transfers: int, only_transfer: bool = False
+def measure(repeats: int, first_cells: int, transfer_bytes: int, transfers: int, only: str | None = None
             ) -> dict[str, Any]:
-    """Every row, on a cluster brought up here and torn down after (its namespaces too)."""
+    """Every row (or only ``transfer`` or ``first_cell``), on a cluster brought up here and torn down after
+    (its namespaces too)."""
     from e2e.conftest import make_gateway
     from ray_cluster.conftest import ray_gateway
     from ray_cluster.netns_cluster import NamespaceCluster
@@ -241,24 +247,27 @@ def measure(repeats: int, first_cells: int, transfer_bytes: int, transfers: int,
             gateways.append(remote)
             local = make_gateway(cluster.root / "local-gateway", "--inventory", f"{GPU}=1", "--cpu-slots", "0").start()
             gateways.append(local)
-            if not only_transfer:
-                measure_latency(out, remote, local, repeats, first_cells)
-            moved = magic_transfers(remote, transfer_bytes, transfers)
-            # the same through the local backend's staging directory: what the client side allows
-            on_local = magic_transfers(local, transfer_bytes, transfers, paths=("node",))["node"]
-            tcp = raw_tcp_to(cluster, REMOTE_NODE, transfer_bytes, transfers)
-            tcp_rate = transfer_bytes / tcp["median"] / 1e6
-            out["transfer"] = {"bytes": transfer_bytes, "tcp_mb_s": round(tcp_rate), "target_share": 0.4,
-                               # every byte of the node rounds went through the node's receiver
-                               "relayed_via_node": moved["relayed_bytes"] >= 2 * transfers * transfer_bytes}
-            for path, prefix in (("node", ""), ("websocket", "websocket_")):
+            if only is None:
+                measure_execute(out, remote, local, repeats)
+            if only in (None, "first_cell"):
+                measure_first_cell(out, remote, local, first_cells)
+            if only in (None, "transfer"):
+                moved = magic_transfers(remote, transfer_bytes, transfers)
+                # the same through the local backend's staging directory: what the client side allows
+                on_local = magic_transfers(local, transfer_bytes, transfers, paths=("node",))["node"]
+                tcp = raw_tcp_to(cluster, REMOTE_NODE, transfer_bytes, transfers)
+                tcp_rate = transfer_bytes / tcp["median"] / 1e6
+                out["transfer"] = {"bytes": transfer_bytes, "tcp_mb_s": round(tcp_rate), "target_share": 0.4,
+                                   # every byte of the node rounds went through the node's receiver
+                                   "relayed_via_node": moved["relayed_bytes"] >= 2 * transfers * transfer_bytes}
+                for path, prefix in (("node", ""), ("websocket", "websocket_")):
+                    for way in ("push", "pull"):
+                        rate = transfer_bytes / moved[path][way]["median"] / 1e6
+                        out["transfer"][f"{prefix}{way}_mb_s"] = round(rate)
+                        out["transfer"][f"{prefix}{way}_share_of_tcp"] = round(rate / tcp_rate, 3)
                 for way in ("push", "pull"):
-                    rate = transfer_bytes / moved[path][way]["median"] / 1e6
-                    out["transfer"][f"{prefix}{way}_mb_s"] = round(rate)
-                    out["transfer"][f"{prefix}{way}_share_of_tcp"] = round(rate / tcp_rate, 3)
-            for way in ("push", "pull"):
-                out["transfer"][f"local_{way}_mb_s"] = round(transfer_bytes / on_local[way]["median"] / 1e6)
-            if not only_transfer:
+                    out["transfer"][f"local_{way}_mb_s"] = round(transfer_bytes / on_local[way]["median"] / 1e6)
+            if only is None:
                 out["node_death_to_lease_end"] = {"seconds": round(node_death(cluster, remote), 1), "target_s": 15}
             for gateway in gateways:
                 gateway.stop()
@@ -280,6 +289,8 @@ def main() -> None:
     parser.add_argument("--transfer-bytes", type=int, default=10**9)
     parser.add_argument("--transfers", type=int, default=3, help="pushes and pulls each")
     parser.add_argument("--only-transfer", action="store_true", help="the transfer row alone (quicker A/B)")
+    parser.add_argument("--first-cell-only", action="store_true",
+                        help="only the first cell's row (quick A/B runs of the warm pool)")
     parser.add_argument("--emit", action="store_true", help="also hand the results to benchmarks/run.py")
     args = parser.parse_args()
     from ray_cluster.netns_cluster import namespaces_unavailable
@@ -290,7 +301,8 @@ def main() -> None:
             emit({"skipped": why})
             return
         sys.exit(why)
-    results = measure(args.repeats, args.first_cells, args.transfer_bytes, args.transfers, args.only_transfer)
+    only = "transfer" if args.only_transfer else "first_cell" if args.first_cell_only else None
+    results = measure(args.repeats, args.first_cells, args.transfer_bytes, args.transfers, only)
     for name, values in results.items():
         print(json.dumps({"row": name, **values} if isinstance(values, dict) else {name: values}), flush=True)
     if args.emit:

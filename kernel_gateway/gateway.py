@@ -112,6 +112,11 @@ class Gateway:
         self.downloads = DownloadSender()
         self.kernel_ids = KernelIds()
         self._relay_ready: dict[str, asyncio.Task[KernelRelay]] = {}
+        #: kernel id -> the relay of a warm kernel, connected before any lease: granting it hands
+        #: over a connected kernel, so a first cell pays no CurveZMQ handshake or kernel_info
+        self._warm_relays: dict[str, KernelRelay] = {}
+        service.after_start = self._connect_warm
+        service.kernel_gone = self._forget_warm
         #: lease id -> the machine its kernel runs on, kept past the slot (which a lost node takes along)
         self._lease_nodes: dict[str, str] = {}
         self.zmq_context: zmq.Context[zmq.Socket[bytes]] = zmq.Context()
@@ -152,7 +157,7 @@ class Gateway:
         for task in connecting:
             task.cancel()
         await self.service.stop(reason)
-        for relay in list(self.relays.values()):
+        for relay in [*self.relays.values(), *self._warm_relays.values()]:
             await relay.close(1001, CLOSE_REASONS.get(reason, reason))
         await asyncio.gather(*self._closing, *connecting, return_exceptions=True)
         if self.snapshots is not None:
@@ -570,6 +575,17 @@ class Gateway:
                 self._relay_ready.pop(kernel_id, None)
 
     async def _connect_relay(self, kernel_id: str) -> KernelRelay:
+        """A leased kernel's relay, where none was connected while it waited warm."""
+        relay = await self._connected_relay(kernel_id)
+        if self.service.lease_for_kernel(kernel_id) is None:
+            # The lease ended while we connected: nobody would ever close this relay.
+            await relay.close()
+            raise NotFound(kernel_id)
+        relay.begin_lease()
+        self.relays[kernel_id] = relay
+        return relay
+
+    async def _connected_relay(self, kernel_id: str) -> KernelRelay:
         info = self.service.kernels.get(kernel_id)
         if info is None:
             raise NotFound(kernel_id)
@@ -586,12 +602,24 @@ class Gateway:
         except BaseException:
             await relay.close()  # its sockets and streams must not outlive a failed connect
             raise
-        if self.service.lease_for_kernel(kernel_id) is None:
-            # The lease ended while we connected: nobody would ever close this relay.
-            await relay.close()
-            raise NotFound(kernel_id)
-        self.relays[kernel_id] = relay
         return relay
+
+    async def _connect_warm(self, kernel_id: str) -> None:
+        """Connect to a kernel that just started, before it counts as warm (the pool service's
+        ``after_start``). Until its lease, what it says goes to nobody (see RelayState.leased)."""
+        relay = await self._connected_relay(kernel_id)
+        if kernel_id not in self.service.kernels:  # it died while we connected
+            await relay.close()
+            return
+        self._warm_relays[kernel_id] = relay
+
+    def _forget_warm(self, kernel_id: str) -> None:
+        """A kernel is gone: the relay it had while warm (never leased) goes with it."""
+        relay = self._warm_relays.pop(kernel_id, None)
+        if relay is not None:
+            task = asyncio.get_running_loop().create_task(relay.close())
+            self._closing.add(task)
+            task.add_done_callback(self._closing.discard)
 
     # --- pool events ----------------------------------------------------------------------
 
@@ -601,9 +629,15 @@ class Gateway:
             self._lease_nodes[action.lease.id] = self._node(action.lease) or "?"
             if self.snapshots is not None:
                 self.snapshots.lease_granted(action.lease)
+            kernel_id = action.lease.kernel_id or ""
+            relay = self._warm_relays.pop(kernel_id, None)
+            if relay is not None:  # connected while the kernel waited warm
+                relay.begin_lease()
+                self.relays[kernel_id] = relay
+                return
             # Connect to the kernel now, while the client reads the grant: its first
             # websocket then finds IOPub already subscribed.
-            task = asyncio.get_running_loop().create_task(self._preconnect(action.lease.kernel_id or ""))
+            task = asyncio.get_running_loop().create_task(self._preconnect(kernel_id))
             self._preconnecting.add(task)
             task.add_done_callback(self._preconnecting.discard)
         elif isinstance(action, LeaseEnded):

@@ -194,6 +194,10 @@ class KernelRelay:
             except TimeoutError:
                 continue
 
+    def begin_lease(self) -> None:
+        """The kernel, connected while it waited warm, is leased: its clients may come."""
+        self.state.begin_lease()
+
     # --- clients --------------------------------------------------------------------------
 
     def attach(self, session_id: str, connection: ClientConnection) -> None:

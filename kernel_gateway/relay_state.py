@@ -177,6 +177,16 @@ class RelayState:
         self.in_flight: dict[str, tuple[str, bytes]] = {}
         #: the kernel answered one of the gateway's own requests on IOPub: its subscription is live
         self.iopub_seen = False
+        #: False while the kernel waits warm for a lease (the gateway connected ahead of it)
+        self.leased = False
+        #: parent sessions the kernel spoke for before its lease (its warm-up, for one): what
+        #: comes of them later, even after the lease began, belongs to no user of it
+        self.before_lease: set[str] = set()
+
+    def begin_lease(self) -> None:
+        """The kernel is leased: from now on its messages go to the lease's clients."""
+        self.leased = True
+        self.execution_state = "idle"
 
     # --- clients --------------------------------------------------------------------------
 
@@ -246,6 +256,10 @@ class RelayState:
         msg_type = header.get("msg_type", "")
         parent_session = parent.get("session")
         out: list[Output] = []
+        if parent_session != self.session and (not self.leased or parent_session in self.before_lease):
+            if not self.leased and parent_session:
+                self.before_lease.add(parent_session)
+            return out
         if channel == "iopub" and msg_type == "status":
             self._track_state(json.loads(bytes(parts[3])).get("execution_state", ""), parent, out)
         if parent_session == self.session:

@@ -47,6 +47,11 @@ class PoolService:
         self.listeners: list[Listener] = []
         #: awaited before a kernel is killed, with its kernel id (the gateway saves the lease's variables there)
         self.before_kill: Callable[[str], Awaitable[None]] | None = None
+        #: awaited when a kernel has started, before it counts as warm, with its kernel id: the
+        #: gateway connects to it there, so that a lease gets an already-connected kernel
+        self.after_start: Callable[[str], Awaitable[None]] | None = None
+        #: told, with its kernel id, when a started kernel is gone (killed, or died by itself)
+        self.kernel_gone: Callable[[str], None] | None = None
         self._starting: dict[str, asyncio.Task[None]] = {}  # kernel id -> its start
         self._tasks: set[asyncio.Task[None]] = set()
         self._changed: dict[str, asyncio.Event] = {}
@@ -230,6 +235,11 @@ class PoolService:
             self.core.kernel_failed(action.slot_id)
         else:
             self.kernels[action.kernel_id] = info
+            if self.after_start is not None:
+                try:
+                    await self.after_start(action.kernel_id)
+                except Exception:  # the kernel serves anyway; the gateway connects at its lease
+                    log.exception("after_start of kernel %s failed", action.kernel_id)
             self.core.kernel_ready(action.slot_id, time.monotonic() - began)
         self._run_actions()
 
@@ -248,12 +258,16 @@ class PoolService:
             # A departed node raises here. Its kernel is as gone as it will ever be: the slot
             # must still leave DRAINING, or its GPUs never return to the pool.
             log.exception("kill of kernel %s failed; its GPUs return to the pool anyway", action.kernel_id)
-        self.kernels.pop(action.kernel_id, None)
+        self._forget_kernel(action.kernel_id)
         self.core.kernel_stopped(action.slot_id)
         self._run_actions()
 
+    def _forget_kernel(self, kernel_id: str) -> None:
+        if self.kernels.pop(kernel_id, None) is not None and self.kernel_gone is not None:
+            self.kernel_gone(kernel_id)
+
     def _on_kernel_death(self, kernel_id: str, reason: str | None = None) -> None:
-        self.kernels.pop(kernel_id, None)
+        self._forget_kernel(kernel_id)
         slot_id = self.core.slot_for_kernel(kernel_id)
         if slot_id is not None:
             self.core.kernel_died(slot_id, reason)

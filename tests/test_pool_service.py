@@ -170,3 +170,40 @@ async def test_a_lost_node_ends_its_lease_for_the_listeners_and_a_new_node_serve
         assert after.state == GRANTED and after.gpu_indices == (9,)
     finally:
         await service.stop(REASON_GATEWAY_RESTART)
+
+
+async def test_a_kernel_counts_as_warm_only_after_after_start_and_kernel_gone_hears_each_end() -> None:
+    ids = itertools.count(1)
+    devices = [Device(f"gpu-{i}", "a100", i, "NVIDIA A100", 81920, True, "node-1") for i in range(2)]
+    core = PoolCore(devices, PoolPolicy(min_warm=1), clock=lambda: 0.0, new_id=lambda: f"id{next(ids)}")
+    backend = RemoteNodeBackend()
+    service = PoolService(core, backend)
+    connected = asyncio.Event()
+    connecting: list[str] = []
+    gone: list[str] = []
+
+    async def after_start(kernel_id: str) -> None:  # the gateway connecting to it
+        connecting.append(kernel_id)
+        await connected.wait()
+
+    service.after_start = after_start
+    service.kernel_gone = gone.append
+    await service.start()
+    try:
+        await asyncio.sleep(0.01)
+        [first] = connecting
+        assert service.core.summaries()[0].warm == 0  # started, not yet connected: not warm
+        lease = service.request_lease("ada", parse_gpu_spec("a100"))
+        await asyncio.sleep(0.01)
+        assert lease.state != GRANTED  # no lease gets a kernel the gateway is still connecting to
+        connected.set()
+        await settle(service)
+        assert lease.state == GRANTED and lease.kernel_id == first
+        await settle(service)
+        [warm] = [k for k in backend.alive if k != first]
+        backend._on_death(warm, None)  # the warm one dies by itself
+        service.end_lease(lease.id, REASON_DELETED)  # the leased one is killed
+        await settle(service)
+        assert sorted(gone) == sorted([warm, first])
+    finally:
+        await service.stop(REASON_GATEWAY_RESTART)

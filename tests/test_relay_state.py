@@ -75,7 +75,29 @@ def sent(outputs: list[Output]) -> list[tuple[str, str, str]]:
 
 
 def new_state(limit: int = 10_000) -> RelayState:
-    return RelayState(limit, RelayTotals())
+    """The state of a leased kernel's relay."""
+    state = RelayState(limit, RelayTotals())
+    state.begin_lease()
+    return state
+
+
+def test_nothing_the_kernel_said_for_others_before_its_lease_reaches_the_leases_clients() -> None:
+    state = RelayState(10_000, RelayTotals())  # connected while the kernel waits warm
+    warm_up = header("execute_request", "warm-up")
+    assert state.receive("iopub", status(warm_up, "busy")) == []
+    assert state.receive("iopub", stream(warm_up, "warm-up output\n")) == []
+    nudge = state.own_request("shell", "kernel_info_request", {})
+    state.receive("iopub", status(json.loads(bytes(nudge.parts[0])), "idle"))
+    assert state.iopub_seen  # the gateway's own handshake still completes before the lease
+
+    state.begin_lease()
+    user = Socket("user")
+    assert state.attach("s", user) == []  # nothing kept from before the lease
+    # the warm-up's late output (a thread it started prints) is still not the user's
+    assert state.receive("iopub", stream(warm_up, "late warm-up output\n")) == []
+    assert state.receive("iopub", status(warm_up, "idle")) == [] and state.execution_state == "idle"
+    execute, _ = request(state, "s")
+    assert sent(state.receive("iopub", stream(execute, "mine\n"))) == [("user", "stream", "mine\n")]
 
 
 def test_output_goes_to_every_attached_client_once_and_a_reply_only_to_its_requester() -> None:

@@ -454,6 +454,41 @@ def test_a_spot_notice_on_one_machine_ends_its_leases_there_and_drains_it(testbe
             gateway.stop()
 
 
+def warm_on(testbed: RayTestbed, node: str, gpu: str) -> int:
+    """Warm kernels of ``gpu`` on ``node``, as /api/gpu/nodes lists them."""
+    rows = testbed.gateway.get("alice", "/api/gpu/nodes").body
+    return sum(int(row["warm"]) for row in rows if row["node"] == node and row["gpu_type"] == gpu)
+
+
+def test_warm_kernels_go_where_their_type_has_free_gpus_a_joining_machine_included(testbed: RayTestbed) -> None:
+    """--min-warm 1 per type across the cluster: the warm a100 kernel moves to whichever node
+    still has a free a100, a machine that joins gets one, and each lease is granted from a
+    warm kernel (in the POST's own answer, no kernel start waited for). After the spot test,
+    whose lease must land on n1: the joining machine's a100 stays in the cluster."""
+    cluster, gateway = testbed.cluster, testbed.gateway
+    n1, joining = "10.77.0.11", "10.77.0.14"
+    poll(lambda: warm_on(testbed, n1, "a100") == 1, 60, "a warm a100 kernel on n1")
+    assert warm_on(testbed, "10.77.0.12", "h100") == 1  # each type's warm kernel on its own node
+    leases = []
+    try:
+        for _ in range(2):  # both of n1's a100s, the second from the first one's warm replacement
+            poll(lambda: warm_on(testbed, n1, "a100") == 1, 60, "n1's free a100 warm")
+            lease = gateway.lease("alice", "a100")
+            leases.append(lease)
+            assert lease["state"] == "granted" and lease["node"] == n1, lease
+        assert types_of(testbed)["a100"]["warm"] == 0  # no free a100 left anywhere to warm
+
+        cluster.add_machine("n4", 14)
+        cluster.start_ray("n4", {"a100": 1})
+        poll(lambda: warm_on(testbed, joining, "a100") == 1, 60, "a warm a100 kernel on the joining machine")
+        lease = gateway.lease("alice", "a100")
+        leases.append(lease)
+        assert lease["state"] == "granted" and lease["node"] == joining, lease
+    finally:
+        for lease in leases:
+            gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
+
+
 def test_a_killed_machine_ends_its_lease_with_node_lost(testbed: RayTestbed, notebook: LocalKernel) -> None:
     cluster, gateway = testbed.cluster, testbed.gateway
     # `weights` stays on n2 (over the pull limit): it dies with the machine.
