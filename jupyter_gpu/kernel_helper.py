@@ -68,10 +68,11 @@ class KernelHelper:
 
     def register(self) -> None:
         self.shell.kernel.comm_manager.register_target(HELPER_COMM_TARGET, self._on_open)
-        self.shell.events.register("pre_run_cell", self._pre_run_cell)
         self.shell.events.register("post_run_cell", self._post_run_cell)
         self.shell.ast_transformers.append(_FailPushedCell(self))
         self.snapshots.register()
+        # After the snapshots' hook: a restore lands before the cell's push, whose values win.
+        self.shell.events.register("pre_run_cell", self._pre_run_cell)
 
     def _on_open(self, comm: Any, open_msg: dict[str, Any]) -> None:
         self.comm = comm
