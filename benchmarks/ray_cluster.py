@@ -13,7 +13,8 @@ notebook kernel there with the ``%%gpu`` magic, and prints one JSON line per row
 - ``first_cell_warm``: a new notebook's first ``%%gpu h100`` cell with a warm kernel on n2, ms
   (target <= 50); and its parts over the websocket: lease request, websocket open, first execute;
 - ``transfer``: push and pull of ``--transfer-bytes`` through ``%%gpu h100`` (kernel on n2) vs
-  raw TCP from gw to n2 (target: push >= 40% of TCP);
+  raw TCP from gw to n2 (target: >= 40% of TCP), relayed to n2's node receiver, and (rounds
+  alternating, same lease) over the websocket as with ``c.RayPool.bulk_transfers = False``;
 - ``node_death_to_lease_end``: kill -9 of n2's processes until its lease reads ``node_lost``, s
   (target <= 15).
 
@@ -138,18 +139,42 @@ async def first_cell_parts(gateway: Any, count: int) -> dict[str, Any]:
     return {key: summarize(values) for key, values in parts.items()}
 
 
-def magic_transfers(gateway: Any, size: int, count: int) -> dict[str, Any]:
-    """Push and pull of ``size`` bytes through ``%%gpu h100`` (a changed array each time)."""
+#: the notebook's session of the rows' type (its ``uploads`` says whether bulk bytes go past the websocket)
+SESSION = f"get_ipython().magics_manager.registry['GpuMagics'].sessions['{GPU}']"
+#: how a round moves large values: past the websocket (relayed to the node's receiver), or over it
+PATHS = ("node", "websocket")
+
+
+def bulk_bytes_via_nodes(gateway: Any) -> float:
+    text = gateway.get("alice", "/metrics").body
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines()
+               if line.startswith("jupyter_gpu_bulk_bytes_total") and 'path="node"' in line)
+
+
+def magic_transfers(gateway: Any, size: int, count: int, paths: tuple[str, ...] = PATHS) -> dict[str, Any]:
+    """Push and pull of ``size`` bytes through ``%%gpu h100`` (a changed array each time), rounds
+    alternating between past the websocket (to the node's receiving end, or on a local gateway its
+    staging directory) and over it (as with bulk_transfers off)."""
     kernel = notebook(gateway)
     try:
-        kernel.run(f"import numpy as np\na = np.ones({size}, dtype=np.uint8)")
+        kernel.run(f"import numpy as np\na = np.ones({size}, dtype=np.uint8)\nchanges = 0")
         cell(kernel, f"%%gpu {GPU}\nx = 1")  # the lease, held for the transfers
-        push = kernel.value(in_kernel_loop(f"a[0] = _i % 256; get_ipython().run_cell_magic('gpu', '{GPU}', "
-                                           "'n = len(a)')", count))
-        pull = kernel.value(in_kernel_loop(f"get_ipython().run_cell_magic('gpu', '{GPU} --no-push a --pull-limit "
-                                           "4GB', 'b = a'); del b", count))
+        samples: dict[str, dict[str, list[float]]] = {path: {"push": [], "pull": []} for path in paths}
+        relayed = 0.0
+        for _ in range(count):
+            for path in paths:
+                kernel.run(f"{SESSION}.uploads = {path == 'node'}")
+                before = bulk_bytes_via_nodes(gateway)
+                samples[path]["push"] += kernel.value(in_kernel_loop(  # changed, so that it is sent again
+                    f"changes += 1; a[0] = changes % 256; get_ipython().run_cell_magic('gpu', '{GPU}', 'n = len(a)')",
+                    1))
+                samples[path]["pull"] += kernel.value(in_kernel_loop(
+                    f"get_ipython().run_cell_magic('gpu', '{GPU} --no-push a --pull-limit 4GB', 'b = a'); del b", 1))
+                if path == "node":
+                    relayed += bulk_bytes_via_nodes(gateway) - before
         kernel.run("%gpu release")
-        return {"push": summarize(push), "pull": summarize(pull)}
+        return {"relayed_bytes": relayed,
+                **{path: {way: summarize(values) for way, values in ways.items()} for path, ways in samples.items()}}
     finally:
         kernel.close()
 
@@ -175,7 +200,26 @@ def ms(summary: dict[str, Any]) -> float:
     return round(summary["median"] * 1000, 2)
 
 
-def measure(repeats: int, first_cells: int, transfer_bytes: int, transfers: int) -> dict[str, Any]:
+def measure_latency(out: dict[str, Any], remote: Any, local: Any, repeats: int, first_cells: int) -> None:
+    """The rows ``execute_x1`` and ``first_cell_warm`` into ``out``."""
+    on_ray, on_local = magic_x1(remote, repeats), magic_x1(local, repeats)
+    ws_ray, ws_local = asyncio.run(websocket_x1(remote, repeats)), asyncio.run(websocket_x1(local, repeats))
+    out["execute_x1"] = {
+        "remote_ms": ms(on_ray), "local_ms": ms(on_local), "remote_p99_ms": round(on_ray["p99"] * 1000, 2),
+        "ratio": round(on_ray["median"] / on_local["median"], 2), "target_ratio": 1.3,
+        "websocket_remote_ms": ms(ws_ray), "websocket_local_ms": ms(ws_local)}
+    first = magic_first_cells(remote, first_cells)
+    first_local = magic_first_cells(local, first_cells)
+    parts = asyncio.run(first_cell_parts(remote, first_cells))
+    parts_local = asyncio.run(first_cell_parts(local, first_cells))
+    out["first_cell_warm"] = {"remote_ms": ms(first), "remote_p99_ms": round(first["p99"] * 1000, 2),
+                              "local_ms": ms(first_local), "target_ms": 50,
+                              "websocket_parts_ms": {key: ms(value) for key, value in parts.items()},
+                              "websocket_parts_local_ms": {k: ms(v) for k, v in parts_local.items()}}
+
+
+def measure(repeats: int, first_cells: int, transfer_bytes: int, transfers: int, only_transfer: bool = False
+            ) -> dict[str, Any]:
     """Every row, on a cluster brought up here and torn down after (its namespaces too)."""
     from e2e.conftest import make_gateway
     from ray_cluster.conftest import ray_gateway
@@ -197,29 +241,25 @@ def measure(repeats: int, first_cells: int, transfer_bytes: int, transfers: int)
             gateways.append(remote)
             local = make_gateway(cluster.root / "local-gateway", "--inventory", f"{GPU}=1", "--cpu-slots", "0").start()
             gateways.append(local)
-            on_ray, on_local = magic_x1(remote, repeats), magic_x1(local, repeats)
-            ws_ray, ws_local = asyncio.run(websocket_x1(remote, repeats)), asyncio.run(websocket_x1(local, repeats))
-            out["execute_x1"] = {
-                "remote_ms": ms(on_ray), "local_ms": ms(on_local), "remote_p99_ms": round(on_ray["p99"] * 1000, 2),
-                "ratio": round(on_ray["median"] / on_local["median"], 2), "target_ratio": 1.3,
-                "websocket_remote_ms": ms(ws_ray), "websocket_local_ms": ms(ws_local)}
-            first = magic_first_cells(remote, first_cells)
-            first_local = magic_first_cells(local, first_cells)
-            parts = asyncio.run(first_cell_parts(remote, first_cells))
-            parts_local = asyncio.run(first_cell_parts(local, first_cells))
-            out["first_cell_warm"] = {"remote_ms": ms(first), "remote_p99_ms": round(first["p99"] * 1000, 2),
-                                      "local_ms": ms(first_local), "target_ms": 50,
-                                      "websocket_parts_ms": {key: ms(value) for key, value in parts.items()},
-                                      "websocket_parts_local_ms": {k: ms(v) for k, v in parts_local.items()}}
+            if not only_transfer:
+                measure_latency(out, remote, local, repeats, first_cells)
             moved = magic_transfers(remote, transfer_bytes, transfers)
+            # the same through the local backend's staging directory: what the client side allows
+            on_local = magic_transfers(local, transfer_bytes, transfers, paths=("node",))["node"]
             tcp = raw_tcp_to(cluster, REMOTE_NODE, transfer_bytes, transfers)
-            rates = {key: transfer_bytes / moved[key]["median"] / 1e6 for key in ("push", "pull")}
             tcp_rate = transfer_bytes / tcp["median"] / 1e6
-            out["transfer"] = {"bytes": transfer_bytes, "push_mb_s": round(rates["push"]),
-                               "pull_mb_s": round(rates["pull"]), "tcp_mb_s": round(tcp_rate),
-                               "push_share_of_tcp": round(rates["push"] / tcp_rate, 3),
-                               "pull_share_of_tcp": round(rates["pull"] / tcp_rate, 3), "target_share": 0.4}
-            out["node_death_to_lease_end"] = {"seconds": round(node_death(cluster, remote), 1), "target_s": 15}
+            out["transfer"] = {"bytes": transfer_bytes, "tcp_mb_s": round(tcp_rate), "target_share": 0.4,
+                               # every byte of the node rounds went through the node's receiver
+                               "relayed_via_node": moved["relayed_bytes"] >= 2 * transfers * transfer_bytes}
+            for path, prefix in (("node", ""), ("websocket", "websocket_")):
+                for way in ("push", "pull"):
+                    rate = transfer_bytes / moved[path][way]["median"] / 1e6
+                    out["transfer"][f"{prefix}{way}_mb_s"] = round(rate)
+                    out["transfer"][f"{prefix}{way}_share_of_tcp"] = round(rate / tcp_rate, 3)
+            for way in ("push", "pull"):
+                out["transfer"][f"local_{way}_mb_s"] = round(transfer_bytes / on_local[way]["median"] / 1e6)
+            if not only_transfer:
+                out["node_death_to_lease_end"] = {"seconds": round(node_death(cluster, remote), 1), "target_s": 15}
             for gateway in gateways:
                 gateway.stop()
     finally:
@@ -239,6 +279,7 @@ def main() -> None:
     parser.add_argument("--first-cells", type=int, default=5, help="new notebooks, one first cell each")
     parser.add_argument("--transfer-bytes", type=int, default=10**9)
     parser.add_argument("--transfers", type=int, default=3, help="pushes and pulls each")
+    parser.add_argument("--only-transfer", action="store_true", help="the transfer row alone (quicker A/B)")
     parser.add_argument("--emit", action="store_true", help="also hand the results to benchmarks/run.py")
     args = parser.parse_args()
     from ray_cluster.netns_cluster import namespaces_unavailable
@@ -249,7 +290,7 @@ def main() -> None:
             emit({"skipped": why})
             return
         sys.exit(why)
-    results = measure(args.repeats, args.first_cells, args.transfer_bytes, args.transfers)
+    results = measure(args.repeats, args.first_cells, args.transfer_bytes, args.transfers, args.only_transfer)
     for name, values in results.items():
         print(json.dumps({"row": name, **values} if isinstance(values, dict) else {name: values}), flush=True)
     if args.emit:

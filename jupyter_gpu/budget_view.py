@@ -1,4 +1,5 @@
-"""Budgets as ``%gpu usage`` prints them: one line per budget that applies, with what is left."""
+"""Budgets as ``%gpu usage`` and ``jupyter-gpu usage`` print them: one line per budget that applies,
+with what is left."""
 
 from __future__ import annotations
 

@@ -45,7 +45,7 @@ try:
 except ImportError:  # websockets built without its C extension
     from websockets.utils import apply_mask
 
-from . import hub
+from . import hub, prefault
 from .protocol import (
     KERNEL_WS_PROTOCOL_V1,
     TOKEN_ENV,
@@ -301,9 +301,9 @@ class GatewayClient:
         value is rebuilt on (no copy in Python). Raises GatewayError: 404 (``not_found``) when
         the file or the kernel is gone, ``lost`` when the connection ends early.
         """
-        # Anonymous and faulted in at once, as the push side does (see transfer.Assembler).
-        flags = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | getattr(mmap, "MAP_POPULATE", 0)
-        buffer = mmap.mmap(-1, max(1, nbytes), flags=flags)
+        # New memory, faulted in by a helper thread just ahead of the receive (see prefault).
+        fresh = prefault.PrefaultedBuffer(nbytes)
+        buffer = fresh.buffer
         view = memoryview(buffer)[:nbytes]
         sock = self._connect(timeout)
         switched = False
@@ -312,11 +312,13 @@ class GatewayClient:
             reader = self._upgrade(sock, f"/api/kernels/{kernel_id}/download/{download_id}?nbytes={nbytes}",
                                    DOWNLOAD_PROTOCOL)
             switched = True
-            while got < nbytes:  # the reader hands over what it read ahead, then receives in place
-                received = reader.readinto(view[got:])
-                if not received:
-                    raise ConnectionError(f"the gateway closed the download after {got:,} of {nbytes:,} bytes")
-                got += received
+            with fresh:
+                while got < nbytes:  # the reader hands over what it read ahead, then receives in place
+                    received = reader.readinto(view[got : got + prefault.STRETCH_BYTES])
+                    if not received:
+                        raise ConnectionError(f"the gateway closed the download after {got:,} of {nbytes:,} bytes")
+                    got += received
+                    fresh.reached = got
         except (OSError, ValueError) as exc:
             view.release()
             buffer.close()

@@ -19,7 +19,6 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from IPython.display import clear_output
 
 from .analysis import analyse_cell
-from .budget_view import format_budgets
 from .client import GatewayError
 from .defaults import read_default_type
 from .gpu_client import GpuClient
@@ -28,6 +27,7 @@ from .notices import ENDED, LeaseNews, NoticeWatcher
 from .outputs import RemoteResult
 from .protocol import Reason, SpecError, format_gpu_spec, parse_gpu_spec
 from .remote import CellOptions, LeaseGone, PushRefused, RemoteSession
+from .usage_report import format_mine
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
@@ -341,11 +341,7 @@ class GpuMagics(Magics):
             elif command == "snapshots":
                 print(format_snapshots(client.snapshots(), self._client().notebook))
             elif command == "usage":
-                usage = client.usage()
-                print(f"{usage['total_gpu_seconds']:.1f} GPU-seconds, ${usage['total_cost']:.4f} in total")
-                for gpu_type, row in sorted(usage.get("by_type", {}).items()):
-                    print(f"  {gpu_type:<12} {row['gpu_seconds']:.1f} GPU-s  ${row['cost']:.4f}")
-                print(format_budgets(usage.get("budgets", [])))
+                print(format_mine(client.usage()))
             else:
                 raise UsageError(f"unknown %gpu command {command!r}: use status, types, release [--forget], "
                                  "snapshots or usage (%%gpu SPEC runs a cell)")

@@ -1,34 +1,21 @@
-"""``jupyter-gpu usage [--all]``: GPU-hours and cost from the gateway, mine or (operators) everyone's.
-
-The gateway is found as the magic finds it (``JUPYTER_GPU_URL`` / ``JUPYTER_GPU_TOKEN``, or the
-JupyterHub this runs under), so it works in a Hub terminal with no set-up as well.
-"""
+"""``jupyter-gpu usage [--all]``: GPU-hours and cost from the gateway, mine or (operators) everyone's."""
 
 from __future__ import annotations
 
-import argparse
-import json
-import sys
 from typing import Any
 
-from .client import GatewayClient, GatewayConfig, GatewayError
+from .budget_view import format_budgets
+from .gateway_command import as_json, command_parser, fetch
 
 
 def usage_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="jupyter-gpu usage", description="GPU time and cost metered by the gateway.")
+    parser = command_parser("jupyter-gpu usage", "GPU time and cost metered by the gateway.")
     parser.add_argument("--all", action="store_true", help="every user's usage, by user and by group (operators)")
-    parser.add_argument("--json", action="store_true", help="the gateway's JSON as it is")
     args = parser.parse_args(argv)
-    try:
-        client = GatewayClient(GatewayConfig.from_env())
-        data = client.request("GET", "/api/gpu/usage" + ("?all=1" if args.all else ""))
-    except GatewayError as exc:
-        print(f"jupyter-gpu usage: {exc}", file=sys.stderr)
+    data = fetch(parser.prog, "/api/gpu/usage" + ("?all=1" if args.all else ""))
+    if data is None:
         return 1
-    if args.json:
-        print(json.dumps(data, indent=2))
-    else:
-        print(format_all(data) if args.all else format_mine(data))
+    print(as_json(data) if args.json else format_all(data) if args.all else format_mine(data))
     return 0
 
 
@@ -72,7 +59,10 @@ def format_paid(paid: dict[str, Any]) -> list[str]:
 
 
 def format_mine(data: dict[str, Any]) -> str:
+    """A user's usage as ``jupyter-gpu usage`` and ``%gpu usage`` both print it: GPU-hours and
+    cost per type as a bill shows them, the total, then what is left of each budget."""
     types = [[name, _hours(e["gpu_seconds"]), f"${e['cost']:.2f}"] for name, e in data["by_type"].items()]
     out = _table(f"usage of {data['user']}", types, ["type", "GPU-hours", "cost"])
     out += [f"total: {_hours(data['total_gpu_seconds'])} GPU-hours, ${data['total_cost']:.2f}"]
+    out += [format_budgets(data.get("budgets", []))]
     return "\n".join(out)

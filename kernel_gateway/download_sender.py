@@ -1,64 +1,29 @@
 """Pulled values on their way out: what the kernel writes into the FIFO it offered, spliced
-into the client's socket (splice(2): the bytes never enter Python, and no file holds them).
+into the client's socket (splice(2): the bytes never enter Python, and no file holds them),
+or, for a kernel on a Ray node, what that node sends from it passed on to the client.
 
-Standard library only (no tornado, no gateway state), so that whatever serves a kernel's
-staging directory can send from it the same way: this gateway for its local kernels, and
-later a per-node service next to kernels on Ray nodes.
-
-The FIFO was made by the kernel, a stranger's code, in a directory it can write: it is
-opened without following links and without blocking, and served only if it is a FIFO with
-one name. So the gateway only ever passes on bytes the kernel itself writes, never a file
-the kernel names (a link to the gateway's database, say). It is unlinked as soon as it is
-open, so that whatever happens next (sent, client gone, kernel dead) nothing stays behind.
-A kernel that stops writing is given up on after STALL_SECONDS.
+How a FIFO is opened and sent is :mod:`pool_manager.staging_io`'s, shared with the node's
+receiving end (:mod:`pool_manager.node_bulk`); this is the gateway's part: worker threads,
+and cutting every download when the gateway stops.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import os
-import select
 import socket
-import stat
-import struct
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
-from jupyter_gpu.transfer import DOWNLOAD_ID
+from pool_manager.node_bulk import node_name
+from pool_manager.staging_io import move, send_download, set_stall_timeouts
 
 log = logging.getLogger(__name__)
 
-#: A download whose client takes nothing, or whose kernel writes nothing, for this long is abandoned.
-STALL_SECONDS = 30.0
 #: Downloads sent at once (each holds a worker thread while it sends); more wait their turn.
 MAX_SENDING = 8
-#: Bytes per splice(2) call: the kernel's pipe holds this much.
-_SEND_BYTES = 2**20
-
-
-class DownloadUnavailable(Exception):
-    """The named download cannot be served; the message says why (for a 404)."""
-
-
-def open_download(staging: str, download_id: str) -> int:
-    """An open, non-blocking descriptor of the kernel's offered FIFO ``download_id``, already unlinked."""
-    if not DOWNLOAD_ID.fullmatch(download_id):
-        raise DownloadUnavailable(f"{download_id!r} is not a download id (pull- and 32 hex digits)")
-    path = os.path.join(staging, download_id)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:  # gone (fetched already, or the kernel ended), or a link
-        raise DownloadUnavailable(f"download {download_id} is not in the kernel's staging area "
-                                  f"({os.strerror(exc.errno or 0)})") from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISFIFO(info.st_mode) or info.st_nlink != 1:
-            raise DownloadUnavailable(f"download {download_id} is not a pull the kernel offered")
-        os.unlink(path)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
 
 
 class DownloadSender:
@@ -67,15 +32,30 @@ class DownloadSender:
     def __init__(self) -> None:
         self._workers = ThreadPoolExecutor(MAX_SENDING, thread_name_prefix="jupyter-gpu-download")
         self._active: set[socket.socket] = set()
+        #: bytes of completed downloads: from this machine's kernels, relayed from Ray nodes (/metrics)
+        self.bytes_sent = {"local": 0, "node": 0}
 
     async def send(self, sock: socket.socket, fd: int, nbytes: int) -> None:
         """Send ``nbytes`` of ``fd`` on ``sock`` from a worker thread; closes both."""
-        self._active.add(sock)
         try:
-            await asyncio.get_running_loop().run_in_executor(self._workers, _send, sock, fd, nbytes)
+            await self._run(sock, "local", nbytes, _send, sock, fd, nbytes)
         except RuntimeError:  # the pool is shut down: the gateway is stopping
             os.close(fd)
             raise
+
+    async def relay(self, sock: socket.socket, node: socket.socket, nbytes: int) -> None:
+        """Pass ``nbytes`` from ``node`` (a kernel's Ray node sending a pull) on to ``sock``; closes both."""
+        try:
+            await self._run(sock, "node", nbytes, _relay, sock, node, nbytes)
+        finally:
+            node.close()
+
+    async def _run(self, sock: socket.socket, path: str, nbytes: int, work: Callable[..., bool], *args: object
+                   ) -> None:
+        self._active.add(sock)
+        try:
+            if await asyncio.get_running_loop().run_in_executor(self._workers, work, *args):
+                self.bytes_sent[path] += nbytes
         finally:
             self._active.discard(sock)
             sock.close()
@@ -90,25 +70,23 @@ class DownloadSender:
         self._workers.shutdown(wait=False, cancel_futures=True)
 
 
-def _send(sock: socket.socket, fd: int, nbytes: int) -> None:
-    read_end = select.poll()
-    read_end.register(fd, select.POLLIN)
+def _send(sock: socket.socket, fd: int, nbytes: int) -> bool:
     try:
-        sock.setblocking(True)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", int(STALL_SECONDS), 0))
-        sent = 0
-        while sent < nbytes:
-            if not read_end.poll(STALL_SECONDS * 1000):
-                raise TimeoutError(f"the kernel wrote nothing for {STALL_SECONDS:.0f} s after {sent:,} bytes")
-            try:
-                moved = os.splice(fd, sock.fileno(), min(_SEND_BYTES, nbytes - sent))
-            except BlockingIOError:
-                continue
-            if moved == 0:  # no writer any more: the kernel ended
-                raise ConnectionError(f"the kernel's pull ended after {sent:,} of {nbytes:,} bytes")
-            sent += moved
-        sock.shutdown(socket.SHUT_WR)
+        send_download(sock, fd, nbytes)
+        return True
     except OSError as exc:  # the client or the kernel went away, or stalled
         log.warning("download of %d bytes cut: %s", nbytes, exc)
-    finally:
-        os.close(fd)
+        return False
+
+
+def _relay(sock: socket.socket, node: socket.socket, nbytes: int) -> bool:
+    try:
+        set_stall_timeouts(node)
+        set_stall_timeouts(sock)
+        # No rate floor: the kernel writes its pull as fast as it can (a stall still ends it).
+        move(node, sock.fileno(), nbytes, math.inf, sender=f"the kernel's node {node_name(node)}")
+        sock.shutdown(socket.SHUT_WR)
+        return True
+    except OSError as exc:  # the client, the node or the kernel went away, or stalled
+        log.warning("download of %d bytes from %s cut: %s", nbytes, node_name(node), exc)
+        return False

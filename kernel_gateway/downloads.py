@@ -10,17 +10,25 @@ the connection from a worker thread of its
 :class:`~kernel_gateway.download_sender.DownloadSender` (the bytes never enter Python), then
 closes it. Anything short of N bytes is a failed download. The gateway only moves the
 bytes: it never unpickles them.
+
+For a kernel on a Ray node the FIFO is on that node: the gateway asks the node's receiving
+end for it (authenticated with the kernel's secret; :mod:`pool_manager.node_bulk`), which
+opens it the same way, and once the node is ready the gateway answers ``101`` and splices
+what the node sends on to the client.
 """
 
 from __future__ import annotations
 
 from jupyter_gpu.protocol import Reason
 from jupyter_gpu.transfer import DOWNLOAD_PROTOCOL
+from pool_manager.node_bulk import DOWNLOAD
+from pool_manager.staging_io import DownloadUnavailable, close_quietly, open_download
 
-from .download_sender import DownloadUnavailable, open_download
 from .errors import ApiError
-from .upload_receiver import close_quietly
 from .uploads import UpgradedHandler
+
+#: What a client does about a pull it cannot fetch.
+_NEXT_STEP = "pull the value again by re-running the cell"
 
 
 class DownloadHandler(UpgradedHandler):
@@ -29,7 +37,8 @@ class DownloadHandler(UpgradedHandler):
     upgrade_protocol = DOWNLOAD_PROTOCOL
 
     async def get(self, kernel_id: str, download_id: str) -> None:
-        staging = self.gateway.staging_dir(self.gateway.owned_kernel(self.user, kernel_id).kernel_id or "")
+        kernel = self.gateway.owned_kernel(self.user, kernel_id).kernel_id or ""
+        staging, endpoint = self.gateway.staging_dir(kernel), self.gateway.node_endpoint(kernel)
         if self.request.headers.get("Upgrade", "").lower() != DOWNLOAD_PROTOCOL:
             raise ApiError(400, f"a download is a request with 'Connection: Upgrade' and 'Upgrade: "
                                 f"{DOWNLOAD_PROTOCOL}'; the raw bytes follow the gateway's 101", Reason.BAD_REQUEST)
@@ -37,15 +46,25 @@ class DownloadHandler(UpgradedHandler):
         if not nbytes_text.isdigit():
             raise ApiError(400, f"nbytes={nbytes_text!r}: say how many bytes the download holds, as a whole number",
                            Reason.BAD_REQUEST)
+        nbytes = int(nbytes_text)
+        if endpoint is not None:
+            node = await self._open_node(endpoint, DOWNLOAD, download_id, nbytes, _NEXT_STEP)
+            try:
+                sock = await self._switch_protocols()
+            except BaseException:
+                node.close()
+                raise
+            await self.gateway.downloads.relay(sock, node, nbytes)
+            return
         if staging is None:
             raise ApiError(404, f"kernel {kernel_id} has no staging area to download from", Reason.NOT_FOUND)
         try:
             fd = open_download(staging, download_id)
         except DownloadUnavailable as exc:
-            raise ApiError(404, f"{exc}: pull the value again by re-running the cell", Reason.NOT_FOUND) from None
+            raise ApiError(404, f"{exc}: {_NEXT_STEP}", Reason.NOT_FOUND) from None
         try:
             sock = await self._switch_protocols()
         except BaseException:
             close_quietly(fd)
             raise
-        await self.gateway.downloads.send(sock, fd, int(nbytes_text))
+        await self.gateway.downloads.send(sock, fd, nbytes)

@@ -10,7 +10,6 @@ import contextlib
 import logging
 import sqlite3
 import time
-from collections import OrderedDict
 from collections.abc import Iterable
 from datetime import UTC, datetime
 from typing import Any
@@ -34,6 +33,7 @@ from pool_manager.core import NO_CAPACITY, LeaseRequestError
 from pool_manager.inventory import gpu_status
 from pool_manager.manager import PoolManager
 from pool_manager.model import Action, Lease, LeaseEnded, LeaseGranted, LeaseSnapshot, LeaseView, Notice
+from pool_manager.node_bulk import BulkEndpoint
 from pool_manager.service import PoolService
 
 from .download_sender import DownloadSender
@@ -78,10 +78,6 @@ class NotFound(ApiError, LookupError):
         super().__init__(404, f"no {what} {name}", Reason.NOT_FOUND)
 
 
-#: How many ended leases' reason messages (which budget ended them) the API can still show.
-_REMEMBERED = 4096
-
-
 class MeteringFull(RuntimeError):
     """The usage database cannot be written (its disk is full): no new lease can be billed."""
 
@@ -124,15 +120,13 @@ class Gateway:
         self._preconnecting: set[asyncio.Task[None]] = set()
         # Leases whose newest state could not be written (disk full), written at the next heartbeat.
         self._unwritten: dict[str, Lease | LeaseSnapshot] = {}
-        #: lease id -> why an ended lease ended, in words (which budget)
-        self.reason_messages: OrderedDict[str, str] = OrderedDict()
         self.started_at = time.time()
         service.listeners.append(self._on_pool_action)
         #: an autoscaled pool's instance-hours, in the metering file next to the leases
         self.instance_hours: InstanceHours | None = None
         instance_listeners = getattr(service, "instance_listeners", None)
         if instance_listeners is not None:
-            self.instance_hours = InstanceHours(metering.path)
+            self.instance_hours = InstanceHours(metering)
             self.instance_hours.close_open(time.time())  # nodes still up join this gateway again
             instance_listeners.append(self.instance_hours.record)
 
@@ -168,9 +162,7 @@ class Gateway:
         if self._unwritten:
             log.error("%d lease record(s) could not be written to %s (disk full?): they will be closed at their "
                       "last heartbeat when the gateway starts again", len(self._unwritten), self.metering.path)
-        self.metering.close()
-        if self.instance_hours is not None:
-            self.instance_hours.close()
+        self.metering.close()  # and with it instance_hours, which shares its connection
 
     # --- one call per API request -------------------------------------------------------
     # Handlers parse HTTP and call one of these; what they answer, or the ApiError that
@@ -245,21 +237,24 @@ class Gateway:
         except MeteringFull as exc:
             raise ApiError(507, str(exc), Reason.METERING_UNAVAILABLE) from None
 
-    async def wait_for_lease(self, user: str, lease_id: str, seconds: float) -> dict[str, Any]:
-        """The lease, once it leaves the queue or ``seconds`` pass (a long poll)."""
+    async def wait_for_lease(self, user: str, lease_id: str, seconds: float, operator: bool = False) -> dict[str, Any]:
+        """The lease, once it leaves the queue or ``seconds`` pass (a long poll); an ``operator``'s
+        question may be about anyone's."""
         if seconds > 0:
             with contextlib.suppress(NotFound):
-                await self.service.wait_while_queued(self.active_lease(user, lease_id), seconds)
-        return self.lease_json(user, lease_id)
+                await self.service.wait_while_queued(self.active_lease(user, lease_id, operator), seconds)
+        return self.lease_json(user, lease_id, operator)
 
-    def release_lease(self, user: str, lease_id: str, forget: bool = False,
-                      reason: str = Reason.DELETED) -> dict[str, Any]:
-        """End (or cancel) the lease; one that ended already is answered as it is.
+    def release_lease(self, user: str, lease_id: str, forget: bool = False, operator: bool = False) -> dict[str, Any]:
+        """End (or cancel) the lease; one that ended already is answered as it is. An ``operator``
+        may end anyone's (reason ``operator`` where it is not their own).
         ``forget``: keep none of its variables for the notebook's next lease."""
         try:
-            return self.end_lease(user, lease_id, reason, forget)
+            lease = self.active_lease(user, lease_id, operator)
         except NotFound:
-            return self.lease_json(user, lease_id)
+            return self.lease_json(user, lease_id, operator)
+        reason = Reason.DELETED if lease.user == user else Reason.OPERATOR
+        return self.end_lease(lease.user, lease_id, reason, forget)
 
     async def start_kernel(self, user: str, name: Any, timeout: float, groups: Iterable[str] = ()) -> dict[str, Any]:
         """``POST /api/kernels`` of stock Jupyter clients: a kernelspec ``gpu-TYPE`` means a lease.
@@ -354,14 +349,6 @@ class Gateway:
 
     # --- operators: every user's leases and usage -----------------------------------------
 
-    def lease_owner(self, lease_id: str) -> str | None:
-        """Whose lease this is, active or ended (None: no such lease)."""
-        lease = self.service.core.leases.get(lease_id) or self._unwritten.get(lease_id)
-        if lease is not None:
-            return lease.user
-        row = self.metering.get(lease_id)
-        return str(row["user"]) if row is not None else None
-
     def all_leases_json(self, include_released: bool = False) -> list[dict[str, Any]]:
         """Every user's active leases (``user`` says whose), oldest first; ended ones too on request."""
         active = [self.describe(lease) for lease in self.service.core.leases.values()]
@@ -405,22 +392,24 @@ class Gateway:
             ) from None
         return lease
 
-    def active_lease(self, user: str, lease_id: str) -> Lease:
+    def active_lease(self, user: str, lease_id: str, operator: bool = False) -> Lease:
+        """The user's active lease (an ``operator``'s: anyone's)."""
         lease = self.service.core.leases.get(lease_id)
-        if lease is None or lease.user != user:
+        if lease is None or not (operator or lease.user == user):
             raise NotFound(lease_id, "lease")
         return lease
 
-    def lease_json(self, user: str, lease_id: str) -> dict[str, Any]:
+    def lease_json(self, user: str, lease_id: str, operator: bool = False) -> dict[str, Any]:
+        """The user's lease (an ``operator``'s: anyone's), active or ended: an ended one is read
+        from the metering file once, whose it is and all."""
         lease = self.service.core.leases.get(lease_id) or self._unwritten.get(lease_id)
-        if lease is not None and lease.user == user:
+        if lease is not None and (operator or lease.user == user):
             return self.describe(lease)
         row = self.metering.get(lease_id)
-        if row is None or row["user"] != user:
+        if row is None or not (operator or row["user"] == user):
             raise NotFound(lease_id, "lease")
         if self.snapshots is not None:
             row.update(self.snapshots.lease_info(lease_id))  # what its end kept
-        row["reason_message"] = self.reason_messages.get(lease_id, "")
         row["capacity_note"] = self.service.capacity_note(lease_id)  # why a wait for a node ended
         return row
 
@@ -519,10 +508,20 @@ class Gateway:
         """Where uploads for this kernel go (the kernel maps them from there), if anywhere."""
         return self.service.backend.staging_dir(kernel_id)
 
-    def upload_target(self, user: str, kernel_id: str, nbytes_text: str, limit: int) -> tuple[str, int]:
-        """Where an upload of ``nbytes_text`` bytes to the user's kernel goes, and its size,
-        once it is allowed and fits (raises NotFound or the ApiError that says why not)."""
-        staging = self.staging_dir(self.owned_kernel(user, kernel_id).kernel_id or "")
+    def node_endpoint(self, kernel_id: str) -> BulkEndpoint | None:
+        """Where this kernel's bulk bytes go when its staging directory is on another machine (a Ray node)."""
+        return self.service.backend.bulk_endpoint(kernel_id)
+
+    def upload_target(self, user: str, kernel_id: str, nbytes_text: str, limit: int
+                      ) -> tuple[str | BulkEndpoint, int]:
+        """Where an upload of ``nbytes_text`` bytes to the user's kernel goes (its staging directory
+        here, or its node's receiving end), and its size, once it is allowed and fits (raises
+        NotFound or the ApiError that says why not; the node checks its own free space)."""
+        kernel = self.owned_kernel(user, kernel_id).kernel_id or ""
+        endpoint = self.node_endpoint(kernel)
+        if endpoint is not None:
+            return endpoint, self.uploads.check_size(nbytes_text, limit)
+        staging = self.staging_dir(kernel)
         nbytes = self.uploads.check(staging, nbytes_text, limit)
         assert staging is not None  # check() refuses uploads without a staging area
         return staging, nbytes
@@ -610,8 +609,6 @@ class Gateway:
         elif isinstance(action, LeaseEnded):
             lease = action.lease
             self._record(lease)
-            if lease.reason_message:
-                _remember(self.reason_messages, lease.id, lease.reason_message)
             node = self._lease_nodes.pop(lease.id, "?")
             relay = self.relays.pop(lease.kernel_id or "", None) if lease.granted_at is not None else None
             self.kernel_ids.forget(lease.kernel_id or "")
@@ -678,10 +675,3 @@ class Gateway:
                 self.metering.heartbeat(held, time.time())
             except Exception:  # a full disk must not take the gateway down
                 log.exception("metering heartbeat failed")
-
-
-def _remember(table: OrderedDict[str, str], lease_id: str, message: str) -> None:
-    table[lease_id] = message
-    table.move_to_end(lease_id)
-    while len(table) > _REMEMBERED:
-        table.popitem(last=False)

@@ -83,11 +83,11 @@ class GatewayHandlerMixin:
                                 "for operators (a Hub admin scope, or a name in c.HubIdentityProvider.operators); "
                                 "without all=1 you get your own", Reason.FORBIDDEN)
 
-    def owner_for(self, lease_id: str) -> str:
-        """Whose lease the caller may act on: their own, or anyone's for an operator."""
-        assert self.current_user is not None
-        owner = self.gateway.lease_owner(lease_id) if self.current_user.admin else None
-        return owner or self.current_user.name
+    @property
+    def operator(self) -> bool:
+        """Whether the caller may see and end anyone's lease, not just their own."""
+        assert self.current_user is not None, "identify() runs before any handler method"
+        return self.current_user.admin
 
     def flag(self, name: str) -> bool:
         return self.get_argument(name, "0") not in ("0", "false", "")  # type: ignore[attr-defined]
@@ -251,13 +251,11 @@ class LeaseHandler(ApiHandler):
             seconds = min(float(wait), MAX_LONG_POLL)
         except ValueError:
             raise ApiError(400, f"'wait' must be seconds, got {wait!r}", Reason.BAD_WAIT) from None
-        self.reply(await self.gateway.wait_for_lease(self.owner_for(lease_id), lease_id, seconds))
+        self.reply(await self.gateway.wait_for_lease(self.user, lease_id, seconds, self.operator))
 
     def delete(self, lease_id: str) -> None:
-        owner = self.owner_for(lease_id)
-        reason = Reason.DELETED if owner == self.user else Reason.OPERATOR
         # forget: keep none of its variables; deleting twice is harmless
-        self.reply(self.gateway.release_lease(owner, lease_id, self.flag("forget"), reason))
+        self.reply(self.gateway.release_lease(self.user, lease_id, self.flag("forget"), self.operator))
 
 
 class UsageHandler(ApiHandler):

@@ -10,13 +10,13 @@ that are still up join again.
 
 from __future__ import annotations
 
-import sqlite3
-import threading
 import time
 from collections.abc import Mapping
 from typing import Any
 
 from pool_manager.ray_autoscale import InstanceEvent
+
+from .metering import MeteringStore
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS instances (
@@ -35,43 +35,39 @@ _SECONDS = "MAX(0.0, COALESCE(left_at, :now) - joined_at)"
 
 
 class InstanceHours:
-    """The ``instances`` table of the metering file (its own connection; WAL shares the file)."""
+    """The ``instances`` table of the metering file, through the metering store's connection
+    (instance events may come from another thread than the leases' records: the store's lock
+    serialises them)."""
 
-    def __init__(self, path: str) -> None:
-        self._lock = threading.Lock()
-        self._conn = sqlite3.connect(path, check_same_thread=False)
-        self._conn.row_factory = sqlite3.Row
-        with self._lock, self._conn:
-            self._conn.executescript(_SCHEMA)
+    def __init__(self, metering: MeteringStore) -> None:
+        self._metering = metering
+        with metering.connection() as conn, conn:
+            conn.executescript(_SCHEMA)
 
     def record(self, event: InstanceEvent) -> None:
-        with self._lock, self._conn:
+        with self._metering.connection() as conn, conn:
             if event.joined:
-                self._conn.execute(
+                conn.execute(
                     "INSERT OR IGNORE INTO instances VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
                     (event.node_id, event.address, event.gpu_type, event.instance_type, event.gpus,
                      event.price_per_hour, event.at))
             else:
-                self._conn.execute("UPDATE instances SET left_at = ? WHERE node_id = ? AND left_at IS NULL",
-                                   (event.at, event.node_id))
+                conn.execute("UPDATE instances SET left_at = ? WHERE node_id = ? AND left_at IS NULL",
+                             (event.at, event.node_id))
 
     def close_open(self, now: float) -> int:
-        with self._lock, self._conn:
-            return self._conn.execute("UPDATE instances SET left_at = ? WHERE left_at IS NULL", (now,)).rowcount
+        with self._metering.connection() as conn, conn:
+            return conn.execute("UPDATE instances SET left_at = ? WHERE left_at IS NULL", (now,)).rowcount
 
     def totals(self, *, now: float | None = None) -> dict[str, tuple[float, float, float]]:
         """Per GPU type: (instance-seconds, GPU-seconds launched, cost in dollars), open nodes up to now."""
-        with self._lock:
-            rows = self._conn.execute(
+        with self._metering.connection() as conn:
+            rows = conn.execute(
                 f"SELECT gpu_type, SUM({_SECONDS}) AS seconds, SUM({_SECONDS} * gpus) AS gpu_seconds, "
                 f"SUM({_SECONDS} / 3600.0 * COALESCE(price_per_hour, 0)) AS cost FROM instances "
                 "GROUP BY gpu_type ORDER BY gpu_type", {"now": time.time() if now is None else now}).fetchall()
         return {row["gpu_type"]: (float(row["seconds"]), float(row["gpu_seconds"]), float(row["cost"]))
                 for row in rows}
-
-    def close(self) -> None:
-        with self._lock:
-            self._conn.close()
 
 
 def paid_capacity(leased: Mapping[str, float], paid: Mapping[str, tuple[float, float, float]]) -> dict[str, Any]:

@@ -7,16 +7,18 @@ numbers a user sees and the numbers the operator scrapes cannot drift apart.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from jupyter_gpu.protocol import GRANTED, QUEUED, RELEASED, Reason
 from pool_manager.model import Lease, LeaseSnapshot
 
-_SCHEMA_VERSION = 2  # 2: the user's groups, for group budgets
+_SCHEMA_VERSION = 3  # 2: the user's groups, for group budgets; 3: why a lease ended, in words
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS leases (
@@ -32,7 +34,8 @@ CREATE TABLE IF NOT EXISTS leases (
     released_at REAL,
     last_alive_at REAL,
     price_per_gpu_hour REAL NOT NULL DEFAULT 0,
-    groups TEXT NOT NULL DEFAULT '[]'
+    groups TEXT NOT NULL DEFAULT '[]',
+    reason_message TEXT NOT NULL DEFAULT ''
 );
 CREATE INDEX IF NOT EXISTS leases_user_queued ON leases (user, queued_at);
 CREATE INDEX IF NOT EXISTS leases_state ON leases (state);
@@ -44,22 +47,23 @@ _GPU_SECONDS = (
 )
 
 _COLUMNS = (
-    "id, user, gpu, gpu_type, count, state, reason, queued_at, granted_at, released_at, price_per_gpu_hour, "
-    f"{_GPU_SECONDS} AS gpu_seconds"
+    "id, user, gpu, gpu_type, count, state, reason, reason_message, queued_at, granted_at, released_at, "
+    f"price_per_gpu_hour, {_GPU_SECONDS} AS gpu_seconds"
 )
 
 # The price is taken from each record() until the lease is granted, then frozen: a lease is billed
 # at the price in force when it got its GPUs, whatever the operator configures later.
 _UPSERT = """
-INSERT INTO leases (id, user, gpu, gpu_type, count, state, reason, queued_at, granted_at, released_at,
-                    price_per_gpu_hour, groups)
-VALUES (:id, :user, :gpu, :gpu_type, :count, :state, :reason, :queued_at, :granted_at, :released_at, :price,
-        :groups)
+INSERT INTO leases (id, user, gpu, gpu_type, count, state, reason, reason_message, queued_at, granted_at,
+                    released_at, price_per_gpu_hour, groups)
+VALUES (:id, :user, :gpu, :gpu_type, :count, :state, :reason, :reason_message, :queued_at, :granted_at,
+        :released_at, :price, :groups)
 ON CONFLICT (id) DO UPDATE SET
     gpu_type = excluded.gpu_type,
     count = excluded.count,
     state = excluded.state,
     reason = excluded.reason,
+    reason_message = excluded.reason_message,
     granted_at = excluded.granted_at,
     released_at = excluded.released_at,
     price_per_gpu_hour = CASE WHEN leases.granted_at IS NULL THEN excluded.price_per_gpu_hour
@@ -92,8 +96,18 @@ class MeteringStore:
             columns = {row[1] for row in self._conn.execute("PRAGMA table_info(leases)")}
             if columns and "groups" not in columns:  # a version 1 file
                 self._conn.execute("ALTER TABLE leases ADD COLUMN groups TEXT NOT NULL DEFAULT '[]'")
+            if columns and "reason_message" not in columns:  # version 1 or 2: leases ended before say no more
+                self._conn.execute("ALTER TABLE leases ADD COLUMN reason_message TEXT NOT NULL DEFAULT ''")
             self._conn.executescript(_SCHEMA)
             self._conn.execute(f"PRAGMA user_version={_SCHEMA_VERSION}")
+
+    @contextlib.contextmanager
+    def connection(self) -> Iterator[sqlite3.Connection]:
+        """The store's one connection, held under its lock, for another table of the same file
+        (:class:`.instance_metering.InstanceHours`): one connection to the file, one lock for
+        every thread that writes it."""
+        with self._lock:
+            yield self._conn
 
     def record(self, lease: Lease | LeaseSnapshot, price_per_gpu_hour: float) -> None:
         """Insert the lease on first sight, else update what changes as it moves through its states."""
@@ -105,6 +119,7 @@ class MeteringStore:
             "count": lease.count,
             "state": lease.state,
             "reason": lease.reason,
+            "reason_message": lease.reason_message,
             "queued_at": lease.queued_at,
             "granted_at": lease.granted_at,
             "released_at": lease.released_at,
@@ -256,6 +271,8 @@ def _lease_dict(row: sqlite3.Row) -> dict[str, Any]:
         "count": row["count"],
         "state": row["state"],
         "reason": row["reason"],
+        # why it ended, in words, where the reason alone does not say (which budget)
+        "reason_message": row["reason_message"],
         "queued_at": row["queued_at"],
         "granted_at": row["granted_at"],
         "released_at": row["released_at"],

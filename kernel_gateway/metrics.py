@@ -78,4 +78,9 @@ def render_metrics(gateway: Gateway) -> str:
         "Kernel messages relayed to clients.",
         [("", gateway.relay_totals.messages_relayed)],
     )
+    # path="node": relayed to or from a kernel's Ray node, past the websocket
+    family("jupyter_gpu_bulk_bytes_total", "counter", "Bytes of completed uploads and downloads, by where they went.",
+           [(f'{{direction="{direction}",path="{path}"}}', n)
+            for direction, moved in (("push", gateway.uploads.bytes_received), ("pull", gateway.downloads.bytes_sent))
+            for path, n in moved.items()])
     return "\n".join(lines) + "\n"

@@ -11,21 +11,32 @@ with splice(2) (the bytes never enter Python), in a worker thread of the gateway
 ``{"upload": ID, "nbytes": N}`` or ``{"message", "reason"}``. The client then names the
 upload in its push message; the kernel maps the file and unlinks it.
 
+For a kernel on a Ray node the staging directory is on that node: after the same checks
+the gateway opens a connection to the node's receiving end (its slot actor, authenticated
+with the kernel's secret; :mod:`pool_manager.node_bulk`), and only once the node is ready
+answers ``101`` and splices the client's bytes on to it, passing the node's JSON line back.
+
 Files a client uploaded but never named (it died in between) go with the kernel's staging
 directory when the kernel ends.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
 import socket
 
 from jupyter_gpu.protocol import Reason
 from jupyter_gpu.transfer import UPLOAD_PROTOCOL, new_upload_id
+from pool_manager.node_bulk import UPLOAD, BulkEndpoint, open_node_transfer
+from pool_manager.staging_io import close_quietly, new_upload_file, unlink_quietly
 
 from .errors import ApiError
 from .handlers import ApiHandler
-from .upload_receiver import close_quietly, unlink_quietly
+
+#: A node's refusal, as the client sees it: no room there (the push goes over the websocket) or no
+#: such pull; anything else is the gateway's own trouble with the node (502: the websocket carries it).
+_NODE_REFUSALS: dict[str, int] = {Reason.NO_SPACE: 507, Reason.NOT_FOUND: 404}
 
 
 class UpgradedHandler(ApiHandler):
@@ -52,6 +63,22 @@ class UpgradedHandler(ApiHandler):
         stream.close()  # closes tornado's descriptor only: the connection lives on in ours
         return sock
 
+    async def _open_node(self, endpoint: BulkEndpoint, op: str, transfer_id: str, nbytes: int,
+                         next_step: str) -> socket.socket:
+        """A connection to the kernel's node, ready for ``op``; else the ApiError saying why not."""
+        where = f"{endpoint.host}:{endpoint.port}"
+        try:
+            node, answer = await asyncio.to_thread(open_node_transfer, endpoint, op, transfer_id, nbytes)
+        except (OSError, ValueError) as exc:
+            raise ApiError(502, f"the kernel's node {where} did not take the {op} ({exc}); {next_step}",
+                           Reason.BAD_GATEWAY) from None
+        if not answer.get("ready"):
+            reason = str(answer.get("reason", ""))
+            status = _NODE_REFUSALS.get(reason, 502)
+            raise ApiError(status, f"the kernel's node {where}: {answer.get('message')}; {next_step}",
+                           reason if status != 502 else Reason.BAD_GATEWAY)
+        return node
+
 
 class UploadHandler(UpgradedHandler):
     auth_resource = "kernels"
@@ -64,17 +91,24 @@ class UploadHandler(UpgradedHandler):
             raise ApiError(400, f"an upload is a request with 'Connection: Upgrade' and 'Upgrade: {UPLOAD_PROTOCOL}', "
                                 "followed by the raw bytes once the gateway answered 101", Reason.BAD_REQUEST)
         nbytes_text, limit = self.get_query_argument("nbytes", ""), self.settings.get("max_upload_bytes", 0)
-        staging, nbytes = self.gateway.upload_target(self.user, kernel_id, nbytes_text, limit)
+        target, nbytes = self.gateway.upload_target(self.user, kernel_id, nbytes_text, limit)
         with self.gateway.uploads.admitted(self.user):
-            await self._receive(staging, nbytes)
+            if isinstance(target, BulkEndpoint):
+                await self._relay(target, nbytes)
+            else:
+                await self._receive(target, nbytes)
+
+    async def _relay(self, endpoint: BulkEndpoint, nbytes: int) -> None:
+        node = await self._open_node(endpoint, UPLOAD, "", nbytes, "it goes over the websocket instead")
+        try:
+            sock = await self._switch_protocols()
+        except BaseException:
+            node.close()
+            raise
+        await self.gateway.uploads.relay(sock, node, nbytes)
 
     async def _receive(self, staging: str, nbytes: int) -> None:
-        upload_id = new_upload_id()
-        path = os.path.join(staging, upload_id)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        owner = os.stat(staging)
-        if owner.st_uid != os.geteuid():  # a sandboxed kernel's own uid: the file is its to read, no one else's
-            os.fchown(fd, owner.st_uid, owner.st_gid)
+        fd, path = new_upload_file(staging, upload_id := new_upload_id())
         try:
             sock = await self._switch_protocols()
             await self.gateway.uploads.receive(sock, fd, path, nbytes, upload_id)

@@ -24,6 +24,7 @@ from jupyter_gpu.protocol import REASON_OOM
 from jupyter_gpu.transfer import STAGING_DIR_ENV
 
 from .model import StartKernel
+from .node_bulk import BulkEndpoint
 from .sandbox import KernelSandbox, Sandbox
 from .scratch import locked_root
 
@@ -103,8 +104,13 @@ class KernelBackend(abc.ABC):
         """A directory the gateway may write uploads into and this kernel maps them from.
 
         None (the default) where the gateway and the kernel share no file system: pushed
-        values then travel over the kernel websocket only.
+        values then travel to its :meth:`bulk_endpoint`, or else over the kernel websocket.
         """
+        return None
+
+    def bulk_endpoint(self, kernel_id: str) -> BulkEndpoint | None:
+        """Where the gateway relays this kernel's pushes and pulls when its staging directory is on
+        another machine (its node's receiving end); None where there is none."""
         return None
 
 

@@ -18,6 +18,8 @@ groups, e.g. JupyterHub's) and for the groups the budget config lists the user i
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -238,15 +240,22 @@ class BudgetPolicy:
         #: budget scope -> its running leases (by lease id), for the scopes with a budget; None:
         #: to be built from the running leases (at start, and after the budgets changed)
         self._index: dict[Scope, tuple[Limits, dict[str, _Entry]]] | None = None
-        #: budget scope -> when it next needs a look (None: never at today's rates); a scope
-        #: not in it is worked out again by next_due
+        #: budget scope -> when it next needs a look (None: never at today's rates)
         self._due_of: dict[Scope, float | None] = {}
+        #: scopes to work out again at the next question: a lease started or ended in them, or
+        #: due looked at them (so a question costs what changed, not every scope)
+        self._stale: set[Scope] = set()
+        #: (when, tie-break, scope) of the times in _due_of, soonest first; an entry whose time
+        #: is no longer its scope's is dropped when met
+        self._soonest: list[tuple[float, int, Scope]] = []
+        self._pushes = itertools.count()
 
     def configure(self, config: BudgetConfig) -> None:
         """New budgets, in force from now on (running leases are measured against them at once)."""
         self.config = config
-        self._index = None
+        self._index = None  # rebuilt when next asked, every scope in it to be worked out again
         self._due_of.clear()
+        self._soonest.clear()
 
     # --- what happened ------------------------------------------------------------------------
 
@@ -279,6 +288,8 @@ class BudgetPolicy:
         """A lease that ended before this gateway started (from the metering database)."""
         self._fold(user, frozenset(groups), gpu_type != CPU_TYPE, count, price_per_gpu_hour, start, end)
         self._due_of.clear()
+        self._soonest.clear()
+        self._stale.update(self._index or ())
 
     # --- questions ---------------------------------------------------------------------------
 
@@ -337,11 +348,11 @@ class BudgetPolicy:
         warnings: list[BudgetWarning] = []
         overruns: dict[str, BudgetOverrun] = {}
         horizon = now + 1e-9 * max(1.0, abs(now))
-        for scope, (limits, running) in self._running_index().items():
-            known = self._due_of.get(scope, now)  # not worked out yet: look now
-            if known is None or known > horizon:
-                continue
-            self._due_of.pop(scope, None)  # looked at again by the next next_due
+        index = self._running_index()
+        for scope in self._scopes_due(horizon):
+            limits, running = index[scope]
+            self._due_of.pop(scope, None)  # worked out again by the next next_due
+            self._stale.add(scope)
             for standing in self._standings(scope, limits, now):
                 leases = [entry for entry in running.values() if entry.uses(standing.budget)]
                 if standing.budget == GPUS or not leases:
@@ -360,19 +371,49 @@ class BudgetPolicy:
         """When :meth:`due` will next have something to say (wall clock), if ever at today's rates.
 
         Kept per budget scope and worked out again only for the scopes a lease started or ended
-        in since (the pool asks after every event, each cell's busy and idle included).
+        in since, or that :meth:`due` looked at (the pool asks after every event, each cell's busy
+        and idle included): a question costs what changed, not every scope.
         """
         if self.config.empty:
             return None
-        soonest: float | None = None
-        for scope, (limits, running) in self._running_index().items():
-            if scope not in self._due_of:
-                self._prune(now)
-                self._due_of[scope] = self._scope_due(scope, limits, list(running.values()), now)
-            when = self._due_of[scope]
-            if when is not None and (soonest is None or when < soonest):
-                soonest = when
-        return soonest
+        index = self._running_index()
+        if self._stale:
+            self._prune(now)
+        for scope in self._stale:
+            found = index.get(scope)
+            if found is None:
+                continue  # no lease of its runs any more
+            when = self._due_of[scope] = self._scope_due(scope, found[0], list(found[1].values()), now)
+            if when is not None:
+                heapq.heappush(self._soonest, (when, next(self._pushes), scope))
+        self._stale.clear()
+        if len(self._soonest) > 2 * len(self._due_of) + 64:  # mostly entries of times since moved
+            self._soonest = [(when, next(self._pushes), scope) for scope, when in self._due_of.items()
+                             if when is not None and scope in index]
+            heapq.heapify(self._soonest)
+        heap = self._soonest
+        while heap:
+            when, _, scope = heap[0]
+            if self._current(scope, when):
+                return when
+            heapq.heappop(heap)
+        return None
+
+    def _scopes_due(self, horizon: float) -> list[Scope]:
+        """The scopes :meth:`due` looks at: those whose time came, and those not worked out yet
+        (they may be due now); users' before groups', so a lease past both is ended naming its user's."""
+        index = self._running_index()
+        scopes = {scope for scope in self._stale if scope in index}
+        heap = self._soonest
+        while heap and heap[0][0] <= horizon:
+            when, _, scope = heapq.heappop(heap)
+            if self._current(scope, when):
+                scopes.add(scope)
+        return sorted(scopes, key=lambda scope: (scope.kind != "user", scope.name))
+
+    def _current(self, scope: Scope, when: float) -> bool:
+        """Whether ``when`` is still the scope's time of its next look (else a heap entry is stale)."""
+        return scope in (self._index or ()) and scope not in self._stale and self._due_of.get(scope) == when
 
     def _warn(self, scope: Scope, standing: Standing, leases: list[_Entry], now: float) -> list[BudgetWarning]:
         """The 90% warning, once per lease, scope, budget and period."""
@@ -501,6 +542,7 @@ class BudgetPolicy:
             if limits == _NO_LIMITS:
                 continue
             self._due_of.pop(scope, None)
+            self._stale.add(scope)
             if add:
                 self._index.setdefault(scope, (limits, {}))[1][entry.lease_id] = entry
                 continue

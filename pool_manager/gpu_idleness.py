@@ -5,20 +5,22 @@ time its GPUs showed any utilization (``gpu_active_mono``; on emulated GPUs noth
 it, so the kernel's busy/idle status stands in alone), for as long as no cell runs. After
 ``timeout`` of that it is released; ``warning`` seconds before, the notebook gets a notice.
 
-All times are on the core's monotonic clock. As in :mod:`.deadlines`, one heap entry per
-lease, checked against the lease when it comes due (activity since moves it, a running cell
-drops it until the kernel is idle again), so every event costs O(log n).
+All times are on the core's monotonic clock. As in :mod:`.deadlines`, one
+:class:`.lease_heap.LeaseHeap` entry per lease (activity since moves it, a running cell drops
+it until the kernel is idle again).
 """
 
 from __future__ import annotations
 
-import heapq
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 from jupyter_gpu.protocol import GRANTED
 
+from .lease_heap import LeaseHeap, horizon
 from .model import Lease
+
+_IDLE = 0  # the one kind of entry here
 
 
 @dataclass(frozen=True)
@@ -36,59 +38,49 @@ class GpuIdleness:
         self.timeout = timeout
         # A warning as long as the timeout would go out the moment every cell ends: half of it instead.
         self.warning = max(0.0, warning) if warning < timeout else timeout / 2
-        self._heap: list[tuple[float, str]] = []
-        self._armed: set[str] = set()
+        self._heap = LeaseHeap()
         #: lease id -> the idle start its warning was posted for (a later idle period warns again)
         self._warned: dict[str, float] = {}
 
     def arm(self, lease: Lease) -> None:
         """Make sure an idle (not busy) granted lease has its entry in the heap."""
-        if self.timeout > 0 and not lease.busy and lease.id not in self._armed:
-            self._armed.add(lease.id)
-            heapq.heappush(self._heap, (self._next_time(lease), lease.id))
+        if self.timeout > 0 and not lease.busy and not self._heap.armed(_IDLE, lease.id):
+            self._heap.arm(self._next_time(lease), _IDLE, lease.id)
 
     def forget(self, lease_id: str) -> None:
-        self._armed.discard(lease_id)  # its heap entry is dropped when it comes due
+        self._heap.disarm(_IDLE, lease_id)  # its heap entry is dropped when it comes due
         self._warned.pop(lease_id, None)
 
     def due(self, now: float, leases: Mapping[str, Lease]) -> list[GpuIdleDue]:
         """Warnings and releases that came due at ``now``."""
         out: list[GpuIdleDue] = []
-        heap = self._heap
-        horizon = now + 1e-9 * max(1.0, abs(now))
-        while heap and heap[0][0] <= horizon:
-            _, lease_id = heapq.heappop(heap)
-            lease = leases.get(lease_id)
-            if lease is None or lease.state != GRANTED or lease.busy:
-                self._armed.discard(lease_id)  # re-armed when its kernel is idle again
-                continue
+        until = horizon(now)
+
+        def check(when: float, kind: int, lease_id: str) -> float | None:
+            lease = _idle(leases, lease_id)
+            if lease is None:
+                return None  # re-armed when its kernel is idle again
             since = _idle_since(lease)
             release_at = since + self.timeout
-            if release_at <= horizon:
-                self._armed.discard(lease_id)
+            if release_at <= until:
                 out.append(GpuIdleDue(lease, release_at, warn=False))
-                continue
-            if self.warning and self._warned.get(lease_id) != since and release_at - self.warning <= horizon:
+                return None
+            if self.warning and self._warned.get(lease_id) != since and release_at - self.warning <= until:
                 self._warned[lease_id] = since
                 out.append(GpuIdleDue(lease, release_at, warn=True))
-            heapq.heappush(heap, (self._next_time(lease), lease_id))
+            return self._next_time(lease)
+
+        self._heap.pop_due(now, check)
         return out
 
     def next(self, leases: Mapping[str, Lease]) -> float | None:
         """The earliest time a warning or release may come due (entries of leases gone or busy
-        are dropped, as :meth:`due` would)."""
-        heap = self._heap
-        while heap:
-            when, lease_id = heap[0]
-            lease = leases.get(lease_id)
-            if lease is None or lease.state != GRANTED or lease.busy:
-                heapq.heappop(heap)
-                self._armed.discard(lease_id)
-            elif self._next_time(lease) > when:
-                heapq.heapreplace(heap, (self._next_time(lease), lease_id))  # activity moved it on
-            else:
-                return when
-        return None
+        are dropped, activity since moves an entry on)."""
+        def check(when: float, kind: int, lease_id: str) -> float | None:
+            lease = _idle(leases, lease_id)
+            return None if lease is None else self._next_time(lease)
+
+        return self._heap.next(check)
 
     def _next_time(self, lease: Lease) -> float:
         since = _idle_since(lease)
@@ -96,6 +88,12 @@ class GpuIdleness:
         if self.warning and self._warned.get(lease.id) != since:
             return release_at - self.warning
         return release_at
+
+
+def _idle(leases: Mapping[str, Lease], lease_id: str) -> Lease | None:
+    """The lease, if it is granted and its kernel idle."""
+    lease = leases.get(lease_id)
+    return lease if lease is not None and lease.state == GRANTED and not lease.busy else None
 
 
 def _idle_since(lease: Lease) -> float:

@@ -3,7 +3,9 @@
 The actor (:mod:`pool_manager.ray_slot`) reserves the slot's GPUs with Ray (``num_gpus``,
 ``accelerator_type``) and starts the pooled ipykernel on its node, bound to the node's
 address and CurveZMQ-encrypted. The connection info (ports, HMAC key, Curve keys) comes
-back to the gateway through Ray and stays there: clients only ever see the websocket.
+back to the gateway through Ray and stays there: clients only ever see the websocket. So does
+where the actor takes the kernel's bulk bytes (:class:`~pool_manager.node_bulk.BulkEndpoint`,
+with the kernel's secret), which the gateway relays pushes and pulls to.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from .backend import KernelBackend, KernelInfo, KernelStartError
 from .model import StartKernel
+from .node_bulk import BulkEndpoint
 from .ray_nodes import NodeTable
 from .ray_slot import KernelSlotActor, SlotSettings
 from .sandbox import Isolation
@@ -45,6 +48,10 @@ class RayKernelBackend(KernelBackend):
         self._actors: dict[str, Any] = {}  # slot id -> actor handle
         self._node_of: dict[str, str] = {}  # slot id -> node address
         self._watchers: dict[str, asyncio.Task[None]] = {}
+        self._bulk: dict[str, BulkEndpoint] = {}  # slot id -> its node's receiving end
+
+    def bulk_endpoint(self, kernel_id: str) -> BulkEndpoint | None:
+        return self._bulk.get(kernel_id)
 
     def node_of(self, kernel_id: str) -> str | None:
         return self._node_of.get(kernel_id)
@@ -69,6 +76,7 @@ class RayKernelBackend(KernelBackend):
             info, isolation = await asyncio.wait_for(
                 _awaitable(actor.start.remote(request)), self.settings.startup_timeout + 30
             )
+            endpoint = await asyncio.wait_for(_awaitable(actor.bulk_endpoint.remote()), self.stop_timeout)
         except Exception as exc:
             await self.kill_kernel(request.kernel_id)
             raise KernelStartError(
@@ -76,6 +84,8 @@ class RayKernelBackend(KernelBackend):
             ) from exc
         if self._actors.get(request.kernel_id) is not actor:  # killed while it started
             raise KernelStartError(f"kernel {request.kernel_id} was stopped while it started")
+        if endpoint is not None:
+            self._bulk[request.kernel_id] = endpoint
         task = asyncio.get_running_loop().create_task(self._watch(request.kernel_id, actor))
         self._watchers[request.kernel_id] = task
         self._note_isolation(request.node, isolation)
@@ -110,6 +120,7 @@ class RayKernelBackend(KernelBackend):
 
     def _forget(self, kernel_id: str) -> Any:
         self._node_of.pop(kernel_id, None)
+        self._bulk.pop(kernel_id, None)
         watcher = self._watchers.pop(kernel_id, None)
         if watcher is not None and watcher is not asyncio.current_task():
             watcher.cancel()

@@ -10,7 +10,7 @@ import logging
 import time
 from typing import TYPE_CHECKING, Any
 
-from traitlets import Float, Int, Unicode
+from traitlets import Bool, Float, Int, Unicode
 from traitlets.config import LoggingConfigurable
 
 from .admission import Admission
@@ -75,6 +75,12 @@ class RayPool(LoggingConfigurable):
         "required",
         help="CurveZMQ between the gateway and kernels on other machines: 'required' (default), 'auto' "
         "or 'disabled' (jupyter_client's KernelManager.transport_encryption).",
+    ).tag(config=True)
+    bulk_transfers = Bool(
+        True,
+        help="Large pushes and pulls travel between the gateway and each kernel's node on a port of its slot "
+        "actor, authenticated per kernel but not encrypted (fast). False: they travel the kernel's CurveZMQ "
+        "channel (encrypted, slower) for networks between gateway and nodes that are not trusted.",
     ).tag(config=True)
     # Ray's defaults (3 s, 10 s, 5) see a killed node after ~13 s and a silent one after ~50 s.
     # These see a killed node (its port refuses at once) after ~5 s and a silent one after
@@ -157,7 +163,8 @@ class RayPool(LoggingConfigurable):
         nodes = NodeTable()
         devices = [device for node in nodes.update(_read_nodes()).joined for device in devices_of(node)]
         settings = SlotSettings(kernel_name=kernel_name, warmup_code=warmup_code,
-                                transport_encryption=self.transport_encryption, **(sandbox or {}))
+                                transport_encryption=self.transport_encryption, bulk_transfers=self.bulk_transfers,
+                                **(sandbox or {}))
         kinds = self._node_kinds()
         core = PoolCore(devices, policy, clock=time.monotonic, wall_clock=time.time,
                         launchable={gpu_type: kind.gpus for gpu_type, kind in kinds.items()},

@@ -5,7 +5,8 @@ chose) and keeps its GPUs reserved while it lives; the actor starts the ipykerne
 same code as the local backend, bound to the node's own address and with CurveZMQ
 transport encryption, in the same bubblewrap sandbox as the local backend's kernels (probed
 on this node: its bubblewrap, uids and control groups), and answers the gateway's kill,
-interrupt and "tell me when it dies".
+interrupt and "tell me when it dies". It also serves the kernel's staging directory to the
+gateway for bulk bytes (:mod:`pool_manager.node_bulk`): pushes and pulls of large values.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import ray
 
 from .backend import KernelInfo, LocalKernelBackend
 from .model import StartKernel
+from .node_bulk import BulkEndpoint, NodeReceiver
 from .sandbox import Isolation, Sandbox
 
 
@@ -38,6 +40,8 @@ class SlotSettings:
     kernel_uids: str = "60000-60999"
     kernel_memory: str = ""
     kernel_cpus: float = 0.0
+    #: serve the kernel's staging directory on the node's address for the gateway's bulk bytes
+    bulk_transfers: bool = True
 
 
 def ray_private_paths() -> list[str]:
@@ -82,8 +86,9 @@ class KernelSlot:
             warmup_code=settings.warmup_code,
             startup_timeout=settings.startup_timeout,
             extra_env=settings.extra_env,
-            # The gateway's staging directory is on another machine: pushes travel the websocket.
-            staging=False,
+            # The gateway is on another machine: the kernel's staging directory is here, served
+            # to the gateway by this actor's NodeReceiver (without it, bulk bytes travel the websocket).
+            staging=settings.bulk_transfers,
             ip=self.node_ip,
             transport_encryption=settings.transport_encryption,
             sandbox=sandbox if sandbox.enabled or sandbox.limits else None,
@@ -92,6 +97,7 @@ class KernelSlot:
             local_sockets=False,
         )
         self.kernel_id = ""
+        self.receiver: NodeReceiver | None = None
         self._died = asyncio.Event()
         self.backend.watch(lambda kernel_id, reason: self._died.set())
 
@@ -105,6 +111,13 @@ class KernelSlot:
         request = on_gpus_ray_reserved(request, ray.get_gpu_ids(), self.real_gpus)
         return await self.backend.start_kernel(request), self.isolation
 
+    async def bulk_endpoint(self) -> BulkEndpoint | None:
+        """Where the gateway sends and fetches the started kernel's bulk bytes (None: over the websocket)."""
+        staging = self.backend.staging_dir(self.kernel_id)
+        if staging is not None and self.receiver is None:
+            self.receiver = NodeReceiver(self.node_ip, staging)
+        return None if self.receiver is None else self.receiver.endpoint
+
     async def interrupt(self) -> None:
         await self.backend.interrupt_kernel(self.kernel_id)
 
@@ -114,6 +127,8 @@ class KernelSlot:
         return self.kernel_id
 
     async def stop(self) -> None:
+        if self.receiver is not None:
+            self.receiver.close()
         await self.backend.close()
 
 

@@ -5,6 +5,7 @@ at the day's and the month's turn, and budgets changed while leases run."""
 from __future__ import annotations
 
 import itertools
+import random
 from datetime import UTC, datetime
 from typing import Any
 
@@ -12,7 +13,7 @@ import pytest
 
 from jupyter_gpu.protocol import GRANTED, REASON_BUDGET, REASON_DELETED, RELEASED, parse_gpu_spec
 from pool_manager.admission import Admission
-from pool_manager.budgets import BudgetConfig, BudgetPolicy, Limits
+from pool_manager.budgets import BudgetConfig, BudgetPolicy, Limits, Scope
 from pool_manager.core import LeaseRequestError, PoolCore, PoolPolicy
 from pool_manager.model import Lease, LeaseEnded, LeaseNoticed
 from tests.test_pool_core import FakeClock, inventory
@@ -298,3 +299,68 @@ def test_a_group_lease_that_ends_slows_the_groups_clock_for_the_others() -> None
     assert [w.split(":")[0] for w in warnings] == [ana.id]
     _, ends = run_until_deadline(core, clock)
     assert clock.now == pytest.approx(T0 + 50 * 60) and ends == {ana.id: REASON_BUDGET}
+
+
+class EveryScope(BudgetPolicy):
+    """The plain version: every scope with a running lease worked out afresh at every question."""
+
+    def next_due(self, now: float) -> float | None:
+        if self.config.empty:
+            return None
+        times = [self._scope_due(scope, limits, list(running.values()), now)
+                 for scope, (limits, running) in self._running_index().items()]
+        return min((when for when in times if when is not None), default=None)
+
+    def _scopes_due(self, horizon: float) -> list[Scope]:
+        due = [scope for scope, (limits, running) in self._running_index().items()
+               if (when := self._scope_due(scope, limits, list(running.values()), horizon)) is not None
+               and when <= horizon]
+        return sorted(due, key=lambda scope: (scope.kind != "user", scope.name))
+
+
+def test_next_due_and_due_say_what_the_plain_version_working_out_every_scope_says() -> None:
+    """Budgets work out again only the scopes that changed; two random days and more of leases
+    starting and ending (budgets changed twice on the way) gets the same answers as working out
+    every scope at every question."""
+    users = {"u0": {"gpu_hours_per_day": 0.01}, "u1": {"money_per_month": 30}, "u2": {"gpus": 2}}
+    groups = {"g0": {"gpu_hours_per_day": 0.03, "members": ["u3"]}, "g1": {"money_per_month": 60}}
+    configs = [BudgetConfig.parse(users, groups, {"gpu_hours_per_day": 0.05}),
+               BudgetConfig.parse({**users, "u4": {"money_per_month": 10}}, groups, {}),
+               BudgetConfig.parse(users, {"g1": {"gpu_hours_per_day": 0.02}}, {"money_per_month": 20})]
+    quick, plain = BudgetPolicy(configs[0], PRICES.__getitem__), EveryScope(configs[0], PRICES.__getitem__)
+    both = (quick, plain)
+    rng = random.Random(20261129)
+    now, running, ids, looked = T0, [], itertools.count(), 0
+    for step in range(600):
+        roll = rng.random()
+        if roll < 0.3:
+            lease_id, gpu_type = f"l{next(ids)}", rng.choice(["a100", "h100", "cpu"])
+            user, in_groups = f"u{rng.randrange(6)}", [g for g in ("g0", "g1") if rng.random() < 0.4]
+            choices = parse_gpu_spec(f"{gpu_type}:{rng.randint(1, 2)}")
+            for policy in both:
+                policy.requested(lease_id, user, choices, in_groups)
+                policy.granted(lease_id, choices[0].count, gpu_type, now)
+            running.append(lease_id)
+        elif roll < 0.45 and running:
+            lease_id = running.pop(rng.randrange(len(running)))
+            for policy in both:
+                policy.ended(lease_id, now)
+        elif step in (200, 400):
+            for policy in both:
+                policy.configure(configs[step // 200])
+        else:
+            soonest = quick.next_due(now)
+            now = soonest if soonest is not None and soonest > now and rng.random() < 0.6 else now + rng.uniform(1, 900)
+        told = [policy.next_due(now) for policy in both]
+        assert (told[0] is None) == (told[1] is None), (step, told)
+        if told[0] is not None and told[1] is not None:  # both "now" when something is due already
+            assert max(told[0], now) == pytest.approx(max(told[1], now), abs=1e-3), step
+        (quick_warnings, quick_ends), (plain_warnings, plain_ends) = (policy.due(now) for policy in both)
+        assert [(w.lease_id, w.message) for w in quick_warnings] == [(w.lease_id, w.message) for w in plain_warnings]
+        assert [(o.lease_id, o.message) for o in quick_ends] == [(o.lease_id, o.message) for o in plain_ends]
+        looked += len(quick_warnings) + len(quick_ends)
+        for overrun in quick_ends:  # the core ends them
+            running.remove(overrun.lease_id)
+            for policy in both:
+                policy.ended(overrun.lease_id, now)
+    assert now - T0 > 86400 and looked > 20  # it went past midnight, and budgets had things to say

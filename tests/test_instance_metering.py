@@ -3,6 +3,7 @@ type with open nodes counted up to now, and rows left open by a gateway that sto
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 from jupyter_gpu.protocol import GRANTED, RELEASED, GpuChoice
@@ -20,8 +21,8 @@ def event(node_id: str, joined: bool, at: float, gpu_type: str = "h100", gpus: i
 
 def test_instance_hours_per_type_next_to_the_leases(tmp_path: Path) -> None:
     db = str(tmp_path / "usage.sqlite")
-    metering = MeteringStore(db)  # the same file the leases are metered in
-    hours = InstanceHours(db)
+    metering = MeteringStore(db)  # the same file the leases are metered in, through its connection
+    hours = InstanceHours(metering)
     hours.record(event("a", True, 1000.0))
     hours.record(event("a", False, 1000.0 + 1800))  # half an hour
     hours.record(event("b", True, 2000.0))  # still up
@@ -33,25 +34,25 @@ def test_instance_hours_per_type_next_to_the_leases(tmp_path: Path) -> None:
     assert round(cost, 2) == round(55.04 * 1.5, 2)
     assert totals["a10g"] == (4600.0, 4600.0, 0.0)
     metering.close()
-    hours.close()
 
 
 def test_rows_left_open_are_closed_when_a_gateway_starts(tmp_path: Path) -> None:
     db = str(tmp_path / "usage.sqlite")
-    hours = InstanceHours(db)
-    hours.record(event("a", True, 1000.0))
-    hours.close()
-    again = InstanceHours(db)
+    first = MeteringStore(db)
+    InstanceHours(first).record(event("a", True, 1000.0))
+    first.close()
+    second = MeteringStore(db)  # the next gateway's
+    again = InstanceHours(second)
     assert again.close_open(1600.0) == 1
     assert again.totals(now=99999.0)["h100"][0] == 600.0  # not counted on past the restart
-    again.close()
+    second.close()
 
 
 def test_usage_all_shows_what_the_launched_instances_cost_and_how_much_leases_used(tmp_path: Path) -> None:
     """What ``jupyter-gpu usage --all`` prints for an autoscaled pool, from a real metering file."""
     db = str(tmp_path / "usage.sqlite")
     metering = MeteringStore(db)
-    hours = InstanceHours(db)
+    hours = InstanceHours(metering)
     lease = Lease(id="l1", user="ada", choices=(GpuChoice("h100", 2),), idle_timeout=600.0, queued_at=1000.0,
                   state=GRANTED, gpu_type="h100", count=2, granted_at=1000.0)
     metering.record(lease, 6.88)
@@ -69,4 +70,27 @@ def test_usage_all_shows_what_the_launched_instances_cost_and_how_much_leases_us
     assert row.split() == ["h100", "1.000", "8.000", "2.000", "25%", "$55.04"]
     assert text.endswith("paid: $55.04, utilization of paid GPUs 25%")
     metering.close()
-    hours.close()
+
+
+def test_lease_records_and_instance_events_from_two_threads_share_the_one_connection(tmp_path: Path) -> None:
+    """The gateway's loop records leases while instance events may come from another thread."""
+    metering = MeteringStore(str(tmp_path / "usage.sqlite"))
+    hours = InstanceHours(metering)
+
+    def leases() -> None:
+        for i in range(200):
+            metering.record(Lease(id=f"l{i}", user="ada", choices=(GpuChoice("h100", 1),), idle_timeout=600.0,
+                                  queued_at=1000.0 + i), 1.0)
+
+    def nodes() -> None:
+        for i in range(200):
+            hours.record(event(f"n{i}", True, 1000.0 + i))
+
+    threads = [threading.Thread(target=leases), threading.Thread(target=nodes)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert len(metering.list_for_user("ada", limit=1000)) == 200
+    assert hours.close_open(5000.0) == 200
+    metering.close()

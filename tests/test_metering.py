@@ -206,3 +206,41 @@ def test_a_database_of_the_first_schema_gains_the_groups_column_and_keeps_its_ro
     assert store.spent_since(0) == [{"id": "v1", "user": "alice", "groups": [], "gpu_type": "a100", "count": 1,
                                      "granted_at": 2, "released_at": 3602, "price_per_gpu_hour": 2.0}]
     assert store.usage("alice")["total_cost"] == pytest.approx(2.0)
+
+
+def test_why_a_lease_ended_is_kept_across_a_reopen_and_shown_in_every_listing(db: str) -> None:
+    lease = make_lease("budgeted", "bob")
+    grant(lease, T0 + 1)
+    lease.reason_message = "budget gpu_hours_per_day of group lab is used up (0.0017 of 0.0017 GPU-hours used today)"
+    release(lease, T0 + 7, "budget")
+    store = MeteringStore(db)
+    store.record(lease, 1.0)
+    store.close()
+
+    store = MeteringStore(db)  # as a restarted gateway opens it
+    get = store.get("budgeted")
+    assert get is not None and get["reason_message"] == lease.reason_message
+    assert [row["reason_message"] for row in store.list_for_user("bob")] == [lease.reason_message]  # ?released=1
+    assert [row["reason_message"] for row in store.list_all()] == [lease.reason_message]  # operators' ?all=1
+
+
+def test_a_database_of_the_second_schema_gains_the_reason_message_column_and_keeps_its_rows(db: str) -> None:
+    conn = sqlite3.connect(db)
+    conn.executescript("""
+        CREATE TABLE leases (id TEXT PRIMARY KEY, user TEXT NOT NULL, gpu TEXT NOT NULL, gpu_type TEXT,
+            count INTEGER NOT NULL DEFAULT 0, state TEXT NOT NULL, reason TEXT, queued_at REAL NOT NULL,
+            granted_at REAL, released_at REAL, last_alive_at REAL, price_per_gpu_hour REAL NOT NULL DEFAULT 0,
+            groups TEXT NOT NULL DEFAULT '[]');
+        INSERT INTO leases VALUES ('v2', 'alice', 'a100', 'a100', 1, 'released', 'idle', 1, 2, 3602, 3602, 2.0,
+            '["lab"]');
+        PRAGMA user_version=2;
+    """)
+    conn.close()
+    store = MeteringStore(db)
+    row = store.get("v2")
+    assert row is not None and (row["reason"], row["reason_message"], row["gpu_seconds"]) == ("idle", "", 3600.0)
+    assert store.spent_since(0)[0]["groups"] == ["lab"]
+    store.close()
+    conn = sqlite3.connect(db)
+    assert conn.execute("PRAGMA user_version").fetchone() == (3,)
+    conn.close()

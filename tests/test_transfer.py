@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import gc
 import os
 import stat
 import tempfile
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
 
+from jupyter_gpu import transfer
 from jupyter_gpu.transfer import Assembler, DownloadOffer, split
 
 
@@ -90,9 +93,15 @@ def test_a_staged_upload_of_the_wrong_size_is_refused(tmp_path: Path) -> None:
                                       [])
 
 
-def test_a_download_offer_delivers_exactly_its_bytes_then_ends(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["writable array", "read-only bytes", "no vmsplice"])
+def test_a_download_offer_delivers_exactly_its_bytes_then_ends(tmp_path: Path, kind: str,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A writable buffer's pages go into the pipe by reference; read-only bytes, or a system
+    # without vmsplice, are copied into it: the reader gets the same bytes either way.
     data = np.random.default_rng(3).integers(0, 255, 3 * 2**20 + 7, dtype=np.uint8)
-    offer = DownloadOffer(str(tmp_path), data)
+    if kind == "no vmsplice":
+        monkeypatch.setattr(transfer, "_libc_vmsplice", None)
+    offer = DownloadOffer(str(tmp_path), data.tobytes() if kind == "read-only bytes" else data)
     path = tmp_path / offer.id
     assert stat.S_ISFIFO(path.lstat().st_mode) and path.lstat().st_mode & 0o777 == 0o600
     fd = os.open(path, os.O_RDONLY)  # as the gateway opens it: what the kernel wrote, nothing else
@@ -104,6 +113,27 @@ def test_a_download_offer_delivers_exactly_its_bytes_then_ends(tmp_path: Path) -
         os.close(fd)
     assert bytes(received) == data.tobytes()  # and then end of file: the offer closed its end
     _wait_until_gone(path)
+
+
+def test_a_download_offer_keeps_the_value_alive_until_it_is_dropped(tmp_path: Path) -> None:
+    # The pipe and the gateway's socket refer to the value's pages after the offer fed them:
+    # freed and reused meanwhile (a CUDA tensor's host copy exists only for the pull), the
+    # client would receive whatever was written there next.
+    data = np.arange(5 * 2**20, dtype=np.uint8)
+    alive = weakref.ref(data)
+    offer = DownloadOffer(str(tmp_path), data)
+    del data
+    fd = os.open(tmp_path / offer.id, os.O_RDONLY)
+    try:
+        while os.read(fd, 2**20):
+            pass
+    finally:
+        os.close(fd)
+    _wait_until_gone(tmp_path / offer.id)  # fed whole, the feeding thread is done with it
+    assert alive() is not None
+    del offer
+    gc.collect()
+    assert alive() is None
 
 
 def test_a_download_offer_nobody_fetches_is_withdrawn_when_cancelled(tmp_path: Path) -> None:

@@ -199,6 +199,12 @@ def test_a_restart_gives_nobody_a_fresh_budget(budget_gateway: GatewayProcess) -
         refused
     refused = gateway.post("carol", "/api/gpu/leases", {"gpu": "a100"})
     assert refused.status == 403 and "of group lab is used up" in refused.body["message"], refused
+    # bob's lease that group lab's budget ended still says why, from the metering file
+    ended = [row for row in gateway.get("bob", "/api/gpu/leases?released=1").body if row["reason"] == "budget"]
+    assert ended and all("budget gpu_hours_per_day of group lab is used up" in row["reason_message"]
+                         for row in ended), ended
+    again = gateway.get("bob", f"/api/gpu/leases/{ended[0]['id']}").body
+    assert again["reason_message"] == ended[0]["reason_message"]
 
 
 def test_a_bad_budget_stops_the_gateway_at_start_naming_the_entry(tmp_path: Path) -> None:

@@ -46,11 +46,12 @@ def notebook(download_gateway: GatewayProcess) -> Iterator[LocalKernel]:
     kernel.close()
 
 
-def staged_pull(gateway: GatewayProcess, user: str, code: str) -> tuple[str, KernelChannel, dict[str, Any]]:
-    """Run ``code`` on a new lease of ``user``'s the way the magic does, bringing ``b`` back as a
-    download, and return the kernel id, the open channel and the ``pulled`` message's data
-    (the download is not fetched)."""
-    kernel_id = granted_kernel(gateway, user)
+def staged_pull(gateway: GatewayProcess, user: str, code: str, kernel_id: str | None = None
+                ) -> tuple[str, KernelChannel, dict[str, Any]]:
+    """Run ``code`` on ``kernel_id`` (else a new lease of ``user``'s) the way the magic does,
+    bringing ``b`` back as a download, and return the kernel id, the open channel and the
+    ``pulled`` message's data (the download is not fetched)."""
+    kernel_id = kernel_id or granted_kernel(gateway, user)
     channel = client_for(gateway, user).open_channel(kernel_id)
     comm_id = "c" * 32
     channel.send("shell", "comm_open", {"comm_id": comm_id, "target_name": HELPER_COMM_TARGET, "data": {}})

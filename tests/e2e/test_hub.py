@@ -275,6 +275,10 @@ def test_operators_see_and_release_every_lease(hub: HubProcess, leases: dict[str
 
     released = fetch(f"{hub.gateway_url}/api/gpu/leases/{leases['bob']['id']}", "DELETE", token=operator_token(hub))
     assert released.status == 200 and (released.body["state"], released.body["reason"]) == ("released", "operator")
+    # an ended lease of someone else's, as the operator reads it back (from the metering file)
+    ended = fetch(f"{hub.gateway_url}/api/gpu/leases/{leases['bob']['id']}", token=operator_token(hub))
+    assert ended.status == 200 and (ended.body["user"], ended.body["reason"]) == ("bob", "operator"), ended
+    assert fetch(f"{hub.gateway_url}/api/gpu/leases/{leases['bob']['id']}", token=alice_token).status == 404
     assert [lease["user"] for lease in every_lease(hub)] == ["alice"]
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -83,7 +85,13 @@ def test_quickstart_notebook_runs(cpu_gateway: GatewayProcess) -> None:
     assert "running on GPU index 0" in outputs[4]
     assert "batch is still here: (64, 1000)" in outputs[8]
     assert "RemoteRef('activations'" in book.cells[11].outputs[0].data["text/plain"]
-    assert "released 1 lease(s)" in outputs[14] and "GPU-seconds" in outputs[14]
+    assert "released 1 lease(s)" in outputs[14]
+    # %gpu usage prints what `jupyter-gpu usage` prints, in the units of a bill (GPU-hours, cents)
+    cli = subprocess.run([sys.executable, "-m", "jupyter_gpu.cli", "usage"], env=kernel_env(cpu_gateway, "alice"),
+                         capture_output=True, text=True, timeout=60, check=True).stdout
+    assert cli.startswith("usage of alice\ntype") and "\na100 " in cli and "no budget limits you" in cli, cli
+    assert cli in outputs[14], (cli, outputs[14])
+    assert re.search(r"^total: \d+\.\d{3} GPU-hours, \$\d+\.\d\d$", cli, re.MULTILINE), cli
 
 
 def test_large_array_round_trip_and_unchanged_array_is_not_resent(cpu_gateway: GatewayProcess) -> None:

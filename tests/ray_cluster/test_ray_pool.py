@@ -18,9 +18,13 @@ from typing import Any
 import nbformat
 import pytest
 from e2e.gateway_process import poll, stdout_text
+from e2e.test_downloads import staged_pull
+from e2e.test_leases import metric_samples
 from e2e.test_magic import LocalKernel, streamed, texts
+from e2e.test_uploads import client_for
 from nbclient import NotebookClient
 
+from jupyter_gpu.client import GatewayError
 from tests.aws.imds_standin import ImdsStandIn
 
 from .conftest import USERS, RayTestbed, ray_gateway
@@ -185,22 +189,108 @@ def no_leases_left(testbed: RayTestbed, user: str) -> None:
     poll(lambda: testbed.gateway.get(user, "/api/gpu/leases").body == [], 30, f"{user}'s leases released")
 
 
+def bulk_bytes_via_nodes(testbed: RayTestbed) -> dict[str, float]:
+    """The gateway's count of pushed and pulled bytes it relayed to and from Ray nodes' receivers."""
+    samples = metric_samples(testbed.gateway.get("alice", "/metrics").body)
+    return {way: samples[f'jupyter_gpu_bulk_bytes_total{{direction="{way}",path="node"}}'] for way in ("push", "pull")}
+
+
 def test_a_notebook_runs_its_cells_on_the_machines_of_their_gpu_types(testbed: RayTestbed) -> None:
+    before = bulk_bytes_via_nodes(testbed)
     book = nbformat.v4.new_notebook()
     book.cells = [nbformat.v4.new_code_cell(source) for source in (
         "%load_ext jupyter_gpu",
         "import numpy as np\nbig = np.random.default_rng(0).random(25_000_000)  # 200 MB\nchecksum = float(big.sum())",
-        # pushed to the h100 machine, doubled there, and pulled back
+        # pushed to the h100 machine, doubled there, and pulled back; the pushed array is mapped
+        # from a file the gateway relayed into the kernel's staging directory on n2
         "%%gpu h100 --pull-limit 1GB\nimport os\nh100_net = os.stat('/proc/self/ns/net').st_ino\n"
-        "remote_sum = float(big.sum())\ndoubled = big * 2",
+        "remote_sum = float(big.sum())\ndoubled = big * 2\n"
+        "staged = any(os.environ['JUPYTER_GPU_STAGING_DIR'] in line for line in open('/proc/self/maps'))",
         "%%gpu a100\nimport os\na100_net = os.stat('/proc/self/ns/net').st_ino",
-        "assert np.array_equal(doubled, big * 2) and remote_sum == checksum\nprint(h100_net, a100_net)",
+        "assert np.array_equal(doubled, big * 2) and remote_sum == checksum\nprint(h100_net, a100_net, staged)",
     )]
     NotebookClient(book, timeout=180, kernel_name="python3").execute(env=notebook_env(testbed, "alice"))
     # Each kernel lives in the network namespace of the machine that has its GPU type.
-    h100_net, a100_net = map(int, texts(book.cells[4]).split())
-    assert h100_net == testbed.cluster.netns_inode("n2") and a100_net == testbed.cluster.netns_inode("n1")
+    h100_net, a100_net, staged = texts(book.cells[4]).split()
+    assert int(h100_net) == testbed.cluster.netns_inode("n2") and int(a100_net) == testbed.cluster.netns_inode("n1")
+    # Both 200 MB went past the websocket: relayed between the notebook and n2's receiver.
+    assert staged == "True"
+    after = bulk_bytes_via_nodes(testbed)
+    assert after["push"] - before["push"] >= 200e6 and after["pull"] - before["pull"] >= 200e6, (before, after)
     no_leases_left(testbed, "alice")  # the notebook's kernel shut down: its leases ended
+
+
+def slot_actor_ports(testbed: RayTestbed, node: str) -> list[int]:
+    """Ports the slot actors on ``node`` listen on (their node receivers, and Ray's own)."""
+    actors = {pid for pid in testbed.cluster.pids(node)
+              if b"KernelSlot" in Path(f"/proc/{pid}/cmdline").read_bytes()}
+    listening = testbed.cluster.run_in(node, "ss", "-ltnpH").stdout.splitlines()
+    return sorted({int(line.split()[3].rsplit(":", 1)[1]) for line in listening
+                   if any(f"pid={pid}," in line for pid in actors)})
+
+
+#: Run in another user's kernel on another machine: find the node receiver among the slot
+#: actors' ports, and ask it for the pending pull (and to take an upload) without the secret.
+FORGE = """
+import hashlib, hmac, json, socket
+def ask(port, request):
+    try:
+        with socket.create_connection(({host!r}, port), timeout=2) as s:
+            challenge = s.recv(100)
+            if len(challenge) != 33:
+                return None  # not a node receiver
+            s.sendall(json.dumps(request(challenge.strip().decode())).encode() + b"\\n")
+            return s.recv(4096).decode()
+    except OSError:
+        return None
+pull = {{"op": "download", "id": {download!r}, "nbytes": {nbytes}}}
+forged = {{
+    "no mac": lambda challenge: pull,
+    "zero mac": lambda challenge: {{**pull, "mac": "0" * 64}},
+    "empty secret": lambda challenge: {{**pull, "mac": hmac.new(b"", f"{{challenge}}\\ndownload\\n{download}\\n{nbytes}"
+                                                            .encode(), hashlib.sha256).hexdigest()}},
+    "upload": lambda challenge: {{"op": "upload", "id": "", "nbytes": 10, "mac": "0" * 64}},
+}}
+print(json.dumps({{port: {{name: ask(port, request) for name, request in forged.items()}} for port in {ports}
+                  if ask(port, forged["no mac"]) is not None}}))
+"""
+
+
+@pytest.mark.asyncio
+async def test_a_pull_on_a_remote_node_goes_to_its_owner_only(testbed: RayTestbed) -> None:
+    gateway = testbed.gateway
+    lease = granted(testbed, "alice", "h100")  # on n2
+    thief = granted(testbed, "bob", "a100")  # on n1
+    kernel_id, channel, pulled = staged_pull(gateway, "alice", "import numpy as np\nb = np.full(6_000_000, 7, "
+                                             "dtype=np.uint8)", lease["kernel_id"])
+    bob = await gateway.connect("bob", thief["kernel_id"])
+    try:
+        [(index, download)] = pulled["downloads"].items()
+        nbytes = pulled["sizes"][int(index)]
+        # Bob's kernel on n1 goes straight for n2's receiver, without the kernel's secret.
+        attack = FORGE.format(host="10.77.0.12", download=download, nbytes=nbytes,
+                              ports=slot_actor_ports(testbed, "n2"))
+        reply, outputs = await bob.run(attack)
+        assert reply["content"]["status"] == "ok", reply
+        [answers] = json.loads(stdout_text(outputs)).values()  # n2's one slot actor has one receiver
+        assert all(json.loads(answer)["reason"] == "unauthorized" for answer in answers.values()), answers
+        # ... and through the gateway, with his own token: not his kernel.
+        with pytest.raises(GatewayError) as refused:
+            client_for(gateway, "bob").download(kernel_id, download, nbytes)
+        assert refused.value.status == 404
+        # Alice's pull is still there, whole, and travels the node path.
+        before = bulk_bytes_via_nodes(testbed)["pull"]
+        data = client_for(gateway, "alice").download(kernel_id, download, nbytes)
+        assert data[:nbytes] == b"\x07" * nbytes
+        assert bulk_bytes_via_nodes(testbed)["pull"] - before == nbytes
+        with pytest.raises(GatewayError) as again:
+            client_for(gateway, "alice").download(kernel_id, download, nbytes)
+        assert again.value.status == 404 and "re-running the cell" in str(again.value)
+    finally:
+        channel.close()
+        bob.close()
+        gateway.delete("alice", f"/api/gpu/leases/{lease['id']}")
+        gateway.delete("bob", f"/api/gpu/leases/{thief['id']}")
 
 
 @pytest.fixture
@@ -211,6 +301,68 @@ def notebook(testbed: RayTestbed) -> Iterator[LocalKernel]:
     yield kernel
     kernel.close()
     no_leases_left(testbed, "bob")
+
+
+def host_pid_on(testbed: RayTestbed, node: str, kernel_id: str) -> int:
+    """The host pid of the sandbox (bubblewrap) that runs this kernel on ``node``: its command
+    line names the kernel's directory, which is named by its kernel id."""
+    for pid in testbed.cluster.pids(node):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except OSError:
+            continue
+        if kernel_id.encode() in cmdline and b"KernelSlot" not in cmdline:
+            return pid
+    raise AssertionError(f"no process of kernel {kernel_id} on {node}")
+
+
+#: The notebook's downloads kill the kernel on its node 16 MB into the transfer, and (once one
+#: failed) wait until the gateway has ended the lease, so that the cell's error can say why.
+KILL_MIDWAY = """
+import os, signal, time
+from jupyter_gpu.client import GatewayClient
+_upgrade, _fetch = GatewayClient._upgrade, GatewayClient.download
+class _KillsMidway:
+    def __init__(self, reader):
+        self.reader, self.got = reader, 0
+    def readinto(self, view):
+        received = self.reader.readinto(view[: 1 << 20])
+        self.got += received
+        if self.got >= 16 << 20 and self.got - received < 16 << 20:
+            os.kill({pid}, signal.SIGKILL)
+        return received
+def _upgrade_and_kill(self, sock, path, protocol):
+    reader = _upgrade(self, sock, path, protocol)
+    return _KillsMidway(reader) if protocol == "jupyter-gpu-download" else reader
+def _fetch_and_wait(self, *args, **kwargs):
+    try:
+        return _fetch(self, *args, **kwargs)
+    except Exception:
+        deadline = time.monotonic() + 20
+        while self.get_lease({lease!r})["state"] == "granted" and time.monotonic() < deadline:
+            time.sleep(0.1)
+        raise
+GatewayClient._upgrade, GatewayClient.download = _upgrade_and_kill, _fetch_and_wait
+"""
+
+
+@pytest.mark.skipif(shutil.which("bwrap") is None, reason="finds the kernel by its sandbox (bubblewrap)")
+def test_a_kernel_killed_mid_pull_on_its_node_fails_the_cell_clearly(testbed: RayTestbed, notebook: LocalKernel
+                                                                    ) -> None:
+    reply, _ = notebook.run("%%gpu h100\nimport numpy as np")
+    assert reply["status"] == "ok", reply
+    [lease] = testbed.gateway.get("bob", "/api/gpu/leases").body
+    pid = host_pid_on(testbed, "n2", lease["kernel_id"])
+    notebook.run(KILL_MIDWAY.format(pid=pid, lease=lease["id"]))
+    try:
+        reply, _ = notebook.run("%%gpu h100 --pull-limit 1GB\nb = np.ones(25_000_000)")  # 200 MB
+    finally:
+        notebook.run("GatewayClient._upgrade, GatewayClient.download = _upgrade, _fetch")
+    assert reply["status"] == "error", reply
+    message = reply["evalue"]
+    assert "'b'" in message and "kernel_died" in message and "re-run the cell" in message, message
+    _, outputs = notebook.run("print('b' in dir())")
+    assert streamed(outputs) == "False\n"
 
 
 def test_output_of_a_remote_cell_arrives_while_it_runs(notebook: LocalKernel) -> None:
