@@ -22,8 +22,10 @@ import http.client
 import json
 import mmap
 import os
+import secrets
 import select
 import socket
+import struct
 import threading
 import time
 import urllib.parse
@@ -38,6 +40,11 @@ from websockets.protocol import State
 from websockets.typing import Subprotocol
 from websockets.uri import parse_uri
 
+try:
+    from websockets.speedups import apply_mask
+except ImportError:  # websockets built without its C extension
+    from websockets.utils import apply_mask
+
 from . import hub, prefault
 from .protocol import (
     KERNEL_WS_PROTOCOL_V1,
@@ -46,7 +53,7 @@ from .protocol import (
     Reason,
     deserialize_ws_v1,
     error_body,
-    serialize_ws_v1,
+    ws_v1_prefix,
 )
 from .transfer import DOWNLOAD_PROTOCOL, UPLOAD_PROTOCOL
 
@@ -398,6 +405,7 @@ class KernelChannel:
     on a thread of its own and hands every message over through a queue, a thread switch per
     message (seven per cell), which on a busy machine was the largest fixed cost of a cell.
     The socket is read in 4 MiB gulps: pulled arrays arrive as multi-megabyte messages.
+    Messages go out as frames written here, masked part by part (see :func:`masked_frame`).
     """
 
     def __init__(self, sock: socket.socket, protocol: ClientProtocol, session_id: str) -> None:
@@ -489,9 +497,9 @@ class KernelChannel:
                  json.dumps(metadata or {}).encode(), json.dumps(content).encode(), *buffers]
         if self.protocol.state is not State.OPEN:
             raise self.protocol.close_exc
-        self.protocol.send_binary(serialize_ws_v1(channel, parts))
         try:
-            self._flush()
+            self._flush()  # what the protocol has queued (a pong) goes first
+            _send_pieces(self.sock, masked_frame([ws_v1_prefix(channel, parts), *parts]))
         except OSError:
             self.protocol.receive_eof()
             raise self.protocol.close_exc from None
@@ -543,3 +551,60 @@ class KernelChannel:
 
 #: Bytes per read of the kernel websocket.
 _WS_READ_BYTES = 4 * 2**20
+#: Parts of a message from this size on are masked on their own, not joined with the others first.
+_LARGE_PART = 64 * 1024
+
+
+def masked_frame(parts: Sequence[bytes | memoryview]) -> list[bytes]:
+    """One final binary websocket frame of the concatenated ``parts``, as a client sends it
+    (RFC 6455 section 5.3: masked), in pieces to write in order.
+
+    websockets' own framing joins the message, copies it behind the frame head and masks
+    that: three copies of a pushed megabyte. Here the small parts are joined, and every
+    large one is masked straight from the value's memory (the mask applied at its offset):
+    one copy, the one masking has to make.
+    """
+    views = [memoryview(part).cast("B") for part in parts]
+    length = sum(len(view) for view in views)
+    if length < 126:
+        head = struct.pack("!BB", 0x80 | Opcode.BINARY, 0x80 | length)
+    elif length < 2**16:
+        head = struct.pack("!BBH", 0x80 | Opcode.BINARY, 0x80 | 126, length)
+    else:
+        head = struct.pack("!BBQ", 0x80 | Opcode.BINARY, 0x80 | 127, length)
+    mask = secrets.token_bytes(4)
+    groups: list[bytes | memoryview] = []
+    small: list[memoryview] = []
+    for view in views:
+        if len(view) < _LARGE_PART:
+            small.append(view)
+            continue
+        if small:
+            groups.append(b"".join(small))
+            small = []
+        groups.append(view)
+    if small:
+        groups.append(b"".join(small))
+    pieces = [head + mask]
+    offset = 0
+    for group in groups:
+        turn = offset % 4  # the mask runs on over the whole payload
+        pieces.append(apply_mask(group, mask[turn:] + mask[:turn]))
+        offset += len(group)
+    return pieces
+
+
+def _send_pieces(sock: socket.socket, pieces: list[bytes]) -> None:
+    """Write ``pieces`` in order: one system call where the socket gathers (not TLS)."""
+    if type(sock) is not socket.socket:
+        for piece in pieces:
+            sock.sendall(piece)
+        return
+    views = [memoryview(piece) for piece in pieces]
+    while views:
+        sent = sock.sendmsg(views)
+        while views and sent >= len(views[0]):
+            sent -= len(views[0])
+            views.pop(0)
+        if sent:
+            views[0] = views[0][sent:]

@@ -20,6 +20,8 @@ from ipykernel import ipkernel
 from ipykernel.iostream import IOPubThread, OutStream
 from ipykernel.ipkernel import IPythonKernel
 
+from .protocol import PULL_METADATA_KEY
+
 try:
     from ipykernel.kernelbase import _accepts_parameters
 except ImportError:  # another ipykernel: see supported()
@@ -29,10 +31,10 @@ except ImportError:  # another ipykernel: see supported()
 #: The ipykernel releases whose internals the classes below copy or call: OutStream's
 #: ``_flush`` (reproduced in ``PooledOutStream._flush``, with its ``_flush_pending``,
 #: ``_subprocess_flush_pending``, ``echo`` and ``_hooks``), ``_flush_buffers`` and
-#: ``_buffer_lock``, IOPubThread's ``_really_send`` and ``schedule``, and
-#: ``kernelbase._accepts_parameters`` as ``ipkernel`` looks it up. Private names may change
-#: meaning in any minor release, so a release outside this range runs stock kernels until
-#: someone has read its code and widened the range.
+#: ``_buffer_lock``, IOPubThread's ``_really_send`` and ``schedule``, Kernel's
+#: ``_publish_execute_input``, and ``kernelbase._accepts_parameters`` as ``ipkernel`` looks
+#: it up. Private names may change meaning in any minor release, so a release outside this
+#: range runs stock kernels until someone has read its code and widened the range.
 WRITTEN_FOR = ((7, 4), (7, 5))
 
 
@@ -54,6 +56,7 @@ def supported(ipykernel_version: str | None = None) -> bool:
     needed = [
         (OutStream, ("_flush_buffers", "_flush")),
         (IOPubThread, ("_really_send", "schedule")),
+        (IPythonKernel, ("_publish_execute_input",)),
     ]
     return (
         written_for(ipykernel_version if ipykernel_version is not None else version("ipykernel"))
@@ -190,6 +193,15 @@ class PooledKernel(IPythonKernel):
         # IPythonKernel.do_execute inspects run_cell_async's signature on every execute
         # (~50 us); a signature is a function's, so it is looked up once per function.
         ipkernel._accepts_parameters = _accepts_parameters_cached  # type: ignore[attr-defined]
+
+    def _publish_execute_input(self, code: str, parent: dict[str, Any], execution_count: int) -> None:
+        """Not for the ``%%gpu`` magic's cells (their request carries its pull spec): the magic
+        has the cell's code and reads nothing of this broadcast, and each IOPub message is a
+        hand-off to the IOPub thread, its sends, and a hop through the gateway to the notebook.
+        Other clients' cells are echoed as ipykernel does."""
+        if PULL_METADATA_KEY in (parent.get("metadata") or {}):
+            return
+        super()._publish_execute_input(code, parent, execution_count)  # type: ignore[no-untyped-call]
 
 
 @functools.lru_cache(maxsize=64)

@@ -104,6 +104,11 @@ HELPER_COMM_TARGET = "jupyter_gpu"
 HELPER_BOOT = "%load_ext jupyter_gpu.kernel_helper"
 #: key in an execute_request's metadata naming what the helper sends back after the cell
 PULL_METADATA_KEY = "jupyter_gpu_pull"
+#: key in an execute_request's metadata carrying the cell's push (the message's buffers are its
+#: pieces), sent only to a helper that said it takes them: one kernel message per cell, not two
+PUSH_METADATA_KEY = "jupyter_gpu_push"
+#: the helper's first message on its comm: what it takes (an older helper sends none)
+HELPER_HELLO_OP = "hello"
 
 ANY_TYPE = "any"
 CPU_TYPE = "cpu"

@@ -22,7 +22,7 @@ from websockets.exceptions import ConnectionClosed
 from . import reaper, serialize, write_tracking
 from .client import GatewayClient, GatewayError
 from .outputs import CellRelay, Frontend
-from .protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY, Reason
+from .protocol import HELPER_COMM_TARGET, HELPER_HELLO_OP, PULL_METADATA_KEY, PUSH_METADATA_KEY, Reason
 from .transfer import UPLOAD_MIN_BYTES, Assembler, split
 
 #: Libraries often present on GPU kernels but not in a notebook's CPU environment.
@@ -115,6 +115,8 @@ class RemoteSession:
         #: content hash of what the kernel holds under each name (sent or pulled)
         self.remote_hashes: dict[str, str] = {}
         self.uploads = True  # until the gateway says it cannot stage uploads for this kernel
+        #: the kernel's helper said it takes a push inside the execute_request (its hello)
+        self.push_in_execute = False
         #: names whose value lives only on the kernel (RemoteRefs handed out)
         self.remote_only: set[str] = set()
         self.missing_modules = missing_local_modules()
@@ -180,19 +182,22 @@ class RemoteSession:
             blobs.extend(buffers)
         return items, blobs
 
-    def _send_push(self, items: list[dict[str, Any]], blobs: list[Any]) -> None:
+    def _send_push(self, items: list[dict[str, Any]], blobs: list[Any]) -> tuple[dict[str, Any], list[memoryview]]:
+        """Send the push; a push of one message is returned instead, for the execute_request to
+        carry where the helper takes it there (one kernel message, one busy/idle, no wait in
+        between), else ``({}, [])``."""
         staged = self._upload_large(blobs)
-        sizes: list[int] = []
-        for data, pieces in split(blobs, staged=staged):
-            if data["seq"] == 0:
-                sizes = data["sizes"]
-                data["values"] = items
-            self.channel.send("shell", "comm_msg", {"comm_id": self.comm_id, "data": {"op": "push", **data}},
-                              buffers=pieces)
-        self.bytes_pushed += sum(sizes)
+        messages = [({"op": "push", **data}, pieces) for data, pieces in split(blobs, staged=staged)]
+        messages[0][0]["values"] = items
+        self.bytes_pushed += sum(messages[0][0]["sizes"])
         for item in items:
             if item["kind"] == "pickle":
                 self.remote_hashes[item["name"]] = item["hash"]
+        if self.push_in_execute and len(messages) == 1:
+            return messages[0]
+        for data, pieces in messages:
+            self.channel.send("shell", "comm_msg", {"comm_id": self.comm_id, "data": data}, buffers=pieces)
+        return {}, []
 
     def _upload_large(self, blobs: list[Any]) -> dict[int, str]:
         """Large blobs go to the kernel's staging area, off the websocket: index -> upload id."""
@@ -236,13 +241,15 @@ class RemoteSession:
             "verify": [n for n in push_names if n in self.remote_hashes or any(i["name"] == n for i in items)],
         }
         try:
-            if items:
-                self._send_push(items, blobs)
+            push, pieces = self._send_push(items, blobs) if items else ({}, [])
+            metadata: dict[str, Any] = {PULL_METADATA_KEY: pull}
+            if push:
+                metadata[PUSH_METADATA_KEY] = push
             msg_id = self.channel.send("shell", "execute_request", {
                 # a comment line stands for the %%gpu line (IPython drops blank leading lines),
                 # so remote tracebacks point at the line numbers the user sees in the cell
                 "code": "# %%gpu\n" + code, "silent": False, "store_history": True, "user_expressions": {},
-                "allow_stdin": True, "stop_on_error": True}, metadata={PULL_METADATA_KEY: pull})
+                "allow_stdin": True, "stop_on_error": True}, buffers=pieces, metadata=metadata)
         except ConnectionClosed:
             raise LeaseGone(self.channel.close_reason() or "the connection to the GPU kernel closed") from None
         relay = CellRelay(frontend, msg_id, helper_comm_id=self.comm_id)
@@ -304,6 +311,7 @@ class RemoteSession:
                     elif interrupted_for == "timeout" and deadline is not None and time.monotonic() >= deadline:
                         raise TimeoutError("the GPU kernel did not stop after an interrupt")
                     continue
+                self._note_hello(msg)
                 relay.process_message(msg)
                 while answered < len(relay.input_replies):
                     self.channel.send("stdin", "input_reply", {"value": relay.input_replies[answered]},
@@ -323,6 +331,13 @@ class RemoteSession:
             raise KeyboardInterrupt
         if interrupted_for == "timeout":
             relay.timed_out = True
+
+    def _note_hello(self, msg: dict[str, Any]) -> None:
+        """The helper's first comm message says what it takes (it comes during the first cell)."""
+        content = msg.get("content") or {}
+        if (msg.get("header", {}).get("msg_type") == "comm_msg" and content.get("comm_id") == self.comm_id
+                and (content.get("data") or {}).get("op") == HELPER_HELLO_OP):
+            self.push_in_execute = bool(content["data"].get("push_in_execute"))
 
     def _reconnect(self, patience: float = 10.0) -> bool:
         """After a lost connection, come back under the same session id: the gateway kept

@@ -32,6 +32,8 @@ from .relay_state import (
 log = logging.getLogger(__name__)
 
 DELIMITER = b"<IDS|MSG>"
+#: Frames sent to a kernel below this size are copied rather than sent zero-copy (see connect()).
+COPY_BELOW_BYTES = 8 * 2**20
 
 
 class KernelSocket:
@@ -170,6 +172,9 @@ class KernelRelay:
                 # identity of the shell socket that sent the execute_request.
                 socket.identity = identity if channel != "control" else identity + b"-control"
             socket.linger = 0
+            # Frames up to this size are copied into the message: sent without a copy, each one
+            # wakes pyzmq's garbage-collector thread (which takes the GIL) once libzmq is done.
+            socket.copy_threshold = COPY_BELOW_BYTES
             if server_key:  # CurveZMQ: the kernel's public key authenticates it; ours is throwaway
                 socket.curve_serverkey = server_key
                 socket.curve_publickey, socket.curve_secretkey = zmq.curve_keypair()

@@ -6,7 +6,10 @@ import json
 import struct
 
 import pytest
+from websockets.frames import Frame, Opcode
+from websockets.streams import StreamReader
 
+from jupyter_gpu.client import masked_frame
 from jupyter_gpu.protocol import (
     GpuChoice,
     Reason,
@@ -70,6 +73,20 @@ def test_v1_matches_jupyter_server_byte_for_byte(channel: str, buffers: list[byt
     # Frames jupyter_server (or JupyterLab) builds parse the same way.
     parsed_channel, views = deserialize_ws_v1(reference_v1(channel, PARTS + buffers))
     assert (parsed_channel, [bytes(v) for v in views]) == (channel, PARTS + buffers)
+
+
+@pytest.mark.parametrize("buffers", [[], [b"abc"], [b"x" * 70_001, b"yz", bytes(range(256)) * 300]],
+                         ids=["short", "medium", "long"])
+def test_the_clients_frames_are_what_a_websocket_server_reads(buffers: list[bytes]) -> None:
+    # Parts of odd lengths: the mask has to run on across them, large ones masked on their own.
+    parts = [b"x" * 5, *PARTS, *buffers]
+    reader = StreamReader()
+    reader.feed_data(b"".join(masked_frame(parts)))
+    parser = Frame.parse(reader.read_exact, mask=True)  # the server side: it insists on a mask
+    with pytest.raises(StopIteration) as parsed:
+        next(parser)
+    frame = parsed.value.value
+    assert (frame.opcode, frame.fin, frame.data) == (Opcode.BINARY, True, b"".join(parts))
 
 
 def test_v1_layout_spelled_out() -> None:

@@ -46,3 +46,18 @@ def test_a_value_still_referenced_survives() -> None:
     del marker
     assert wait_for(lambda: ref() is None)
     assert kept[:5] == b"alive"
+
+
+class SmallArray:
+    nbytes = 1000
+    freed_on: str | None = None
+
+    def __del__(self) -> None:
+        SmallArray.freed_on = threading.current_thread().name
+
+
+def test_a_small_value_is_freed_at_once_without_waking_the_reaper() -> None:
+    value = SmallArray()
+    reaper.release_later(value)
+    del value
+    assert SmallArray.freed_on == threading.current_thread().name

@@ -5,8 +5,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from pathlib import Path
+from typing import Any
 
 import pytest
+
+from jupyter_gpu.client import GatewayClient
+from jupyter_gpu.protocol import PULL_METADATA_KEY
 
 from .gateway_in_process import gateway_in_process
 
@@ -46,3 +50,34 @@ async def test_a_kept_alive_connection_the_gateway_closed_costs_the_next_request
         # A POST is not repeated blindly: it went out once, on a new connection.
         posts = [r for r in caplog.records if "POST /api/gpu/leases" in r.getMessage()]
         assert len(posts) == 1, [r.getMessage() for r in posts]
+
+
+def iopub_types(client: GatewayClient, kernel_id: str, metadata: dict[str, Any]) -> list[str]:
+    """The IOPub message types one cell's execute_request brings back, up to its idle status."""
+    channel = client.open_channel(kernel_id)
+    try:
+        msg_id = channel.send("shell", "execute_request", {
+            "code": "x = 1", "silent": False, "store_history": True, "user_expressions": {}, "allow_stdin": False,
+            "stop_on_error": True}, metadata=metadata)
+        types: list[str] = []
+        while not types or types[-1] != "idle":
+            msg = channel.recv(timeout=30)
+            assert msg is not None, f"no idle status within 30 s; saw {types}"
+            if msg["channel"] == "iopub" and msg["parent_header"].get("msg_id") == msg_id:
+                kind = msg["header"]["msg_type"]
+                types.append(msg["content"]["execution_state"] if kind == "status" else kind)
+        return types
+    finally:
+        channel.close()
+
+
+@pytest.mark.asyncio
+async def test_the_magics_cells_are_not_echoed_back_as_execute_input_other_clients_cells_are(tmp_path: Path) -> None:
+    async with gateway_in_process(tmp_path) as running:
+        await running.wait_warm()
+        client = running.client()
+        lease = await asyncio.to_thread(client.create_lease, "cpu", None, "")
+        # One IOPub message less per %%gpu cell; a stock client still sees the code it ran echoed.
+        magic = await asyncio.to_thread(iopub_types, client, lease["kernel_id"], {PULL_METADATA_KEY: {"names": []}})
+        stock = await asyncio.to_thread(iopub_types, client, lease["kernel_id"], {})
+        assert (magic, stock) == (["busy", "idle"], ["busy", "execute_input", "idle"])

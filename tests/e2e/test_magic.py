@@ -340,6 +340,44 @@ def test_shell_escapes_and_magics_inside_a_gpu_cell(local_kernel: LocalKernel) -
     assert streamed(outputs) == "1\n"
 
 
+#: In a %%gpu cell: what came with the kernel message that runs it (the push, when it rode along).
+CARRIED = ("parent = get_ipython().kernel.get_parent('shell')\n"
+           "print(sorted(parent['metadata']), len(parent['buffers']))\n")
+
+
+def test_pushed_values_ride_in_the_cells_own_message_once_the_kernel_said_it_takes_them(
+    local_kernel: LocalKernel,
+) -> None:
+    local_kernel.run("import numpy as np\nx = np.arange(100_000)\nname = 'first'")
+    # The first cell of a lease pushes on the helper's comm (its hello has not been read yet) ...
+    reply, outputs = local_kernel.run("%%gpu cpu\n" + CARRIED + "print(x.sum(), name)")
+    assert reply["status"] == "ok", reply
+    assert streamed(outputs) == f"['jupyter_gpu_pull'] 0\n{sum(range(100_000))} first\n"
+    # ... later ones in the execute_request itself (x: its pickle and its buffer; name: its pickle):
+    # one kernel message per cell, values intact.
+    local_kernel.run("x = x * 2\nname = 'second'")
+    reply, outputs = local_kernel.run("%%gpu cpu\n" + CARRIED + "print(x.sum(), name, x.flags.writeable)")
+    assert reply["status"] == "ok", reply
+    assert streamed(outputs) == f"['jupyter_gpu_pull', 'jupyter_gpu_push'] 3\n{2 * sum(range(100_000))} second True\n"
+    # A cell calling run_cell does not get its values pushed a second time (its changes stay).
+    local_kernel.run("name = 'third'")
+    reply, outputs = local_kernel.run("%%gpu cpu\nname = 'changed'\nget_ipython().run_cell('pass')\nprint(name)")
+    assert reply["status"] == "ok" and streamed(outputs) == "changed\n", (reply, outputs)
+
+
+def test_a_pushed_value_the_kernel_cannot_rebuild_fails_its_cell_naming_it(
+    local_kernel: LocalKernel, tmp_path: Path
+) -> None:
+    (tmp_path / "only_here.py").write_text("class Point:\n    pass\n")
+    local_kernel.run("%%gpu cpu\nwarm = 1")  # the helper's hello is in: pushes ride in the execute_request
+    local_kernel.run(f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\nimport only_here\np = only_here.Point()")
+    reply, _ = local_kernel.run("%%gpu cpu\nprint('ran')\nq = p")
+    assert reply["status"] == "error" and reply["ename"] == "PushError", reply
+    assert "'p' could not be rebuilt on the GPU kernel" in reply["evalue"] and "only_here" in reply["evalue"]
+    reply, outputs = local_kernel.run("%%gpu cpu\nprint('next cell runs')")  # the lease is fine
+    assert reply["status"] == "ok" and streamed(outputs) == "next cell runs\n"
+
+
 def test_pulled_arrays_are_writable(local_kernel: LocalKernel) -> None:
     local_kernel.run("%%gpu cpu\nimport numpy as np\nsmall = np.zeros(10)")
     reply, outputs = local_kernel.run("small[0] = 5\nprint(small[0])")
