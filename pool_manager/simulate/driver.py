@@ -119,8 +119,11 @@ class _Replay:
         self.granted: dict[str, tuple[str, int, str]] = {}  # lease id -> (slot id, GPUs, type)
         self.ticks_at: set[float] = set()
         self.held = 0
-        for session in workload.sessions:
-            self.push(session.start, "open", _Notebook(session))
+        # Sessions open in order of their start, fed to the loop one at a time: the event heap
+        # holds only what is under way, not every session of the trace (heap steps and objects
+        # the garbage collector walks would grow with the trace's length and the pool's size).
+        self.sessions = sorted(workload.sessions, key=lambda session: session.start)
+        self.next_session = 0
 
     def push(self, when: float, kind: str, payload: Any) -> None:
         heapq.heappush(self.events, (when, next(self.seq), kind, payload))
@@ -130,13 +133,23 @@ class _Replay:
         self.core.tick()
         self.carry_out()
         handlers: dict[str, Callable[[Any], None]] = {
-            "open": self.open, "ask": self.ask, "done": self.done, "close": self.close,
+            "ask": self.ask, "done": self.done, "close": self.close,
             "ready": self.ready, "stopped": self.stopped, "tick": self.tick,
         }
         steps = 0
-        while self.events:
-            self.now, _, kind, payload = heapq.heappop(self.events)
-            handlers[kind](payload)
+        events, sessions = self.events, self.sessions
+        while True:
+            # A session opens before any event of its time (as if it had been queued first).
+            opening = sessions[self.next_session] if self.next_session < len(sessions) else None
+            if events and (opening is None or events[0][0] < opening.start):
+                self.now, _, kind, payload = heapq.heappop(events)
+                handlers[kind](payload)
+            elif opening is not None:
+                self.next_session += 1
+                self.now = opening.start
+                self.open(_Notebook(opening))
+            else:
+                break
             self.carry_out()
             steps += 1
             if time_limit is not None and steps % 1024 == 0 and time.perf_counter() - started > time_limit:
