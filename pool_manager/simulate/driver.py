@@ -10,6 +10,7 @@ after a kill).
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import time
@@ -128,7 +129,9 @@ class _Replay:
     def push(self, when: float, kind: str, payload: Any) -> None:
         heapq.heappush(self.events, (when, next(self.seq), kind, payload))
 
-    def run(self, time_limit: float | None) -> Outcome:
+    def run(self, time_limit: float | None, settle_gc: bool = False) -> Outcome:
+        if settle_gc:
+            gc.collect()  # the pool just built is moved to the oldest generation before the clocks start
         started, cpu_started = time.perf_counter(), time.process_time()
         self.core.tick()
         self.carry_out()
@@ -300,10 +303,15 @@ class _Replay:
 
 
 def simulate(workload: Workload, policy: Policy, pool: Mapping[str, int], timing: Timing | None = None,
-             warm: int | None = None, gpus_per_node: int = 8, time_limit: float | None = None) -> Outcome:
+             warm: int | None = None, gpus_per_node: int = 8, time_limit: float | None = None,
+             settle_gc: bool = False) -> Outcome:
     """Replay ``workload`` under ``policy`` on a pool of ``pool[type]`` GPUs per type.
 
     ``warm``: kernels kept warm per type (the core's ``min_warm``); None keeps every free
     GPU warm, which is what a fixed pool would do (its GPUs are paid for anyway).
+    ``settle_gc``: collect garbage between building the pool and starting the clocks, so the
+    times measured do not include the collector's first walks over the new inventory (what a
+    benchmark comparing pool sizes wants; a full collection per replay is not worth it in a
+    sizing sweep).
     """
-    return _Replay(workload, policy, pool, timing or Timing(), warm, gpus_per_node).run(time_limit)
+    return _Replay(workload, policy, pool, timing or Timing(), warm, gpus_per_node).run(time_limit, settle_gc)
