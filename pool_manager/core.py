@@ -717,7 +717,7 @@ class PoolCore:
             old = self.slots[slot_id]
             for key in old.devices:
                 self._placement.unbind(key)
-            old.devices = ()
+            old.devices = old.gpu_indices = ()
             old.state = _DRAINING
             self._touch(old)
             self._kill(old)
@@ -733,6 +733,7 @@ class PoolCore:
             node=devices[0].node,
             created_at=self.clock(),
             waiting_for=set(waiting_for or ()),
+            gpu_indices=tuple(d.index for d in devices if d.index is not None),
         )
         self.slots[slot.id] = slot
         self._slot_index.add(slot)
@@ -751,14 +752,14 @@ class PoolCore:
         slot.start_requested = True
         slot.kernel_id = self.new_id()
         self._slot_of_kernel[slot.kernel_id] = slot.id
-        self._actions.append(StartKernel(slot.id, slot.gpu_type, self._indices(slot), slot.node, slot.kernel_id))
+        self._actions.append(StartKernel(slot.id, slot.gpu_type, slot.gpu_indices, slot.node, slot.kernel_id))
 
     def _assign(self, lease: Lease, slot: Slot, count: int) -> None:
         slot.lease_id = lease.id
         lease.slot_id = slot.id
         lease.gpu_type = slot.gpu_type
         lease.count = count
-        lease.gpu_indices = self._indices(slot)
+        lease.gpu_indices = slot.gpu_indices
         self._touch(slot)
         self._queue.stop_waiting(lease.id)
 
@@ -776,10 +777,6 @@ class PoolCore:
     def _kill(self, slot: Slot) -> None:
         assert slot.kernel_id is not None, f"slot {slot.id} has no kernel to kill"  # only started ones
         self._actions.append(KillKernel(slot.id, slot.kernel_id))
-
-    def _indices(self, slot: Slot) -> tuple[int, ...]:
-        """The slot's GPU indices (what CUDA_VISIBLE_DEVICES lists); CPU slots have none."""
-        return tuple(i for i in (self.devices[k].index for k in slot.devices) if i is not None)
 
     def _grant(self, lease: Lease, slot: Slot) -> None:
         slot.state = _LEASED

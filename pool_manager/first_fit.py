@@ -20,12 +20,17 @@ class FirstFit:
             self._tree[node] = max(self._tree[2 * node], self._tree[2 * node + 1])
 
     def set(self, index: int, value: int) -> None:
+        tree = self._tree
         node = self._size + index
-        self._tree[node] = value
-        node //= 2
-        while node:
-            self._tree[node] = max(self._tree[2 * node], self._tree[2 * node + 1])
-            node //= 2
+        tree[node] = value
+        # Up the tree only while the maxima change: a node's room moves by one GPU at a time,
+        # and most often the node above still holds the same maximum (a sibling has as much).
+        while node > 1:
+            larger = value if value >= tree[node ^ 1] else tree[node ^ 1]
+            node >>= 1
+            if tree[node] == larger:
+                return
+            tree[node] = value = larger
 
     def first_at_least(self, minimum: int) -> int | None:
         """The lowest index whose value is at least ``minimum``; None where none is."""

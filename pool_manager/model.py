@@ -68,6 +68,9 @@ class Slot:
     waiting_for: set[str] = field(default_factory=set)
     start_requested: bool = False
     kernel_id: str | None = None
+    #: what CUDA_VISIBLE_DEVICES lists for ``devices`` (CPU slots: none), kept with them: asked
+    #: at every start and grant, it would otherwise look up each device in the whole inventory
+    gpu_indices: tuple[int, ...] = ()
 
 
 class _LeaseFacts:

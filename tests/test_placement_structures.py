@@ -38,3 +38,19 @@ def test_first_fit_finds_the_first_counter_with_room_as_a_scan_would() -> None:
         wanted = rng.randrange(1, 10)
         assert room.first_at_least(wanted) == next((i for i, v in enumerate(values) if v >= wanted), None)
     assert FirstFit([]).first_at_least(1) is None
+
+
+def test_first_fit_stays_right_when_counters_move_one_at_a_time() -> None:
+    # The placement index moves a node's room by one GPU per bind or unbind: the updates that
+    # stop climbing early (the maximum above did not change) are the common ones there.
+    rng = random.Random(11)
+    values = [8] * 37 + [0] * 30  # a size that is no power of two
+    room = FirstFit(values)
+    for _ in range(20_000):
+        index = rng.randrange(len(values))
+        step = rng.choice((-1, 1))
+        if 0 <= values[index] + step <= 8:
+            values[index] += step
+            room.set(index, values[index])
+        for wanted in range(1, 10):
+            assert room.first_at_least(wanted) == next((i for i, v in enumerate(values) if v >= wanted), None)

@@ -3,6 +3,7 @@ out by hand (the numbers come from the real pool core), the pool search and the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -101,6 +102,20 @@ def test_dedicated_holds_as_many_gpus_as_the_largest_cell_for_the_whole_session(
     assert outcome.busy_s["a100"] == 4 * 50.0 + 50.0
     assert max(level for _, level in outcome.held_steps) == 4
 
+
+
+def test_sessions_open_in_time_order_whatever_the_workload_lists_and_settling_gc_changes_nothing() -> None:
+    # The replay feeds sessions from a sorted copy rather than queueing them all up front.
+    made = synthetic_workload(20, 2, "a100", seed=3)
+    # Notebooks that open with a cell: each session asks the core for a lease when it opens.
+    workload = Workload(made.name, tuple(dataclasses.replace(s, start=s.cells[0].start) for s in made.sessions),
+                        made.source)
+    backwards = Workload(workload.name, workload.sessions[::-1], workload.source)
+    outcomes = [simulate(w, parse_policy("idle:10m", 5.0), {"a100": 4}, TIMING, settle_gc=settle)
+                for w, settle in ((workload, False), (backwards, False), (workload, True))]
+    seen = [(o.waits, dict(o.held_s), o.held_steps, dict(o.ended), o.core_calls, o.lost_state) for o in outcomes]
+    assert seen[0] == seen[1] == seen[2]
+    assert outcomes[0].grants > 0 and any(w > 0 for w in outcomes[0].all_waits())  # 4 GPUs for 20 users: some queue
 
 def test_auto_pool_finds_the_smallest_pool_meeting_the_target() -> None:
     workload = alternating()

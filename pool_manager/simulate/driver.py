@@ -10,6 +10,7 @@ after a kill).
 
 from __future__ import annotations
 
+import gc
 import heapq
 import itertools
 import time
@@ -119,24 +120,39 @@ class _Replay:
         self.granted: dict[str, tuple[str, int, str]] = {}  # lease id -> (slot id, GPUs, type)
         self.ticks_at: set[float] = set()
         self.held = 0
-        for session in workload.sessions:
-            self.push(session.start, "open", _Notebook(session))
+        # Sessions open in order of their start, fed to the loop one at a time: the event heap
+        # holds only what is under way, not every session of the trace (heap steps and objects
+        # the garbage collector walks would grow with the trace's length and the pool's size).
+        self.sessions = sorted(workload.sessions, key=lambda session: session.start)
+        self.next_session = 0
 
     def push(self, when: float, kind: str, payload: Any) -> None:
         heapq.heappush(self.events, (when, next(self.seq), kind, payload))
 
-    def run(self, time_limit: float | None) -> Outcome:
+    def run(self, time_limit: float | None, settle_gc: bool = False) -> Outcome:
+        if settle_gc:
+            gc.collect()  # the pool just built is moved to the oldest generation before the clocks start
         started, cpu_started = time.perf_counter(), time.process_time()
         self.core.tick()
         self.carry_out()
         handlers: dict[str, Callable[[Any], None]] = {
-            "open": self.open, "ask": self.ask, "done": self.done, "close": self.close,
+            "ask": self.ask, "done": self.done, "close": self.close,
             "ready": self.ready, "stopped": self.stopped, "tick": self.tick,
         }
         steps = 0
-        while self.events:
-            self.now, _, kind, payload = heapq.heappop(self.events)
-            handlers[kind](payload)
+        events, sessions = self.events, self.sessions
+        while True:
+            # A session opens before any event of its time (as if it had been queued first).
+            opening = sessions[self.next_session] if self.next_session < len(sessions) else None
+            if events and (opening is None or events[0][0] < opening.start):
+                self.now, _, kind, payload = heapq.heappop(events)
+                handlers[kind](payload)
+            elif opening is not None:
+                self.next_session += 1
+                self.now = opening.start
+                self.open(_Notebook(opening))
+            else:
+                break
             self.carry_out()
             steps += 1
             if time_limit is not None and steps % 1024 == 0 and time.perf_counter() - started > time_limit:
@@ -287,10 +303,15 @@ class _Replay:
 
 
 def simulate(workload: Workload, policy: Policy, pool: Mapping[str, int], timing: Timing | None = None,
-             warm: int | None = None, gpus_per_node: int = 8, time_limit: float | None = None) -> Outcome:
+             warm: int | None = None, gpus_per_node: int = 8, time_limit: float | None = None,
+             settle_gc: bool = False) -> Outcome:
     """Replay ``workload`` under ``policy`` on a pool of ``pool[type]`` GPUs per type.
 
     ``warm``: kernels kept warm per type (the core's ``min_warm``); None keeps every free
     GPU warm, which is what a fixed pool would do (its GPUs are paid for anyway).
+    ``settle_gc``: collect garbage between building the pool and starting the clocks, so the
+    times measured do not include the collector's first walks over the new inventory (what a
+    benchmark comparing pool sizes wants; a full collection per replay is not worth it in a
+    sizing sweep).
     """
-    return _Replay(workload, policy, pool, timing or Timing(), warm, gpus_per_node).run(time_limit)
+    return _Replay(workload, policy, pool, timing or Timing(), warm, gpus_per_node).run(time_limit, settle_gc)
