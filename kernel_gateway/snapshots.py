@@ -218,7 +218,8 @@ class SnapshotKeeper:
         max_bytes = room.f_bavail * room.f_frsize - ROOM_TO_LEAVE
         leave = f", leave_free={ROOM_TO_LEAVE}" if isinstance(staging, BulkEndpoint) else ""
         code = f"get_ipython()._jupyter_gpu_helper.snapshots.save({name!r}, {max_bytes}{leave})"
-        await _execute(info.connection_info, code, lambda: kernel_id in self.service.kernels)
+        where = f" on node {staging.host} (or the node)" if isinstance(staging, BulkEndpoint) else ""
+        await _execute(info.connection_info, code, lambda: kernel_id in self.service.kernels, where)
         if isinstance(staging, BulkEndpoint):
             path = await asyncio.to_thread(take_from_node, staging, name, self.spool_dir,
                                            room.f_bavail * room.f_frsize)
@@ -367,7 +368,7 @@ def _copy(source: int, target: int) -> None:
         offset += sent
 
 
-async def _execute(connection_info: dict[str, Any], code: str, alive: Any) -> None:
+async def _execute(connection_info: dict[str, Any], code: str, alive: Any, where: str = "") -> None:
     """Run ``code`` silently in the kernel and wait for its reply; raise if it failed."""
     client = AsyncKernelClient()
     client.load_connection_info(connection_info)  # type: ignore[arg-type]
@@ -375,7 +376,7 @@ async def _execute(connection_info: dict[str, Any], code: str, alive: Any) -> No
     try:
         for _ in range(3):
             content = await _reply(client, client.execute(code, silent=True, store_history=False,
-                                                          allow_stdin=False, stop_on_error=False), alive)
+                                                          allow_stdin=False, stop_on_error=False), alive, where)
             # A cell interrupted for the release fails, and the kernel then aborts what was
             # queued behind it (our request among them): ask again.
             if content.get("status") != "aborted":
@@ -387,13 +388,13 @@ async def _execute(connection_info: dict[str, Any], code: str, alive: Any) -> No
         client.stop_channels()
 
 
-async def _reply(client: AsyncKernelClient, msg_id: str, alive: Any) -> dict[str, Any]:
+async def _reply(client: AsyncKernelClient, msg_id: str, alive: Any, where: str) -> dict[str, Any]:
     while True:
         try:
             reply = await client.get_shell_msg(timeout=1.0)
         except Exception:  # queue.Empty: nothing yet
             if not alive():
-                raise RuntimeError("the kernel died before it saved its variables") from None
+                raise RuntimeError(f"the kernel{where} died before it saved its variables") from None
             continue
         if reply["parent_header"].get("msg_id") == msg_id:
             return dict(reply["content"])

@@ -419,9 +419,10 @@ def named_notebook(testbed: RayTestbed) -> Iterator[LocalKernel]:
         testbed.gateway.delete("bob", f"/api/gpu/snapshots/{kept['id']}")
 
 
-def ended_lease(testbed: RayTestbed, user: str) -> dict[str, Any]:
-    """The user's one lease, once it idled out and the save of its variables is over."""
+def ended_lease(testbed: RayTestbed, user: str, node: str) -> dict[str, Any]:
+    """The user's one lease (granted on ``node``), once it idled out and the save of its variables is over."""
     [lease] = testbed.gateway.get(user, "/api/gpu/leases").body
+    assert lease["node"] == node, lease
 
     def saved() -> dict[str, Any] | None:
         body: dict[str, Any] = testbed.gateway.get(user, f"/api/gpu/leases/{lease['id']}").body
@@ -436,9 +437,8 @@ def test_variables_of_a_remote_lease_outlive_its_idle_release_and_come_back_on_a
     reply, _ = named_notebook.run("%%gpu a100 --idle 1 --no-pull\nimport numpy as np\n"
                                   "kept_on_node = np.arange(5_000_000)  # 40 MB, only on n1")
     assert reply["status"] == "ok", reply
-    ended = ended_lease(testbed, "bob")
-    assert ended["node"] == "10.77.0.11" and ended["reason"] == "idle"
-    assert ended["snapshot"]["state"] == "kept", ended["snapshot"]
+    ended = ended_lease(testbed, "bob", "10.77.0.11")
+    assert ended["reason"] == "idle" and ended["snapshot"]["state"] == "kept", ended
     assert "kept_on_node" in ended["snapshot"]["names"] and ended["snapshot"]["nbytes"] > 40_000_000
     # The next lease is on the other machine (n2): the snapshot went n1 -> gateway -> n2.
     reply, outputs = named_notebook.run("%%gpu h100\nprint(int(kept_on_node.sum()), kept_on_node.dtype)")
@@ -467,7 +467,7 @@ def test_a_link_a_remote_kernel_plants_as_its_snapshot_is_not_kept(testbed: RayT
                                                                    named_notebook: LocalKernel) -> None:
     reply, _ = named_notebook.run(PLANT_A_LINK)
     assert reply["status"] == "ok", reply
-    ended = ended_lease(testbed, "bob")
+    ended = ended_lease(testbed, "bob", "10.77.0.11")
     assert ended["snapshot"]["state"] == "failed", ended["snapshot"]
     assert "not a plain file" in ended["snapshot"]["message"], ended["snapshot"]
     assert testbed.gateway.get("bob", "/api/gpu/snapshots").body == []
