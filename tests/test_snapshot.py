@@ -103,7 +103,6 @@ def test_notebook_class_from_main_and_a_missing_module(tmp_path: Path) -> None:
         sys.path.insert(0, {str(module_dir)!r})
         import numpy as np, vanishing
         from jupyter_gpu import snapshot
-from jupyter_gpu.kernel_snapshot import KernelSnapshots
         class Particle:
             def __init__(self, mass): self.mass = mass
             def energy(self): return self.mass * 9
