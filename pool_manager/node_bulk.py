@@ -20,6 +20,8 @@ One connection per transfer, in lock step (so neither end ever reads past a line
    after which the node answers ``{"upload", "nbytes"}`` or why not; ``nbytes`` to the gateway
    for a download.
 
+Kept state (a kernel's snapshot file out, a restore in) takes the same handshake with ops of its
+own: :mod:`pool_manager.node_snapshots`.
 The bytes themselves are not encrypted (see the README's Ray section for what that means).
 Standard library only: it runs inside the slot actor and inside the gateway.
 """
