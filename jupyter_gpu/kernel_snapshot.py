@@ -59,9 +59,11 @@ class KernelSnapshots:
             except OSError:
                 pass
 
-    def save(self, name: str, max_bytes: int | None = None) -> None:
+    def save(self, name: str, max_bytes: int | None = None, leave_free: int | None = None) -> None:
         """Write the user's variables as ``snapshot/NAME`` in this kernel's staging area
-        (refused before anything is written if they would take more than ``max_bytes``)."""
+        (refused before anything is written if they would take more than ``max_bytes``, or
+        leave less than ``leave_free`` bytes free there: a gateway on another machine cannot
+        measure this one's room)."""
         if self.folder is None:
             raise RuntimeError("this kernel has no staging directory to write a snapshot to")
         if not _NAME.fullmatch(name):
@@ -70,4 +72,8 @@ class KernelSnapshots:
         self.restore_pending()
         self.note = None
         os.makedirs(self.folder, exist_ok=True)
+        if leave_free is not None:
+            room = os.statvfs(self.folder)
+            here = room.f_bavail * room.f_frsize - leave_free
+            max_bytes = here if max_bytes is None else min(max_bytes, here)
         snapshot.save(os.path.join(self.folder, name), self.shell.user_ns, self.shell.user_ns_hidden, max_bytes)

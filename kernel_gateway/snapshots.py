@@ -13,6 +13,9 @@ same notebook's next kernel (any GPU type) before that kernel's first message.
   staging area before the gateway lets the notebook's websocket through (``ready``). The
   kernel loads it and the first cell's output says what came back. A snapshot moves: once
   staged, it leaves the store.
+- A kernel on a Ray node has its staging area there: the file goes out of it and into it
+  through the node's receiving end for bulk bytes, with the kernel's secret
+  (:mod:`.node_snapshot_relay`), streamed through the gateway's spool directory.
 
 The gateway never unpickles a snapshot: it reads only the JSON header the kernel wrote.
 """
@@ -40,8 +43,10 @@ from jupyter_gpu.protocol import (
 )
 from jupyter_gpu.snapshot_format import RESTORE_NAME, SNAPSHOT_SUBDIR, read_header, summary
 from pool_manager.model import Lease, LeaseSnapshot
+from pool_manager.node_bulk import BulkEndpoint
 from pool_manager.service import PoolService
 
+from .node_snapshot_relay import send_to_node, take_from_node
 from .snapshot_store import SnapshotQuotaExceeded, SnapshotRecord, SnapshotStore
 
 log = logging.getLogger(__name__)
@@ -197,7 +202,9 @@ class SnapshotKeeper:
             self._saving.pop(key).set()
 
     async def _save(self, kernel_id: str, lease: Lease | LeaseSnapshot, busy: bool) -> dict[str, Any]:
-        staging = self.service.backend.staging_dir(kernel_id)
+        staging: str | BulkEndpoint | None = self.service.backend.staging_dir(kernel_id)
+        if staging is None:
+            staging = self.service.backend.bulk_endpoint(kernel_id)  # on a Ray node
         info = self.service.kernels.get(kernel_id)
         if staging is None or info is None:
             return {"state": "failed", "message": "this pool's kernels have no staging area to save into"}
@@ -206,11 +213,18 @@ class SnapshotKeeper:
         name = secrets.token_hex(16)
         # The staging area is often /dev/shm, that is memory: what does not fit is refused
         # by the kernel before it writes a byte, and the release says so.
-        room = os.statvfs(staging)
+        # On a node, the room there is the kernel's to measure; the gateway's spool must take it too.
+        room = os.statvfs(self.spool_dir if isinstance(staging, BulkEndpoint) else staging)
         max_bytes = room.f_bavail * room.f_frsize - ROOM_TO_LEAVE
-        code = f"get_ipython()._jupyter_gpu_helper.snapshots.save({name!r}, {max_bytes})"
-        await _execute(info.connection_info, code, lambda: kernel_id in self.service.kernels)
-        path = await asyncio.to_thread(take_file, os.path.join(staging, SNAPSHOT_SUBDIR, name), self.spool_dir)
+        leave = f", leave_free={ROOM_TO_LEAVE}" if isinstance(staging, BulkEndpoint) else ""
+        code = f"get_ipython()._jupyter_gpu_helper.snapshots.save({name!r}, {max_bytes}{leave})"
+        where = f" on node {staging.host} (or the node)" if isinstance(staging, BulkEndpoint) else ""
+        await _execute(info.connection_info, code, lambda: kernel_id in self.service.kernels, where)
+        if isinstance(staging, BulkEndpoint):
+            path = await asyncio.to_thread(take_from_node, staging, name, self.spool_dir,
+                                           room.f_bavail * room.f_frsize)
+        else:
+            path = await asyncio.to_thread(take_file, os.path.join(staging, SNAPSHOT_SUBDIR, name), self.spool_dir)
         try:
             header, _ = read_header(path)
             kept = summary(header)
@@ -241,7 +255,9 @@ class SnapshotKeeper:
         saving = self._saving.get(key)
         if saving is None and key not in self.index:
             return
-        staging = self.service.backend.staging_dir(lease.kernel_id)
+        staging: str | BulkEndpoint | None = self.service.backend.staging_dir(lease.kernel_id)
+        if staging is None:
+            staging = self.service.backend.bulk_endpoint(lease.kernel_id)  # on a Ray node
         if staging is None:
             return  # kept for a lease that can take it
         record = self._claim(lease) if saving is None else None
@@ -257,8 +273,8 @@ class SnapshotKeeper:
             "names": record.names, "unsaved": record.unsaved, "nbytes": record.nbytes, "created": record.created})
         return record
 
-    async def _stage(self, lease: Lease | LeaseSnapshot, record: SnapshotRecord | None, staging: str,
-                     saving: asyncio.Event | None) -> None:
+    async def _stage(self, lease: Lease | LeaseSnapshot, record: SnapshotRecord | None,
+                     staging: str | BulkEndpoint, saving: asyncio.Event | None) -> None:
         if saving is not None:  # the previous lease's kernel is writing it right now
             try:
                 await asyncio.wait_for(saving.wait(), self.timeout + 30)
@@ -266,6 +282,9 @@ class SnapshotKeeper:
                 return
             record = self._claim(lease)
         if record is None:
+            return
+        if isinstance(staging, BulkEndpoint):
+            await self._stage_on_node(lease, record, staging)
             return
         folder = os.path.join(staging, SNAPSHOT_SUBDIR)
         partial = os.path.join(folder, secrets.token_hex(16))  # a name nobody could have planted
@@ -280,6 +299,21 @@ class SnapshotKeeper:
             self.index.setdefault((lease.user, lease.notebook), record)  # still in the store: next time
             if os.path.exists(partial):
                 os.unlink(partial)
+
+    async def _stage_on_node(self, lease: Lease | LeaseSnapshot, record: SnapshotRecord, node: BulkEndpoint) -> None:
+        """The same for a kernel on a Ray node: from the store through the spool to its node."""
+        spooled = os.path.join(self.spool_dir, secrets.token_hex(16))
+        try:
+            await asyncio.to_thread(self.store.fetch, lease.user, record.id, spooled)
+            await asyncio.to_thread(send_to_node, node, spooled)
+            await asyncio.to_thread(self.store.delete, lease.user, record.id)
+        except Exception as exc:
+            log.warning("could not stage snapshot %s for lease %s on its node", record.id, lease.id, exc_info=True)
+            self.restores[lease.id] = {**self.restores.get(lease.id, {}), "error": f"{type(exc).__name__}: {exc}"}
+            self.index.setdefault((lease.user, lease.notebook), record)  # still in the store: next time
+        finally:
+            if os.path.exists(spooled):
+                os.unlink(spooled)
 
     async def ready(self, kernel_id: str) -> None:
         """Return once the kernel's restore (if any) is in its staging area."""
@@ -334,7 +368,7 @@ def _copy(source: int, target: int) -> None:
         offset += sent
 
 
-async def _execute(connection_info: dict[str, Any], code: str, alive: Any) -> None:
+async def _execute(connection_info: dict[str, Any], code: str, alive: Any, where: str = "") -> None:
     """Run ``code`` silently in the kernel and wait for its reply; raise if it failed."""
     client = AsyncKernelClient()
     client.load_connection_info(connection_info)  # type: ignore[arg-type]
@@ -342,7 +376,7 @@ async def _execute(connection_info: dict[str, Any], code: str, alive: Any) -> No
     try:
         for _ in range(3):
             content = await _reply(client, client.execute(code, silent=True, store_history=False,
-                                                          allow_stdin=False, stop_on_error=False), alive)
+                                                          allow_stdin=False, stop_on_error=False), alive, where)
             # A cell interrupted for the release fails, and the kernel then aborts what was
             # queued behind it (our request among them): ask again.
             if content.get("status") != "aborted":
@@ -354,13 +388,13 @@ async def _execute(connection_info: dict[str, Any], code: str, alive: Any) -> No
         client.stop_channels()
 
 
-async def _reply(client: AsyncKernelClient, msg_id: str, alive: Any) -> dict[str, Any]:
+async def _reply(client: AsyncKernelClient, msg_id: str, alive: Any, where: str) -> dict[str, Any]:
     while True:
         try:
             reply = await client.get_shell_msg(timeout=1.0)
         except Exception:  # queue.Empty: nothing yet
             if not alive():
-                raise RuntimeError("the kernel died before it saved its variables") from None
+                raise RuntimeError(f"the kernel{where} died before it saved its variables") from None
             continue
         if reply["parent_header"].get("msg_id") == msg_id:
             return dict(reply["content"])

@@ -20,6 +20,8 @@ One connection per transfer, in lock step (so neither end ever reads past a line
    after which the node answers ``{"upload", "nbytes"}`` or why not; ``nbytes`` to the gateway
    for a download.
 
+Kept state (a kernel's snapshot file out, a restore in) takes the same handshake with ops of its
+own: :mod:`pool_manager.node_snapshots`.
 The bytes themselves are not encrypted (see the README's Ray section for what that means).
 Standard library only: it runs inside the slot actor and inside the gateway.
 """
@@ -40,6 +42,7 @@ from typing import Any
 from jupyter_gpu.protocol import Reason, error_body
 from jupyter_gpu.transfer import DOWNLOAD_ID, new_upload_id
 
+from .node_snapshots import SNAPSHOT_OPS, serve_snapshot, snapshot_refusal
 from .staging_io import (
     DownloadUnavailable,
     close_quietly,
@@ -190,6 +193,8 @@ class NodeReceiver:
             if refusal is not None:
                 log.warning("bulk transfer from %s refused: %s", node_name(sock), refusal["message"])
                 sock.sendall(json.dumps(refusal).encode() + b"\n")
+            elif request["op"] in SNAPSHOT_OPS:
+                serve_snapshot(sock, self.staging, request)
             elif request["op"] == UPLOAD:
                 self._upload(sock, request["nbytes"])
             else:
@@ -207,12 +212,14 @@ class NodeReceiver:
     def _refusal(self, challenge: str, request: dict[str, Any]) -> dict[str, str] | None:
         """Why the request is not served, or None when it is the gateway's and well formed."""
         op, transfer_id, nbytes = request.get("op"), request.get("id"), request.get("nbytes")
-        if op not in (UPLOAD, DOWNLOAD) or not isinstance(transfer_id, str) or type(nbytes) is not int:
+        if op not in (UPLOAD, DOWNLOAD, *SNAPSHOT_OPS) or not isinstance(transfer_id, str) or type(nbytes) is not int:
             return error_body("a request names op (upload or download), id and nbytes", Reason.BAD_REQUEST)
         mac = request.get("mac")
         expected = request_mac(self.secret, challenge, op, transfer_id, nbytes)
         if not isinstance(mac, str) or not hmac.compare_digest(mac.encode(), expected.encode()):
             return error_body("not authorized: this port serves its kernel's gateway only", Reason.UNAUTHORIZED)
+        if op in SNAPSHOT_OPS:
+            return snapshot_refusal(self.staging, op, transfer_id, nbytes)
         if op == UPLOAD:
             free = free_bytes(self.staging)
             if nbytes < 1 or nbytes > free:

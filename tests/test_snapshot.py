@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ import pytest
 import torch
 
 from jupyter_gpu import snapshot
+from jupyter_gpu.kernel_snapshot import KernelSnapshots
 from jupyter_gpu.snapshot_format import SnapshotFormatError, read_header, summary
 
 
@@ -174,3 +176,16 @@ def test_a_snapshot_larger_than_the_room_is_refused_before_writing(tmp_path: Pat
     with pytest.raises(snapshot.SnapshotTooLarge, match=r"0\.01 GB of variables to keep, but only 0\.00 GB free"):
         snapshot.save(str(path), {"x": np.ones(1_000_000)}, max_bytes=1_000_000)
     assert not path.exists()
+
+
+def test_a_kernel_on_another_machine_than_its_gateway_measures_its_own_room(tmp_path: Path) -> None:
+    # The gateway cannot see a Ray node's staging area: it asks the kernel to leave room there.
+    shell = SimpleNamespace(user_ns={"x": np.ones(1_000_000)}, user_ns_hidden={})
+    kernel = KernelSnapshots(shell, str(tmp_path))
+    room = os.statvfs(tmp_path)
+    everything_but_a_kilobyte = room.f_bavail * room.f_frsize - 1000
+    with pytest.raises(snapshot.SnapshotTooLarge, match="GB of variables to keep"):
+        kernel.save("0" * 32, 10**15, leave_free=everything_but_a_kilobyte)
+    assert os.listdir(tmp_path / "snapshot") == []
+    kernel.save("1" * 32, 10**15, leave_free=0)
+    assert read_header(str(tmp_path / "snapshot" / ("1" * 32)))[0]["variables"]

@@ -407,6 +407,72 @@ def test_idle_release_of_a_remote_lease_tells_the_next_cell(testbed: RayTestbed,
     assert "a100 lease on 10.77.0.11 ended (idle)" in notice and "only_remote" in notice
 
 
+@pytest.fixture
+def named_notebook(testbed: RayTestbed) -> Iterator[LocalKernel]:
+    """A notebook's kernel that knows its notebook's path (what kept variables are filed under)."""
+    kernel = LocalKernel({**notebook_env(testbed, "bob"), "JPY_SESSION_NAME": "work/kept-on-ray.ipynb"})
+    kernel.run("%load_ext jupyter_gpu\nimport jupyter_gpu.magic\njupyter_gpu.magic.NOTICE_WATCH_INTERVAL = None")
+    yield kernel
+    kernel.close()
+    no_leases_left(testbed, "bob")
+    for kept in testbed.gateway.get("bob", "/api/gpu/snapshots").body:
+        testbed.gateway.delete("bob", f"/api/gpu/snapshots/{kept['id']}")
+
+
+def ended_lease(testbed: RayTestbed, user: str, node: str) -> dict[str, Any]:
+    """The user's one lease (granted on ``node``), once it idled out and the save of its variables is over."""
+    [lease] = testbed.gateway.get(user, "/api/gpu/leases").body
+    assert lease["node"] == node, lease
+
+    def saved() -> dict[str, Any] | None:
+        body: dict[str, Any] = testbed.gateway.get(user, f"/api/gpu/leases/{lease['id']}").body
+        done = body["state"] == "released" and body.get("snapshot", {}).get("state") not in (None, "saving")
+        return body if done else None
+
+    return poll(saved, 60, "the lease to idle out and its variables to be saved") or {}
+
+
+def test_variables_of_a_remote_lease_outlive_its_idle_release_and_come_back_on_another_node(
+        testbed: RayTestbed, named_notebook: LocalKernel) -> None:
+    reply, _ = named_notebook.run("%%gpu a100 --idle 1 --no-pull\nimport numpy as np\n"
+                                  "kept_on_node = np.arange(5_000_000)  # 40 MB, only on n1")
+    assert reply["status"] == "ok", reply
+    ended = ended_lease(testbed, "bob", "10.77.0.11")
+    assert ended["reason"] == "idle" and ended["snapshot"]["state"] == "kept", ended
+    assert "kept_on_node" in ended["snapshot"]["names"] and ended["snapshot"]["nbytes"] > 40_000_000
+    # The next lease is on the other machine (n2): the snapshot went n1 -> gateway -> n2.
+    reply, outputs = named_notebook.run("%%gpu h100\nprint(int(kept_on_node.sum()), kept_on_node.dtype)")
+    assert reply["status"] == "ok", reply
+    assert streamed(outputs) == f"{sum(range(5_000_000))} int64\n"
+    assert "jupyter-gpu: restored" in streamed(outputs, "stderr") and "kept_on_node" in streamed(outputs, "stderr")
+    [lease] = testbed.gateway.get("bob", "/api/gpu/leases").body
+    assert lease["node"] == "10.77.0.12" and lease["restore"]["from_lease"] == ended["id"]
+    assert "error" not in lease["restore"], lease["restore"]
+    assert testbed.gateway.get("bob", "/api/gpu/snapshots").body == []  # a snapshot moves: restored, not kept
+
+
+#: What a hostile kernel leaves where the gateway asked for its snapshot: a link to a file of its node.
+PLANT_A_LINK = """%%gpu a100 --idle 1 --no-pull
+import os
+secret = 'mine'
+_snapshots = get_ipython()._jupyter_gpu_helper.snapshots
+def _plant(name, *args, **kwargs):
+    os.makedirs(_snapshots.folder, exist_ok=True)
+    os.symlink('/proc/self/environ', os.path.join(_snapshots.folder, name))
+_snapshots.save = _plant
+"""
+
+
+def test_a_link_a_remote_kernel_plants_as_its_snapshot_is_not_kept(testbed: RayTestbed,
+                                                                   named_notebook: LocalKernel) -> None:
+    reply, _ = named_notebook.run(PLANT_A_LINK)
+    assert reply["status"] == "ok", reply
+    ended = ended_lease(testbed, "bob", "10.77.0.11")
+    assert ended["snapshot"]["state"] == "failed", ended["snapshot"]
+    assert "not a plain file" in ended["snapshot"]["message"], ended["snapshot"]
+    assert testbed.gateway.get("bob", "/api/gpu/snapshots").body == []
+
+
 @pytest.mark.asyncio
 async def test_a_machine_that_joins_adds_its_gpus_and_runs_kernels(testbed: RayTestbed) -> None:
     cluster, gateway = testbed.cluster, testbed.gateway
