@@ -327,14 +327,24 @@ def take_file(path: str, spool_dir: str) -> str:
 
     The kernel is a stranger's code: what it left under that name may be a link to one of
     the gateway's own files, which must never end up in a store that a later lease reads
-    from. Only a plain file with no other name is taken.
+    from, and the folder holding it (the kernel's own) may itself have been swapped for a
+    link to somewhere else. The folder is opened without following a link and the file
+    moved from that descriptor; only a plain file with no other name is taken.
     """
-    spooled = os.path.join(spool_dir, os.path.basename(path))
+    folder = os.open(os.path.dirname(path), os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        os.rename(path, spooled)  # the same file system: the entry moves, whatever it is
+        return _take_from(folder, os.path.basename(path), path, spool_dir)
+    finally:
+        os.close(folder)
+
+
+def _take_from(folder: int, name: str, path: str, spool_dir: str) -> str:
+    spooled = os.path.join(spool_dir, name)
+    try:
+        os.rename(name, spooled, src_dir_fd=folder)  # the same file system: the entry moves, whatever it is
     except OSError:
         # Another file system: copy from a descriptor opened without following links.
-        source = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        source = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder)
         try:
             _check_plain(os.fstat(source), path)
             target = os.open(spooled, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
@@ -344,7 +354,7 @@ def take_file(path: str, spool_dir: str) -> str:
                 os.close(target)
         finally:
             os.close(source)
-            os.unlink(path)
+            os.unlink(name, dir_fd=folder)
         return spooled
     try:
         _check_plain(os.lstat(spooled), path)

@@ -204,3 +204,20 @@ def test_a_link_planted_by_the_kernel_is_never_taken_into_the_store(tmp_path: Pa
         assert Path(taken).read_bytes() == b"a real snapshot" and not (staging / "c").exists()
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def test_a_snapshot_folder_swapped_for_a_link_is_not_followed(tmp_path: Path) -> None:
+    """The kernel owns its staging folder: it can replace ``snapshot/`` with a link to another
+    folder (another kernel's staging, the gateway's store) holding a file of the expected name.
+    Nothing is taken from there."""
+    elsewhere = tmp_path / "another-kernels-staging" / "snapshot"
+    elsewhere.mkdir(parents=True)
+    (elsewhere / "f00d").write_bytes(b"someone else's variables")
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "snapshot").symlink_to(elsewhere, target_is_directory=True)
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    with pytest.raises(OSError):
+        take_file(str(staging / "snapshot" / "f00d"), str(spool))
+    assert list(spool.iterdir()) == [] and (elsewhere / "f00d").read_bytes() == b"someone else's variables"
