@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -39,13 +40,14 @@ def ipp_kernel(python: Path) -> LocalKernel:
     with open(f"{specs}/kernels/ipp/kernel.json", "w") as spec:
         json.dump({"argv": [str(python), "-m", "ipykernel_launcher", "-f", "{connection_file}"],
                    "display_name": "ipp", "language": "python"}, spec)
-    os.environ["JUPYTER_PATH"] = specs
+    os.environ["JUPYTER_PATH"] = specs  # read when the kernel starts, below
     kernel = LocalKernel.__new__(LocalKernel)
     kernel.km = KernelManager(kernel_name="ipp")
     kernel.km.start_kernel(env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
     kernel.kc = kernel.km.blocking_client()
     kernel.kc.start_channels()
     kernel.kc.wait_for_ready(timeout=60)
+    shutil.rmtree(specs)
     kernel.run("import ipyparallel as ipp, numpy as np\ncluster = ipp.Cluster(n=1, log_level=40)\n"
                "rc = cluster.start_and_connect_sync()\nrc.wait_for_engines(1, timeout=120)\n"
                "view = rc[:]\nview.block = True\n")
