@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from .protocol import PULLED_METADATA_KEY
 from .transfer import Assembler
 
 
@@ -112,6 +113,12 @@ class CellRelay:
     def done(self) -> bool:
         return self.reply is not None and self.idle
 
+    def _take_pulled(self, data: dict[str, Any], buffers: list[Any]) -> None:
+        """One message of what the helper sent back (in a comm message, or in the reply)."""
+        self.pulled.extend(data.get("values", []))
+        self.remote_hashes.update(data.get("hashes", {}))
+        self.pulled_blobs.feed(data, buffers)
+
     def process_message(self, msg: dict[str, Any]) -> None:
         if msg.get("parent_header", {}).get("msg_id") != self.msg_id:
             return
@@ -119,6 +126,9 @@ class CellRelay:
         if channel == "shell":
             if msg_type == "execute_reply":
                 self.reply = content
+                pulled = (msg.get("metadata") or {}).get(PULLED_METADATA_KEY)
+                if isinstance(pulled, dict) and self.helper_comm_id:
+                    self._take_pulled(pulled, msg.get("buffers", []))
                 if content.get("status") == "error" and self.error is None:
                     self.error = error_from(content)
             return
@@ -144,9 +154,7 @@ class CellRelay:
             if content.get("comm_id") == self.helper_comm_id:
                 data = content.get("data", {})
                 if data.get("op") == "pulled":
-                    self.pulled.extend(data.get("values", []))
-                    self.remote_hashes.update(data.get("hashes", {}))
-                    self.pulled_blobs.feed(data, msg.get("buffers", []))
+                    self._take_pulled(data, msg.get("buffers", []))
             else:
                 # Widgets the remote cell displays (tqdm.notebook's bar, ipywidgets) live on
                 # comms: forwarding their IOPub side lets the local frontend draw and update

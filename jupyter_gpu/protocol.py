@@ -107,6 +107,9 @@ PULL_METADATA_KEY = "jupyter_gpu_pull"
 #: key in an execute_request's metadata carrying the cell's push (the message's buffers are its
 #: pieces), sent only to a helper that said it takes them: one kernel message per cell, not two
 PUSH_METADATA_KEY = "jupyter_gpu_push"
+#: key in an execute_reply's metadata carrying what the helper sent back after the cell (the
+#: reply's buffers are its pieces), where the pull spec asked for it there (``in_reply``)
+PULLED_METADATA_KEY = "jupyter_gpu_pulled"
 #: the helper's first message on its comm: what it takes (an older helper sends none)
 HELPER_HELLO_OP = "hello"
 

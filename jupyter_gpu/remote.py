@@ -236,6 +236,9 @@ class RemoteSession:
             "missing_modules": sorted(self.missing_modules),
             # large values may come back as staged files fetched past the websocket
             "downloads": self.uploads,
+            # what comes back rides in the execute_reply (a helper that does not know this
+            # key sends it as comm messages, which the relay takes as well)
+            "in_reply": True,
             # names whose remote value the cache vouches for: the kernel reports what it
             # holds after the cell, in case the cell changed them in place
             "verify": [n for n in push_names if n in self.remote_hashes or any(i["name"] == n for i in items)],

@@ -258,3 +258,68 @@ def test_reasons_are_one_vocabulary_that_travels_as_plain_words() -> None:
     assert Reason(json.loads('"node_lost"')) is Reason.NODE_LOST and Reason.NODE_LOST == "node_lost"
     assert f"{Reason.GATEWAY_RESTART}" == "gateway_restart"
     assert len({reason.value for reason in Reason}) == len(Reason)
+
+
+def _server_frame(opcode: int, payload: bytes) -> bytes:
+    """A frame as the gateway sends it: final, unmasked."""
+    length = len(payload)
+    if length < 126:
+        head = struct.pack("!BB", 0x80 | opcode, length)
+    elif length <= 0xFFFF:
+        head = struct.pack("!BBH", 0x80 | opcode, 126, length)
+    else:
+        head = struct.pack("!BBQ", 0x80 | opcode, 127, length)
+    return head + payload
+
+
+def test_the_client_reads_large_payloads_in_any_pieces_into_writable_buffers() -> None:
+    """A pulled megabyte is received straight into its own buffer: whatever pieces TCP cuts the
+    frames into (a header split in two, the next frame in the same read as a payload's end, a
+    ping between messages), every message arrives whole, its buffers writable, and the ping
+    is answered."""
+    import socket
+    import threading
+
+    from websockets.protocol import State
+
+    from jupyter_gpu.client import KernelChannel, client_protocol
+
+    big = bytes(range(256)) * 4096 + b"tail"  # 1 MiB and a bit, with a recognisable pattern
+    parts = [json.dumps(p).encode() for p in ({"msg_type": "comm_msg"}, {}, {}, {"n": 1})]
+    pulled = _server_frame(2, serialize_ws_v1("iopub", [*parts, big]))
+    small = _server_frame(2, serialize_ws_v1("shell", [json.dumps({"msg_type": "execute_reply"}).encode(),
+                                                       b"{}", b"{}", b"{}", b"x" * 70_000]))
+    ping = _server_frame(0x9, b"still there?")
+    stream = small + ping + pulled + small
+    cuts = [len(small) + len(ping) + 1, len(small) + len(ping) + 5, len(small) + len(ping) + 300_000, len(stream) - 3]
+    ours, theirs = socket.socketpair()
+
+    def send_in_pieces() -> None:
+        start = 0
+        for cut in [*cuts, len(stream)]:
+            theirs.sendall(stream[start:cut])
+            start = cut
+
+    sender = threading.Thread(target=send_in_pieces)
+    sender.start()
+    channel = KernelChannel(ours, client_protocol("ws://gateway/api/kernels/k/channels", state=State.OPEN), "s")
+    try:
+        messages = [channel.recv(timeout=10) for _ in range(3)]
+        sender.join()
+        assert [m["header"]["msg_type"] for m in messages if m] == ["execute_reply", "comm_msg", "execute_reply"]
+        first, pulled_msg, last = messages
+        assert first is not None and pulled_msg is not None and last is not None
+        buffer = pulled_msg["buffers"][0]
+        assert bytes(buffer) == big and not buffer.readonly
+        assert bytes(first["buffers"][0]) == bytes(last["buffers"][0]) == b"x" * 70_000
+        # the ping was answered with a masked pong carrying its payload
+        reader = StreamReader()
+        theirs.settimeout(5)
+        reader.feed_data(theirs.recv(1024))
+        parser = Frame.parse(reader.read_exact, mask=True)
+        with pytest.raises(StopIteration) as done:
+            next(parser)
+        assert done.value.value.opcode is Opcode.PONG and done.value.value.data == b"still there?"
+    finally:
+        channel.close()
+        theirs.close()

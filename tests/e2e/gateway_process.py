@@ -176,7 +176,8 @@ class KernelSocket:
         return cls(ws, session_id, binary)
 
     def send(self, channel: str, msg_type: str, content: dict[str, Any], parent: dict[str, Any] | None = None,
-             buffers: list[bytes] | None = None, session: str | None = None) -> str:
+             buffers: list[bytes] | None = None, session: str | None = None,
+             metadata: dict[str, Any] | None = None) -> str:
         """Send one message; ``session`` overrides the header's session (default: the URL's)."""
         msg_id = uuid.uuid4().hex
         header = {"msg_id": msg_id, "msg_type": msg_type, "session": session or self.session_id, "username": "test",
@@ -184,10 +185,11 @@ class KernelSocket:
         parent = parent or {}
         buffers = buffers or []
         if self.binary:
-            parts = [json.dumps(x).encode() for x in (header, parent, {}, content)]
+            parts = [json.dumps(x).encode() for x in (header, parent, metadata or {}, content)]
             self.ws.write_message(serialize_ws_v1(channel, parts + buffers), binary=True)
         else:
-            msg = {"header": header, "parent_header": parent, "metadata": {}, "content": content, "channel": channel}
+            msg = {"header": header, "parent_header": parent, "metadata": metadata or {}, "content": content,
+                   "channel": channel}
             if buffers:  # plain-JSON clients send buffers in the legacy binary frame
                 self.ws.write_message(serialize_ws_legacy_binary(msg, buffers), binary=True)
             else:

@@ -427,3 +427,42 @@ async def test_two_users_run_at_once_and_each_sees_only_their_own_output(gateway
     assert refused.value.code == 404
     for socket in sockets.values():
         socket.close()
+
+
+# --- what the kernel helper sends back ------------------------------------------------------
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("in_reply", [True, False], ids=["in-the-reply", "older-client"])
+async def test_pulled_values_ride_in_the_reply_only_for_a_client_that_asks(gateway: GatewayProcess,
+                                                                           in_reply: bool) -> None:
+    """A client that asks (``in_reply``) gets a cell's values inside its execute_reply, with no
+    comm message for them; a client that does not (an older magic) gets them as before."""
+    import pickle
+
+    from jupyter_gpu.protocol import HELPER_COMM_TARGET, PULL_METADATA_KEY, PULLED_METADATA_KEY
+
+    lease = granted(gateway, "alice")
+    socket = await gateway.connect("alice", lease["kernel_id"])
+    socket.send("shell", "comm_open", {"comm_id": "helper", "target_name": HELPER_COMM_TARGET, "data": {}})
+    pull = {"names": ["x"], "limit": 10**6, **({"in_reply": True} if in_reply else {})}
+    msg_id = socket.send("shell", "execute_request", {"code": "x = bytearray(b'pulled') * 20000", "silent": False,
+                                                      "store_history": True, "user_expressions": {},
+                                                      "allow_stdin": False, "stop_on_error": True},
+                         metadata={PULL_METADATA_KEY: pull})
+    reply, outputs = await socket.collect(msg_id, timeout=30)
+    assert reply["content"]["status"] == "ok", reply["content"]
+    comm_pulls = [m for m in outputs if m["msg_type"] == "comm_msg" and m["content"]["data"].get("op") == "pulled"]
+    if in_reply:
+        assert comm_pulls == []
+        data, buffers = reply["metadata"][PULLED_METADATA_KEY], reply["buffers"]
+    else:
+        assert PULLED_METADATA_KEY not in reply["metadata"] and reply["buffers"] == []
+        assert len(comm_pulls) == 1
+        data, buffers = comm_pulls[0]["content"]["data"], comm_pulls[0]["buffers"]
+    (item,) = data["values"]
+    assert item["name"] == "x" and item["kind"] == "pickle"
+    first = item["blob"]
+    value = pickle.loads(buffers[first], buffers=buffers[first + 1 : first + 1 + item["nbuf"]])
+    assert value == bytearray(b"pulled") * 20000
+    socket.close()
