@@ -15,6 +15,7 @@ next (sent, client gone, kernel dead) nothing stays behind.
 
 from __future__ import annotations
 
+import ctypes
 import errno
 import fcntl
 import os
@@ -22,6 +23,8 @@ import select
 import socket
 import stat
 import struct
+import sys
+import threading
 import time
 from typing import Any
 
@@ -35,6 +38,8 @@ MIN_RATE = 10e6
 #: Bytes moved per splice(2) call: the largest pipe an unprivileged process may ask for.
 SPLICE_BYTES = 2**20
 _F_SETPIPE_SZ = 1031
+#: Bytes of an upload's file allocated per call, ahead of the bytes arriving (see AllocateAhead).
+ALLOCATE_BYTES = 32 * 2**20
 
 
 class DownloadUnavailable(Exception):
@@ -69,7 +74,8 @@ def receive_upload(sock: socket.socket, fd: int, path: str, nbytes: int, upload_
     failure, and returns the JSON line the sender gets (the upload's id, or why it failed)."""
     try:
         set_stall_timeouts(sock)
-        move(sock, fd, nbytes, upload_deadline(nbytes))
+        with AllocateAhead(fd, nbytes):
+            move(sock, fd, nbytes, upload_deadline(nbytes))
         return {"upload": upload_id, "nbytes": nbytes}
     except Exception as exc:
         unlink_quietly(path)
@@ -78,6 +84,63 @@ def receive_upload(sock: socket.socket, fd: int, path: str, nbytes: int, upload_
                           Reason.NO_SPACE if full else Reason.UPLOAD_FAILED)
     finally:
         close_quietly(fd)
+
+
+class AllocateAhead:
+    """Allocates an upload's file in a helper thread, just ahead of the bytes being written to it.
+
+    An upload's gigabyte is new memory (a file in /dev/shm), and on a VM new memory costs more
+    than the copy into it (measured on the 2-core VM: 0.43 s of CPU to write 1 GB into a new
+    tmpfs file; 0.30 s to fallocate it, then 0.18 s to write it). The receiving thread was the
+    slowest stage of a push relayed to a Ray node; the helper takes the allocation to another
+    core, as :mod:`jupyter_gpu.prefault` does for a pull on the client. The helper never
+    writes: it allocates (FALLOC_FL_KEEP_SIZE: the file's size still grows only as bytes come),
+    so it cannot race the receiver over contents; where fallocate(2) is missing or fails (no
+    room, a file system without it) it stops, and the writes allocate as before.
+    """
+
+    def __init__(self, fd: int, nbytes: int) -> None:
+        self.fd, self.nbytes = fd, nbytes
+        self._stop = threading.Event()
+        self._helper = threading.Thread(target=self._allocate, name="jupyter-gpu-allocate", daemon=True)
+
+    def __enter__(self) -> AllocateAhead:
+        if _fallocate is not None and self.nbytes > ALLOCATE_BYTES:
+            self._helper.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self._helper.is_alive():
+            self._helper.join()  # before the caller closes the descriptor
+
+    def _allocate(self) -> None:
+        offset = 0
+        while not self._stop.is_set():
+            # behind the writer, its writes allocated already
+            offset = max(offset, os.lseek(self.fd, 0, os.SEEK_CUR))
+            if offset >= self.nbytes:
+                return
+            length = min(ALLOCATE_BYTES, self.nbytes - offset)
+            if _fallocate(self.fd, _FALLOC_FL_KEEP_SIZE, offset, length) != 0:
+                return
+            offset += length
+
+
+def _libc_fallocate() -> Any:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fallocate = ctypes.CDLL(None, use_errno=True).fallocate64
+    except (AttributeError, OSError):
+        return None
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+    fallocate.restype = ctypes.c_int
+    return fallocate
+
+
+_fallocate = _libc_fallocate()
+_FALLOC_FL_KEEP_SIZE = 1
 
 
 def move(sock: socket.socket, fd: int, nbytes: int, deadline: float, sender: str = "the client") -> None:

@@ -17,7 +17,7 @@ import pytest
 
 from jupyter_gpu.transfer import new_download_id
 from pool_manager.node_bulk import DOWNLOAD, UPLOAD, BulkEndpoint, NodeReceiver, open_node_transfer, read_line
-from pool_manager.staging_io import SPLICE_BYTES, move
+from pool_manager.staging_io import ALLOCATE_BYTES, SPLICE_BYTES, move
 
 
 @pytest.fixture
@@ -42,6 +42,27 @@ def test_an_upload_lands_whole_in_the_staging_directory(receiver: NodeReceiver) 
     result = upload(receiver.endpoint, data)
     assert result["nbytes"] == len(data)
     assert (Path(receiver.staging) / str(result["upload"])).read_bytes() == data
+
+
+def test_a_large_upload_allocated_ahead_holds_exactly_its_bytes(receiver: NodeReceiver) -> None:
+    """Past ALLOCATE_BYTES a helper allocates the file ahead of the writes: the file the kernel
+    maps must still be exactly the bytes sent, no longer, whatever the helper allocated."""
+    data = os.urandom(2 * ALLOCATE_BYTES + 17)
+    result = upload(receiver.endpoint, data)
+    path = Path(receiver.staging) / str(result["upload"])
+    assert path.stat().st_size == len(data)
+    assert path.read_bytes() == data
+
+
+def test_a_large_upload_cut_short_leaves_no_file(receiver: NodeReceiver) -> None:
+    node, answer = open_node_transfer(receiver.endpoint, UPLOAD, "", 4 * ALLOCATE_BYTES)
+    assert answer == {"ready": True}
+    node.sendall(os.urandom(SPLICE_BYTES))
+    node.shutdown(socket.SHUT_WR)
+    result = json.loads(read_line(node))
+    node.close()
+    assert result["reason"] == "upload_failed", result
+    assert os.listdir(receiver.staging) == []
 
 
 def test_a_download_sends_what_the_kernel_writes_into_its_fifo(receiver: NodeReceiver) -> None:
