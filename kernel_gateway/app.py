@@ -32,6 +32,7 @@ from .config_watch import ConfigWatcher
 from .downloads import DownloadHandler
 from .errors import ApiError
 from .gateway import Gateway
+from .heap import keep_freed_memory
 from .identity import IdentityProvider, TokenIdentityProvider
 from .info import InfoHandler
 from .metering import MeteringStore
@@ -274,6 +275,7 @@ class GatewayApp(JupyterApp):
         except ValueError as exc:
             self.log.critical("%s", exc)
             self.exit(2)
+        keep_freed_memory()  # pushed megabytes pass through here: reuse warm pages (see heap.py)
         asyncio.run(self.serve(identity_provider, pool, service, snapshots))
 
     def identity_provider(self) -> IdentityProvider:
