@@ -2,7 +2,7 @@
 
 Usage (after ``scripts/bench`` set up .bench/ipp)::
 
-    .venv/bin/python benchmarks/push_ab.py --a /work/main --b . [--sizes 1000000,100000] [--rounds 6] [--per 10]
+    .venv/bin/python benchmarks/push_ab.py --a /work/main --b . [--sizes 100000,1000000] [--rounds 6] [--per 10]
 
 Each checkout gets its own gateway and notebook kernel (its PYTHONPATH first); ipyparallel runs
 a one-engine cluster from a notebook kernel of .bench/ipp, as in peer_ipp.py. The cells are the
@@ -34,7 +34,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--a", required=True, help="checkout A (its packages go first on PYTHONPATH)")
     parser.add_argument("--b", required=True, help="checkout B")
-    parser.add_argument("--sizes", default="1000000,100000")
+    parser.add_argument("--sizes", default="100000,1000000",
+                        help="in the order of the table's row 3: the gateway's malloc state depends on it")
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--per", type=int, default=10, help="pushes per system per round")
     parser.add_argument("--ipp", default=str(HERE.parent / ".bench/ipp/bin/python"))

@@ -3,9 +3,10 @@
 Every pushed value passes through the gateway as a few transient copies of its size
 (tornado's read buffer, the unmasked payload, the ZMQ message). With glibc's defaults a
 copy of a megabyte is mapped fresh or handed back to the OS when freed, so the next message
-touches new pages: ~500 minor faults per 1 MB push, which made the gateway's share of a
-1 MB push ~3 ms more than a 100 KB one (measured: 4.85 ms of gateway CPU per 1 MB push
-against 1.80 ms per 100 KB; with these settings 2.9 ms and no faults). Here buffers below
+touches new pages. Whether it does depends on what the process allocated before (glibc
+moves its thresholds as it goes): after 100 KB pushes, as in the benchmark's row 3, every
+1 MB push took ~500 minor faults in the gateway, 4.6 ms of its CPU against 1.8 ms for 100 KB
+(with these settings: no faults, 2.9 ms; the push 11.9 -> 9.5 ms). Here buffers below
 ``MMAP_THRESHOLD_BYTES`` come from the heap, and up to ``TRIM_THRESHOLD_BYTES`` of freed
 heap stays mapped, so steady traffic reuses warm pages. Larger buffers are still mapped on
 their own and returned to the OS when freed.
