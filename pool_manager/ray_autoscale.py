@@ -160,11 +160,15 @@ class DemandPlanner:
     def _choose(self, choices: Sequence[GpuChoice], report: AutoscalerReport, spare: Mapping[str, int]
                 ) -> tuple[tuple[str, int] | None, list[tuple[str, str]]]:
         """A choice whose node is already being launched with room, else the first choice whose
-        type can be launched; and the refused types passed over."""
+        type can be launched; and the refused types passed over (also before a launching one:
+        the lease's note keeps saying why its first choice is not the one it waits for)."""
+        passed: list[tuple[str, str]] = []
         for choice in choices:
-            for gpu_type in (t for t in self.kinds if type_matches(choice.gpu_type, t)):
+            types = [t for t in self.kinds if type_matches(choice.gpu_type, t)]
+            for gpu_type in types:
                 if spare.get(gpu_type, 0) >= choice.count:
-                    return (gpu_type, choice.count), []
+                    return (gpu_type, choice.count), passed
+            passed += [(t, why) for t in types if (why := self.refusal(t, report)) is not None]
         refused: list[tuple[str, str]] = []
         for choice in choices:
             for gpu_type in (t for t in self.kinds if type_matches(choice.gpu_type, t)):

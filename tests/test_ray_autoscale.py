@@ -90,6 +90,10 @@ def test_a_refused_type_moves_the_demand_to_the_lease_fallback() -> None:
     plan = planner.plan(core, AutoscalerReport(refused={"h100-spot": CAPACITY, "h100": CAPACITY}))
     assert plan.bundles == [bundle("A100")]
     assert plan.notes[lease.id] == f"no h100 ({CAPACITY}), starting a p4d.24xlarge for a100: usually 3-5 min"
+    # the next round finds the a100 node launching: the note still says why not h100
+    again = planner.plan(core, AutoscalerReport(refused={"h100-spot": CAPACITY, "h100": CAPACITY},
+                                                launching={"a100": 1}))
+    assert again.notes[lease.id] == plan.notes[lease.id]
 
 
 def test_a_fallback_node_already_launching_is_taken_before_launching_another() -> None:
