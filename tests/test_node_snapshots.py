@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import secrets
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -18,15 +17,6 @@ from jupyter_gpu.snapshot_format import RESTORE_NAME, SNAPSHOT_SUBDIR
 from kernel_gateway.node_snapshot_relay import NodeSnapshotError, send_to_node, take_from_node
 from pool_manager.node_bulk import BulkEndpoint, NodeReceiver
 from pool_manager.staging_io import SPLICE_BYTES
-
-
-@pytest.fixture
-def receiver(tmp_path: Path) -> Iterator[NodeReceiver]:
-    staging = tmp_path / "staging"
-    staging.mkdir(mode=0o700)
-    node = NodeReceiver("127.0.0.1", str(staging))
-    yield node
-    node.close()
 
 
 @pytest.fixture
