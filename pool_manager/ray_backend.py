@@ -53,9 +53,6 @@ class RayKernelBackend(KernelBackend):
     def bulk_endpoint(self, kernel_id: str) -> BulkEndpoint | None:
         return self._bulk.get(kernel_id)
 
-    def node_of(self, kernel_id: str) -> str | None:
-        return self._node_of.get(kernel_id)
-
     async def start_kernel(self, request: StartKernel) -> KernelInfo:
         node = self.nodes.by_address(request.node)
         if node is None:
