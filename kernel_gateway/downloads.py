@@ -48,13 +48,8 @@ class DownloadHandler(UpgradedHandler):
                            Reason.BAD_REQUEST)
         nbytes = int(nbytes_text)
         if endpoint is not None:
-            node = await self._open_node(endpoint, DOWNLOAD, download_id, nbytes, _NEXT_STEP)
-            try:
-                sock = await self._switch_protocols()
-            except BaseException:
-                node.close()
-                raise
-            await self.gateway.downloads.relay(sock, node, nbytes)
+            await self._relay_via_node(endpoint, DOWNLOAD, download_id, nbytes, _NEXT_STEP,
+                                       self.gateway.downloads.relay)
             return
         if staging is None:
             raise ApiError(404, f"kernel {kernel_id} has no staging area to download from", Reason.NOT_FOUND)

@@ -25,6 +25,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+from collections.abc import Awaitable, Callable
 
 from jupyter_gpu.protocol import Reason
 from jupyter_gpu.transfer import UPLOAD_PROTOCOL, new_upload_id
@@ -79,6 +80,17 @@ class UpgradedHandler(ApiHandler):
                            reason if status != 502 else Reason.BAD_GATEWAY)
         return node
 
+    async def _relay_via_node(self, endpoint: BulkEndpoint, op: str, transfer_id: str, nbytes: int, next_step: str,
+                              relay: Callable[[socket.socket, socket.socket, int], Awaitable[None]]) -> None:
+        """The node's end first (a refusal is still an HTTP answer), then the 101 and the relay."""
+        node = await self._open_node(endpoint, op, transfer_id, nbytes, next_step)
+        try:
+            sock = await self._switch_protocols()
+        except BaseException:
+            node.close()
+            raise
+        await relay(sock, node, nbytes)
+
 
 class UploadHandler(UpgradedHandler):
     auth_resource = "kernels"
@@ -94,18 +106,10 @@ class UploadHandler(UpgradedHandler):
         target, nbytes = self.gateway.upload_target(self.user, kernel_id, nbytes_text, limit)
         with self.gateway.uploads.admitted(self.user):
             if isinstance(target, BulkEndpoint):
-                await self._relay(target, nbytes)
+                await self._relay_via_node(target, UPLOAD, "", nbytes, "it goes over the websocket instead",
+                                           self.gateway.uploads.relay)
             else:
                 await self._receive(target, nbytes)
-
-    async def _relay(self, endpoint: BulkEndpoint, nbytes: int) -> None:
-        node = await self._open_node(endpoint, UPLOAD, "", nbytes, "it goes over the websocket instead")
-        try:
-            sock = await self._switch_protocols()
-        except BaseException:
-            node.close()
-            raise
-        await self.gateway.uploads.relay(sock, node, nbytes)
 
     async def _receive(self, staging: str, nbytes: int) -> None:
         fd, path = new_upload_file(staging, upload_id := new_upload_id())
